@@ -1,0 +1,223 @@
+"""Structured config schema (validated by Hydra/OmegaConf at composition) and value checks.
+
+The dataclasses below are registered in Hydra's ConfigStore as ``msn_schema``; ``configs/config.yaml``
+lists it first in its defaults, so a misspelt key or a wrongly typed value in any YAML file or
+command-line override fails during composition. :func:`validate` then checks the values that a
+type cannot express (ranges, divisibility, names) before any compute starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from msn.backbone import ARCHITECTURES
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the key and the allowed values."""
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "vit_pico"  # width / depth / heads preset, see msn.backbone.ARCHITECTURES
+    patch_size: int = 8
+    img_size: int = 32  # native resolution: the position-embedding grid is img_size / patch_size
+    drop_path_rate: float = 0.0
+    head_hidden_dim: int = 2048
+    head_output_dim: int = 256
+    head_layers: int = 3
+    head_batchnorm: bool = True
+    num_prototypes: int = 1024
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"  # digits | folder | synthetic
+    root: Optional[str] = None  # image folder for name=folder
+    list_file: Optional[str] = None  # optional file of image paths (relative to root) to restrict to
+    batch_size: int = 64  # images per process per step
+    num_workers: int = 0
+    global_size: int = 224  # target and anchor crop size
+    global_scale: list[float] = field(default_factory=lambda: [0.3, 1.0])
+    num_focal: int = 10
+    focal_size: int = 96
+    focal_scale: list[float] = field(default_factory=lambda: [0.05, 0.3])
+    hflip_p: float = 0.5
+    color_jitter: float = 0.5  # strength s: brightness/contrast/saturation 0.8s, hue 0.2s
+    color_jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    blur_p: float = 0.5
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    image_size: int = 32  # digits: 8x8 images upsampled to this; synthetic: generated size
+    synthetic_size: int = 256  # number of synthetic images
+    drop_last: bool = True
+
+
+@dataclass
+class MaskingConfig:
+    ratio: float = 0.15  # fraction of patch tokens dropped from the masked anchor views
+    per_sample: bool = True  # False: one mask for the whole batch, as in the original code
+    mask_focal: bool = False  # also mask the focal views (the original does not)
+
+
+@dataclass
+class LossConfig:
+    tau: float = 0.1
+    sharpen_T: float = 0.25
+    final_sharpen_T: Optional[float] = None  # None: constant sharpen_T
+    sinkhorn: bool = True
+    sinkhorn_iterations: int = 3
+    me_max_weight: float = 1.0
+    entropy_weight: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 100
+    max_steps: Optional[int] = None  # optional cap on the total number of steps
+    lr: float = 1e-3
+    start_lr: float = 2e-4
+    final_lr: float = 1e-6
+    warmup_epochs: float = 15.0
+    weight_decay: float = 0.04
+    final_weight_decay: float = 0.4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    clip_grad: Optional[float] = 3.0  # max global grad norm; None disables clipping
+    ema_momentum: float = 0.996
+    final_ema_momentum: float = 1.0
+    schedule_stretch: float = 1.0  # the original code stretches every schedule over 1.25x the run
+
+
+@dataclass
+class WandbConfig:
+    project: str = "msn"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+    mode: str = "offline"  # offline | online | disabled
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "csv"  # csv | wandb (the CSV log is always written)
+    log_every: int = 10  # steps between metric rows / console lines
+    progress: bool = True  # show a progress bar
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 500  # periodic checkpoints/step_XXXXXXX.pt (0: only last.pt)
+    last_every_steps: int = 100  # how often checkpoints/last.pt is refreshed
+
+
+@dataclass
+class MSNConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; bf16/fp16 need a GPU)
+    compile: bool = False  # torch.compile the online encoder
+    resume: Optional[str] = None  # auto | PATH | null
+    run_dir: str = "."
+
+
+def register_configs() -> None:
+    """Register the schema with Hydra's ConfigStore (call before composing)."""
+    ConfigStore.instance().store(name="msn_schema", node=MSNConfig)
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "data.name": ("digits", "folder", "synthetic"),
+    "device": ("auto", "cpu", "cuda"),
+    "precision": ("fp32", "bf16", "fp16"),
+    "logger.name": ("csv", "wandb"),
+    "logger.wandb.mode": ("offline", "online", "disabled"),
+}
+
+
+def _get(cfg: Any, key: str) -> Any:
+    return OmegaConf.select(cfg, key)
+
+
+def validate(cfg: DictConfig | MSNConfig) -> None:
+    """Check values a type cannot express; raise :class:`ConfigError` naming the key and fix."""
+    if not isinstance(cfg, DictConfig):
+        cfg = OmegaConf.structured(cfg)
+    errors: list[str] = []
+
+    def check(ok: bool, msg: str) -> None:
+        if not ok:
+            errors.append(msg)
+
+    for key, allowed in _CHOICES.items():
+        value = _get(cfg, key)
+        check(value in allowed, f"{key}={value!r} is not allowed; choose one of {', '.join(allowed)}")
+    arch = cfg.model.arch
+    check(arch in ARCHITECTURES, f"model.arch={arch!r} is unknown; choose one of {', '.join(ARCHITECTURES)}")
+    for key in ("model.patch_size", "model.img_size", "model.head_hidden_dim", "model.head_output_dim",
+                "model.head_layers", "model.num_prototypes", "data.batch_size", "data.global_size",
+                "data.focal_size", "data.image_size", "data.synthetic_size", "optim.epochs",
+                "logger.log_every", "loss.sinkhorn_iterations"):
+        check(_get(cfg, key) > 0, f"{key}={_get(cfg, key)} must be a positive integer")
+    for key in ("optim.lr", "optim.start_lr", "loss.tau", "loss.sharpen_T"):
+        check(_get(cfg, key) > 0, f"{key}={_get(cfg, key)} must be > 0")
+    for key in ("optim.final_lr", "optim.weight_decay", "optim.final_weight_decay", "optim.warmup_epochs",
+                "loss.me_max_weight", "loss.entropy_weight", "data.num_focal", "data.num_workers",
+                "checkpoint.every_steps", "checkpoint.last_every_steps", "model.drop_path_rate"):
+        check(_get(cfg, key) >= 0, f"{key}={_get(cfg, key)} must be >= 0")
+    check(cfg.optim.max_steps is None or cfg.optim.max_steps > 0,
+          f"optim.max_steps={cfg.optim.max_steps} must be a positive integer or null")
+    check(cfg.optim.clip_grad is None or cfg.optim.clip_grad > 0,
+          f"optim.clip_grad={cfg.optim.clip_grad} must be > 0 or null (no clipping)")
+    check(cfg.loss.final_sharpen_T is None or cfg.loss.final_sharpen_T > 0,
+          f"loss.final_sharpen_T={cfg.loss.final_sharpen_T} must be > 0 or null")
+    check(cfg.optim.schedule_stretch >= 1.0, f"optim.schedule_stretch={cfg.optim.schedule_stretch} must be >= 1")
+    for key in ("optim.ema_momentum", "optim.final_ema_momentum"):
+        check(0.0 <= _get(cfg, key) <= 1.0, f"{key}={_get(cfg, key)} must lie in [0, 1]")
+    check(0.0 <= cfg.masking.ratio < 1.0, f"masking.ratio={cfg.masking.ratio} must lie in [0, 1)")
+    for key in ("data.hflip_p", "data.color_jitter_p", "data.grayscale_p", "data.blur_p"):
+        check(0.0 <= _get(cfg, key) <= 1.0, f"{key}={_get(cfg, key)} must be a probability in [0, 1]")
+    for key in ("data.global_scale", "data.focal_scale", "data.blur_sigma", "optim.betas"):
+        value = list(_get(cfg, key))
+        check(len(value) == 2 and 0 < value[0] <= value[1],
+              f"{key}={value} must be two increasing positive numbers [low, high]")
+    check(len(cfg.data.mean) == 3 and len(cfg.data.std) == 3 and min(cfg.data.std) > 0,
+          f"data.mean / data.std must hold 3 values each (RGB), std > 0; got {list(cfg.data.mean)} / {list(cfg.data.std)}")
+    patch = cfg.model.patch_size
+    for key in ("model.img_size", "data.global_size", "data.focal_size"):
+        size = _get(cfg, key)
+        if key == "data.focal_size" and cfg.data.num_focal == 0:
+            continue
+        check(size % patch == 0,
+              f"{key}={size} is not divisible by model.patch_size={patch}; use a multiple of {patch}")
+    if cfg.data.name == "folder":
+        check(bool(cfg.data.root), "data.root is required for data=folder: pass data.root=/path/to/images")
+    if cfg.masking.ratio > 0:
+        for key, size in (("data.global_size", cfg.data.global_size), ("data.focal_size", cfg.data.focal_size)):
+            n = (size // patch) ** 2
+            if key == "data.focal_size" and not cfg.masking.mask_focal:
+                continue
+            check(int(n * (1 - cfg.masking.ratio)) >= 1,
+                  f"masking.ratio={cfg.masking.ratio} keeps no patch of the {size}-px views ({key}); lower it")
+    if errors:
+        raise ConfigError("invalid config: " + "; ".join(errors))
+
+
+def to_schema(cfg: DictConfig | dict) -> DictConfig:
+    """Merge a plain config onto the schema (unknown keys / wrong types fail) and validate it."""
+    merged = OmegaConf.merge(OmegaConf.structured(MSNConfig), cfg)
+    validate(merged)
+    return merged

@@ -1,0 +1,85 @@
+"""Metric sinks: a CSV file that is always written, and optionally a wandb run (offline by default)."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+COLUMNS = (
+    "step", "epoch", "loss", "ce", "me_max", "entropy", "lr", "wd", "momentum", "sharpen_T",
+    "distinct_prototypes", "max_target_prob", "images_per_s",
+)
+
+
+class MetricsLogger:
+    """Appends one row per logged step to ``RUN_DIR/metrics.csv`` and mirrors it to wandb.
+
+    On resume, rows past the resumed step (written after the checkpoint was taken) are dropped so
+    the file reads like one uninterrupted run.
+
+    Args:
+        run_dir: the run directory.
+        cfg: the full (resolved) config; ``cfg.logger`` picks the sinks.
+        start_step: global step the run starts (or resumes) from.
+        wandb_run_id: id of the wandb run to continue, when resuming.
+    """
+
+    def __init__(self, run_dir: Path, cfg: DictConfig, start_step: int = 0, wandb_run_id: str | None = None) -> None:
+        self.path = Path(run_dir) / "metrics.csv"
+        self._truncate_after(start_step)
+        new_file = not self.path.exists()
+        self._file = self.path.open("a", newline="")
+        self._writer = csv.DictWriter(self._file, fieldnames=COLUMNS)
+        if new_file:
+            self._writer.writeheader()
+        self.wandb_run = None
+        if cfg.logger.name == "wandb":
+            self.wandb_run = _init_wandb(run_dir, cfg, wandb_run_id)
+
+    @property
+    def wandb_run_id(self) -> str | None:
+        return None if self.wandb_run is None else self.wandb_run.id
+
+    def _truncate_after(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        with self.path.open(newline="") as f:
+            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
+        with self.path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def log(self, metrics: dict[str, float]) -> None:
+        row = {k: metrics.get(k, math.nan) for k in COLUMNS}
+        self._writer.writerow(row)
+        self._file.flush()
+        if self.wandb_run is not None:
+            self.wandb_run.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=int(row["step"]))
+
+    def close(self) -> None:
+        self._file.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+
+
+def _init_wandb(run_dir: Path, cfg: DictConfig, run_id: str | None) -> Any:
+    """Start (or continue) a wandb run; offline mode needs no network and no account."""
+    import wandb  # imported lazily: most runs log to CSV only
+
+    w = cfg.logger.wandb
+    return wandb.init(
+        project=w.project,
+        entity=w.entity,
+        name=w.name,
+        mode=w.mode,
+        tags=list(w.tags),
+        dir=str(run_dir),
+        id=run_id,
+        resume="allow" if run_id else None,
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )

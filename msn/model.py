@@ -1,0 +1,73 @@
+"""Online encoder, EMA target encoder and prototypes: the parts of MSN that hold parameters."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from msn.backbone import MaskedViT
+from msn.config import ModelConfig
+from msn.heads import ProjectionHead, init_prototypes
+
+
+class MSNEncoder(nn.Module):
+    """ViT backbone followed by the projection head: (B, C, H, W) -> (B, out_dim)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.backbone = MaskedViT(cfg.arch, cfg.patch_size, cfg.img_size, cfg.drop_path_rate)
+        self.head = ProjectionHead(self.backbone.embed_dim, cfg.head_hidden_dim, cfg.head_output_dim,
+                                   cfg.head_layers, cfg.head_batchnorm)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(self.backbone(x, keep))
+
+
+class MSN(nn.Module):
+    """The online encoder (trained), its EMA copy (the target) and the prototypes.
+
+    The target never receives gradients (``requires_grad=False``) and is changed only by
+    :meth:`update_target`; evaluation and export use it.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.online = MSNEncoder(cfg)
+        self.target = copy.deepcopy(self.online).requires_grad_(False)
+        self.prototypes = init_prototypes(cfg.num_prototypes, cfg.head_output_dim)
+
+    def forward(
+        self,
+        target_view: torch.Tensor,
+        anchor_view: torch.Tensor,
+        focal_views: torch.Tensor | None = None,
+        anchor_keep: torch.Tensor | None = None,
+        focal_keep: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Representations of one batch of views.
+
+        Args:
+            target_view: (B, C, G, G) unmasked target view, fed to the target encoder.
+            anchor_view: (B, C, G, G) anchor view.
+            focal_views: (n*B, C, F, F) focal views stacked view-major, or None.
+            anchor_keep, focal_keep: (B, K) / (n*B, K') patch indices to keep, or None (no masking).
+        Returns:
+            anchors (B*(1+n), out_dim) view-major, and targets (B, out_dim) without gradient.
+        """
+        with torch.no_grad():
+            targets = self.target(target_view)
+        # One backbone pass per resolution, then one head pass so BN sees every anchor view together.
+        features = [self.online.backbone(anchor_view, anchor_keep)]
+        if focal_views is not None:
+            features.append(self.online.backbone(focal_views, focal_keep))
+        anchors = self.online.head(torch.cat(features))
+        return anchors, targets
+
+    @torch.no_grad()
+    def update_target(self, momentum: float) -> None:
+        """EMA of the parameters: ``target = m * target + (1 - m) * online`` (one fused op)."""
+        target = list(self.target.parameters())
+        online = list(self.online.parameters())
+        torch._foreach_lerp_(target, online, 1.0 - momentum)

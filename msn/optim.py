@@ -1,0 +1,38 @@
+"""AdamW with MSN's parameter groups; lr and weight decay are set from the schedules every step."""
+
+from __future__ import annotations
+
+import torch
+
+from msn.config import OptimConfig
+from msn.model import MSN
+
+
+def param_groups(model: MSN) -> list[dict]:
+    """Split trainable parameters into a decayed group and an undecayed one.
+
+    Weight decay applies to the weight matrices (and the >1-D cls token / position embedding, as in the
+    original); biases, norm / BN parameters (all 1-D) and the prototypes are never decayed.
+    """
+    decay, no_decay = [], []
+    for name, p in model.online.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    no_decay.append(model.prototypes)
+    return [
+        {"params": decay, "apply_wd": True, "name": "decay"},
+        {"params": no_decay, "apply_wd": False, "weight_decay": 0.0, "name": "no_decay"},
+    ]
+
+
+def build_optimizer(model: MSN, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over :func:`param_groups`; lr / wd are placeholders until :func:`set_lr_wd`."""
+    return torch.optim.AdamW(param_groups(model), lr=cfg.start_lr, betas=tuple(cfg.betas), weight_decay=0.0)
+
+
+def set_lr_wd(optimizer: torch.optim.Optimizer, lr: float, wd: float) -> None:
+    """Set this step's lr on every group and its weight decay on the decayed group."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+        group["weight_decay"] = wd if group["apply_wd"] else 0.0

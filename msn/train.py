@@ -1,0 +1,282 @@
+"""MSN pretraining: ``train(cfg)`` (importable, testable) and the ``msn-pretrain`` Hydra entry point.
+
+One step (DESIGN.md section 3): multi-crop views -> keep-indices for the anchor view -> online ViT +
+head on the anchors, EMA ViT + head on the target -> MSN loss against the prototypes -> backward ->
+clip -> AdamW step with step-indexed lr / wd -> EMA update of the target.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from msn import distributed
+from msn.checkpoint import CheckpointError, load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
+from msn.config import ConfigError, MSNConfig, register_configs, to_schema
+from msn.data import DataError, EpochSampler, MultiCropDataset, MultiCropTransform, build_dataset, build_loader, \
+    steps_per_epoch
+from msn.loggers import MetricsLogger
+from msn.loss import MSNLoss, MSNLossOutput
+from msn.masking import keep_indices
+from msn.model import MSN
+from msn.optim import build_optimizer, set_lr_wd
+from msn.schedules import Schedules
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError)
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when available; asking for ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA device is available; use device=cpu or device=auto")
+    return torch.device(name)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` (None for fp32). Half precision is GPU-only here."""
+    if precision == "fp32":
+        return None
+    if device.type != "cuda":
+        raise ConfigError(f"precision={precision} needs a GPU (bf16/fp16 on CPU are very slow); use precision=fp32")
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+def build_schedules(cfg: DictConfig, total_steps: int, steps_in_epoch: int) -> Schedules:
+    """Schedules over the run's ``total_steps`` (epochs x steps per epoch, or the optim.max_steps cap)."""
+    o, loss = cfg.optim, cfg.loss
+    return Schedules(
+        total_steps=total_steps,
+        warmup_steps=min(int(o.warmup_epochs * steps_in_epoch), total_steps),
+        lr=o.lr, start_lr=o.start_lr, final_lr=o.final_lr,
+        weight_decay=o.weight_decay, final_weight_decay=o.final_weight_decay,
+        momentum=o.ema_momentum, final_momentum=o.final_ema_momentum,
+        sharpen_T=loss.sharpen_T,
+        final_sharpen_T=loss.sharpen_T if loss.final_sharpen_T is None else loss.final_sharpen_T,
+        stretch=o.schedule_stretch,
+    )
+
+
+def mask_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    """A CPU generator that makes this step's masks a pure function of (seed, step, rank)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009 + rank)
+
+
+@dataclass
+class StepResult:
+    out: MSNLossOutput
+    grad_norm: float
+
+
+def train_step(
+    model: MSN,
+    loss_fn: MSNLoss,
+    optimizer: torch.optim.Optimizer,
+    views: list[torch.Tensor],
+    cfg: DictConfig,
+    schedules: Schedules,
+    step: int,
+    scaler: torch.amp.GradScaler | None = None,
+    amp_dtype: torch.dtype | None = None,
+) -> StepResult:
+    """One optimisation step on a batch of views ``[target, anchor, focal_1, ..., focal_n]`` (each (B, C, S, S))."""
+    device = views[0].device
+    batch = views[0].shape[0]
+    target_view, anchor_view, focal = views[0], views[1], views[2:]
+    focal_views = torch.cat(focal) if focal else None  # (n*B, C, F, F), view-major
+    patch = cfg.model.patch_size
+    m = cfg.masking
+    gen = mask_generator(cfg.seed, step, distributed.rank())
+    anchor_keep = focal_keep = None
+    if m.ratio > 0:
+        anchor_keep = keep_indices(batch, (anchor_view.shape[-1] // patch) ** 2, m.ratio, m.per_sample, gen, device)
+        if m.mask_focal and focal_views is not None:
+            focal_keep = keep_indices(focal_views.shape[0], (focal_views.shape[-1] // patch) ** 2, m.ratio,
+                                      m.per_sample, gen, device)
+
+    set_lr_wd(optimizer, schedules.lr_at(step), schedules.wd_at(step))
+    amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+    with amp:
+        anchors, targets = model(target_view, anchor_view, focal_views, anchor_keep, focal_keep)
+    # The loss runs in fp32: softmax at tau=0.1, Sinkhorn and logs are precision-sensitive.
+    out = loss_fn(anchors.float(), targets.float(), model.prototypes.float(), T=schedules.sharpen_T_at(step))
+    if not torch.isfinite(out.loss):
+        raise FloatingPointError(f"loss is {out.loss.item()} at step {step}; lower optim.lr or use precision=fp32")
+
+    optimizer.zero_grad(set_to_none=True)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if scaler is not None:
+        scaler.scale(out.loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        out.loss.backward()
+    max_norm = cfg.optim.clip_grad if cfg.optim.clip_grad is not None else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    model.update_target(schedules.momentum_at(step))
+    return StepResult(out, float(grad_norm))
+
+
+def _batches(loader: torch.utils.data.DataLoader, sampler: EpochSampler, steps_in_epoch: int, batch_size: int,
+             start_step: int) -> Iterator[tuple[int, list[torch.Tensor]]]:
+    """(epoch, batch) pairs forever, starting mid-epoch at ``start_step`` without loading skipped images."""
+    epoch, offset = divmod(start_step, steps_in_epoch)
+    while True:
+        sampler.set_epoch(epoch)
+        sampler.set_start(offset, batch_size)
+        for batch in loader:
+            yield epoch, batch
+        epoch, offset = epoch + 1, 0
+
+
+def train(cfg: DictConfig | MSNConfig) -> dict[str, float]:
+    """Pretrain MSN as configured; return the last logged metrics.
+
+    Writes ``RUN_DIR/config.yaml``, ``RUN_DIR/metrics.csv`` and ``RUN_DIR/checkpoints/{last,step_XXXXXXX}.pt``.
+    """
+    cfg = to_schema(cfg if isinstance(cfg, DictConfig) else OmegaConf.structured(cfg))
+    OmegaConf.resolve(cfg)
+    run_dir = Path(cfg.run_dir)
+    device = resolve_device(cfg.device)
+    amp_dtype = autocast_dtype(cfg.precision, device)
+    rank, world = distributed.rank(), distributed.world_size()
+    is_main = rank == 0
+
+    base = build_dataset(cfg.data)
+    dataset = MultiCropDataset(base, MultiCropTransform(cfg.data), seed=cfg.seed)
+    steps_in_epoch = steps_per_epoch(len(base), cfg.data, world)
+    total_steps = cfg.optim.epochs * steps_in_epoch
+    if cfg.optim.max_steps is not None:
+        total_steps = min(total_steps, cfg.optim.max_steps)
+    schedules = build_schedules(cfg, total_steps, steps_in_epoch)
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = MSN(cfg.model).to(device)
+    optimizer = build_optimizer(model, cfg.optim)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    loss_fn = MSNLoss(cfg.loss.tau, cfg.loss.sharpen_T, cfg.loss.sinkhorn, cfg.loss.sinkhorn_iterations,
+                      cfg.loss.me_max_weight, cfg.loss.entropy_weight)
+
+    start_step, wandb_run_id = 0, None
+    resume_path = resolve_resume(cfg.resume, run_dir)
+    if resume_path is not None:
+        state = load_checkpoint(resume_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
+        start_step, wandb_run_id = int(state["step"]), state.get("wandb_run_id")
+        set_rng_state(state["rng"])
+        if is_main:
+            print(f"resumed from {resume_path} at step {start_step}", flush=True)
+    if cfg.compile:
+        model.online.compile()
+        model.target.compile()
+
+    sampler = EpochSampler(len(base), num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed,
+                           drop_last=cfg.data.drop_last)
+    loader = build_loader(cfg.data, dataset, sampler)
+
+    logger = None
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        logger = MetricsLogger(run_dir, cfg, start_step, wandb_run_id)
+
+    def checkpoint(step: int, names: list[str]) -> None:
+        if not is_main or not names:
+            return
+        state: dict[str, Any] = {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+            "epoch": step // steps_in_epoch, "rng": rng_state(), "config": OmegaConf.to_yaml(cfg),
+            "wandb_run_id": logger.wandb_run_id if logger else None,
+        }
+        if scaler is not None:
+            state["scaler"] = scaler.state_dict()
+        for name in names:
+            save_checkpoint(run_dir / "checkpoints" / name, state)
+
+    model.train()
+    images_per_step = cfg.data.batch_size * world
+    bar = tqdm(total=total_steps, initial=start_step, disable=not (is_main and cfg.logger.progress),
+               dynamic_ncols=True, desc="msn", file=sys.stderr)
+    metrics: dict[str, float] = {}
+    step = start_step
+    tic, last_logged = time.perf_counter(), start_step
+    try:
+        for epoch, batch in _batches(loader, sampler, steps_in_epoch, cfg.data.batch_size, start_step):
+            if step >= total_steps:
+                break
+            views = [v.to(device, non_blocking=True) for v in batch]
+            result = train_step(model, loss_fn, optimizer, views, cfg, schedules, step, scaler, amp_dtype)
+            step += 1
+            bar.update(1)
+            if step % cfg.logger.log_every == 0 or step == total_steps:
+                elapsed = time.perf_counter() - tic
+                o = result.out
+                metrics = {
+                    "step": step, "epoch": epoch, "loss": o.loss.item(), "ce": o.ce.item(),
+                    "me_max": o.me_max.item(), "entropy": o.entropy.item(), "lr": schedules.lr_at(step - 1),
+                    "wd": schedules.wd_at(step - 1), "momentum": schedules.momentum_at(step - 1),
+                    "sharpen_T": schedules.sharpen_T_at(step - 1), "distinct_prototypes": o.distinct_prototypes.item(),
+                    "max_target_prob": o.max_target_prob.item(),
+                    "images_per_s": images_per_step * (step - last_logged) / max(elapsed, 1e-9),
+                }
+                tic, last_logged = time.perf_counter(), step
+                if logger is not None:
+                    logger.log(metrics)
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
+                                    img_s=f"{metrics['images_per_s']:.0f}", protos=int(metrics["distinct_prototypes"]))
+                    if not cfg.logger.progress:
+                        print(_console_line(metrics, total_steps), flush=True)
+            names = []
+            if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
+                names.append(f"step_{step:07d}.pt")
+            if step == total_steps or (cfg.checkpoint.last_every_steps and step % cfg.checkpoint.last_every_steps == 0):
+                names.append("last.pt")
+            checkpoint(step, names)
+    finally:
+        bar.close()
+        if logger is not None:
+            logger.close()
+    return metrics
+
+
+def _console_line(m: dict[str, float], total: int) -> str:
+    return (f"step {int(m['step'])}/{total} epoch {int(m['epoch'])} loss {m['loss']:.4f} (ce {m['ce']:.4f} "
+            f"me-max {m['me_max']:.4f}) lr {m['lr']:.2e} protos {int(m['distinct_prototypes'])} "
+            f"{m['images_per_s']:.0f} img/s")
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
+def _hydra_main(cfg: DictConfig) -> None:
+    try:
+        train(cfg)
+    except USER_ERRORS as e:
+        sys.exit(f"msn-pretrain: error: {e}")
+
+
+def main() -> None:
+    """Console entry point ``msn-pretrain``."""
+    register_configs()
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
