@@ -9,12 +9,16 @@ type cannot express (ranges, divisibility, names) before any compute starts.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from msn.backbone import ARCHITECTURES
+
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"  # the Hydra configs of this checkout
 
 
 class ConfigError(ValueError):
@@ -205,7 +209,7 @@ def validate(cfg: DictConfig | MSNConfig) -> None:
               f"{key}={size} is not divisible by model.patch_size={patch}; use a multiple of {patch}")
     if cfg.data.name == "folder":
         check(bool(cfg.data.root), "data.root is required for data=folder: pass data.root=/path/to/images")
-    if cfg.masking.ratio > 0:
+    if 0 < cfg.masking.ratio < 1:
         for key, size in (("data.global_size", cfg.data.global_size), ("data.focal_size", cfg.data.focal_size)):
             n = (size // patch) ** 2
             if key == "data.focal_size" and not cfg.masking.mask_focal:

