@@ -10,13 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from msn.backbone import ARCHITECTURES
-
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"  # the Hydra configs of this checkout
 
@@ -41,8 +40,8 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     name: str = "digits"  # digits | folder | synthetic
-    root: Optional[str] = None  # image folder for name=folder
-    list_file: Optional[str] = None  # optional file of image paths (relative to root) to restrict to
+    root: str | None = None  # image folder for name=folder
+    list_file: str | None = None  # optional file of image paths (relative to root) to restrict to
     batch_size: int = 64  # images per process per step
     num_workers: int = 0
     global_size: int = 224  # target and anchor crop size
@@ -74,7 +73,7 @@ class MaskingConfig:
 class LossConfig:
     tau: float = 0.1
     sharpen_T: float = 0.25
-    final_sharpen_T: Optional[float] = None  # None: constant sharpen_T
+    final_sharpen_T: float | None = None  # None: constant sharpen_T
     sinkhorn: bool = True
     sinkhorn_iterations: int = 3
     me_max_weight: float = 1.0
@@ -84,7 +83,7 @@ class LossConfig:
 @dataclass
 class OptimConfig:
     epochs: int = 100
-    max_steps: Optional[int] = None  # optional cap on the total number of steps
+    max_steps: int | None = None  # optional cap on the total number of steps
     lr: float = 1e-3
     start_lr: float = 2e-4
     final_lr: float = 1e-6
@@ -92,7 +91,7 @@ class OptimConfig:
     weight_decay: float = 0.04
     final_weight_decay: float = 0.4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    clip_grad: Optional[float] = 3.0  # max global grad norm; None disables clipping
+    clip_grad: float | None = 3.0  # max global grad norm; None disables clipping
     ema_momentum: float = 0.996
     final_ema_momentum: float = 1.0
     schedule_stretch: float = 1.0  # the original code stretches every schedule over 1.25x the run
@@ -101,8 +100,8 @@ class OptimConfig:
 @dataclass
 class WandbConfig:
     project: str = "msn"
-    entity: Optional[str] = None
-    name: Optional[str] = None
+    entity: str | None = None
+    name: str | None = None
     mode: str = "offline"  # offline | online | disabled
     tags: list[str] = field(default_factory=list)
 
@@ -112,6 +111,7 @@ class LoggerConfig:
     name: str = "csv"  # csv | wandb (the CSV log is always written)
     log_every: int = 10  # steps between metric rows / console lines
     progress: bool = True  # show a progress bar
+    console_every: int = 50  # steps between console lines (0: none); at most as often as log_every
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -134,7 +134,7 @@ class MSNConfig:
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; bf16/fp16 need a GPU)
     compile: bool = False  # torch.compile the online encoder
-    resume: Optional[str] = None  # auto | PATH | null
+    resume: str | None = None  # auto | PATH | null
     run_dir: str = "."
 
 
@@ -180,7 +180,8 @@ def validate(cfg: DictConfig | MSNConfig) -> None:
         check(_get(cfg, key) > 0, f"{key}={_get(cfg, key)} must be > 0")
     for key in ("optim.final_lr", "optim.weight_decay", "optim.final_weight_decay", "optim.warmup_epochs",
                 "loss.me_max_weight", "loss.entropy_weight", "data.num_focal", "data.num_workers",
-                "checkpoint.every_steps", "checkpoint.last_every_steps", "model.drop_path_rate"):
+                "checkpoint.every_steps", "checkpoint.last_every_steps", "model.drop_path_rate",
+                "logger.console_every"):
         check(_get(cfg, key) >= 0, f"{key}={_get(cfg, key)} must be >= 0")
     check(cfg.optim.max_steps is None or cfg.optim.max_steps > 0,
           f"optim.max_steps={cfg.optim.max_steps} must be a positive integer or null")
@@ -199,7 +200,8 @@ def validate(cfg: DictConfig | MSNConfig) -> None:
         check(len(value) == 2 and 0 < value[0] <= value[1],
               f"{key}={value} must be two increasing positive numbers [low, high]")
     check(len(cfg.data.mean) == 3 and len(cfg.data.std) == 3 and min(cfg.data.std) > 0,
-          f"data.mean / data.std must hold 3 values each (RGB), std > 0; got {list(cfg.data.mean)} / {list(cfg.data.std)}")
+          f"data.mean / data.std must hold 3 values each (RGB), std > 0; "
+          f"got {list(cfg.data.mean)} / {list(cfg.data.std)}")
     patch = cfg.model.patch_size
     for key in ("model.img_size", "data.global_size", "data.focal_size"):
         size = _get(cfg, key)

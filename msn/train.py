@@ -11,9 +11,10 @@ import contextlib
 import math
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import hydra
 import torch
@@ -23,8 +24,15 @@ from tqdm import tqdm
 from msn import distributed
 from msn.checkpoint import CheckpointError, load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
 from msn.config import CONFIG_DIR, ConfigError, MSNConfig, register_configs, to_schema
-from msn.data import DataError, EpochSampler, MultiCropDataset, MultiCropTransform, build_dataset, build_loader, \
-    steps_per_epoch
+from msn.data import (
+    DataError,
+    EpochSampler,
+    MultiCropDataset,
+    MultiCropTransform,
+    build_dataset,
+    build_loader,
+    steps_per_epoch,
+)
 from msn.loggers import MetricsLogger
 from msn.loss import MSNLoss, MSNLossOutput
 from msn.masking import keep_indices
@@ -197,6 +205,10 @@ def train(cfg: DictConfig | MSNConfig) -> dict[str, float]:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
         logger = MetricsLogger(run_dir, cfg, start_step, wandb_run_id)
+        print(f"run directory {run_dir.resolve()}: {total_steps} steps ({steps_in_epoch} an epoch) of "
+              f"{cfg.data.batch_size} x {world} images on {device}", flush=True)
+        if logger.wandb_run_id:
+            print(f"wandb run {logger.wandb_run_id} ({cfg.logger.wandb.mode})", flush=True)
 
     def checkpoint(step: int, names: list[str]) -> None:
         if not is_main or not names:
@@ -227,23 +239,16 @@ def train(cfg: DictConfig | MSNConfig) -> dict[str, float]:
             step += 1
             bar.update(1)
             if step % cfg.logger.log_every == 0 or step == total_steps:
-                elapsed = time.perf_counter() - tic
-                o = result.out
-                metrics = {
-                    "step": step, "epoch": epoch, "loss": o.loss.item(), "ce": o.ce.item(),
-                    "me_max": o.me_max.item(), "entropy": o.entropy.item(), "lr": schedules.lr_at(step - 1),
-                    "wd": schedules.wd_at(step - 1), "momentum": schedules.momentum_at(step - 1),
-                    "sharpen_T": schedules.sharpen_T_at(step - 1), "distinct_prototypes": o.distinct_prototypes.item(),
-                    "max_target_prob": o.max_target_prob.item(),
-                    "images_per_s": images_per_step * (step - last_logged) / max(elapsed, 1e-9),
-                }
-                tic, last_logged = time.perf_counter(), step
+                images_per_s = images_per_step * (step - last_logged) / max(time.perf_counter() - tic, 1e-9)
+                metrics = _metrics(result.out, schedules, step, epoch, images_per_s)
                 if logger is not None:
                     logger.log(metrics)
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
-                                    img_s=f"{metrics['images_per_s']:.0f}", protos=int(metrics["distinct_prototypes"]))
-                    if not cfg.logger.progress:
-                        print(_console_line(metrics, total_steps), flush=True)
+                                    img_s=f"{images_per_s:.0f}", protos=int(metrics["distinct_prototypes"]))
+                    every = cfg.logger.console_every
+                    if every and (step // every > last_logged // every or step == total_steps):
+                        bar.write(_console_line(metrics, total_steps), file=sys.stdout)
+                tic, last_logged = time.perf_counter(), step
             names = []
             if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
                 names.append(f"step_{step:07d}.pt")
@@ -255,6 +260,18 @@ def train(cfg: DictConfig | MSNConfig) -> dict[str, float]:
         if logger is not None:
             logger.close()
     return metrics
+
+
+def _metrics(o: MSNLossOutput, schedules: Schedules, step: int, epoch: int, images_per_s: float) -> dict[str, float]:
+    """One metrics row (``msn.loggers.COLUMNS``) for the step just taken (``step`` counts finished steps)."""
+    i = step - 1  # schedule index of that step
+    return {
+        "step": step, "epoch": epoch, "loss": o.loss.item(), "ce": o.ce.item(), "me_max": o.me_max.item(),
+        "entropy": o.entropy.item(), "lr": schedules.lr_at(i), "wd": schedules.wd_at(i),
+        "momentum": schedules.momentum_at(i), "sharpen_T": schedules.sharpen_T_at(i),
+        "distinct_prototypes": o.distinct_prototypes.item(), "max_target_prob": o.max_target_prob.item(),
+        "images_per_s": images_per_s,
+    }
 
 
 def _console_line(m: dict[str, float], total: int) -> str:

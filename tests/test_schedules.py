@@ -33,9 +33,9 @@ def _schedules(**kw) -> Schedules:
 def test_shapes_without_stretch():
     s = _schedules()
     lrs = [s.lr_at(i) for i in range(100)]
-    assert all(a < b for a, b in zip(lrs[:9], lrs[1:10]))  # linear warm-up
+    assert all(a < b for a, b in zip(lrs[:9], lrs[1:10], strict=True))  # linear warm-up
     assert max(lrs) == pytest.approx(1e-3)
-    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))  # cosine decay
+    assert all(a >= b for a, b in zip(lrs[9:-1], lrs[10:], strict=True))  # cosine decay
     assert lrs[-1] == pytest.approx(1e-6)  # reaches the floor at the end of an unstretched run
     assert s.wd_at(99) == pytest.approx(0.4)
     assert s.momentum_at(0) == 0.996 and s.momentum_at(100) == pytest.approx(1.0)

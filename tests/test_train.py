@@ -1,7 +1,6 @@
 import csv
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -110,3 +109,10 @@ def test_cpu_rejects_half_precision(tmp_path):
         pytest.skip("this machine has a GPU")
     with pytest.raises(ConfigError, match="precision=bf16 needs a GPU"):
         train(_smoke(tmp_path, "precision=bf16"))
+
+
+def test_console_lines_at_the_configured_interval(tmp_path, capsys):
+    train(_smoke(tmp_path / "run", "logger.console_every=2", "optim.max_steps=5"))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in lines] == ["2/5", "4/5", "5/5"]
+    assert all("loss" in line and "lr" in line and "img/s" in line for line in lines)
