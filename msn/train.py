@@ -40,7 +40,7 @@ from msn.model import MSN
 from msn.optim import build_optimizer, set_lr_wd
 from msn.schedules import Schedules
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, FloatingPointError)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -116,3 +116,16 @@ def test_console_lines_at_the_configured_interval(tmp_path, capsys):
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
     assert [line.split()[1] for line in lines] == ["2/5", "4/5", "5/5"]
     assert all("loss" in line and "lr" in line and "img/s" in line for line in lines)
+
+
+def test_compile_option_runs_and_matches_eager(tmp_path):
+    """compile=true goes through torch.compile (inductor, C++ on CPU) and computes the same steps."""
+    eager = train(_smoke(tmp_path / "eager", "optim.max_steps=2"))
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    compiled = train(_smoke(tmp_path / "compiled", "optim.max_steps=2", "compile=true"))
+    assert counters["stats"]["unique_graphs"] > 0  # dynamo really captured the encoders
+    assert compiled["loss"] == pytest.approx(eager["loss"], abs=1e-4)
+    state = load_checkpoint(tmp_path / "compiled" / "checkpoints" / "last.pt")
+    assert not any("_orig_mod" in k for k in state["model"])  # checkpoints keep the plain parameter names
