@@ -133,8 +133,9 @@ class MSNConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; bf16/fp16 need a GPU)
-    compile: bool = False  # torch.compile the online encoder
+    compile: bool = False  # torch.compile both encoders
     resume: str | None = None  # auto | PATH | null
+    init_from: str | None = None  # start from weights: original MSN .pth.tar, HF ViTMSN folder, timm safetensors
     run_dir: str = "."
 
 

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from msn import distributed
 from msn.checkpoint import CheckpointError, load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
 from msn.config import CONFIG_DIR, ConfigError, MSNConfig, register_configs, to_schema
+from msn.convert import ConversionError
 from msn.data import (
     DataError,
     EpochSampler,
@@ -33,6 +34,7 @@ from msn.data import (
     build_loader,
     steps_per_epoch,
 )
+from msn.export import init_model_from
 from msn.loggers import MetricsLogger
 from msn.loss import MSNLoss, MSNLossOutput
 from msn.masking import keep_indices
@@ -40,7 +42,7 @@ from msn.model import MSN
 from msn.optim import build_optimizer, set_lr_wd
 from msn.schedules import Schedules
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, FloatingPointError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, ConversionError, FloatingPointError)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -192,6 +194,10 @@ def train(cfg: DictConfig | MSNConfig) -> dict[str, float]:
         set_rng_state(state["rng"])
         if is_main:
             print(f"resumed from {resume_path} at step {start_step}", flush=True)
+    if cfg.init_from is not None and resume_path is None:  # a resumed run already holds its weights
+        kind = init_model_from(model, cfg.init_from)
+        if is_main:
+            print(f"initialised the {'backbones' if kind == 'backbone' else 'model'} from {cfg.init_from}", flush=True)
     if cfg.compile:
         model.online.compile()
         model.target.compile()
