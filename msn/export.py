@@ -60,9 +60,8 @@ def _torch_load(path: Path) -> dict:
         raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
 
 
-def infer_model_config(model_sd: StateDict) -> DictConfig:
-    """Architecture of a training-format state dict, read off its shapes (for original MSN files)."""
-    backbone, head = split_encoder(model_sd, "target.")
+def infer_backbone(backbone: StateDict) -> dict[str, Any]:
+    """``arch``, ``patch_size`` and ``img_size`` of a timm-keyed ViT backbone, read off its shapes."""
     dim = backbone["cls_token"].shape[-1]
     depth = len({k.split(".")[1] for k in backbone if k.startswith("blocks.")})
     arch = next((n for n, a in ARCHITECTURES.items() if (a.embed_dim, a.depth) == (dim, depth)), None)
@@ -71,9 +70,15 @@ def infer_model_config(model_sd: StateDict) -> DictConfig:
                               + ", ".join(f"{n} ({a.embed_dim}x{a.depth})" for n, a in ARCHITECTURES.items()))
     patch = backbone["patch_embed.proj.weight"].shape[-1]
     grid = round((backbone["pos_embed"].shape[1] - 1) ** 0.5)
+    return {"arch": arch, "patch_size": patch, "img_size": grid * patch}
+
+
+def infer_model_config(model_sd: StateDict) -> DictConfig:
+    """Architecture of a training-format state dict, read off its shapes (for original MSN files)."""
+    backbone, head = split_encoder(model_sd, "target.")
     linears = sorted(k for k in head if k.startswith("fc") and k.endswith(".weight"))
     return OmegaConf.structured(ModelConfig(
-        arch=arch, patch_size=patch, img_size=grid * patch, head_layers=len(linears),
+        **infer_backbone(backbone), head_layers=len(linears),
         head_hidden_dim=head[linears[0]].shape[0] if len(linears) > 1 else 2048,
         head_output_dim=head[linears[-1]].shape[0], head_batchnorm=any(k.startswith("bn") for k in head),
         num_prototypes=model_sd["prototypes"].shape[0],

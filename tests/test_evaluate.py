@@ -1,0 +1,180 @@
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from msn import evaluate
+from msn.data import DataError
+from msn.evaluate import (
+    digits_splits,
+    extract_features,
+    knn_accuracy,
+    linear_probe,
+    load_encoder,
+    logistic_regression,
+    read_subset_file,
+    sample_fraction,
+    sample_per_class,
+)
+from msn.export import export_hf, read_source
+from msn.train import train
+from tests.conftest import compose_config
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("run")
+    train(compose_config(["experiment=cpu_smoke", f"run_dir={run}", "logger.progress=false"]))
+    return run
+
+
+@pytest.fixture(scope="module")
+def folder_dataset(tmp_path_factory) -> Path:
+    """A small labelled ImageFolder (train/ and val/) of two visually distinct classes, written as PNGs."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 6), ("val", 4)):
+        for c, colour in enumerate(((220, 30, 30), (30, 30, 220))):
+            folder = root / split / f"class_{c}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = np.clip(np.array(colour) + rng.normal(0, 20, (40, 40, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"img{i}.png")
+    return root
+
+
+def _blobs(n_per_class: int, classes: int = 4, dim: int = 16, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 5, (classes, dim))
+    x = np.concatenate([c + rng.normal(0, 0.5, (n_per_class, dim)) for c in centres]).astype(np.float32)
+    y = np.repeat(np.arange(classes), n_per_class)
+    return x, y
+
+
+def test_protocols_on_separable_features():
+    x_train, y_train = _blobs(5)
+    x_test, y_test = _blobs(50, seed=0)
+    x_test += np.random.default_rng(1).normal(0, 0.1, x_test.shape).astype(np.float32)
+    assert logistic_regression(x_train, y_train, x_test, y_test, None) > 95
+    assert logistic_regression(x_train, y_train, x_test, y_test, 10.0) > 95
+    t = lambda a: torch.from_numpy(a)  # noqa: E731
+    assert knn_accuracy(t(x_train), t(y_train), t(x_test), t(y_test), k=3) > 95
+    assert linear_probe(t(x_train), t(y_train), t(x_test), t(y_test), epochs=200, lr=1e-2) > 95
+    # and chance level on features that carry no label information
+    noise = np.random.default_rng(2).normal(size=x_test.shape).astype(np.float32)
+    assert logistic_regression(noise[:20], y_train, noise, y_test, 1.0) < 50
+
+
+def test_shot_sampling_is_exact_and_seeded():
+    labels = np.repeat(np.arange(5), 30)
+    idx = sample_per_class(labels, 2, seed=0)
+    assert np.bincount(labels[idx]).tolist() == [2] * 5 and len(set(idx)) == 10
+    assert np.array_equal(idx, sample_per_class(labels, 2, seed=0))
+    assert not np.array_equal(idx, sample_per_class(labels, 2, seed=1))
+    frac = sample_fraction(labels, 0.1, seed=0)
+    assert np.bincount(labels[frac]).tolist() == [3] * 5
+    assert np.bincount(labels[sample_fraction(labels, 0.001, seed=0)]).tolist() == [1] * 5
+
+
+def test_digits_split_is_fixed_and_stratified():
+    train, test = digits_splits()
+    assert len(train.labels) == 1257 and len(test.labels) == 540
+    assert not set(train.names) & set(test.names)
+    assert np.bincount(test.labels).min() >= 50
+    assert digits_splits()[1].names == test.names
+
+
+def test_subset_files_are_honoured_exactly(tmp_path, folder_dataset):
+    train, _ = digits_splits()
+    listing = tmp_path / "2imgs_class.txt"
+    chosen = [train.names[i] for i in (3, 40, 41, 700)]
+    listing.write_text("\n".join(chosen) + "\n")
+    idx = read_subset_file(listing, train)
+    assert [train.names[i] for i in idx] == chosen
+    listing.write_text("99999\n")
+    with pytest.raises(DataError, match="not an image of the training split"):
+        read_subset_file(listing, train)
+    folder_train, _ = evaluate.folder_splits(folder_dataset)
+    listing.write_text("class_0/img1.png\nclass_1/img4.png\n")
+    idx = read_subset_file(listing, folder_train)
+    assert [folder_train.names[i] for i in idx] == ["class_0/img1.png", "class_1/img4.png"]
+    assert folder_train.labels[idx].tolist() == [0, 1]
+
+
+def test_feature_cache_is_reused_and_corruption_rebuilt(tmp_path, run_dir, monkeypatch):
+    encoder = load_encoder(run_dir)
+    _, test = digits_splits()
+    calls = []
+    original = evaluate.cls_features
+    monkeypatch.setattr(evaluate, "cls_features", lambda *a, **k: calls.append(1) or original(*a, **k))
+    first = extract_features(encoder, test, tmp_path)
+    computed = len(calls)
+    assert computed > 0 and first.shape == (540, 128)
+    again = extract_features(encoder, test, tmp_path)
+    assert len(calls) == computed and torch.equal(again, first)  # served from the cache
+    (cache_file,) = tmp_path.glob("*.pt")
+    cache_file.write_bytes(cache_file.read_bytes()[:100])  # truncated: must be rebuilt, not trusted
+    rebuilt = extract_features(encoder, test, tmp_path)
+    assert len(calls) == 2 * computed and torch.equal(rebuilt, first)
+    other = extract_features(encoder, test, tmp_path, feature="cls_prenorm", last_blocks=2)
+    assert other.shape == (540, 256) and len(list(tmp_path.glob("*.pt"))) == 2
+
+
+def test_hf_export_gives_the_same_features(tmp_path, run_dir):
+    hf = export_hf(read_source(run_dir), tmp_path / "hf")
+    _, test = digits_splits()
+    ours = extract_features(load_encoder(run_dir), test, None)
+    theirs = extract_features(load_encoder(hf), test, None)
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+
+
+def _eval(*args: str, cwd: Path) -> dict:
+    out = cwd / "results.json"
+    result = subprocess.run(["msn-eval", *args, "--output", str(out), "--cache-dir", str(cwd / "cache")],
+                            capture_output=True, text=True, timeout=600, cwd=cwd)
+    assert result.returncode == 0, result.stderr
+    return json.loads(out.read_text())
+
+
+def test_cli_all_protocols_on_digits(tmp_path, run_dir):
+    report = _eval("lowshot", str(run_dir), "--shots", "1", "2", "--splits", "2", cwd=tmp_path)
+    assert {"protocol", "model", "dataset", "results", "settings"} <= set(report)
+    assert set(report["results"]) == {"1", "2", "1%"}
+    for r in report["results"].values():
+        assert len(r["splits"]) == 2 and 0 <= r["mean"] <= 100
+        assert r["mean"] == pytest.approx(np.mean(r["splits"])) and r["std"] == pytest.approx(np.std(r["splits"]))
+    assert _eval("knn", str(run_dir), cwd=tmp_path)["results"]["100%"]["mean"] > 10
+    linear = _eval("linear", str(run_dir), "--epochs", "20", "--splits", "1", cwd=tmp_path)
+    assert linear["results"]["100%"]["mean"] > 10
+    ft = _eval("finetune", str(run_dir), "--epochs", "1", "--splits", "1", "--lr", "1e-3", cwd=tmp_path)
+    assert ft["protocol"] == "finetune" and ft["results"]["100%"]["mean"] > 10  # chance is 10 %
+
+
+def test_cli_all_protocols_on_an_image_folder(tmp_path, run_dir, folder_dataset):
+    hf = export_hf(read_source(run_dir), tmp_path / "hf")
+    common = ["--dataset", str(folder_dataset)]
+    low = _eval("lowshot", str(hf), *common, "--shots", "1", "2", "--splits", "2", "--update-card", cwd=tmp_path)
+    assert low["train_images"] == 12 and low["test_images"] == 8
+    assert low["results"]["2"]["mean"] > 50
+    assert "## Evaluation: lowshot on" in (hf / "README.md").read_text()
+    listing = tmp_path / "1imgs_class.txt"
+    listing.write_text("class_0/img0.png\nclass_1/img0.png\n")
+    subset = _eval("lowshot", str(hf), *common, "--subset-file", str(listing), cwd=tmp_path)
+    assert list(subset["results"]) == ["1imgs_class"]
+    for protocol, extra in (("knn", ["--k", "3"]), ("linear", ["--epochs", "10", "--splits", "1"]),
+                            ("finetune", ["--epochs", "1", "--splits", "1"])):
+        assert _eval(protocol, str(hf), *common, *extra, cwd=tmp_path)["protocol"] == protocol
+
+
+def test_cli_errors(tmp_path, run_dir):
+    result = subprocess.run(["msn-eval", "lowshot", str(tmp_path / "nothing")], capture_output=True, text=True)
+    assert result.returncode == 1 and "does not exist" in result.stderr
+    result = subprocess.run(["msn-eval", "lowshot", str(run_dir), "--dataset", str(tmp_path)], capture_output=True,
+                            text=True, cwd=tmp_path)
+    assert result.returncode == 1 and "expected" in result.stderr and "train" in result.stderr
+    result = subprocess.run(["msn-eval", "lowshot", str(run_dir), "--update-card"], capture_output=True, text=True)
+    assert result.returncode == 2 and "--update-card needs" in result.stderr
