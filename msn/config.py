@@ -116,6 +116,13 @@ class LoggerConfig:
 
 
 @dataclass
+class MonitorConfig:
+    every_steps: int = 0  # evaluate the target encoder every N steps (0: off); logged as metrics.csv "monitor"
+    protocol: str = "knn"  # knn (k=20, full labels) | lowshot (5 images per class, logistic regression)
+    dataset: str = "digits"  # digits, or a folder with train/ and val/ (ImageFolder layout)
+
+
+@dataclass
 class CheckpointConfig:
     every_steps: int = 500  # periodic checkpoints/step_XXXXXXX.pt (0: only last.pt)
     last_every_steps: int = 100  # how often checkpoints/last.pt is refreshed
@@ -130,6 +137,7 @@ class MSNConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; bf16/fp16 need a GPU)
@@ -150,6 +158,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "precision": ("fp32", "bf16", "fp16"),
     "logger.name": ("csv", "wandb"),
     "logger.wandb.mode": ("offline", "online", "disabled"),
+    "monitor.protocol": ("knn", "lowshot"),
 }
 
 
@@ -182,7 +191,7 @@ def validate(cfg: DictConfig | MSNConfig) -> None:
     for key in ("optim.final_lr", "optim.weight_decay", "optim.final_weight_decay", "optim.warmup_epochs",
                 "loss.me_max_weight", "loss.entropy_weight", "data.num_focal", "data.num_workers",
                 "checkpoint.every_steps", "checkpoint.last_every_steps", "model.drop_path_rate",
-                "logger.console_every"):
+                "logger.console_every", "monitor.every_steps"):
         check(_get(cfg, key) >= 0, f"{key}={_get(cfg, key)} must be >= 0")
     check(cfg.optim.max_steps is None or cfg.optim.max_steps > 0,
           f"optim.max_steps={cfg.optim.max_steps} must be a positive integer or null")

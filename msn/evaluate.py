@@ -349,6 +349,31 @@ def finetune(encoder: Encoder, train: Split, test: Split, epochs: int, lr: float
     return 100.0 * float((predictions.numpy() == test.labels).mean())
 
 
+class Monitor:
+    """Representation quality during pretraining: k-NN or 5-shot accuracy (%) of the target backbone.
+
+    The labelled splits are loaded once; every call extracts fresh features (no cache: the weights change).
+    """
+
+    def __init__(self, protocol: str, dataset: str, image_size: int, mean: list[float], std: list[float]) -> None:
+        self.protocol = protocol
+        self.train, self.test = load_splits(dataset)
+        self.image_size, self.mean, self.std = image_size, list(mean), list(std)
+
+    def __call__(self, backbone: MaskedViT) -> float:
+        was_training = backbone.training
+        encoder = Encoder(backbone.eval(), self.image_size, self.mean, self.std, "", Path("."))
+        try:
+            x_train, x_test = (extract_features(encoder, s, None).float() for s in (self.train, self.test))
+        finally:
+            backbone.train(was_training)
+        if self.protocol == "knn":
+            y_train, y_test = torch.from_numpy(self.train.labels), torch.from_numpy(self.test.labels)
+            return knn_accuracy(x_train, y_train, x_test, y_test)
+        idx = sample_per_class(self.train.labels, 5, seed=0)
+        return logistic_regression(x_train.numpy()[idx], self.train.labels[idx], x_test.numpy(), self.test.labels, 1.0)
+
+
 def summarise(accuracies: list[float]) -> dict[str, Any]:
     return {"mean": float(np.mean(accuracies)), "std": float(np.std(accuracies)), "splits": accuracies}
 

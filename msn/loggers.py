@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 COLUMNS = (
     "step", "epoch", "loss", "ce", "me_max", "entropy", "lr", "wd", "momentum", "sharpen_T",
-    "distinct_prototypes", "max_target_prob", "images_per_s",
+    "distinct_prototypes", "max_target_prob", "images_per_s", "monitor",
 )
 
 
@@ -59,7 +59,8 @@ class MetricsLogger:
         self._writer.writerow(row)
         self._file.flush()
         if self.wandb_run is not None:
-            self.wandb_run.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=int(row["step"]))
+            logged = {f"train/{k}": v for k, v in row.items() if k != "step" and not (k == "monitor" and math.isnan(v))}
+            self.wandb_run.log(logged, step=int(row["step"]))
 
     def close(self) -> None:
         self._file.close()

@@ -229,6 +229,12 @@ def train(cfg: DictConfig | MSNConfig) -> dict[str, float]:
         for name in names:
             save_checkpoint(run_dir / "checkpoints" / name, state)
 
+    monitor = None
+    if is_main and cfg.monitor.every_steps:
+        from msn.evaluate import Monitor  # deferred: evaluation pulls in scikit-learn
+
+        monitor = Monitor(cfg.monitor.protocol, cfg.monitor.dataset, cfg.model.img_size, cfg.data.mean, cfg.data.std)
+
     model.train()
     images_per_step = cfg.data.batch_size * world
     bar = tqdm(total=total_steps, initial=start_step, disable=not (is_main and cfg.logger.progress),
@@ -244,9 +250,12 @@ def train(cfg: DictConfig | MSNConfig) -> dict[str, float]:
             result = train_step(model, loss_fn, optimizer, views, cfg, schedules, step, scaler, amp_dtype)
             step += 1
             bar.update(1)
-            if step % cfg.logger.log_every == 0 or step == total_steps:
+            monitor_due = monitor is not None and (step % cfg.monitor.every_steps == 0 or step == total_steps)
+            if step % cfg.logger.log_every == 0 or step == total_steps or monitor_due:
                 images_per_s = images_per_step * (step - last_logged) / max(time.perf_counter() - tic, 1e-9)
                 metrics = _metrics(result.out, schedules, step, epoch, images_per_s)
+                if monitor_due:
+                    metrics["monitor"] = monitor(model.target.backbone)
                 if logger is not None:
                     logger.log(metrics)
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
@@ -283,7 +292,7 @@ def _metrics(o: MSNLossOutput, schedules: Schedules, step: int, epoch: int, imag
 def _console_line(m: dict[str, float], total: int) -> str:
     return (f"step {int(m['step'])}/{total} epoch {int(m['epoch'])} loss {m['loss']:.4f} (ce {m['ce']:.4f} "
             f"me-max {m['me_max']:.4f}) lr {m['lr']:.2e} protos {int(m['distinct_prototypes'])} "
-            f"{m['images_per_s']:.0f} img/s")
+            f"{m['images_per_s']:.0f} img/s" + (f" monitor {m['monitor']:.1f} %" if "monitor" in m else ""))
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
