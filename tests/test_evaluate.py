@@ -147,7 +147,10 @@ def test_cli_all_protocols_on_digits(tmp_path, run_dir):
     for r in report["results"].values():
         assert len(r["splits"]) == 2 and 0 <= r["mean"] <= 100
         assert r["mean"] == pytest.approx(np.mean(r["splits"])) and r["std"] == pytest.approx(np.std(r["splits"]))
-    assert _eval("knn", str(run_dir), cwd=tmp_path)["results"]["100%"]["mean"] > 10
+    knn = _eval("knn", str(run_dir), "--wandb", cwd=tmp_path)  # wandb offline: files under cwd/wandb
+    assert knn["results"]["100%"]["mean"] > 10
+    (offline,) = (tmp_path / "wandb").glob("offline-run-*")
+    assert list(offline.glob("*.wandb"))
     linear = _eval("linear", str(run_dir), "--epochs", "20", "--splits", "1", cwd=tmp_path)
     assert linear["results"]["100%"]["mean"] > 10
     ft = _eval("finetune", str(run_dir), "--epochs", "1", "--splits", "1", "--lr", "1e-3", cwd=tmp_path)
