@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 
@@ -53,3 +55,14 @@ class _AllReduceMean(torch.autograd.Function):
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     """Differentiable mean over processes; identity in a single process."""
     return _AllReduceMean.apply(x) if is_dist() else x
+
+
+def init_from_env(use_cuda: bool) -> int:
+    """Join the process group that ``torchrun`` describes in the environment; return the local rank.
+
+    Nothing happens in a single process (no ``WORLD_SIZE`` > 1) or when a group already exists.
+    Backend: NCCL on GPUs, gloo on CPUs.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return int(os.environ.get("LOCAL_RANK", "0"))

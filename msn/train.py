@@ -19,6 +19,7 @@ from typing import Any
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from msn import distributed
@@ -90,7 +91,7 @@ class StepResult:
 
 
 def train_step(
-    model: MSN,
+    model: MSN | DistributedDataParallel,
     loss_fn: MSNLoss,
     optimizer: torch.optim.Optimizer,
     views: list[torch.Tensor],
@@ -100,7 +101,12 @@ def train_step(
     scaler: torch.amp.GradScaler | None = None,
     amp_dtype: torch.dtype | None = None,
 ) -> StepResult:
-    """One optimisation step on a batch of views ``[target, anchor, focal_1, ..., focal_n]`` (each (B, C, S, S))."""
+    """One optimisation step on a batch of views ``[target, anchor, focal_1, ..., focal_n]`` (each (B, C, S, S)).
+
+    ``model`` may be DDP-wrapped: the forward then runs through DDP (gradients averaged over processes)
+    while the prototypes and the EMA update are reached through ``model.module``.
+    """
+    core = model.module if isinstance(model, DistributedDataParallel) else model
     device = views[0].device
     batch = views[0].shape[0]
     target_view, anchor_view, focal = views[0], views[1], views[2:]
@@ -120,7 +126,7 @@ def train_step(
     with amp:
         anchors, targets = model(target_view, anchor_view, focal_views, anchor_keep, focal_keep)
     # The loss runs in fp32: softmax at tau=0.1, Sinkhorn and logs are precision-sensitive.
-    out = loss_fn(anchors.float(), targets.float(), model.prototypes.float(), T=schedules.sharpen_T_at(step))
+    out = loss_fn(anchors.float(), targets.float(), core.prototypes.float(), T=schedules.sharpen_T_at(step))
     if not torch.isfinite(out.loss):
         raise FloatingPointError(f"loss is {out.loss.item()} at step {step}; lower optim.lr or use precision=fp32")
 
@@ -138,7 +144,7 @@ def train_step(
         scaler.update()
     else:
         optimizer.step()
-    model.update_target(schedules.momentum_at(step))
+    core.update_target(schedules.momentum_at(step))
     return StepResult(out, float(grad_norm))
 
 
@@ -163,6 +169,10 @@ def train(cfg: DictConfig | MSNConfig) -> dict[str, float]:
     OmegaConf.resolve(cfg)
     run_dir = Path(cfg.run_dir)
     device = resolve_device(cfg.device)
+    local_rank = distributed.init_from_env(device.type == "cuda")
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
     amp_dtype = autocast_dtype(cfg.precision, device)
     rank, world = distributed.rank(), distributed.world_size()
     is_main = rank == 0
@@ -229,6 +239,9 @@ def train(cfg: DictConfig | MSNConfig) -> dict[str, float]:
         for name in names:
             save_checkpoint(run_dir / "checkpoints" / name, state)
 
+    step_model: MSN | DistributedDataParallel = model
+    if world > 1:  # the target has no trainable parameters, so DDP syncs online + prototypes only
+        step_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     monitor = None
     if is_main and cfg.monitor.every_steps:
         from msn.evaluate import Monitor  # deferred: evaluation pulls in scikit-learn
@@ -247,7 +260,7 @@ def train(cfg: DictConfig | MSNConfig) -> dict[str, float]:
             if step >= total_steps:
                 break
             views = [v.to(device, non_blocking=True) for v in batch]
-            result = train_step(model, loss_fn, optimizer, views, cfg, schedules, step, scaler, amp_dtype)
+            result = train_step(step_model, loss_fn, optimizer, views, cfg, schedules, step, scaler, amp_dtype)
             step += 1
             bar.update(1)
             monitor_due = monitor is not None and (step % cfg.monitor.every_steps == 0 or step == total_steps)
