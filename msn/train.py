@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -254,6 +256,7 @@ def train(cfg: DictConfig | MSNConfig) -> dict[str, float]:
                dynamic_ncols=True, desc="msn", file=sys.stderr)
     metrics: dict[str, float] = {}
     step = start_step
+    stop = _StopRequest()
     tic, last_logged = time.perf_counter(), start_step
     try:
         for epoch, batch in _batches(loader, sampler, steps_in_epoch, cfg.data.batch_size, start_step):
@@ -282,12 +285,42 @@ def train(cfg: DictConfig | MSNConfig) -> dict[str, float]:
                 names.append(f"step_{step:07d}.pt")
             if step == total_steps or (cfg.checkpoint.last_every_steps and step % cfg.checkpoint.last_every_steps == 0):
                 names.append("last.pt")
+            if stop.signal is not None and step < total_steps:  # preempted: save, then exit cleanly
+                checkpoint(step, names if "last.pt" in names else [*names, "last.pt"])
+                if is_main:
+                    bar.write(f"received {stop.signal}: wrote checkpoints/last.pt at step {step}; "
+                              "continue with resume=auto", file=sys.stdout)
+                break
             checkpoint(step, names)
     finally:
+        stop.restore()
         bar.close()
         if logger is not None:
             logger.close()
     return metrics
+
+
+class _StopRequest:
+    """Turns SIGTERM / SIGUSR1 (preemption, time limits) into a flag the loop checks after each step."""
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        self._previous: dict[int, Any] = {}
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be installed from the main thread
+        for name in self.SIGNALS:
+            number = getattr(signal, name, None)
+            if number is not None:
+                self._previous[number] = signal.signal(number, self._handle)
+
+    def _handle(self, number: int, frame: Any) -> None:
+        self.signal = signal.Signals(number).name
+
+    def restore(self) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
 
 
 def _metrics(o: MSNLossOutput, schedules: Schedules, step: int, epoch: int, images_per_s: float) -> dict[str, float]:

@@ -140,3 +140,27 @@ def test_periodic_monitor_is_logged(tmp_path):
     assert rows[3]["monitor"] in ("", "nan")
     for step in (2, 4):
         assert 0 < float(rows[step]["monitor"]) <= 100  # k-NN accuracy (%) on the digits test split
+
+
+def test_sigterm_writes_a_checkpoint_and_the_run_resumes(tmp_path):
+    import signal
+    import time
+
+    run_dir = tmp_path / "run"
+    cmd = ["msn-pretrain", "experiment=cpu_smoke", f"hydra.run.dir={run_dir}", "logger.progress=false",
+           "optim.max_steps=null", "optim.epochs=100", "checkpoint.every_steps=0", "checkpoint.last_every_steps=0"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not (run_dir / "metrics.csv").is_file() or len(_rows(run_dir)) < 2):
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    assert len(_rows(run_dir)) >= 2, "the run did not start in time"
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert 2 <= state["step"] < 400 and f"wrote checkpoints/last.pt at step {state['step']}" in out
+    resumed = subprocess.run([*cmd[:4], f"optim.max_steps={state['step'] + 2}", "resume=auto"], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"at step {state['step']}" in resumed.stdout
