@@ -37,16 +37,25 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     return path
 
 
+def safe_load(path: Path) -> Any:
+    """``torch.load(weights_only=True)`` onto the CPU; any failure becomes one clear :class:`CheckpointError`."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for truncated / foreign / pickled files
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+
+
+def is_training_checkpoint(state: Any) -> bool:
+    return isinstance(state, dict) and state.get("format") == FORMAT
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Load a training checkpoint with ``weights_only=True`` onto the CPU; fail with a clear message."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; pass resume=PATH to an existing .pt file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for truncated / foreign / pickled files
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
+    state = safe_load(path)
+    if not is_training_checkpoint(state):
         raise CheckpointError(f"{path} is not an msn training checkpoint (expected format {FORMAT!r})")
     return state
 

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
 from msn.backbone import ARCHITECTURES
-from msn.checkpoint import FORMAT, CheckpointError, load_checkpoint
+from msn.checkpoint import CheckpointError, is_training_checkpoint, safe_load
 from msn.config import DataConfig, ModelConfig
 from msn.convert import (
     ConversionError,
@@ -51,13 +51,6 @@ class Source:
     epoch: int | None = None
     config: DictConfig | None = None  # the full training config, when the source is ours
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def _torch_load(path: Path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated file, foreign pickle, ...: one clear message
-        raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
 
 
 def infer_backbone(backbone: StateDict) -> dict[str, Any]:
@@ -92,11 +85,10 @@ def read_source(path: str | Path) -> Source:
         path = path / "checkpoints" / "last.pt"
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist; give a training checkpoint, a run directory or a .pth.tar")
-    raw = _torch_load(path)
-    if isinstance(raw, dict) and raw.get("format") == FORMAT:
-        state = load_checkpoint(path)
-        config = OmegaConf.create(state["config"])
-        return Source(state["model"], config.model, path, state["step"], state["epoch"], config)
+    raw = safe_load(path)
+    if is_training_checkpoint(raw):
+        config = OmegaConf.create(raw["config"])
+        return Source(raw["model"], config.model, path, raw["step"], raw["epoch"], config)
     if isinstance(raw, dict) and "target_encoder" in raw:
         model = from_original_msn(raw)
         return Source(model, infer_model_config(model), path, epoch=raw.get("epoch"))
