@@ -34,6 +34,7 @@ class ModelConfig:
     head_output_dim: int = 256
     head_layers: int = 3
     head_batchnorm: bool = True
+    sync_batchnorm: bool = True  # multi-process runs: head BN uses the global batch's statistics
     num_prototypes: int = 1024
 
 
@@ -142,7 +143,7 @@ class MSNConfig:
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; bf16/fp16 need a GPU)
     compile: bool = False  # torch.compile both encoders
-    resume: str | None = None  # auto | PATH | null
+    resume: str | None = "auto"  # auto (continue RUN_DIR if it has last.pt) | PATH | null (fresh)
     init_from: str | None = None  # start from weights: original MSN .pth.tar, HF ViTMSN folder, timm safetensors
     run_dir: str = "."
 

@@ -19,7 +19,7 @@ class MSNEncoder(nn.Module):
         super().__init__()
         self.backbone = MaskedViT(cfg.arch, cfg.patch_size, cfg.img_size, cfg.drop_path_rate)
         self.head = ProjectionHead(self.backbone.embed_dim, cfg.head_hidden_dim, cfg.head_output_dim,
-                                   cfg.head_layers, cfg.head_batchnorm)
+                                   cfg.head_layers, cfg.head_batchnorm, cfg.sync_batchnorm)
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         return self.head(self.backbone(x, keep))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import signal
 import sys
 import threading
@@ -81,9 +82,18 @@ def build_schedules(cfg: DictConfig, total_steps: int, steps_in_epoch: int) -> S
     )
 
 
-def mask_generator(seed: int, step: int, rank: int) -> torch.Generator:
-    """A CPU generator that makes this step's masks a pure function of (seed, step, rank)."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009 + rank)
+def mask_generator(seed: int, step: int) -> torch.Generator:
+    """A CPU generator, the same on every rank, that makes this step's masks a pure function of (seed, step).
+
+    Each rank takes its own rows of the global batch's masks (:func:`msn.masking.keep_indices`), so
+    ranks get different masks, and W processes x batch B mask exactly as one process x batch W*B.
+    """
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def rank_seed(seed: int, rank: int, step: int = 0) -> int:
+    """Seed of a rank's global torch RNG (stochastic depth): different per rank, reproducible."""
+    return (seed * 7_919 + rank + 1) * 104_729 + step
 
 
 @dataclass
@@ -115,20 +125,23 @@ def train_step(
     focal_views = torch.cat(focal) if focal else None  # (n*B, C, F, F), view-major
     patch = cfg.model.patch_size
     m = cfg.masking
-    gen = mask_generator(cfg.seed, step, distributed.rank())
+    gen = mask_generator(cfg.seed, step)
+    rank, world = distributed.rank(), distributed.world_size()
     anchor_keep = focal_keep = None
     if m.ratio > 0:
-        anchor_keep = keep_indices(batch, (anchor_view.shape[-1] // patch) ** 2, m.ratio, m.per_sample, gen, device)
+        anchor_keep = keep_indices(batch, (anchor_view.shape[-1] // patch) ** 2, m.ratio, m.per_sample, gen, device,
+                                   rank=rank, world_size=world)
         if m.mask_focal and focal_views is not None:
-            focal_keep = keep_indices(focal_views.shape[0], (focal_views.shape[-1] // patch) ** 2, m.ratio,
-                                      m.per_sample, gen, device)
+            focal_keep = keep_indices(batch, (focal_views.shape[-1] // patch) ** 2, m.ratio, m.per_sample, gen,
+                                      device, num_views=len(focal), rank=rank, world_size=world)
 
     set_lr_wd(optimizer, schedules.lr_at(step), schedules.wd_at(step))
     amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
     with amp:
         anchors, targets = model(target_view, anchor_view, focal_views, anchor_keep, focal_keep)
-    # The loss runs in fp32: softmax at tau=0.1, Sinkhorn and logs are precision-sensitive.
-    out = loss_fn(anchors.float(), targets.float(), core.prototypes.float(), T=schedules.sharpen_T_at(step))
+    # The loss runs in fp32 (or wider): softmax at tau=0.1, Sinkhorn and logs are precision-sensitive.
+    wide = torch.promote_types(core.prototypes.dtype, torch.float32)
+    out = loss_fn(anchors.to(wide), targets.to(wide), core.prototypes.to(wide), T=schedules.sharpen_T_at(step))
     if not torch.isfinite(out.loss):
         raise FloatingPointError(f"loss is {out.loss.item()} at step {step}; lower optim.lr or use precision=fp32")
 
@@ -171,7 +184,7 @@ def train(cfg: DictConfig | MSNConfig) -> dict[str, float]:
     OmegaConf.resolve(cfg)
     run_dir = Path(cfg.run_dir)
     device = resolve_device(cfg.device)
-    local_rank = distributed.init_from_env(device.type == "cuda")
+    local_rank = distributed.init_from_env()
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -189,21 +202,36 @@ def train(cfg: DictConfig | MSNConfig) -> dict[str, float]:
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = MSN(cfg.model).to(device)
+    torch.manual_seed(rank_seed(cfg.seed, rank))  # then per-rank streams (stochastic depth)
     optimizer = build_optimizer(model, cfg.optim)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     loss_fn = MSNLoss(cfg.loss.tau, cfg.loss.sharpen_T, cfg.loss.sinkhorn, cfg.loss.sinkhorn_iterations,
                       cfg.loss.me_max_weight, cfg.loss.entropy_weight)
 
     start_step, wandb_run_id = 0, None
+    global_batch = cfg.data.batch_size * world
     resume_path = resolve_resume(cfg.resume, run_dir)
+    if resume_path is None and cfg.resume is None and (run_dir / "checkpoints" / "last.pt").is_file():
+        raise ConfigError(f"{run_dir} already holds checkpoints/last.pt from an earlier run and resume=null would "
+                          "overwrite it; pass resume=auto to continue that run, or a new hydra.run.dir")
     if resume_path is not None:
         state = load_checkpoint(resume_path)
+        saved_batch = state.get("global_batch_size", global_batch)
+        if saved_batch != global_batch:
+            raise CheckpointError(
+                f"{resume_path} was trained with a global batch of {saved_batch} images, this run has "
+                f"{cfg.data.batch_size} x {world} processes = {global_batch}; set data.batch_size="
+                f"{saved_batch / world:g} so that the sampler, masks and schedules continue where they stopped")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and "scaler" in state:
             scaler.load_state_dict(state["scaler"])
         start_step, wandb_run_id = int(state["step"]), state.get("wandb_run_id")
-        set_rng_state(state["rng"])
+        per_rank = state.get("rng_ranks") or [state["rng"]]
+        if len(per_rank) == world:  # same layout: every rank continues its own streams exactly
+            set_rng_state(per_rank[rank])
+        else:  # another number of processes: fresh per-rank streams (only stochastic depth uses them)
+            torch.manual_seed(rank_seed(cfg.seed, rank, start_step))
         if is_main:
             print(f"resumed from {resume_path} at step {start_step}", flush=True)
     if cfg.init_from is not None and resume_path is None:  # a resumed run already holds its weights
@@ -223,19 +251,27 @@ def train(cfg: DictConfig | MSNConfig) -> dict[str, float]:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
         logger = MetricsLogger(run_dir, cfg, start_step, wandb_run_id)
-        print(f"run directory {run_dir.resolve()}: {total_steps} steps ({steps_in_epoch} an epoch) of "
-              f"{cfg.data.batch_size} x {world} images on {device}", flush=True)
+        print(f"run directory {run_dir.resolve()}: {total_steps} steps ({steps_in_epoch} an epoch), global batch "
+              f"{global_batch} = {cfg.data.batch_size} per process x {world} process{'es' if world > 1 else ''} "
+              f"on {device}", flush=True)
         if logger.wandb_run_id:
             print(f"wandb run {logger.wandb_run_id} ({cfg.logger.wandb.mode})", flush=True)
 
     def checkpoint(step: int, names: list[str]) -> None:
-        if not is_main or not names:
+        """Rank 0 writes ``names``; every rank must call this (the RNG states are gathered)."""
+        if not names:
+            return
+        rng_ranks = distributed.all_gather_object(rng_state()) if world > 1 else None
+        if not is_main:
             return
         state: dict[str, Any] = {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
             "epoch": step // steps_in_epoch, "rng": rng_state(), "config": OmegaConf.to_yaml(cfg),
-            "wandb_run_id": logger.wandb_run_id if logger else None,
+            "wandb_run_id": logger.wandb_run_id if logger else None, "world_size": world,
+            "batch_size": cfg.data.batch_size, "global_batch_size": global_batch,
         }
+        if rng_ranks is not None:
+            state["rng_ranks"] = rng_ranks
         if scaler is not None:
             state["scaler"] = scaler.state_dict()
         for name in names:
@@ -251,18 +287,19 @@ def train(cfg: DictConfig | MSNConfig) -> dict[str, float]:
         monitor = Monitor(cfg.monitor.protocol, cfg.monitor.dataset, cfg.model.img_size, cfg.data.mean, cfg.data.std)
 
     model.train()
-    images_per_step = cfg.data.batch_size * world
+    param_dtype = model.prototypes.dtype  # float32, unless a test builds the model in float64
+    images_per_step = global_batch
     bar = tqdm(total=total_steps, initial=start_step, disable=not (is_main and cfg.logger.progress),
                dynamic_ncols=True, desc="msn", file=sys.stderr)
     metrics: dict[str, float] = {}
     step = start_step
-    stop = _StopRequest()
+    stop, stopped_early = _StopRequest(), False
     tic, last_logged = time.perf_counter(), start_step
     try:
         for epoch, batch in _batches(loader, sampler, steps_in_epoch, cfg.data.batch_size, start_step):
             if step >= total_steps:
                 break
-            views = [v.to(device, non_blocking=True) for v in batch]
+            views = [v.to(device, param_dtype, non_blocking=True) for v in batch]
             result = train_step(step_model, loss_fn, optimizer, views, cfg, schedules, step, scaler, amp_dtype)
             step += 1
             bar.update(1)
@@ -285,42 +322,68 @@ def train(cfg: DictConfig | MSNConfig) -> dict[str, float]:
                 names.append(f"step_{step:07d}.pt")
             if step == total_steps or (cfg.checkpoint.last_every_steps and step % cfg.checkpoint.last_every_steps == 0):
                 names.append("last.pt")
-            if stop.signal is not None and step < total_steps:  # preempted: save, then exit cleanly
-                checkpoint(step, names if "last.pt" in names else [*names, "last.pt"])
-                if is_main:
-                    bar.write(f"received {stop.signal}: wrote checkpoints/last.pt at step {step}; "
-                              "continue with resume=auto", file=sys.stdout)
-                break
+            # Every rank acts on a signal after the same step, even when it reached only some of them.
+            stopping, saving = distributed.any_rank(stop.signal is not None, stop.save_only)
+            if (stopping or saving) and step < total_steps and "last.pt" not in names:
+                names.append("last.pt")  # saving alone: SIGTERM under submitit, training goes on
+            stop.save_only = False
             checkpoint(step, names)
+            if stopping and step < total_steps:  # preempted: saved above, now exit cleanly
+                stopped_early = True
+                if is_main:
+                    bar.write(f"received {stop.signal or 'a stop signal (on another rank)'}: wrote "
+                              f"checkpoints/last.pt at step {step}; continue with resume=auto", file=sys.stdout)
+                break
     finally:
         stop.restore()
         bar.close()
         if logger is not None:
             logger.close()
+    if stopped_early:
+        stop.forward()  # hand the signal on to a job manager's handler (submitit requeues the job here)
     return metrics
 
 
 class _StopRequest:
-    """Turns SIGTERM / SIGUSR1 (preemption, time limits) into a flag the loop checks after each step."""
+    """Turns preemption and time-limit signals into flags the loop checks after each step.
 
-    SIGNALS = ("SIGTERM", "SIGUSR1")
+    SIGTERM, SIGUSR1 and SIGUSR2 (submitit's preemption / time-limit signal) stop the run after the
+    current step with a checkpoint. Under submitit, which ignores SIGTERM and acts on SIGUSR2, a
+    SIGTERM only saves ``last.pt`` and training goes on, so submitit's own flow stays intact. A
+    Python handler that was installed before ours (submitit's) is called once the checkpoint is
+    written (:meth:`forward`): that is how a submitit job requeues itself and then resumes.
+    """
+
+    SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
 
     def __init__(self) -> None:
         self.signal: str | None = None
+        self.save_only = False
+        self._received: int | None = None
         self._previous: dict[int, Any] = {}
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be installed from the main thread
+        self._submitit = bool(os.environ.get("SUBMITIT_EXECUTOR"))
         for name in self.SIGNALS:
             number = getattr(signal, name, None)
             if number is not None:
                 self._previous[number] = signal.signal(number, self._handle)
 
     def _handle(self, number: int, frame: Any) -> None:
-        self.signal = signal.Signals(number).name
+        if self._submitit and number == signal.SIGTERM:
+            self.save_only = True
+            return
+        self.signal, self._received = signal.Signals(number).name, number
 
     def restore(self) -> None:
         for number, handler in self._previous.items():
             signal.signal(number, handler)
+
+    def forward(self) -> None:
+        """Call the handler that was in place before ours for the signal received, if it is Python code."""
+        handler = self._previous.get(self._received) if self._received is not None else None
+        if callable(handler):
+            handler(self._received, None)
 
 
 def _metrics(o: MSNLossOutput, schedules: Schedules, step: int, epoch: int, images_per_s: float) -> dict[str, float]:
