@@ -8,7 +8,9 @@ type cannot express (ranges, divisibility, names) before any compute starts.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +153,24 @@ class MSNConfig:
 def register_configs() -> None:
     """Register the schema with Hydra's ConfigStore (call before composing)."""
     ConfigStore.instance().store(name="msn_schema", node=MSNConfig)
+
+
+START_TIME_ENV = "MSN_START_TIME"
+
+
+def start_time(pattern: str) -> str:
+    """``${start_time:%Y-%m-%d}``: the job's start time, the same on every rank of a multi-process job.
+
+    ``msn-pretrain`` under torchrun or srun puts rank 0's clock (ISO format) in ``$MSN_START_TIME``
+    before Hydra names the run directory, so all ranks share one directory; otherwise this is now.
+    Like Hydra's ``${now:}``, a value is cached per config, and submitit jobs reuse the submitter's.
+    """
+    stamp = os.environ.get(START_TIME_ENV)
+    return (datetime.fromisoformat(stamp) if stamp else datetime.now()).strftime(pattern)
+
+
+# At import, so that submitit job processes (which import this module to unpickle the task) have it too.
+OmegaConf.register_new_resolver("start_time", start_time, use_cache=True, replace=True)
 
 
 _CHOICES: dict[str, tuple[str, ...]] = {

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from tqdm import tqdm
 
 from msn import distributed
 from msn.checkpoint import CheckpointError, load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
-from msn.config import CONFIG_DIR, ConfigError, MSNConfig, register_configs, to_schema
+from msn.config import CONFIG_DIR, START_TIME_ENV, ConfigError, MSNConfig, register_configs, to_schema
 from msn.convert import ConversionError
 from msn.data import (
     DataError,
@@ -413,8 +414,15 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    """Console entry point ``msn-pretrain``."""
+    """Console entry point ``msn-pretrain``.
+
+    Under torchrun or srun the process group is joined before Hydra starts, so that rank 0's start
+    time names the one run directory every rank uses (``${start_time:}`` in configs/config.yaml).
+    """
     register_configs()
+    if distributed.process_info() is not None:
+        distributed.init_from_env()
+        os.environ[START_TIME_ENV] = distributed.broadcast_object(datetime.now().isoformat())
     _hydra_main()
 
 

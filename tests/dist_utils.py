@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -36,5 +36,5 @@ def run_distributed(fn: Callable[..., Any], world_size: int, args: tuple = ()) -
     import torch
 
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_entry, args=(world_size, _free_port(), fn, args, out_dir), nprocs=world_size, join=True)
+        mp.spawn(_entry, args=(world_size, free_port(), fn, args, out_dir), nprocs=world_size, join=True)
         return [torch.load(os.path.join(out_dir, f"{r}.pt"), weights_only=True) for r in range(world_size)]

@@ -1,15 +1,18 @@
 """Data-parallel training with real gloo process groups on the CPU."""
 
 import csv
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from msn.checkpoint import load_checkpoint
+from msn.distributed import ProcessInfo, expand_nodelist, process_info
 from tests.conftest import compose_config
-from tests.dist_utils import run_distributed
+from tests.dist_utils import free_port, run_distributed
 
 # Head BN (global statistics), masking of anchor and focal views and the augmentations all on: one
 # process with batch 2b and two processes with batch b must see exactly the same computation.
@@ -54,22 +57,88 @@ def test_two_processes_match_one_process_with_the_global_batch(tmp_path):
     assert (local_bn["online.head.fc3.weight"] - one["online.head.fc3.weight"]).abs().max() > 1e-4
 
 
-def test_torchrun_writes_one_run_directory_and_resumes(tmp_path):
-    run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "msn.train",
-           "experiment=cpu_smoke", f"hydra.run.dir={run_dir}", "logger.progress=false"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+# Microseconds in the directory name: ranks that named it from their own clocks would surely differ.
+RUN_DIR = "hydra.run.dir=outputs/${start_time:%H-%M-%S-%f}"
+SMOKE = ["experiment=cpu_smoke", "logger.progress=false"]
+
+
+def _only_run_dir(cwd: Path) -> Path:
+    runs = list((cwd / "outputs").iterdir())
+    assert len(runs) == 1, runs  # one directory for both ranks
+    return runs[0]
+
+
+def _clean_env() -> dict[str, str]:
+    """This environment without any variable that describes a multi-process job."""
+    prefixes = ("SLURM_", "SUBMITIT_", "TORCHELASTIC_", "MSN_START_TIME")
+    names = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}
+    return {k: v for k, v in os.environ.items() if k not in names and not k.startswith(prefixes)}
+
+
+def test_torchrun_and_slurm_variables_form_the_same_two_process_job(tmp_path):
+    a, b = tmp_path / "torchrun", tmp_path / "slurm"
+    a.mkdir(), b.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           "-m", "msn.train", *SMOKE]
+    result = subprocess.run([*cmd, RUN_DIR], capture_output=True, text=True, timeout=300, cwd=a, env=_clean_env())
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("run directory") == 1  # only rank 0 reports and writes
-    assert [p.name for p in tmp_path.iterdir()] == ["run"]
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["last.pt", "step_0000003.pt"]
-    with (run_dir / "metrics.csv").open() as f:
+    assert "global batch 32 = 16 per process x 2 processes" in result.stdout
+    run_a = _only_run_dir(a)
+    assert sorted(p.name for p in (run_a / "checkpoints").iterdir()) == ["last.pt", "step_0000003.pt"]
+    with (run_a / "metrics.csv").open() as f:
         assert [int(r["step"]) for r in csv.DictReader(f)] == [1, 2, 3, 4]  # 64 images / (2 x 16) a step
-    state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
-    assert state["step"] == 4
-    resumed = subprocess.run([*cmd, "resume=auto", "optim.epochs=3", "optim.max_steps=null"], capture_output=True,
-                             text=True, timeout=300, cwd=tmp_path)
+
+    # SLURM's variables, set by hand as srun would for 2 tasks on one node (no torchrun).
+    port, procs = str(free_port()), []
+    for rank in range(2):
+        env = {**_clean_env(), "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "2", "SLURM_PROCID": str(rank),
+               "SLURM_LOCALID": str(rank), "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "localhost",
+               "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}  # as torchrun sets it
+        procs.append(subprocess.Popen([sys.executable, "-m", "msn.train", *SMOKE, RUN_DIR], cwd=b, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    assert "x 2 processes" in outs[0][0] and "run directory" not in outs[1][0]
+    run_b = _only_run_dir(b)
+    state_a = load_checkpoint(run_a / "checkpoints" / "last.pt")
+    state_b = load_checkpoint(run_b / "checkpoints" / "last.pt")
+    assert state_b["step"] == 4 and state_b["world_size"] == 2 and len(state_b["rng_ranks"]) == 2
+    for name, value in state_a["model"].items():  # same group, same computation: identical weights
+        assert torch.equal(state_b["model"][name], value), name
+
+    # Resume the torchrun run in its directory (resume=auto is the default) for one more epoch.
+    resumed = subprocess.run([*cmd, f"hydra.run.dir={run_a}", "optim.epochs=3", "optim.max_steps=null"],
+                             capture_output=True, text=True, timeout=300, cwd=a, env=_clean_env())
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
-    assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"] == 6
-    assert Path(run_dir / "checkpoints" / "step_0000006.pt").is_file()
+    assert load_checkpoint(run_a / "checkpoints" / "last.pt")["step"] == 6
+    assert (run_a / "checkpoints" / "step_0000006.pt").is_file()
+    assert len(list((a / "outputs").iterdir())) == 1
+
+
+def test_expand_nodelist_reads_slurm_host_lists():
+    assert expand_nodelist("gpu[001-003,7],login1") == ["gpu001", "gpu002", "gpu003", "gpu7", "login1"]
+    assert expand_nodelist("r[1-2]n[08-09]") == ["r1n08", "r1n09", "r2n08", "r2n09"]
+    assert expand_nodelist("node-a") == ["node-a"]
+    with pytest.raises(ValueError, match="node list"):
+        expand_nodelist(" ")
+
+
+def test_process_info_from_each_launcher():
+    assert process_info({}) is None
+    assert process_info({"RANK": "0", "WORLD_SIZE": "1"}) is None  # a single process needs no group
+    torchrun = process_info({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "h0",
+                             "MASTER_PORT": "1234", "SLURM_PROCID": "0", "SLURM_NTASKS": "2"})
+    assert torchrun == ProcessInfo(3, 8, 1, "h0", 1234, "torchrun")  # torchrun wins inside a SLURM job
+    slurm = {"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "123456",
+             "SLURM_JOB_NODELIST": "gpu[017-018,020-021]"}
+    info = process_info(slurm)
+    assert info == ProcessInfo(5, 16, 1, "gpu017", 20000 + 123456 % 20000, "slurm")
+    assert process_info({**slurm, "MASTER_PORT": "29400"}).master_port == 29400
+    assert process_info({**slurm, "SLURM_STEP_NUM_TASKS": "4", "SLURM_PROCID": "3"}).world_size == 4
+    local = process_info({"SUBMITIT_LOCAL_GLOBALID": "1", "SUBMITIT_LOCAL_NTASKS": "2",
+                          "SUBMITIT_LOCAL_LOCALID": "1", "SUBMITIT_LOCAL_JOB_ID": "777"})
+    assert local == ProcessInfo(1, 2, 1, "127.0.0.1", 20777, "submitit-local")
+    with pytest.raises(ValueError, match="rank 4 of 4"):
+        process_info({**slurm, "SLURM_PROCID": "4", "SLURM_NTASKS": "4"})
