@@ -8,6 +8,7 @@ clip -> AdamW step with step-indexed lr / wd -> EMA update of the target.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import signal
@@ -179,7 +180,8 @@ def _batches(loader: torch.utils.data.DataLoader, sampler: EpochSampler, steps_i
 def train(cfg: DictConfig | MSNConfig) -> dict[str, float]:
     """Pretrain MSN as configured; return the last logged metrics.
 
-    Writes ``RUN_DIR/config.yaml``, ``RUN_DIR/metrics.csv`` and ``RUN_DIR/checkpoints/{last,step_XXXXXXX}.pt``.
+    Writes ``RUN_DIR/config.yaml``, ``RUN_DIR/run.json`` (steps, batch per process and global batch),
+    ``RUN_DIR/metrics.csv`` and ``RUN_DIR/checkpoints/{last,step_XXXXXXX}.pt``; only rank 0 writes.
     """
     cfg = to_schema(cfg if isinstance(cfg, DictConfig) else OmegaConf.structured(cfg))
     OmegaConf.resolve(cfg)
@@ -251,6 +253,9 @@ def train(cfg: DictConfig | MSNConfig) -> dict[str, float]:
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        layout = {"total_steps": total_steps, "steps_per_epoch": steps_in_epoch, "world_size": world,
+                  "batch_size_per_process": cfg.data.batch_size, "global_batch_size": global_batch}
+        (run_dir / "run.json").write_text(json.dumps(layout, indent=2) + "\n")
         logger = MetricsLogger(run_dir, cfg, start_step, wandb_run_id)
         print(f"run directory {run_dir.resolve()}: {total_steps} steps ({steps_in_epoch} an epoch), global batch "
               f"{global_batch} = {cfg.data.batch_size} per process x {world} process{'es' if world > 1 else ''} "
@@ -304,11 +309,12 @@ def train(cfg: DictConfig | MSNConfig) -> dict[str, float]:
             result = train_step(step_model, loss_fn, optimizer, views, cfg, schedules, step, scaler, amp_dtype)
             step += 1
             bar.update(1)
-            monitor_due = monitor is not None and (step % cfg.monitor.every_steps == 0 or step == total_steps)
+            monitor_every = cfg.monitor.every_steps  # decided alike on every rank: logging all-reduces
+            monitor_due = bool(monitor_every) and (step % monitor_every == 0 or step == total_steps)
             if step % cfg.logger.log_every == 0 or step == total_steps or monitor_due:
                 images_per_s = images_per_step * (step - last_logged) / max(time.perf_counter() - tic, 1e-9)
                 metrics = _metrics(result.out, schedules, step, epoch, images_per_s)
-                if monitor_due:
+                if monitor is not None and monitor_due:
                     metrics["monitor"] = monitor(model.target.backbone)
                 if logger is not None:
                     logger.log(metrics)
@@ -388,11 +394,17 @@ class _StopRequest:
 
 
 def _metrics(o: MSNLossOutput, schedules: Schedules, step: int, epoch: int, images_per_s: float) -> dict[str, float]:
-    """One metrics row (``msn.loggers.COLUMNS``) for the step just taken (``step`` counts finished steps)."""
+    """One metrics row (``msn.loggers.COLUMNS``) for the step just taken (``step`` counts finished steps).
+
+    Loss parts are means over the global batch (one all-reduce; call on every rank); the prototype
+    counts and the max target probability describe this rank's batch.
+    """
     i = step - 1  # schedule index of that step
+    parts = torch.stack([o.loss, o.ce, o.me_max, o.entropy]).detach().float()
+    loss, ce, me_max, entropy = (distributed.all_reduce_sum_(parts) / distributed.world_size()).tolist()
     return {
-        "step": step, "epoch": epoch, "loss": o.loss.item(), "ce": o.ce.item(), "me_max": o.me_max.item(),
-        "entropy": o.entropy.item(), "lr": schedules.lr_at(i), "wd": schedules.wd_at(i),
+        "step": step, "epoch": epoch, "loss": loss, "ce": ce, "me_max": me_max, "entropy": entropy,
+        "lr": schedules.lr_at(i), "wd": schedules.wd_at(i),
         "momentum": schedules.momentum_at(i), "sharpen_T": schedules.sharpen_T_at(i),
         "distinct_prototypes": o.distinct_prototypes.item(), "max_target_prob": o.max_target_prob.item(),
         "images_per_s": images_per_s,

@@ -38,6 +38,11 @@ def _final_model(run_dir: Path, world: int, batch: int, *extra: str) -> dict[str
     return state["model"]
 
 
+def _rows(run_dir: Path) -> list[dict[str, str]]:
+    with (run_dir / "metrics.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
 def test_two_processes_match_one_process_with_the_global_batch(tmp_path):
     """Gradient averaging, Sinkhorn, ME-MAX, head BN and masks are global: 2 x 8 images == 1 x 16 images.
 
@@ -51,6 +56,9 @@ def test_two_processes_match_one_process_with_the_global_batch(tmp_path):
     for name, value in one.items():
         torch.testing.assert_close(two[name], value, atol=1e-8, rtol=0, msg=name)
     assert not torch.equal(one["online.head.fc1.weight"], one["target.head.fc1.weight"])  # it did train
+    for column in ("loss", "ce", "me_max"):  # the logged loss is the global batch's, not rank 0's
+        logged = [[float(r[column]) for r in _rows(tmp_path / d)] for d in ("one", "two")]
+        assert logged[0] == pytest.approx(logged[1], abs=1e-6), column
 
     # Control: per-process BN statistics make the 2-process run measurably different.
     local_bn = _final_model(tmp_path / "local_bn", 2, 8, "model.sync_batchnorm=false")

@@ -164,3 +164,98 @@ def test_sigterm_writes_a_checkpoint_and_the_run_resumes(tmp_path):
                              capture_output=True, text=True, timeout=120)
     assert resumed.returncode == 0, resumed.stderr
     assert f"at step {state['step']}" in resumed.stdout
+
+
+def _submitit_tasks(folder: Path) -> list[int]:
+    """PIDs of the submitit task processes whose job folder is under ``folder`` (read from /proc)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().decode().split("\0")
+        except (OSError, ValueError):
+            continue
+        if "submitit.core._submit" in cmdline and any(arg.startswith(str(folder)) for arg in cmdline):
+            pids.append(int(proc.name))
+    return pids
+
+
+def test_submitit_job_checkpoints_requeues_and_resumes_on_its_preemption_signal(tmp_path):
+    """The SLURM launcher's flow, run by submitit's local executor (no cluster here): SIGUSR2, which
+    SLURM sends before a time limit, reaches both tasks; they agree on a step, rank 0 writes last.pt,
+    submitit requeues the job, and the requeued job resumes and finishes."""
+    import os
+    import signal
+    import time
+
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="needs the slurm extra")
+    sweep = tmp_path / "sweep"
+    cmd = ["msn-pretrain", "-m", "hydra/launcher=local", "hydra.launcher.tasks_per_node=2", "experiment=cpu_smoke",
+           "optim.max_steps=24", "optim.epochs=100", "checkpoint.every_steps=0", "checkpoint.last_every_steps=0",
+           "logger.progress=false", f"hydra.sweep.dir={sweep}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run_dir = sweep / "0"
+    deadline = time.time() + 180
+    while time.time() < deadline and (not (run_dir / "metrics.csv").is_file() or len(_rows(run_dir)) < 3):
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        time.sleep(0.2)
+    tasks = _submitit_tasks(sweep)
+    assert len(tasks) == 2 and len(_rows(run_dir)) >= 3
+    for pid in tasks:
+        os.kill(pid, signal.SIGUSR2)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, out[-3000:]
+    log = next(sweep.glob(".submitit/*/*_0_log.out")).read_text()
+    stopped = int(log.split("received SIGUSR2: wrote checkpoints/last.pt at step ")[1].split(";")[0])
+    assert 3 <= stopped < 24
+    assert "Requeued job" in log and f"resumed from {run_dir / 'checkpoints' / 'last.pt'} at step {stopped}" in log
+    assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"] == 24
+    assert [int(r["step"]) for r in _rows(run_dir)] == list(range(1, 25))  # no step lost or logged twice
+    with (sweep / "summary.csv").open() as f:
+        assert [r["status"] for r in csv.DictReader(f)] == ["finished"]
+
+
+def test_launcher_configs_compose():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="needs the slurm extra")
+    from hydra import compose, initialize_config_dir
+
+    from msn.config import CONFIG_DIR, register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", return_hydra_config=True,
+                      overrides=["hydra/launcher=slurm", "hydra.launcher.nodes=2", "hydra.launcher.gpus_per_node=4"])
+        launcher = cfg.hydra.launcher
+        assert launcher._target_.endswith("SlurmLauncher")
+        assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == (2, 4, 4)
+        assert launcher.signal_delay_s > 0 and launcher.max_num_timeout > 0
+        local = compose(config_name="config", return_hydra_config=True, overrides=["hydra/launcher=local"])
+        assert local.hydra.launcher._target_.endswith("LocalLauncher")
+
+
+def test_stop_request_under_submitit_saves_on_sigterm_and_forwards_its_signal(monkeypatch):
+    import os
+    import signal
+
+    from msn.train import _StopRequest
+
+    calls = []
+    previous = signal.signal(signal.SIGUSR2, lambda number, frame: calls.append(number))  # stands in for submitit
+    try:
+        monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+        stop = _StopRequest()
+        os.kill(os.getpid(), signal.SIGTERM)  # submitit ignores SIGTERM: we only save
+        assert stop.save_only and stop.signal is None
+        os.kill(os.getpid(), signal.SIGUSR2)  # submitit's time-limit / preemption signal: stop
+        assert stop.signal == "SIGUSR2" and calls == []
+        stop.restore()
+        stop.forward()  # after the checkpoint: submitit's handler runs (and would requeue)
+        assert calls == [signal.SIGUSR2]
+        monkeypatch.delenv("SUBMITIT_EXECUTOR")
+        plain = _StopRequest()
+        os.kill(os.getpid(), signal.SIGTERM)  # outside submitit SIGTERM stops the run
+        plain.restore()
+        assert plain.signal == "SIGTERM"
+        plain.forward()  # the previous SIGTERM handler is the default action: nothing is called
+    finally:
+        signal.signal(signal.SIGUSR2, previous)

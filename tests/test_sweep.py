@@ -1,0 +1,81 @@
+"""Multirun sweeps: one run directory per combination and the summary table."""
+
+import csv
+import json
+import subprocess
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+
+from msn.config import CONFIG_DIR, register_configs
+from msn.sweep import main as sweep_main
+
+
+def _last_row(run_dir):
+    with (run_dir / "metrics.csv").open() as f:
+        return list(csv.DictReader(f))[-1]
+
+
+def test_two_by_two_sweep_writes_four_runs_and_a_summary(tmp_path):
+    sweep = tmp_path / "sweep"
+    cmd = ["msn-pretrain", "-m", "optim.lr=5e-4,1e-3", "masking.ratio=0.15,0.3", "experiment=cpu_smoke",
+           "optim.max_steps=2", "logger.progress=false", f"hydra.sweep.dir={sweep}"]
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert runs == ["0", "1", "2", "3"]
+    grid = set()
+    for name in runs:  # each run has its own config, metrics and checkpoints
+        cfg = yaml.safe_load((sweep / name / "config.yaml").read_text())
+        grid.add((cfg["optim"]["lr"], cfg["masking"]["ratio"]))
+        assert (sweep / name / "checkpoints" / "last.pt").is_file()
+        assert int(_last_row(sweep / name)["step"]) == 2
+    assert grid == {(5e-4, 0.15), (5e-4, 0.3), (1e-3, 0.15), (1e-3, 0.3)}
+
+    with (sweep / "summary.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert rows == [{k: str(v) for k, v in r.items()} for r in json.loads((sweep / "summary.json").read_text())]
+    assert [r["job"] for r in rows] == runs
+    for row in rows:
+        cfg = yaml.safe_load((sweep / row["job"] / "config.yaml").read_text())
+        assert float(row["optim.lr"]) == cfg["optim"]["lr"] and float(row["masking.ratio"]) == cfg["masking"]["ratio"]
+        assert float(row["final_loss"]) == pytest.approx(float(_last_row(sweep / row["job"])["loss"]))
+        assert row["status"] == "finished" and row["final_step"] == "2"
+    assert len({r["final_loss"] for r in rows}) == 4  # the overrides took effect
+
+
+def test_summary_rebuild_adds_eval_reports_and_marks_stopped_runs(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    for job, steps in (("0", 4), ("1", 2)):
+        run = sweep / job
+        (run / ".hydra").mkdir(parents=True)
+        (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"optim.lr={job}e-3"]))
+        (run / "run.json").write_text(json.dumps({"total_steps": 4}))
+        with (run / "metrics.csv").open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["step", "loss", "ce", "me_max", "distinct_prototypes", "monitor"])
+            writer.writeheader()
+            for step in range(1, steps + 1):
+                writer.writerow({"step": step, "loss": 5 - step, "ce": 4, "me_max": 0.1, "distinct_prototypes": 9,
+                                 "monitor": 50.0 + step if step == 2 else "nan"})
+    (sweep / "0" / "eval_knn.json").write_text(json.dumps({"protocol": "knn", "results": {"100%": {"mean": 71.5}}}))
+    (sweep / "10").mkdir()  # not a Hydra job directory: ignored
+    sweep_main([str(sweep)])
+    assert "2 runs" in capsys.readouterr().out
+    rows = json.loads((sweep / "summary.json").read_text())
+    assert [(r["job"], r["status"], r["final_step"], r["final_loss"]) for r in rows] == [
+        ("0", "finished", 4, 1.0), ("1", "stopped", 2, 3.0)]
+    assert rows[0]["eval/knn/100%"] == 71.5 and "eval/knn/100%" not in rows[1]
+    assert rows[0]["final_monitor"] == rows[1]["final_monitor"] == 52.0
+    assert rows[1]["optim.lr"] == "1e-3"
+    with pytest.raises(SystemExit, match="no Hydra job directories"):
+        sweep_main([str(sweep / "10")])
+
+
+def test_example_sweep_config_is_a_two_by_two_multirun():
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["sweep=lr_mask"], return_hydra_config=True)
+    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+    assert dict(cfg.hydra.sweeper.params) == {"optim.lr": "5e-4,1e-3", "masking.ratio": "0.15,0.3"}
+    assert cfg.hydra.callbacks.sweep_summary._target_ == "msn.sweep.SweepSummary"
