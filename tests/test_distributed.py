@@ -44,17 +44,22 @@ def _rows(run_dir: Path) -> list[dict[str, str]]:
 
 
 def test_two_processes_match_one_process_with_the_global_batch(tmp_path):
-    """Gradient averaging, Sinkhorn, ME-MAX, head BN and masks are global: 2 x 8 images == 1 x 16 images.
+    """Gradient averaging, Sinkhorn, ME-MAX, head BN and masks are global: 2 x 8 images == 1 x 16 images,
+    and a run may change its number of processes at a resume when the global batch stays the same.
 
     In float64: in float32 the two runs agree to ~3e-5 only, because summation order differs and Adam's
     first steps (update ~ lr * g / |g|) turn rounding noise in gradients that are zero in exact
     arithmetic (biases just before a BN) into lr-sized steps. In float64 they agree to ~1e-12.
     """
     one = _final_model(tmp_path / "one", 1, 16)
-    two = _final_model(tmp_path / "two", 2, 8)
+    two = _final_model(tmp_path / "two", 2, 8, "checkpoint.every_steps=3")
+    # The 2-process run's step-3 checkpoint, continued by one process with the same global batch.
+    mid = tmp_path / "two" / "checkpoints" / "step_0000003.pt"
+    switched = _final_model(tmp_path / "switched", 1, 16, f"resume={mid}")
     assert one.keys() == two.keys()
     for name, value in one.items():
         torch.testing.assert_close(two[name], value, atol=1e-8, rtol=0, msg=name)
+        torch.testing.assert_close(switched[name], value, atol=1e-8, rtol=0, msg=name)
     assert not torch.equal(one["online.head.fc1.weight"], one["target.head.fc1.weight"])  # it did train
     for column in ("loss", "ce", "me_max"):  # the logged loss is the global batch's, not rank 0's
         logged = [[float(r[column]) for r in _rows(tmp_path / d)] for d in ("one", "two")]

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from msn.checkpoint import CheckpointError, load_checkpoint
+from msn.config import ConfigError
 from msn.loggers import COLUMNS
 from msn.train import train
 from tests.conftest import compose_config
@@ -259,3 +260,13 @@ def test_stop_request_under_submitit_saves_on_sigterm_and_forwards_its_signal(mo
         plain.forward()  # the previous SIGTERM handler is the default action: nothing is called
     finally:
         signal.signal(signal.SIGUSR2, previous)
+
+
+def test_resume_with_another_global_batch_or_over_a_finished_run_is_refused(tmp_path):
+    run_dir = tmp_path / "run"
+    train(_smoke(run_dir, "optim.max_steps=2"))
+    with pytest.raises(CheckpointError, match=r"global batch of 16 images.*8 x 1 processes = 8.*data.batch_size=16"):
+        train(_smoke(run_dir, "data.batch_size=8", "optim.max_steps=4"))
+    with pytest.raises(ConfigError, match="already holds checkpoints/last.pt.*resume=auto"):
+        train(_smoke(run_dir, "resume=null", "optim.max_steps=4"))
+    assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"] == 2  # the finished work is intact
