@@ -221,10 +221,12 @@ def train(cfg: DictConfig | MSNConfig) -> dict[str, float]:
         state = load_checkpoint(resume_path)
         saved_batch = state.get("global_batch_size", global_batch)
         if saved_batch != global_batch:
+            fix = (f"set data.batch_size={saved_batch // world}" if saved_batch % world == 0 else
+                   f"use a number of processes that divides {saved_batch}")
             raise CheckpointError(
                 f"{resume_path} was trained with a global batch of {saved_batch} images, this run has "
-                f"{cfg.data.batch_size} x {world} processes = {global_batch}; set data.batch_size="
-                f"{saved_batch / world:g} so that the sampler, masks and schedules continue where they stopped")
+                f"{cfg.data.batch_size} x {world} processes = {global_batch}; {fix} so that the sampler, masks "
+                "and schedules continue where they stopped")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and "scaler" in state:
