@@ -42,9 +42,9 @@ class ProjectionHead(nn.Sequential):
 class GlobalBatchNorm1d(nn.BatchNorm1d):
     """BatchNorm1d whose training statistics span every process's batch (SyncBatchNorm for any backend).
 
-    ``torch.nn.SyncBatchNorm`` runs on CUDA only; this runs on gloo (CPU) and NCCL alike, and the
-    head's features are small (B x 2048), so two all-reduces of 2C numbers cost nothing. With the
-    global count ``n = sum_r B_r``:
+    ``torch.nn.SyncBatchNorm`` runs on CUDA only; this runs on gloo (CPU) and NCCL alike. Its cost
+    is two all-reduces of ~C numbers forward and two backward per layer (scripts/bench_sync_bn.py).
+    With the global count ``n = sum_r B_r``:
 
         mean = sum_r sum_i x_ri / n,   var = sum_r sum_i (x_ri - mean)^2 / n,
         y = (x - mean) / sqrt(var + eps) * weight + bias
