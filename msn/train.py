@@ -269,12 +269,13 @@ def train(cfg: DictConfig | MSNConfig) -> dict[str, float]:
         """Rank 0 writes ``names``; every rank must call this (the RNG states are gathered)."""
         if not names:
             return
-        rng_ranks = distributed.all_gather_object(rng_state()) if world > 1 else None
+        rng = rng_state()
+        rng_ranks = distributed.all_gather_object(rng) if world > 1 else None
         if not is_main:
             return
         state: dict[str, Any] = {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-            "epoch": step // steps_in_epoch, "rng": rng_state(), "config": OmegaConf.to_yaml(cfg),
+            "epoch": step // steps_in_epoch, "rng": rng, "config": OmegaConf.to_yaml(cfg),
             "wandb_run_id": logger.wandb_run_id if logger else None, "world_size": world,
             "batch_size": cfg.data.batch_size, "global_batch_size": global_batch,
         }
@@ -370,9 +371,9 @@ class _StopRequest:
         self.save_only = False
         self._received: int | None = None
         self._previous: dict[int, Any] = {}
+        self._submitit = bool(os.environ.get("SUBMITIT_EXECUTOR"))
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be installed from the main thread
-        self._submitit = bool(os.environ.get("SUBMITIT_EXECUTOR"))
         for name in self.SIGNALS:
             number = getattr(signal, name, None)
             if number is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
 
@@ -20,6 +21,12 @@ def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     register_configs()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides))
+
+
+def metrics_rows(run_dir: Path) -> list[dict[str, str]]:
+    """The rows of ``RUN_DIR/metrics.csv``, as the CSV reader gives them (strings)."""
+    with (Path(run_dir) / "metrics.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
 
 
 @pytest.fixture(scope="session")

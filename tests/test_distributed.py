@@ -1,6 +1,5 @@
 """Data-parallel training with real gloo process groups on the CPU."""
 
-import csv
 import os
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import torch
 
 from msn.checkpoint import load_checkpoint
 from msn.distributed import ProcessInfo, expand_nodelist, process_info
-from tests.conftest import compose_config
+from tests.conftest import compose_config, metrics_rows
 from tests.dist_utils import free_port, run_distributed
 
 # Head BN (global statistics), masking of anchor and focal views and the augmentations all on: one
@@ -38,11 +37,6 @@ def _final_model(run_dir: Path, world: int, batch: int, *extra: str) -> dict[str
     return state["model"]
 
 
-def _rows(run_dir: Path) -> list[dict[str, str]]:
-    with (run_dir / "metrics.csv").open() as f:
-        return list(csv.DictReader(f))
-
-
 def test_two_processes_match_one_process_with_the_global_batch(tmp_path):
     """Gradient averaging, Sinkhorn, ME-MAX, head BN and masks are global: 2 x 8 images == 1 x 16 images,
     and a run may change its number of processes at a resume when the global batch stays the same.
@@ -62,7 +56,7 @@ def test_two_processes_match_one_process_with_the_global_batch(tmp_path):
         torch.testing.assert_close(switched[name], value, atol=1e-8, rtol=0, msg=name)
     assert not torch.equal(one["online.head.fc1.weight"], one["target.head.fc1.weight"])  # it did train
     for column in ("loss", "ce", "me_max"):  # the logged loss is the global batch's, not rank 0's
-        logged = [[float(r[column]) for r in _rows(tmp_path / d)] for d in ("one", "two")]
+        logged = [[float(r[column]) for r in metrics_rows(tmp_path / d)] for d in ("one", "two")]
         assert logged[0] == pytest.approx(logged[1], abs=1e-6), column
 
     # Control: per-process BN statistics make the 2-process run measurably different.
@@ -99,8 +93,7 @@ def test_torchrun_and_slurm_variables_form_the_same_two_process_job(tmp_path):
     assert "global batch 32 = 16 per process x 2 processes" in result.stdout
     run_a = _only_run_dir(a)
     assert sorted(p.name for p in (run_a / "checkpoints").iterdir()) == ["last.pt", "step_0000003.pt"]
-    with (run_a / "metrics.csv").open() as f:
-        assert [int(r["step"]) for r in csv.DictReader(f)] == [1, 2, 3, 4]  # 64 images / (2 x 16) a step
+    assert [int(r["step"]) for r in metrics_rows(run_a)] == [1, 2, 3, 4]  # 64 images / (2 x 16) a step
 
     # SLURM's variables, set by hand as srun would for 2 tasks on one node (no torchrun).
     port, procs = str(free_port()), []

@@ -10,11 +10,7 @@ from hydra import compose, initialize_config_dir
 
 from msn.config import CONFIG_DIR, register_configs
 from msn.sweep import main as sweep_main
-
-
-def _last_row(run_dir):
-    with (run_dir / "metrics.csv").open() as f:
-        return list(csv.DictReader(f))[-1]
+from tests.conftest import metrics_rows
 
 
 def test_two_by_two_sweep_writes_four_runs_and_a_summary(tmp_path):
@@ -30,7 +26,7 @@ def test_two_by_two_sweep_writes_four_runs_and_a_summary(tmp_path):
         cfg = yaml.safe_load((sweep / name / "config.yaml").read_text())
         grid.add((cfg["optim"]["lr"], cfg["masking"]["ratio"]))
         assert (sweep / name / "checkpoints" / "last.pt").is_file()
-        assert int(_last_row(sweep / name)["step"]) == 2
+        assert int(metrics_rows(sweep / name)[-1]["step"]) == 2
     assert grid == {(5e-4, 0.15), (5e-4, 0.3), (1e-3, 0.15), (1e-3, 0.3)}
 
     with (sweep / "summary.csv").open() as f:
@@ -40,7 +36,7 @@ def test_two_by_two_sweep_writes_four_runs_and_a_summary(tmp_path):
     for row in rows:
         cfg = yaml.safe_load((sweep / row["job"] / "config.yaml").read_text())
         assert float(row["optim.lr"]) == cfg["optim"]["lr"] and float(row["masking.ratio"]) == cfg["masking"]["ratio"]
-        assert float(row["final_loss"]) == pytest.approx(float(_last_row(sweep / row["job"])["loss"]))
+        assert float(row["final_loss"]) == pytest.approx(float(metrics_rows(sweep / row["job"])[-1]["loss"]))
         assert row["status"] == "finished" and row["final_step"] == "2"
     assert len({r["final_loss"] for r in rows}) == 4  # the overrides took effect
 

@@ -10,16 +10,11 @@ from msn.checkpoint import CheckpointError, load_checkpoint
 from msn.config import ConfigError
 from msn.loggers import COLUMNS
 from msn.train import train
-from tests.conftest import compose_config
+from tests.conftest import compose_config, metrics_rows
 
 
 def _smoke(run_dir: Path, *overrides: str):
     return compose_config(["experiment=cpu_smoke", f"run_dir={run_dir}", "logger.progress=false", *overrides])
-
-
-def _rows(run_dir: Path) -> list[dict]:
-    with (run_dir / "metrics.csv").open() as f:
-        return list(csv.DictReader(f))
 
 
 def test_cli_smoke_run_writes_metrics_and_checkpoints(tmp_path):
@@ -31,7 +26,7 @@ def test_cli_smoke_run_writes_metrics_and_checkpoints(tmp_path):
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*.pt")) == ["step_0000003.pt",
                                                                                   "step_0000006.pt"]
     assert (run_dir / "config.yaml").is_file()
-    rows = _rows(run_dir)
+    rows = metrics_rows(run_dir)
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
     assert set(rows[0]) == set(COLUMNS)
     for r in rows:
@@ -57,15 +52,15 @@ def test_resumed_run_matches_uninterrupted_run(tmp_path):
     assert resumed["step"] == full["step"] == 6
     for name, tensor in full["model"].items():
         torch.testing.assert_close(resumed["model"][name], tensor, atol=0, rtol=0, msg=name)
-    assert [int(r["step"]) for r in _rows(resumed_dir)] == [4, 5, 6]
-    assert [r["loss"] for r in _rows(resumed_dir)] == [r["loss"] for r in _rows(full_dir)][3:]
+    assert [int(r["step"]) for r in metrics_rows(resumed_dir)] == [4, 5, 6]
+    assert [r["loss"] for r in metrics_rows(resumed_dir)] == [r["loss"] for r in metrics_rows(full_dir)][3:]
 
 
 def test_resume_from_path_and_truncates_rows_past_the_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
     train(_smoke(run_dir))
     train(_smoke(run_dir, f"resume={run_dir / 'checkpoints' / 'step_0000003.pt'}"))
-    assert [int(r["step"]) for r in _rows(run_dir)] == [1, 2, 3, 4, 5, 6]
+    assert [int(r["step"]) for r in metrics_rows(run_dir)] == [1, 2, 3, 4, 5, 6]
 
 
 def test_resume_errors_are_clear(tmp_path):
@@ -101,7 +96,7 @@ def test_wandb_offline_run(tmp_path, monkeypatch):
     assert run_id
     offline = list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
     assert len(offline) == 1 and list(offline[0].glob("*.wandb"))
-    assert len(_rows(run_dir)) == 2  # the CSV log is written as well
+    assert len(metrics_rows(run_dir)) == 2  # the CSV log is written as well
 
 
 def test_cpu_rejects_half_precision(tmp_path):
@@ -136,7 +131,7 @@ def test_compile_option_runs_and_matches_eager(tmp_path):
 def test_periodic_monitor_is_logged(tmp_path):
     run_dir = tmp_path / "run"
     train(_smoke(run_dir, "monitor.every_steps=2", "logger.log_every=3", "optim.max_steps=4"))
-    rows = {int(r["step"]): r for r in _rows(run_dir)}
+    rows = {int(r["step"]): r for r in metrics_rows(run_dir)}
     assert sorted(rows) == [2, 3, 4]  # monitored steps are logged even off the log_every grid
     assert rows[3]["monitor"] in ("", "nan")
     for step in (2, 4):
@@ -152,10 +147,10 @@ def test_sigterm_writes_a_checkpoint_and_the_run_resumes(tmp_path):
            "optim.max_steps=null", "optim.epochs=100", "checkpoint.every_steps=0", "checkpoint.last_every_steps=0"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while time.time() < deadline and (not (run_dir / "metrics.csv").is_file() or len(_rows(run_dir)) < 2):
+    while time.time() < deadline and (not (run_dir / "metrics.csv").is_file() or len(metrics_rows(run_dir)) < 2):
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.2)
-    assert len(_rows(run_dir)) >= 2, "the run did not start in time"
+    assert len(metrics_rows(run_dir)) >= 2, "the run did not start in time"
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
@@ -197,11 +192,11 @@ def test_submitit_job_checkpoints_requeues_and_resumes_on_its_preemption_signal(
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     run_dir = sweep / "0"
     deadline = time.time() + 180
-    while time.time() < deadline and (not (run_dir / "metrics.csv").is_file() or len(_rows(run_dir)) < 3):
+    while time.time() < deadline and (not (run_dir / "metrics.csv").is_file() or len(metrics_rows(run_dir)) < 3):
         assert proc.poll() is None, proc.communicate()[0][-3000:]
         time.sleep(0.2)
     tasks = _submitit_tasks(sweep)
-    assert len(tasks) == 2 and len(_rows(run_dir)) >= 3
+    assert len(tasks) == 2 and len(metrics_rows(run_dir)) >= 3
     for pid in tasks:
         os.kill(pid, signal.SIGUSR2)
     out = proc.communicate(timeout=300)[0]
@@ -211,7 +206,7 @@ def test_submitit_job_checkpoints_requeues_and_resumes_on_its_preemption_signal(
     assert 3 <= stopped < 24
     assert "Requeued job" in log and f"resumed from {run_dir / 'checkpoints' / 'last.pt'} at step {stopped}" in log
     assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"] == 24
-    assert [int(r["step"]) for r in _rows(run_dir)] == list(range(1, 25))  # no step lost or logged twice
+    assert [int(r["step"]) for r in metrics_rows(run_dir)] == list(range(1, 25))  # no step lost or logged twice
     with (sweep / "summary.csv").open() as f:
         assert [r["status"] for r in csv.DictReader(f)] == ["finished"]
 
