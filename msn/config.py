@@ -17,7 +17,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from msn.backbone import ARCHITECTURES
+from msn.backbone import WEIGHT_INITS, ViTArch, resolve_arch
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"  # the Hydra configs of this checkout
 
@@ -28,15 +28,21 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    arch: str = "vit_pico"  # width / depth / heads preset, see msn.backbone.ARCHITECTURES
+    arch: str | None = "vit_pico"  # width / depth / heads preset (msn.backbone.ARCHITECTURES); null: give all three
+    embed_dim: int | None = None  # null: the preset's; set to change the width (or build a ViT with arch=null)
+    depth: int | None = None  # null: the preset's number of blocks
+    num_heads: int | None = None  # null: the preset's number of attention heads
+    mlp_ratio: float | None = None  # null: the preset's (4)
     patch_size: int = 8
     img_size: int = 32  # native resolution: the position-embedding grid is img_size / patch_size
     drop_path_rate: float = 0.0
+    weight_init: str = "msn"  # msn: the original code's initialisation; timm: timm's and PyTorch's defaults
     head_hidden_dim: int = 2048
     head_output_dim: int = 256
     head_layers: int = 3
     head_batchnorm: bool = True
     sync_batchnorm: bool = True  # multi-process runs: head BN uses the global batch's statistics
+    head_per_resolution: bool = True  # one head pass (own BN statistics) per anchor resolution, as the original
     num_prototypes: int = 1024
 
 
@@ -98,6 +104,7 @@ class OptimConfig:
     ema_momentum: float = 0.996
     final_ema_momentum: float = 1.0
     schedule_stretch: float = 1.0  # the original code stretches every schedule over 1.25x the run
+    prototype_grad: str = "sum"  # sum: the prototypes' gradient is summed over processes (original); mean: averaged
 
 
 @dataclass
@@ -150,6 +157,11 @@ class MSNConfig:
     run_dir: str = "."
 
 
+def model_arch(model: ModelConfig | DictConfig) -> ViTArch:
+    """Width, depth, heads and MLP ratio of the configured ViT (the preset with any field overridden)."""
+    return resolve_arch(model.arch, model.embed_dim, model.depth, model.num_heads, model.mlp_ratio)
+
+
 def register_configs() -> None:
     """Register the schema with Hydra's ConfigStore (call before composing)."""
     ConfigStore.instance().store(name="msn_schema", node=MSNConfig)
@@ -180,6 +192,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "logger.name": ("csv", "wandb"),
     "logger.wandb.mode": ("offline", "online", "disabled"),
     "monitor.protocol": ("knn", "lowshot"),
+    "model.weight_init": WEIGHT_INITS,
+    "optim.prototype_grad": ("sum", "mean"),
 }
 
 
@@ -200,8 +214,10 @@ def validate(cfg: DictConfig | MSNConfig) -> None:
     for key, allowed in _CHOICES.items():
         value = _get(cfg, key)
         check(value in allowed, f"{key}={value!r} is not allowed; choose one of {', '.join(allowed)}")
-    arch = cfg.model.arch
-    check(arch in ARCHITECTURES, f"model.arch={arch!r} is unknown; choose one of {', '.join(ARCHITECTURES)}")
+    try:
+        model_arch(cfg.model)
+    except ValueError as e:
+        errors.append(str(e))
     for key in ("model.patch_size", "model.img_size", "model.head_hidden_dim", "model.head_output_dim",
                 "model.head_layers", "model.num_prototypes", "data.batch_size", "data.global_size",
                 "data.focal_size", "data.image_size", "data.synthetic_size", "optim.epochs",

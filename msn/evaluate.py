@@ -29,11 +29,11 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from msn.backbone import MaskedViT
+from msn.backbone import MaskedViT, ViTArch
 from msn.checkpoint import CheckpointError
 from msn.convert import ConversionError, hf_to_backbone, split_encoder
 from msn.data import DataError, DigitsDataset, ImageFolderDataset
-from msn.export import IMAGENET_MEAN, IMAGENET_STD, export_hf, infer_backbone, read_source
+from msn.export import IMAGENET_MEAN, IMAGENET_STD, export_hf, infer_backbone, read_source, source_arch
 
 DIGITS_TEST_SIZE = 540  # fixed, stratified digits split: 1257 train / 540 test images (seed 0)
 PROTOCOLS = ("lowshot", "knn", "linear", "finetune")
@@ -67,6 +67,9 @@ def load_encoder(model: str | Path) -> Encoder:
     if path.is_dir() and (path / "config.json").is_file():
         weights = path / "model.safetensors"
         backbone_sd = hf_to_backbone(load_file(weights))
+        hf = json.loads((path / "config.json").read_text())
+        arch = ViTArch(hf["hidden_size"], hf["num_hidden_layers"], hf["num_attention_heads"],
+                       hf["intermediate_size"] / hf["hidden_size"])
         processor = path / "preprocessor_config.json"
         pre = json.loads(processor.read_text()) if processor.is_file() else {}
         mean, std = pre.get("image_mean", IMAGENET_MEAN), pre.get("image_std", IMAGENET_STD)
@@ -74,13 +77,14 @@ def load_encoder(model: str | Path) -> Encoder:
         source = read_source(path)
         weights = source.path
         backbone_sd, _ = split_encoder(source.model, "target.")
+        arch = source_arch(source.model_cfg)
         data = source.config.data if source.config is not None else None
         mean = list(data.mean) if data is not None else IMAGENET_MEAN
         std = list(data.std) if data is not None else IMAGENET_STD
-    spec = infer_backbone(backbone_sd)
-    backbone = MaskedViT(spec["arch"], spec["patch_size"], spec["img_size"])
+    sizes = infer_backbone(backbone_sd)
+    backbone = MaskedViT(arch, sizes["patch_size"], sizes["img_size"])
     backbone.load_state_dict(backbone_sd)
-    return Encoder(backbone.eval(), spec["img_size"], list(mean), list(std), _fingerprint(weights), path)
+    return Encoder(backbone.eval(), sizes["img_size"], list(mean), list(std), _fingerprint(weights), path)
 
 
 class _Subset(Dataset):

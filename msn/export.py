@@ -19,9 +19,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
-from msn.backbone import ARCHITECTURES
+from msn.backbone import ARCHITECTURES, ViTArch, preset_name
 from msn.checkpoint import CheckpointError, is_training_checkpoint, safe_load
-from msn.config import DataConfig, ModelConfig
+from msn.config import DataConfig, ModelConfig, model_arch
 from msn.convert import (
     ConversionError,
     StateDict,
@@ -54,16 +54,34 @@ class Source:
 
 
 def infer_backbone(backbone: StateDict) -> dict[str, Any]:
-    """``arch``, ``patch_size`` and ``img_size`` of a timm-keyed ViT backbone, read off its shapes."""
+    """:class:`ModelConfig` fields of a timm-keyed ViT backbone, read off its shapes.
+
+    Returns ``arch`` (a preset's name) when width, depth and MLP width match a preset; otherwise
+    ``arch=None`` with ``embed_dim``, ``depth`` and ``mlp_ratio``, and ``num_heads=None``: the number of
+    attention heads does not show in any shape. Always ``patch_size`` and ``img_size``.
+    """
     dim = backbone["cls_token"].shape[-1]
     depth = len({k.split(".")[1] for k in backbone if k.startswith("blocks.")})
-    arch = next((n for n, a in ARCHITECTURES.items() if (a.embed_dim, a.depth) == (dim, depth)), None)
-    if arch is None:
-        raise ConversionError(f"no ViT preset is {dim} wide and {depth} deep; known: "
-                              + ", ".join(f"{n} ({a.embed_dim}x{a.depth})" for n, a in ARCHITECTURES.items()))
+    mlp_ratio = backbone["blocks.0.mlp.fc1.weight"].shape[0] / dim if depth else 4.0
     patch = backbone["patch_embed.proj.weight"].shape[-1]
     grid = round((backbone["pos_embed"].shape[1] - 1) ** 0.5)
-    return {"arch": arch, "patch_size": patch, "img_size": grid * patch}
+    sizes = {"patch_size": patch, "img_size": grid * patch}
+    arch = next((n for n, a in ARCHITECTURES.items() if (a.embed_dim, a.depth, a.mlp_ratio) == (dim, depth, mlp_ratio)),
+                None)
+    if arch is not None:
+        return {"arch": arch, **sizes}
+    return {"arch": None, "embed_dim": dim, "depth": depth, "num_heads": None, "mlp_ratio": mlp_ratio, **sizes}
+
+
+def source_arch(model_cfg: DictConfig | ModelConfig) -> ViTArch:
+    """The ViT dimensions of a source, or a :class:`ConversionError` that says why they are unknown."""
+    try:
+        return model_arch(model_cfg)
+    except ValueError as e:
+        raise ConversionError(
+            f"cannot tell the ViT's architecture ({e}): its width and depth match no preset, and the number of "
+            "attention heads cannot be read off the weights; export it from an msn training checkpoint or "
+            "run directory, whose config records it") from None
 
 
 def infer_model_config(model_sd: StateDict) -> DictConfig:
@@ -88,7 +106,8 @@ def read_source(path: str | Path) -> Source:
     raw = safe_load(path)
     if is_training_checkpoint(raw):
         config = OmegaConf.create(raw["config"])
-        return Source(raw["model"], config.model, path, raw["step"], raw["epoch"], config)
+        model_cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), config.model)  # fields added since: defaults
+        return Source(raw["model"], model_cfg, path, raw["step"], raw["epoch"], config)
     if isinstance(raw, dict) and "target_encoder" in raw:
         model = from_original_msn(raw)
         return Source(model, infer_model_config(model), path, epoch=raw.get("epoch"))
@@ -102,7 +121,7 @@ def _data_cfg(source: Source) -> DataConfig | DictConfig:
 
 def hf_config(model_cfg: DictConfig) -> dict[str, Any]:
     """``config.json`` of a Hugging Face ViTMSNModel for this architecture."""
-    a = ARCHITECTURES[model_cfg.arch]
+    a = source_arch(model_cfg)
     return {
         "architectures": ["ViTMSNModel"], "model_type": "vit_msn", "hidden_size": a.embed_dim,
         "num_hidden_layers": a.depth, "num_attention_heads": a.num_heads,
@@ -125,10 +144,11 @@ def preprocessor_config(size: int, mean: list[float], std: list[float]) -> dict[
 def model_card(source: Source, encoder: str) -> str:
     """A README.md for the exported folder: architecture, data, training, how to load it."""
     m = source.model_cfg
-    a = ARCHITECTURES[m.arch]
+    a = source_arch(m)
+    name = preset_name(a) or f"ViT {a.embed_dim}x{a.depth}"
     lines = [
         "---", "library_name: transformers", "tags: [vit-msn, self-supervised, msn]", "---", "",
-        f"# MSN-pretrained {m.arch} / patch {m.patch_size}", "",
+        f"# MSN-pretrained {name} / patch {m.patch_size}", "",
         f"A Vision Transformer pretrained with Masked Siamese Networks (MSN, Assran et al., 2022); the "
         f"{encoder} encoder{' (EMA target, as the paper evaluates)' if encoder == 'target' else ''}, without the "
         "projection head and prototypes.", "",
@@ -189,8 +209,8 @@ def export_hf(source: Source, out: Path, encoder: str = "target", overwrite: boo
 
 def timm_create_args(model_cfg: DictConfig) -> dict[str, Any]:
     """``timm.create_model`` name and keyword arguments that build this backbone (no classifier)."""
-    a = ARCHITECTURES[model_cfg.arch]
-    name = TIMM_NAMES.get((model_cfg.arch, int(model_cfg.patch_size)), "vit_base_patch16_224")
+    a = source_arch(model_cfg)
+    name = TIMM_NAMES.get((preset_name(a), int(model_cfg.patch_size)), "vit_base_patch16_224")
     kwargs = {"num_classes": 0, "img_size": int(model_cfg.img_size), "patch_size": int(model_cfg.patch_size),
               "embed_dim": a.embed_dim, "depth": a.depth, "num_heads": a.num_heads, "mlp_ratio": a.mlp_ratio}
     return {"model_name": name, "pretrained": False, "kwargs": kwargs}

@@ -24,10 +24,12 @@ class ProjectionHead(nn.Sequential):
         batchnorm: put BatchNorm1d after the hidden linear layers.
         sync_batchnorm: in a multi-process run, normalise with the statistics of the global batch
             (:class:`GlobalBatchNorm1d`); in one process this is plain BatchNorm1d either way.
+        weight_init: ``msn``: linear weights from truncated N(0, 0.02) and zero biases, as the original
+            code initialises its head; ``timm``: PyTorch's default Linear initialisation.
     """
 
     def __init__(self, in_dim: int, hidden_dim: int = 2048, out_dim: int = 256, num_layers: int = 3,
-                 batchnorm: bool = True, sync_batchnorm: bool = True) -> None:
+                 batchnorm: bool = True, sync_batchnorm: bool = True, weight_init: str = "msn") -> None:
         layers: OrderedDict[str, nn.Module] = OrderedDict()
         dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
         for i in range(1, num_layers + 1):
@@ -37,6 +39,11 @@ class ProjectionHead(nn.Sequential):
                     layers[f"bn{i}"] = GlobalBatchNorm1d(dims[i]) if sync_batchnorm else nn.BatchNorm1d(dims[i])
                 layers[f"act{i}"] = nn.GELU()
         super().__init__(layers)
+        if weight_init == "msn":
+            for module in self.modules():
+                if isinstance(module, nn.Linear):
+                    nn.init.trunc_normal_(module.weight, std=0.02)
+                    nn.init.zeros_(module.bias)
 
 
 class GlobalBatchNorm1d(nn.BatchNorm1d):

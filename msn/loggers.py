@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 COLUMNS = (
     "step", "epoch", "loss", "ce", "me_max", "entropy", "lr", "wd", "momentum", "sharpen_T",
-    "distinct_prototypes", "max_target_prob", "images_per_s", "monitor",
+    "distinct_prototypes", "max_target_prob", "encoder_grad_norm", "images_per_s", "monitor",
 )
 
 

@@ -6,6 +6,8 @@ so compute and memory fall with the mask ratio ``r``; that is MSN's main efficie
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
@@ -65,3 +67,56 @@ def gather_tokens(tokens: torch.Tensor, keep: torch.Tensor, num_prefix: int = 1)
     prefix, patches = tokens[:, :num_prefix], tokens[:, num_prefix:]
     index = keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])  # (B, K, D)
     return torch.cat([prefix, patches.gather(1, index)], dim=1)
+
+
+@dataclass(frozen=True)
+class ViewMasks:
+    """Keep-indices of one step's anchor views (None: that group is not masked).
+
+    ``anchor_keep`` is (B, K) for the anchor view, ``focal_keep`` (n*B, K') for the focal views stacked
+    view-major; both index the patch tokens of their views (CLS excluded).
+    """
+
+    anchor_keep: torch.Tensor | None = None
+    focal_keep: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class MaskGenerator:
+    """Makes every step's :class:`ViewMasks` as a pure function of (seed, step, position in the global batch).
+
+    Args:
+        ratio: fraction of patches dropped, in [0, 1); 0 makes no masks.
+        per_sample: a mask per image; False: one mask for the whole batch (the original code).
+        mask_focal: mask the focal views too (the original masks the anchor view only).
+        patch_size: patch side in pixels, to count the patches of a view.
+        seed: the run's seed.
+    """
+
+    ratio: float
+    per_sample: bool
+    mask_focal: bool
+    patch_size: int
+    seed: int
+
+    def generator(self, step: int) -> torch.Generator:
+        """A CPU generator, identical on every rank, seeded by (seed, step)."""
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+
+    def __call__(self, step: int, batch: int, anchor_size: int, focal_size: int | None = None, num_focal: int = 0,
+                 rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu") -> ViewMasks:
+        """Masks of step ``step`` for this rank's ``batch`` images with anchor / focal views of the given sides.
+
+        Each rank takes its own rows of the global batch's masks (:func:`keep_indices`), so ranks get
+        different masks, and W processes x batch B mask exactly as one process x batch W*B.
+        """
+        if self.ratio <= 0:
+            return ViewMasks()
+        gen = self.generator(step)
+        anchor = keep_indices(batch, (anchor_size // self.patch_size) ** 2, self.ratio, self.per_sample, gen, device,
+                              rank=rank, world_size=world_size)
+        focal = None
+        if self.mask_focal and num_focal and focal_size is not None:
+            focal = keep_indices(batch, (focal_size // self.patch_size) ** 2, self.ratio, self.per_sample, gen, device,
+                                 num_views=num_focal, rank=rank, world_size=world_size)
+        return ViewMasks(anchor, focal)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from msn.backbone import MaskedViT
-from msn.config import ModelConfig
+from msn.config import ModelConfig, model_arch
 from msn.heads import ProjectionHead, init_prototypes
 
 
@@ -17,9 +17,10 @@ class MSNEncoder(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.backbone = MaskedViT(cfg.arch, cfg.patch_size, cfg.img_size, cfg.drop_path_rate)
+        self.backbone = MaskedViT(model_arch(cfg), cfg.patch_size, cfg.img_size, cfg.drop_path_rate,
+                                  cfg.weight_init)
         self.head = ProjectionHead(self.backbone.embed_dim, cfg.head_hidden_dim, cfg.head_output_dim,
-                                   cfg.head_layers, cfg.head_batchnorm, cfg.sync_batchnorm)
+                                   cfg.head_layers, cfg.head_batchnorm, cfg.sync_batchnorm, cfg.weight_init)
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         return self.head(self.backbone(x, keep))
@@ -30,6 +31,10 @@ class MSN(nn.Module):
 
     The target never receives gradients (``requires_grad=False``) and is changed only by
     :meth:`update_target`; evaluation and export use it.
+
+    Args:
+        cfg: the model config; ``cfg.head_per_resolution`` chooses how the head sees the anchor views
+            (see :meth:`forward`).
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -37,6 +42,7 @@ class MSN(nn.Module):
         self.online = MSNEncoder(cfg)
         self.target = copy.deepcopy(self.online).requires_grad_(False)
         self.prototypes = init_prototypes(cfg.num_prototypes, cfg.head_output_dim)
+        self.head_per_resolution = bool(cfg.head_per_resolution)
 
     def forward(
         self,
@@ -48,6 +54,11 @@ class MSN(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Representations of one batch of views.
 
+        The backbone runs once per resolution (the anchor view, then the focal views). With
+        ``head_per_resolution`` (the original code's behaviour) the head runs once per resolution too,
+        so its BatchNorm normalises the anchors and the focal views with their own statistics;
+        otherwise it runs once over all anchor views, mixing both groups' statistics.
+
         Args:
             target_view: (B, C, G, G) unmasked target view, fed to the target encoder.
             anchor_view: (B, C, G, G) anchor view.
@@ -58,11 +69,13 @@ class MSN(nn.Module):
         """
         with torch.no_grad():
             targets = self.target(target_view)
-        # One backbone pass per resolution, then one head pass so BN sees every anchor view together.
         features = [self.online.backbone(anchor_view, anchor_keep)]
         if focal_views is not None:
             features.append(self.online.backbone(focal_views, focal_keep))
-        anchors = self.online.head(torch.cat(features))
+        if self.head_per_resolution:
+            anchors = torch.cat([self.online.head(f) for f in features])
+        else:
+            anchors = self.online.head(torch.cat(features))
         return anchors, targets
 
     @torch.no_grad()

@@ -36,3 +36,17 @@ def set_lr_wd(optimizer: torch.optim.Optimizer, lr: float, wd: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
         group["weight_decay"] = wd if group["apply_wd"] else 0.0
+
+
+@torch.no_grad()
+def rescale_adam_moments(optimizer: torch.optim.Optimizer, param: torch.Tensor, factor: float) -> None:
+    """Make Adam's moments of ``param`` those of gradients ``factor`` times as large.
+
+    ``exp_avg *= factor`` and ``exp_avg_sq *= factor**2``: the next updates are then the ones a run whose
+    gradients had always been on the new scale would take (up to eps). Used when a resume changes the
+    number of processes over which the prototypes' gradient is summed.
+    """
+    state = optimizer.state.get(param, {})
+    if "exp_avg" in state:
+        state["exp_avg"].mul_(factor)
+        state["exp_avg_sq"].mul_(factor**2)

@@ -29,7 +29,15 @@ from tqdm import tqdm
 
 from msn import distributed
 from msn.checkpoint import CheckpointError, load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
-from msn.config import CONFIG_DIR, START_TIME_ENV, ConfigError, MSNConfig, register_configs, to_schema
+from msn.config import (
+    CONFIG_DIR,
+    START_TIME_ENV,
+    ConfigError,
+    LossConfig,
+    MSNConfig,
+    register_configs,
+    to_schema,
+)
 from msn.convert import ConversionError
 from msn.data import (
     DataError,
@@ -43,10 +51,10 @@ from msn.data import (
 from msn.export import init_model_from
 from msn.loggers import MetricsLogger
 from msn.loss import MSNLoss, MSNLossOutput
-from msn.masking import keep_indices
+from msn.masking import MaskGenerator, ViewMasks
 from msn.model import MSN
-from msn.optim import build_optimizer, set_lr_wd
-from msn.schedules import Schedules
+from msn.optim import build_optimizer, rescale_adam_moments, set_lr_wd
+from msn.schedules import Schedules, StepHyperParams
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, ConversionError, FloatingPointError)
 
@@ -84,13 +92,10 @@ def build_schedules(cfg: DictConfig, total_steps: int, steps_in_epoch: int) -> S
     )
 
 
-def mask_generator(seed: int, step: int) -> torch.Generator:
-    """A CPU generator, the same on every rank, that makes this step's masks a pure function of (seed, step).
-
-    Each rank takes its own rows of the global batch's masks (:func:`msn.masking.keep_indices`), so
-    ranks get different masks, and W processes x batch B mask exactly as one process x batch W*B.
-    """
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+def build_loss(loss: DictConfig | LossConfig) -> MSNLoss:
+    """The MSN loss with the ``loss.*`` settings."""
+    return MSNLoss(loss.tau, loss.sharpen_T, loss.sinkhorn, loss.sinkhorn_iterations, loss.me_max_weight,
+                   loss.entropy_weight)
 
 
 def rank_seed(seed: int, rank: int, step: int = 0) -> int:
@@ -100,8 +105,10 @@ def rank_seed(seed: int, rank: int, step: int = 0) -> int:
 
 @dataclass
 class StepResult:
+    """What one step reports: the loss parts and the online encoder's gradient norm before clipping."""
+
     out: MSNLossOutput
-    grad_norm: float
+    encoder_grad_norm: torch.Tensor  # 0-dim, on the training device: reading it waits for the step to finish
 
 
 def train_step(
@@ -109,60 +116,64 @@ def train_step(
     loss_fn: MSNLoss,
     optimizer: torch.optim.Optimizer,
     views: list[torch.Tensor],
-    cfg: DictConfig,
-    schedules: Schedules,
-    step: int,
+    masks: ViewMasks,
+    hp: StepHyperParams,
+    clip_grad: float | None,
     scaler: torch.amp.GradScaler | None = None,
     amp_dtype: torch.dtype | None = None,
+    prototype_grad_scale: float = 1.0,
 ) -> StepResult:
-    """One optimisation step on a batch of views ``[target, anchor, focal_1, ..., focal_n]`` (each (B, C, S, S)).
+    """One optimisation step of MSN, as the original code takes it.
 
-    ``model`` may be DDP-wrapped: the forward then runs through DDP (gradients averaged over processes)
-    while the prototypes and the EMA update are reached through ``model.module``.
+    forward (online encoder on the masked anchor view and the focal views, target encoder on the target
+    view) -> loss at temperature ``hp.sharpen_T`` -> backward -> clip the **online encoder's** gradients
+    to norm ``clip_grad`` (the prototypes are neither clipped nor counted in the norm, as in the
+    original) -> AdamW step at ``hp.lr`` / ``hp.weight_decay`` -> EMA of the target at ``hp.momentum``.
+
+    Args:
+        model: the MSN model, or it wrapped in DDP (gradients are then averaged over processes; the
+            prototypes and the EMA update are reached through ``model.module``).
+        loss_fn: the MSN loss.
+        optimizer: AdamW over :func:`msn.optim.param_groups`.
+        views: ``[target, anchor, focal_1, ..., focal_n]``, each (B, C, S, S) on the training device.
+        masks: keep-indices of the anchor (and optionally focal) views, from :class:`msn.masking.MaskGenerator`.
+        hp: this step's lr, weight decay, EMA momentum and sharpening temperature (:meth:`Schedules.at`).
+        clip_grad: max global norm of the encoder's gradients; None: no clipping.
+        scaler: a GradScaler for fp16 autocast, else None.
+        amp_dtype: autocast dtype (bf16 / fp16 on GPU), or None for full precision.
+        prototype_grad_scale: factor on the prototypes' gradient after backward. The number of processes
+            W turns DDP's average into the original's sum over processes (``optim.prototype_grad=sum``).
     """
     core = model.module if isinstance(model, DistributedDataParallel) else model
-    device = views[0].device
-    batch = views[0].shape[0]
     target_view, anchor_view, focal = views[0], views[1], views[2:]
     focal_views = torch.cat(focal) if focal else None  # (n*B, C, F, F), view-major
-    patch = cfg.model.patch_size
-    m = cfg.masking
-    gen = mask_generator(cfg.seed, step)
-    rank, world = distributed.rank(), distributed.world_size()
-    anchor_keep = focal_keep = None
-    if m.ratio > 0:
-        anchor_keep = keep_indices(batch, (anchor_view.shape[-1] // patch) ** 2, m.ratio, m.per_sample, gen, device,
-                                   rank=rank, world_size=world)
-        if m.mask_focal and focal_views is not None:
-            focal_keep = keep_indices(batch, (focal_views.shape[-1] // patch) ** 2, m.ratio, m.per_sample, gen,
-                                      device, num_views=len(focal), rank=rank, world_size=world)
 
-    set_lr_wd(optimizer, schedules.lr_at(step), schedules.wd_at(step))
-    amp = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+    set_lr_wd(optimizer, hp.lr, hp.weight_decay)
+    amp = torch.autocast(target_view.device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
     with amp:
-        anchors, targets = model(target_view, anchor_view, focal_views, anchor_keep, focal_keep)
+        anchors, targets = model(target_view, anchor_view, focal_views, masks.anchor_keep, masks.focal_keep)
     # The loss runs in fp32 (or wider): softmax at tau=0.1, Sinkhorn and logs are precision-sensitive.
     wide = torch.promote_types(core.prototypes.dtype, torch.float32)
-    out = loss_fn(anchors.to(wide), targets.to(wide), core.prototypes.to(wide), T=schedules.sharpen_T_at(step))
-    if not torch.isfinite(out.loss):
-        raise FloatingPointError(f"loss is {out.loss.item()} at step {step}; lower optim.lr or use precision=fp32")
+    out = loss_fn(anchors.to(wide), targets.to(wide), core.prototypes.to(wide), T=hp.sharpen_T)
 
     optimizer.zero_grad(set_to_none=True)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
     if scaler is not None:
         scaler.scale(out.loss).backward()
         scaler.unscale_(optimizer)
     else:
         out.loss.backward()
-    max_norm = cfg.optim.clip_grad if cfg.optim.clip_grad is not None else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if prototype_grad_scale != 1.0 and core.prototypes.grad is not None:
+        core.prototypes.grad.mul_(prototype_grad_scale)
+    encoder_params = [p for p in core.online.parameters() if p.requires_grad]
+    max_norm = clip_grad if clip_grad is not None else math.inf
+    encoder_grad_norm = torch.nn.utils.clip_grad_norm_(encoder_params, max_norm)
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
     else:
         optimizer.step()
-    core.update_target(schedules.momentum_at(step))
-    return StepResult(out, float(grad_norm))
+    core.update_target(hp.momentum)
+    return StepResult(out, encoder_grad_norm.detach())
 
 
 def _batches(loader: torch.utils.data.DataLoader, sampler: EpochSampler, steps_in_epoch: int, batch_size: int,
@@ -208,11 +219,13 @@ def train(cfg: DictConfig | MSNConfig) -> dict[str, float]:
     torch.manual_seed(rank_seed(cfg.seed, rank))  # then per-rank streams (stochastic depth)
     optimizer = build_optimizer(model, cfg.optim)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    loss_fn = MSNLoss(cfg.loss.tau, cfg.loss.sharpen_T, cfg.loss.sinkhorn, cfg.loss.sinkhorn_iterations,
-                      cfg.loss.me_max_weight, cfg.loss.entropy_weight)
+    loss_fn = build_loss(cfg.loss)
+    make_masks = MaskGenerator(cfg.masking.ratio, cfg.masking.per_sample, cfg.masking.mask_focal,
+                               cfg.model.patch_size, cfg.seed)
 
     start_step, wandb_run_id = 0, None
     global_batch = cfg.data.batch_size * world
+    prototype_grad_scale = float(world) if cfg.optim.prototype_grad == "sum" else 1.0
     resume_path = resolve_resume(cfg.resume, run_dir)
     if resume_path is None and cfg.resume is None and (run_dir / "checkpoints" / "last.pt").is_file():
         raise ConfigError(f"{run_dir} already holds checkpoints/last.pt from an earlier run and resume=null would "
@@ -229,6 +242,9 @@ def train(cfg: DictConfig | MSNConfig) -> dict[str, float]:
                 "and schedules continue where they stopped")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        saved_scale = float(state.get("prototype_grad_scale", 1.0))  # older checkpoints: DDP's average
+        if saved_scale != prototype_grad_scale:  # another number of processes: keep Adam's view of the scale
+            rescale_adam_moments(optimizer, model.prototypes, prototype_grad_scale / saved_scale)
         if scaler is not None and "scaler" in state:
             scaler.load_state_dict(state["scaler"])
         start_step, wandb_run_id = int(state["step"]), state.get("wandb_run_id")
@@ -278,6 +294,7 @@ def train(cfg: DictConfig | MSNConfig) -> dict[str, float]:
             "epoch": step // steps_in_epoch, "rng": rng, "config": OmegaConf.to_yaml(cfg),
             "wandb_run_id": logger.wandb_run_id if logger else None, "world_size": world,
             "batch_size": cfg.data.batch_size, "global_batch_size": global_batch,
+            "prototype_grad_scale": prototype_grad_scale,
         }
         if rng_ranks is not None:
             state["rng_ranks"] = rng_ranks
@@ -309,14 +326,20 @@ def train(cfg: DictConfig | MSNConfig) -> dict[str, float]:
             if step >= total_steps:
                 break
             views = [v.to(device, param_dtype, non_blocking=True) for v in batch]
-            result = train_step(step_model, loss_fn, optimizer, views, cfg, schedules, step, scaler, amp_dtype)
+            masks = make_masks(step, views[0].shape[0], views[1].shape[-1], views[-1].shape[-1], len(views) - 2,
+                               rank, world, device)
+            result = train_step(step_model, loss_fn, optimizer, views, masks, schedules.at(step),
+                                cfg.optim.clip_grad, scaler, amp_dtype, prototype_grad_scale)
+            if not torch.isfinite(result.out.loss):
+                raise FloatingPointError(f"loss is {result.out.loss.item()} at step {step}; lower optim.lr or "
+                                         "use precision=fp32")
             step += 1
             bar.update(1)
             monitor_every = cfg.monitor.every_steps  # decided alike on every rank: logging all-reduces
             monitor_due = bool(monitor_every) and (step % monitor_every == 0 or step == total_steps)
             if step % cfg.logger.log_every == 0 or step == total_steps or monitor_due:
                 images_per_s = images_per_step * (step - last_logged) / max(time.perf_counter() - tic, 1e-9)
-                metrics = _metrics(result.out, schedules, step, epoch, images_per_s)
+                metrics = _metrics(result, schedules, step, epoch, images_per_s)
                 if monitor is not None and monitor_due:
                     metrics["monitor"] = monitor(model.target.backbone)
                 if logger is not None:
@@ -396,13 +419,14 @@ class _StopRequest:
             handler(self._received, None)
 
 
-def _metrics(o: MSNLossOutput, schedules: Schedules, step: int, epoch: int, images_per_s: float) -> dict[str, float]:
+def _metrics(result: StepResult, schedules: Schedules, step: int, epoch: int, images_per_s: float) -> dict[str, float]:
     """One metrics row (``msn.loggers.COLUMNS``) for the step just taken (``step`` counts finished steps).
 
     Loss parts are means over the global batch (one all-reduce; call on every rank); the prototype
-    counts and the max target probability describe this rank's batch.
+    counts and the max target probability describe this rank's batch; the encoder's gradient norm
+    (before clipping) is the same on every rank.
     """
-    i = step - 1  # schedule index of that step
+    o, i = result.out, step - 1  # i: schedule index of that step
     parts = torch.stack([o.loss, o.ce, o.me_max, o.entropy]).detach().float()
     loss, ce, me_max, entropy = (distributed.all_reduce_sum_(parts) / distributed.world_size()).tolist()
     return {
@@ -410,7 +434,7 @@ def _metrics(o: MSNLossOutput, schedules: Schedules, step: int, epoch: int, imag
         "lr": schedules.lr_at(i), "wd": schedules.wd_at(i),
         "momentum": schedules.momentum_at(i), "sharpen_T": schedules.sharpen_T_at(i),
         "distinct_prototypes": o.distinct_prototypes.item(), "max_target_prob": o.max_target_prob.item(),
-        "images_per_s": images_per_s,
+        "encoder_grad_norm": result.encoder_grad_norm.item(), "images_per_s": images_per_s,
     }
 
 

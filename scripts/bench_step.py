@@ -15,10 +15,10 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from msn.config import CONFIG_DIR, register_configs, to_schema
-from msn.loss import MSNLoss
+from msn.masking import MaskGenerator
 from msn.model import MSN
 from msn.optim import build_optimizer
-from msn.train import build_schedules, resolve_device, train_step
+from msn.train import build_loss, build_schedules, resolve_device, train_step
 
 
 def main() -> None:
@@ -37,13 +37,16 @@ def main() -> None:
     model = MSN(cfg.model).to(device).train()
     optimizer = build_optimizer(model, cfg.optim)
     schedules = build_schedules(cfg, total_steps=1000, steps_in_epoch=100)
-    loss_fn = MSNLoss(cfg.loss.tau, cfg.loss.sharpen_T)
+    loss_fn = build_loss(cfg.loss)
+    m = cfg.masking
+    make_masks = MaskGenerator(m.ratio, m.per_sample, m.mask_focal, cfg.model.patch_size, cfg.seed)
     times = []
     for step in range(2 + args.steps):
         if device.type == "cuda":
             torch.cuda.synchronize()
         tic = time.perf_counter()
-        train_step(model, loss_fn, optimizer, views, cfg, schedules, step)
+        masks = make_masks(step, b, d.global_size, d.focal_size, d.num_focal, device=device)
+        train_step(model, loss_fn, optimizer, views, masks, schedules.at(step), cfg.optim.clip_grad)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - tic)

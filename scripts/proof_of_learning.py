@@ -31,7 +31,7 @@ def main() -> None:
     trained = load_encoder(args.run_dir)
     torch.manual_seed(0)
     b = trained.backbone
-    random_vit = MaskedViT(b.arch, b.patch_embed.patch_size[0], trained.image_size).eval()
+    random_vit = MaskedViT(b.spec, b.patch_embed.patch_size[0], trained.image_size).eval()
     random = replace(trained, backbone=random_vit, fingerprint="random-init")
     pixels = load_digits().data.astype(np.float32)  # (1797, 64) raw 8x8 pixels
     train_idx = np.array([int(n) for n in train.names])

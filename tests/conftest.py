@@ -14,6 +14,7 @@ from msn.config import CONFIG_DIR, register_configs
 
 REPO = Path(__file__).resolve().parent.parent
 REFERENCE = Path(os.environ.get("MSN_REFERENCE", REPO.parent / "shared" / "reference" / "msn_original_reference.pt"))
+STEP_REFERENCE = REFERENCE.parent / "msn_original_step_reference.pt"
 
 
 def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
@@ -29,13 +30,24 @@ def metrics_rows(run_dir: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-@pytest.fixture(scope="session")
-def reference() -> dict:
+def _load_reference(path: Path) -> dict:
     import torch
 
-    if not REFERENCE.is_file():
-        message = f"reference figures not found at {REFERENCE} (set MSN_REFERENCE)"
+    if not path.is_file():
+        message = f"reference figures not found at {path} (set MSN_REFERENCE)"
         if os.environ.get("CI"):  # CI lays shared/ beside the clone: a missing file is a failure there
             pytest.fail(message)
         pytest.skip(message)
-    return torch.load(REFERENCE, weights_only=True)
+    return torch.load(path, weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def reference() -> dict:
+    """Loss parts and schedules of the original code (``msn_original_reference.pt``)."""
+    return _load_reference(REFERENCE)
+
+
+@pytest.fixture(scope="session")
+def step_reference() -> dict:
+    """Two whole training steps of the original code (``msn_original_step_reference.pt``)."""
+    return _load_reference(STEP_REFERENCE)

@@ -19,19 +19,27 @@ COMMON = ["experiment=cpu_smoke", "logger.progress=false", "model.head_batchnorm
           "masking.mask_focal=true", "optim.max_steps=5", "checkpoint.every_steps=0"]
 
 
-def _train_worker(rank: int, world: int, run_dir: str, overrides: list[str], dtype: str = "float32") -> int:
+def _train_worker(rank: int, world: int, run_dir: str, overrides: list[str], dtype: str = "float32",
+                  prototype_grad_factor: float = 1.0) -> int:
     import msn.train
     from msn.model import MSN
 
-    if dtype == "float64":  # build the model in float64 (the views follow it), to remove rounding noise
-        msn.train.MSN = lambda cfg: MSN(cfg).double()
+    def build(cfg):
+        model = MSN(cfg)
+        if dtype == "float64":  # build the model in float64 (the views follow it), to remove rounding noise
+            model = model.double()
+        if prototype_grad_factor != 1.0:  # what summing over that many processes would give (one process only)
+            model.prototypes.register_hook(lambda g: g * prototype_grad_factor)
+        return model
+
+    msn.train.MSN = build
     msn.train.train(compose_config([f"run_dir={run_dir}", *overrides]))
     return rank
 
 
-def _final_model(run_dir: Path, world: int, batch: int, *extra: str) -> dict[str, torch.Tensor]:
+def _final_model(run_dir: Path, world: int, batch: int, *extra: str, factor: float = 1.0) -> dict[str, torch.Tensor]:
     overrides = [*COMMON, f"data.batch_size={batch}", *extra]
-    run_distributed(_train_worker, world_size=world, args=(str(run_dir), overrides, "float64"))
+    run_distributed(_train_worker, world_size=world, args=(str(run_dir), overrides, "float64", factor))
     state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert state["step"] == 5 and state["global_batch_size"] == 16 and state["world_size"] == world
     return state["model"]
@@ -44,12 +52,16 @@ def test_two_processes_match_one_process_with_the_global_batch(tmp_path):
     In float64: in float32 the two runs agree to ~3e-5 only, because summation order differs and Adam's
     first steps (update ~ lr * g / |g|) turn rounding noise in gradients that are zero in exact
     arithmetic (biases just before a BN) into lr-sized steps. In float64 they agree to ~1e-12.
+
+    With ``optim.prototype_grad=mean`` the prototypes' gradient is averaged like every other one, so the
+    run does not depend on the number of processes at all (the default ``sum`` is tested below).
     """
-    one = _final_model(tmp_path / "one", 1, 16)
-    two = _final_model(tmp_path / "two", 2, 8, "checkpoint.every_steps=3")
+    mean = "optim.prototype_grad=mean"
+    one = _final_model(tmp_path / "one", 1, 16, mean)
+    two = _final_model(tmp_path / "two", 2, 8, mean, "checkpoint.every_steps=3")
     # The 2-process run's step-3 checkpoint, continued by one process with the same global batch.
     mid = tmp_path / "two" / "checkpoints" / "step_0000003.pt"
-    switched = _final_model(tmp_path / "switched", 1, 16, f"resume={mid}")
+    switched = _final_model(tmp_path / "switched", 1, 16, mean, f"resume={mid}")
     assert one.keys() == two.keys()
     for name, value in one.items():
         torch.testing.assert_close(two[name], value, atol=1e-8, rtol=0, msg=name)
@@ -60,8 +72,28 @@ def test_two_processes_match_one_process_with_the_global_batch(tmp_path):
         assert logged[0] == pytest.approx(logged[1], abs=1e-6), column
 
     # Control: per-process BN statistics make the 2-process run measurably different.
-    local_bn = _final_model(tmp_path / "local_bn", 2, 8, "model.sync_batchnorm=false")
+    local_bn = _final_model(tmp_path / "local_bn", 2, 8, mean, "model.sync_batchnorm=false")
     assert (local_bn["online.head.fc3.weight"] - one["online.head.fc3.weight"]).abs().max() > 1e-4
+
+
+def test_prototype_gradient_is_summed_over_processes_as_the_original(tmp_path):
+    """``optim.prototype_grad=sum`` (default): the original all-reduce-sums the prototypes' gradient while
+    DDP averages the encoder's. 2 processes x 8 images == 1 process x 16 images whose prototype gradient
+    is doubled. A resume by one process rescales Adam's moments of the prototypes to the new scale: it
+    then continues as the 2-process run does, up to AdamW's eps (which a scale changes, see
+    tests/test_step_fidelity.py)."""
+    two = _final_model(tmp_path / "two", 2, 8, "checkpoint.every_steps=3")
+    doubled = _final_model(tmp_path / "doubled", 1, 16, factor=2.0)
+    for name, value in doubled.items():
+        torch.testing.assert_close(two[name], value, atol=1e-8, rtol=0, msg=name)
+    averaged = _final_model(tmp_path / "averaged", 2, 8, "optim.prototype_grad=mean")
+    assert (averaged["prototypes"] - two["prototypes"]).abs().max() > 1e-8  # the choice shows
+
+    mid = tmp_path / "two" / "checkpoints" / "step_0000003.pt"
+    assert load_checkpoint(mid)["prototype_grad_scale"] == 2.0
+    switched = _final_model(tmp_path / "switched", 1, 16, f"resume={mid}")
+    for name, value in two.items():
+        torch.testing.assert_close(switched[name], value, atol=1e-6, rtol=0, msg=name)
 
 
 # Microseconds in the directory name: ranks that named it from their own clocks would surely differ.

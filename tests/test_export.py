@@ -95,7 +95,7 @@ def test_classification_model_loads_backbone_and_fine_tunes(tmp_path):
     optimizer = torch.optim.AdamW(clf.parameters(), lr=1e-3)
     clf.train()
     losses = []
-    for _ in range(15):
+    for _ in range(25):
         loss = clf(pixel_values=pixels, labels=labels).loss
         optimizer.zero_grad()
         loss.backward()
@@ -238,3 +238,28 @@ def test_export_cli_errors(tmp_path):
     with pytest.raises(Exception, match="not empty; choose another OUT or pass --overwrite"):
         export_hf(source, tmp_path / "hf")
     export_hf(source, tmp_path / "hf", overwrite=True)
+
+
+CUSTOM = ["model.arch=null", "model.embed_dim=96", "model.depth=2", "model.num_heads=3", "model.mlp_ratio=2"]
+
+
+def test_architecture_given_field_by_field_exports_and_loads(tmp_path):
+    from msn.evaluate import load_encoder
+
+    model, source = _source(tmp_path, *CUSTOM)
+    out = export_hf(source, tmp_path / "hf")
+    config = json.loads((out / "config.json").read_text())
+    assert (config["hidden_size"], config["num_hidden_layers"], config["num_attention_heads"],
+            config["intermediate_size"]) == (96, 2, 3, 192)
+    hf = ViTMSNModel.from_pretrained(out).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ours = model.target.backbone.forward_features(x)
+        torch.testing.assert_close(hf(pixel_values=x).last_hidden_state, ours, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(load_encoder(out).backbone.forward_features(x), ours, atol=1e-5, rtol=1e-5)
+
+    # An original-layout file keeps no config: the number of heads of a non-preset ViT is unknown.
+    original = read_source(export_msn(source, tmp_path / "custom.pth.tar"))
+    assert original.model_cfg.embed_dim == 96 and original.model_cfg.num_heads is None
+    with pytest.raises(ConversionError, match="number of attention heads cannot be read off the weights"):
+        export_hf(original, tmp_path / "hf2")

@@ -5,9 +5,10 @@ import torch
 
 from msn.heads import ProjectionHead
 from msn.loss import MSNLoss
+from msn.masking import MaskGenerator, ViewMasks
 from msn.model import MSN
 from msn.optim import build_optimizer, param_groups
-from msn.schedules import Schedules
+from msn.schedules import StepHyperParams
 from msn.train import train_step
 from tests.conftest import compose_config
 
@@ -23,10 +24,14 @@ def _views(batch: int = 4, focal: int = 2) -> list[torch.Tensor]:
         [torch.randn(batch, 3, 16, 16, generator=g) for _ in range(focal)]
 
 
-def _schedules(momentum: float = 0.9) -> Schedules:
-    return Schedules(total_steps=10, warmup_steps=0, lr=1e-3, start_lr=1e-3, final_lr=1e-3, weight_decay=0.04,
-                     final_weight_decay=0.04, momentum=momentum, final_momentum=momentum, sharpen_T=0.25,
-                     final_sharpen_T=0.25)
+def _hp(momentum: float = 0.9) -> StepHyperParams:
+    return StepHyperParams(lr=1e-3, weight_decay=0.04, momentum=momentum, sharpen_T=0.25)
+
+
+def _masks(cfg, views: list[torch.Tensor], step: int = 0) -> ViewMasks:
+    m = cfg.masking
+    make = MaskGenerator(m.ratio, m.per_sample, m.mask_focal, cfg.model.patch_size, cfg.seed)
+    return make(step, views[0].shape[0], views[1].shape[-1], views[-1].shape[-1], len(views) - 2)
 
 
 def test_head_layout():
@@ -51,7 +56,8 @@ def test_one_step_gives_every_parameter_a_gradient_and_ema_target(cfg):
     online_before = copy.deepcopy(model.online.state_dict())
     target_before = copy.deepcopy(model.target.state_dict())
     protos_before = model.prototypes.detach().clone()
-    train_step(model, MSNLoss(), optimizer, _views(), cfg, _schedules(momentum=0.9), step=0)
+    views = _views()
+    train_step(model, MSNLoss(), optimizer, views, _masks(cfg, views), _hp(momentum=0.9), cfg.optim.clip_grad)
 
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     assert any(n == "prototypes" for n, _ in trainable)
@@ -88,7 +94,75 @@ def test_focal_masking_option(cfg):
     model = MSN(cfg.model)
     seen = []
     hook = model.online.backbone.blocks[0].register_forward_hook(lambda m, i, o: seen.append(o.shape[1]))
-    train_step(model, MSNLoss(), build_optimizer(model, cfg.optim), _views(), cfg, _schedules(), step=0)
+    views = _views()
+    train_step(model, MSNLoss(), build_optimizer(model, cfg.optim), views, _masks(cfg, views), _hp(), None)
     hook.remove()
     # target (unmasked, 1 + 16 tokens) is run by the target copy; online: anchor 1 + 11, focal 1 + 2
     assert seen == [1 + int(16 * 0.7), 1 + int(4 * 0.7)]
+
+
+def test_head_runs_once_per_resolution_group(cfg):
+    """Anchors and focal views each go through the head on their own (the original's BatchNorm statistics)."""
+    torch.manual_seed(0)
+    model = MSN(cfg.model).train()
+    views = _views()
+    focal = torch.cat(views[2:])
+    anchors, _ = model(views[0], views[1], focal)
+    head = copy.deepcopy(model.online.head)  # fresh running statistics are irrelevant in train mode
+    expected = torch.cat([head(model.online.backbone(views[1])), head(model.online.backbone(focal))])
+    torch.testing.assert_close(anchors, expected, atol=1e-6, rtol=1e-6)
+    assert int(model.online.head.bn1.num_batches_tracked) == 2  # one BN update per group
+
+    model.head_per_resolution = False  # the joint pass: one BN batch over both groups
+    joint, _ = model(views[0], views[1], focal)
+    assert (joint - anchors).abs().max() > 1e-3
+    torch.testing.assert_close(joint, head(torch.cat([model.online.backbone(views[1]),
+                                                       model.online.backbone(focal)])), atol=1e-6, rtol=1e-6)
+
+
+def test_clipping_covers_the_encoder_only(cfg):
+    """The prototypes' gradient is neither in the clipped norm nor scaled by the clipping (as the original)."""
+    torch.manual_seed(0)
+    model = MSN(cfg.model)
+    reference = copy.deepcopy(model)
+    views = _views()
+    masks = _masks(cfg, views)
+    clipped = train_step(model, MSNLoss(), build_optimizer(model, cfg.optim), views, masks, _hp(), clip_grad=1e-3)
+    free = train_step(reference, MSNLoss(), build_optimizer(reference, cfg.optim), views, masks, _hp(), None)
+    encoder_norm = torch.linalg.vector_norm(torch.stack([
+        torch.linalg.vector_norm(p.grad) for p in reference.online.parameters()]))
+    assert clipped.encoder_grad_norm.item() == pytest.approx(encoder_norm.item(), rel=1e-5)  # before clipping
+    assert free.encoder_grad_norm.item() == pytest.approx(encoder_norm.item(), rel=1e-5)
+    torch.testing.assert_close(model.prototypes.grad, reference.prototypes.grad, atol=0, rtol=0)
+    scale = 1e-3 / encoder_norm.item()
+    for (name, p), q in zip(model.online.named_parameters(), reference.online.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad * scale, atol=1e-9, rtol=1e-4, msg=name)
+
+
+def test_msn_weight_init():
+    """The original's initialisation: CLS token N(0, 0.02), patch projection Kaiming-normal, head N(0, 0.02)."""
+    torch.manual_seed(0)
+    cfg = compose_config(["model=vit_small", "model.patch_size=16", "model.img_size=224"]).model
+    model = MSN(cfg)
+    backbone, head = model.online.backbone, model.online.head
+    assert backbone.cls_token.std().item() == pytest.approx(0.02, rel=0.15)
+    fan_in = 3 * 16 * 16
+    assert backbone.patch_embed.proj.weight.std().item() == pytest.approx((2 / fan_in) ** 0.5, rel=0.05)
+    assert not backbone.patch_embed.proj.bias.any()
+    for layer in (head.fc1, head.fc2, head.fc3, backbone.blocks[0].attn.qkv):
+        assert layer.weight.std().item() == pytest.approx(0.02, rel=0.05)
+        assert not layer.bias.any()
+    torch.testing.assert_close(model.target.state_dict(), model.online.state_dict())
+
+    timm_init = MSN(compose_config(["model=vit_small", "model.weight_init=timm"]).model)
+    assert timm_init.online.backbone.cls_token.std().item() < 1e-4  # timm's N(0, 1e-6)
+    assert timm_init.online.head.fc1.bias.any()  # PyTorch's default Linear init
+
+
+def test_architecture_given_field_by_field(tmp_path):
+    cfg = compose_config(["model.arch=null", "model.embed_dim=64", "model.depth=2", "model.num_heads=2"]).model
+    backbone = MSN(cfg).online.backbone
+    assert (backbone.embed_dim, len(backbone.blocks), backbone.blocks[0].attn.num_heads) == (64, 2, 2)
+    assert backbone.blocks[0].mlp.fc1.out_features == 256
+    deeper = MSN(compose_config(["model=vit_pico", "model.depth=6"]).model).online.backbone
+    assert (deeper.embed_dim, len(deeper.blocks), deeper.blocks[0].attn.num_heads) == (128, 6, 4)

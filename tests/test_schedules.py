@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -59,3 +61,24 @@ def test_sharpening_temperature_schedule():
 def test_schedules_are_pure_functions_of_the_step():
     a, b = _schedules(), _schedules()
     assert [a.lr_at(i) for i in (57, 3, 57)] == [b.lr_at(57), b.lr_at(3), b.lr_at(57)]
+
+
+def test_momentum_and_temperature_use_the_float_span_lr_and_wd_the_integer_one():
+    """143 steps stretched by 1.25: the original's momentum and sharpening increments divide by the float
+    178.75, while its lr / wd schedulers run over ``T_max = int(178.75) = 178`` (msn_train.py)."""
+    s = _schedules(total_steps=143, warmup_steps=15, stretch=1.25, sharpen_T=0.25, final_sharpen_T=0.1)
+    momentum_step = (1.0 - 0.996) / (143 * 1.25)
+    T_step = (0.1 - 0.25) / (143 * 1.25)
+    for i in range(143):
+        assert s.momentum_at(i) == pytest.approx(0.996 + momentum_step * i, abs=1e-15)
+        assert s.sharpen_T_at(i) == pytest.approx(0.25 + T_step * i, abs=1e-15)
+    assert abs(s.momentum_at(142) - (0.996 + 0.004 * 142 / 178)) > 1e-5  # what the integer span would give
+    # lr after k = i + 1 increments: cosine over T_max - warmup = 178 - 15 steps.
+    k = 143
+    expected_lr = 1e-6 + (1e-3 - 1e-6) * 0.5 * (1 + math.cos(math.pi * (k - 15) / (178 - 15)))
+    assert s.lr_at(142) == pytest.approx(expected_lr, abs=1e-15)
+    expected_wd = 0.4 + (0.04 - 0.4) * 0.5 * (1 + math.cos(math.pi * k / 178))
+    assert s.wd_at(142) == pytest.approx(expected_wd, abs=1e-15)
+    hp = s.at(142)
+    assert (hp.lr, hp.weight_decay, hp.momentum, hp.sharpen_T) == (s.lr_at(142), s.wd_at(142), s.momentum_at(142),
+                                                                    s.sharpen_T_at(142))
