@@ -48,6 +48,8 @@ def test_every_experiment_composes_validates_and_instantiates(experiment, tmp_pa
         assert (cfg.model.arch, cfg.model.patch_size, cfg.optim.epochs, cfg.masking.ratio) == (arch, patch, epochs,
                                                                                                  ratio)
         assert cfg.optim.schedule_stretch == 1.25 and cfg.masking.per_sample is False  # faithful settings
+        assert (cfg.model.head_per_resolution, cfg.model.weight_init, cfg.optim.prototype_grad,
+                cfg.masking.mask_focal) == (True, "msn", "sum", False)
         assert (cfg.optim.lr, cfg.optim.start_lr, cfg.optim.warmup_epochs) == (1e-3, 2e-4, 15)
         assert (cfg.data.num_focal, cfg.data.global_size, cfg.model.num_prototypes) == (10, 224, 1024)
 
@@ -109,7 +111,10 @@ def test_typo_in_a_yaml_file_fails(tmp_path):
 
 
 def test_validate_accepts_defaults(tmp_path):
-    validate(to_schema(compose_config([f"run_dir={tmp_path}"])))
+    cfg = to_schema(compose_config([f"run_dir={tmp_path}"]))
+    validate(cfg)
+    # The digits default takes the original's step too (see README, Fidelity).
+    assert (cfg.model.head_per_resolution, cfg.model.weight_init, cfg.optim.prototype_grad) == (True, "msn", "sum")
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
