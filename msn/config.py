@@ -151,7 +151,10 @@ class MSNConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; bf16/fp16 need a GPU)
-    compile: bool = False  # torch.compile both encoders
+    compile: bool = False  # torch.compile the online backbone and head and the target encoder
+    compile_mode: str | None = None  # null (default) | reduce-overhead (CUDA graphs) | max-autotune | ...
+    compile_backend: str = "inductor"  # any torch.compile backend (aot_eager, cudagraphs, ... for debugging)
+    tf32: bool = True  # fp32 matmuls and convolutions on GPUs may use TF32 tensor cores (as the original's PyTorch did)
     resume: str | None = "auto"  # auto (continue RUN_DIR if it has last.pt) | PATH | null (fresh)
     init_from: str | None = None  # start from weights: original MSN .pth.tar, HF ViTMSN folder, timm safetensors
     run_dir: str = "."
@@ -194,6 +197,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "monitor.protocol": ("knn", "lowshot"),
     "model.weight_init": WEIGHT_INITS,
     "optim.prototype_grad": ("sum", "mean"),
+    "compile_mode": (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
 }
 
 
@@ -213,7 +217,8 @@ def validate(cfg: DictConfig | MSNConfig) -> None:
 
     for key, allowed in _CHOICES.items():
         value = _get(cfg, key)
-        check(value in allowed, f"{key}={value!r} is not allowed; choose one of {', '.join(allowed)}")
+        names = ", ".join("null" if a is None else a for a in allowed)
+        check(value in allowed, f"{key}={value!r} is not allowed; choose one of {names}")
     try:
         model_arch(cfg.model)
     except ValueError as e:

@@ -811,13 +811,14 @@ def steps_per_epoch(num_images: int, cfg: DataConfig, world_size: int = 1) -> in
     return steps
 
 
-def build_loader(cfg: DataConfig, dataset: MultiCropDataset, sampler: EpochSampler) -> DataLoader:
+def build_loader(cfg: DataConfig, dataset: MultiCropDataset, sampler: EpochSampler,
+                 pin_memory: bool = False) -> DataLoader:
     """DataLoader of batches ``[target (B,3,G,G), anchor (B,3,G,G), focal_1 (B,3,F,F), ...]``.
 
     The sampler's keys go to the dataset a batch at a time (``__getitems__``); workers persist across
     epochs, and ``set_epoch`` / ``set_start`` still take effect because the sampler runs in this process.
+    ``pin_memory`` (for a GPU) lets the copies to the device overlap with compute.
     """
     workers = int(cfg.num_workers)
     return DataLoader(dataset, batch_size=int(cfg.batch_size), sampler=sampler, num_workers=workers,
-                      drop_last=bool(cfg.drop_last), persistent_workers=workers > 0,
-                      pin_memory=torch.cuda.is_available())
+                      drop_last=bool(cfg.drop_last), persistent_workers=workers > 0, pin_memory=pin_memory)

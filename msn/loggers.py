@@ -9,6 +9,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from msn.config import ConfigError
+
 COLUMNS = (
     "step", "epoch", "loss", "ce", "me_max", "entropy", "lr", "wd", "momentum", "sharpen_T",
     "distinct_prototypes", "max_target_prob", "encoder_grad_norm", "images_per_s", "monitor",
@@ -68,9 +70,18 @@ class MetricsLogger:
             self.wandb_run.finish()
 
 
+def import_wandb(what: str) -> Any:
+    """The wandb module, or a :class:`ConfigError` saying that ``what`` needs it installed."""
+    try:
+        import wandb  # imported lazily: most runs log to CSV only
+    except ImportError:
+        raise ConfigError(f"{what} needs the wandb package, which is not installed: pip install wandb") from None
+    return wandb
+
+
 def _init_wandb(run_dir: Path, cfg: DictConfig, run_id: str | None) -> Any:
     """Start (or continue) a wandb run; offline mode needs no network and no account."""
-    import wandb  # imported lazily: most runs log to CSV only
+    wandb = import_wandb("logger=wandb")
 
     w = cfg.logger.wandb
     return wandb.init(

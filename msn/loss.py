@@ -136,7 +136,8 @@ def msn_loss(
     ent = mean_entropy(probs, log_probs) if entropy_weight else zero
     loss = ce + me_max_weight * reg + entropy_weight * ent
     with torch.no_grad():
-        distinct = torch.tensor(float(t.argmax(dim=1).unique().numel()))
+        # Distinct argmax prototypes, counted on the device (``unique()`` would wait for it every step).
+        distinct = t.new_zeros(t.shape[1]).index_fill_(0, t.argmax(dim=1), 1.0).sum()
         max_prob = t.max(dim=1).values.mean()
     return MSNLossOutput(loss, ce, reg, ent, t, distinct, max_prob)
 

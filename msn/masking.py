@@ -51,7 +51,10 @@ def keep_indices(
     else:
         noise = torch.rand(1, num_patches, generator=generator)
     keep = noise.argsort(dim=1)[:, : num_kept(num_patches, ratio)].sort(dim=1).values
-    return keep.expand(num_views * batch, -1).to(device)
+    keep = keep.expand(num_views * batch, -1).contiguous()
+    if torch.device(device).type == "cuda":  # pinned + non_blocking: the copy does not wait for the GPU
+        return keep.pin_memory().to(device, non_blocking=True)
+    return keep.to(device)
 
 
 def gather_tokens(tokens: torch.Tensor, keep: torch.Tensor, num_prefix: int = 1) -> torch.Tensor:

@@ -78,6 +78,15 @@ class MSN(nn.Module):
             anchors = self.online.head(torch.cat(features))
         return anchors, targets
 
+    def compile_encoders(self, backend: str = "inductor", mode: str | None = None) -> None:
+        """``torch.compile`` what :meth:`forward` calls: the online backbone and head, and the target encoder.
+
+        In place (``nn.Module.compile``), so parameter names and checkpoints stay as they are. Shapes are
+        static: each view size (masked anchor, focal) gets its own graph rather than a dynamic one.
+        """
+        for module in (self.online.backbone, self.online.head, self.target):
+            module.compile(backend=backend, mode=mode, dynamic=False)
+
     @torch.no_grad()
     def update_target(self, momentum: float) -> None:
         """EMA of the parameters: ``target = m * target + (1 - m) * online`` (one fused op)."""

@@ -7,16 +7,13 @@ clip -> AdamW step with step-indexed lr / wd -> EMA update of the target.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import math
 import os
 import signal
 import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -33,7 +30,6 @@ from msn.config import (
     CONFIG_DIR,
     START_TIME_ENV,
     ConfigError,
-    LossConfig,
     MSNConfig,
     register_configs,
     to_schema,
@@ -48,132 +44,21 @@ from msn.data import (
     build_loader,
     steps_per_epoch,
 )
-from msn.export import init_model_from
+from msn.device import autocast_dtype, configure_matmul, resolve_device
 from msn.loggers import MetricsLogger
-from msn.loss import MSNLoss, MSNLossOutput
-from msn.masking import MaskGenerator, ViewMasks
+from msn.masking import MaskGenerator
 from msn.model import MSN
-from msn.optim import build_optimizer, rescale_adam_moments, set_lr_wd
-from msn.schedules import Schedules, StepHyperParams
+from msn.optim import build_optimizer, rescale_adam_moments
+from msn.schedules import Schedules
+from msn.step import StepResult, build_loss, build_schedules, train_step
+from msn.weights import init_model_from
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, ConversionError, FloatingPointError)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when available; asking for ``cuda`` without a GPU is an error."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device=cuda but no CUDA device is available; use device=cpu or device=auto")
-    return torch.device(name)
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``precision`` (None for fp32). Half precision is GPU-only here."""
-    if precision == "fp32":
-        return None
-    if device.type != "cuda":
-        raise ConfigError(f"precision={precision} needs a GPU (bf16/fp16 on CPU are very slow); use precision=fp32")
-    return torch.bfloat16 if precision == "bf16" else torch.float16
-
-
-def build_schedules(cfg: DictConfig, total_steps: int, steps_in_epoch: int) -> Schedules:
-    """Schedules over the run's ``total_steps`` (epochs x steps per epoch, or the optim.max_steps cap)."""
-    o, loss = cfg.optim, cfg.loss
-    return Schedules(
-        total_steps=total_steps,
-        warmup_steps=min(int(o.warmup_epochs * steps_in_epoch), total_steps),
-        lr=o.lr, start_lr=o.start_lr, final_lr=o.final_lr,
-        weight_decay=o.weight_decay, final_weight_decay=o.final_weight_decay,
-        momentum=o.ema_momentum, final_momentum=o.final_ema_momentum,
-        sharpen_T=loss.sharpen_T,
-        final_sharpen_T=loss.sharpen_T if loss.final_sharpen_T is None else loss.final_sharpen_T,
-        stretch=o.schedule_stretch,
-    )
-
-
-def build_loss(loss: DictConfig | LossConfig) -> MSNLoss:
-    """The MSN loss with the ``loss.*`` settings."""
-    return MSNLoss(loss.tau, loss.sharpen_T, loss.sinkhorn, loss.sinkhorn_iterations, loss.me_max_weight,
-                   loss.entropy_weight)
 
 
 def rank_seed(seed: int, rank: int, step: int = 0) -> int:
     """Seed of a rank's global torch RNG (stochastic depth): different per rank, reproducible."""
     return (seed * 7_919 + rank + 1) * 104_729 + step
-
-
-@dataclass
-class StepResult:
-    """What one step reports: the loss parts and the online encoder's gradient norm before clipping."""
-
-    out: MSNLossOutput
-    encoder_grad_norm: torch.Tensor  # 0-dim, on the training device: reading it waits for the step to finish
-
-
-def train_step(
-    model: MSN | DistributedDataParallel,
-    loss_fn: MSNLoss,
-    optimizer: torch.optim.Optimizer,
-    views: list[torch.Tensor],
-    masks: ViewMasks,
-    hp: StepHyperParams,
-    clip_grad: float | None,
-    scaler: torch.amp.GradScaler | None = None,
-    amp_dtype: torch.dtype | None = None,
-    prototype_grad_scale: float = 1.0,
-) -> StepResult:
-    """One optimisation step of MSN, as the original code takes it.
-
-    forward (online encoder on the masked anchor view and the focal views, target encoder on the target
-    view) -> loss at temperature ``hp.sharpen_T`` -> backward -> clip the **online encoder's** gradients
-    to norm ``clip_grad`` (the prototypes are neither clipped nor counted in the norm, as in the
-    original) -> AdamW step at ``hp.lr`` / ``hp.weight_decay`` -> EMA of the target at ``hp.momentum``.
-
-    Args:
-        model: the MSN model, or it wrapped in DDP (gradients are then averaged over processes; the
-            prototypes and the EMA update are reached through ``model.module``).
-        loss_fn: the MSN loss.
-        optimizer: AdamW over :func:`msn.optim.param_groups`.
-        views: ``[target, anchor, focal_1, ..., focal_n]``, each (B, C, S, S) on the training device.
-        masks: keep-indices of the anchor (and optionally focal) views, from :class:`msn.masking.MaskGenerator`.
-        hp: this step's lr, weight decay, EMA momentum and sharpening temperature (:meth:`Schedules.at`).
-        clip_grad: max global norm of the encoder's gradients; None: no clipping.
-        scaler: a GradScaler for fp16 autocast, else None.
-        amp_dtype: autocast dtype (bf16 / fp16 on GPU), or None for full precision.
-        prototype_grad_scale: factor on the prototypes' gradient after backward. The number of processes
-            W turns DDP's average into the original's sum over processes (``optim.prototype_grad=sum``).
-    """
-    core = model.module if isinstance(model, DistributedDataParallel) else model
-    target_view, anchor_view, focal = views[0], views[1], views[2:]
-    focal_views = torch.cat(focal) if focal else None  # (n*B, C, F, F), view-major
-
-    set_lr_wd(optimizer, hp.lr, hp.weight_decay)
-    amp = torch.autocast(target_view.device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-    with amp:
-        anchors, targets = model(target_view, anchor_view, focal_views, masks.anchor_keep, masks.focal_keep)
-    # The loss runs in fp32 (or wider): softmax at tau=0.1, Sinkhorn and logs are precision-sensitive.
-    wide = torch.promote_types(core.prototypes.dtype, torch.float32)
-    out = loss_fn(anchors.to(wide), targets.to(wide), core.prototypes.to(wide), T=hp.sharpen_T)
-
-    optimizer.zero_grad(set_to_none=True)
-    if scaler is not None:
-        scaler.scale(out.loss).backward()
-        scaler.unscale_(optimizer)
-    else:
-        out.loss.backward()
-    if prototype_grad_scale != 1.0 and core.prototypes.grad is not None:
-        core.prototypes.grad.mul_(prototype_grad_scale)
-    encoder_params = [p for p in core.online.parameters() if p.requires_grad]
-    max_norm = clip_grad if clip_grad is not None else math.inf
-    encoder_grad_norm = torch.nn.utils.clip_grad_norm_(encoder_params, max_norm)
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    core.update_target(hp.momentum)
-    return StepResult(out, encoder_grad_norm.detach())
 
 
 def _batches(loader: torch.utils.data.DataLoader, sampler: EpochSampler, steps_in_epoch: int, batch_size: int,
@@ -203,6 +88,7 @@ def train(cfg: DictConfig | MSNConfig) -> dict[str, float]:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     amp_dtype = autocast_dtype(cfg.precision, device)
+    configure_matmul(device, cfg.tf32)
     rank, world = distributed.rank(), distributed.world_size()
     is_main = rank == 0
 
@@ -217,7 +103,7 @@ def train(cfg: DictConfig | MSNConfig) -> dict[str, float]:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = MSN(cfg.model).to(device)
     torch.manual_seed(rank_seed(cfg.seed, rank))  # then per-rank streams (stochastic depth)
-    optimizer = build_optimizer(model, cfg.optim)
+    optimizer = build_optimizer(model, cfg.optim, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     loss_fn = build_loss(cfg.loss)
     make_masks = MaskGenerator(cfg.masking.ratio, cfg.masking.per_sample, cfg.masking.mask_focal,
@@ -242,6 +128,8 @@ def train(cfg: DictConfig | MSNConfig) -> dict[str, float]:
                 "and schedules continue where they stopped")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        for group in optimizer.param_groups:  # fused or not follows this run's device, not the checkpoint's
+            group["fused"] = optimizer.defaults["fused"]
         saved_scale = float(state.get("prototype_grad_scale", 1.0))  # older checkpoints: DDP's average
         if saved_scale != prototype_grad_scale:  # another number of processes: keep Adam's view of the scale
             rescale_adam_moments(optimizer, model.prototypes, prototype_grad_scale / saved_scale)
@@ -260,12 +148,14 @@ def train(cfg: DictConfig | MSNConfig) -> dict[str, float]:
         if is_main:
             print(f"initialised the {'backbones' if kind == 'backbone' else 'model'} from {cfg.init_from}", flush=True)
     if cfg.compile:
-        model.online.compile()
-        model.target.compile()
+        if cfg.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
+            raise ConfigError(f"compile_backend={cfg.compile_backend!r} is not a torch.compile backend; choose one of "
+                              + ", ".join(torch._dynamo.list_backends()))
+        model.compile_encoders(cfg.compile_backend, cfg.compile_mode)
 
     sampler = EpochSampler(len(base), num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed,
                            drop_last=cfg.data.drop_last)
-    loader = build_loader(cfg.data, dataset, sampler)
+    loader = build_loader(cfg.data, dataset, sampler, pin_memory=device.type == "cuda")
 
     logger = None
     if is_main:
@@ -281,10 +171,13 @@ def train(cfg: DictConfig | MSNConfig) -> dict[str, float]:
         if logger.wandb_run_id:
             print(f"wandb run {logger.wandb_run_id} ({cfg.logger.wandb.mode})", flush=True)
 
+    nonfinite = _NonFiniteGuard(device)
+
     def checkpoint(step: int, names: list[str]) -> None:
         """Rank 0 writes ``names``; every rank must call this (the RNG states are gathered)."""
         if not names:
             return
+        nonfinite.check()  # a step that made a NaN is never saved
         rng = rng_state()
         rng_ranks = distributed.all_gather_object(rng) if world > 1 else None
         if not is_main:
@@ -308,9 +201,10 @@ def train(cfg: DictConfig | MSNConfig) -> dict[str, float]:
         step_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     monitor = None
     if is_main and cfg.monitor.every_steps:
-        from msn.evaluate import Monitor  # deferred: evaluation pulls in scikit-learn
+        from msn.monitor import Monitor  # deferred: evaluation pulls in scikit-learn
 
-        monitor = Monitor(cfg.monitor.protocol, cfg.monitor.dataset, cfg.model.img_size, cfg.data.mean, cfg.data.std)
+        monitor = Monitor(cfg.monitor.protocol, cfg.monitor.dataset, cfg.model.img_size, cfg.data.mean, cfg.data.std,
+                          amp_dtype)
 
     model.train()
     param_dtype = model.prototypes.dtype  # float32, unless a test builds the model in float64
@@ -330,16 +224,16 @@ def train(cfg: DictConfig | MSNConfig) -> dict[str, float]:
                                rank, world, device)
             result = train_step(step_model, loss_fn, optimizer, views, masks, schedules.at(step),
                                 cfg.optim.clip_grad, scaler, amp_dtype, prototype_grad_scale)
-            if not torch.isfinite(result.out.loss):
-                raise FloatingPointError(f"loss is {result.out.loss.item()} at step {step}; lower optim.lr or "
-                                         "use precision=fp32")
+            nonfinite.update(result, step)
             step += 1
             bar.update(1)
             monitor_every = cfg.monitor.every_steps  # decided alike on every rank: logging all-reduces
             monitor_due = bool(monitor_every) and (step % monitor_every == 0 or step == total_steps)
             if step % cfg.logger.log_every == 0 or step == total_steps or monitor_due:
+                nonfinite.check()  # reading the metrics waits for the device anyway
+                metrics = _metrics(result, schedules, step, epoch)
                 images_per_s = images_per_step * (step - last_logged) / max(time.perf_counter() - tic, 1e-9)
-                metrics = _metrics(result, schedules, step, epoch, images_per_s)
+                metrics["images_per_s"] = images_per_s
                 if monitor is not None and monitor_due:
                     metrics["monitor"] = monitor(model.target.backbone)
                 if logger is not None:
@@ -419,7 +313,29 @@ class _StopRequest:
             handler(self._received, None)
 
 
-def _metrics(result: StepResult, schedules: Schedules, step: int, epoch: int, images_per_s: float) -> dict[str, float]:
+class _NonFiniteGuard:
+    """Remembers, on the device, the first step whose loss or encoder gradient norm was not finite.
+
+    Checking waits for the device, so the loop checks only where it reads metrics anyway and before
+    every checkpoint: training never waits for the GPU just for this, and a non-finite step is never saved.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.first = torch.full((), -1, dtype=torch.long, device=device)
+
+    def update(self, result: StepResult, step: int) -> None:
+        bad = ~(torch.isfinite(result.out.loss) & torch.isfinite(result.encoder_grad_norm))
+        self.first = torch.where(bad & (self.first < 0), step, self.first)
+
+    def check(self) -> None:
+        first = int(self.first.item())
+        if first >= 0:
+            raise FloatingPointError(
+                f"the loss or the encoder's gradient became non-finite at step {first + 1}; nothing after the last "
+                "checkpoint was saved; lower optim.lr or use precision=fp32")
+
+
+def _metrics(result: StepResult, schedules: Schedules, step: int, epoch: int) -> dict[str, float]:
     """One metrics row (``msn.loggers.COLUMNS``) for the step just taken (``step`` counts finished steps).
 
     Loss parts are means over the global batch (one all-reduce; call on every rank); the prototype
@@ -434,7 +350,7 @@ def _metrics(result: StepResult, schedules: Schedules, step: int, epoch: int, im
         "lr": schedules.lr_at(i), "wd": schedules.wd_at(i),
         "momentum": schedules.momentum_at(i), "sharpen_T": schedules.sharpen_T_at(i),
         "distinct_prototypes": o.distinct_prototypes.item(), "max_target_prob": o.max_target_prob.item(),
-        "encoder_grad_norm": result.encoder_grad_norm.item(), "images_per_s": images_per_s,
+        "encoder_grad_norm": result.encoder_grad_norm.item(),
     }
 
 

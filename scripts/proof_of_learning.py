@@ -17,7 +17,9 @@ import torch
 from sklearn.datasets import load_digits
 
 from msn.backbone import MaskedViT
-from msn.evaluate import digits_splits, extract_features, load_encoder, logistic_regression, sample_per_class
+from msn.features import extract_features, load_encoder
+from msn.protocols import logistic_regression, sample_per_class
+from msn.splits import digits_splits
 
 
 def main() -> None:

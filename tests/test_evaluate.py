@@ -1,5 +1,6 @@
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -7,21 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
-from msn import evaluate
+from msn import features, splits
 from msn.data import DataError
-from msn.evaluate import (
-    digits_splits,
-    extract_features,
-    knn_accuracy,
-    linear_probe,
-    load_encoder,
-    logistic_regression,
-    read_subset_file,
-    sample_fraction,
-    sample_per_class,
-)
-from msn.export import export_hf, read_source
+from msn.features import extract_features, load_encoder
+from msn.protocols import knn_accuracy, linear_probe, logistic_regression, sample_fraction, sample_per_class
+from msn.splits import digits_splits, read_subset_file
 from msn.train import train
+from msn.weights import export_hf, read_source
 from tests.conftest import compose_config
 
 
@@ -98,7 +91,7 @@ def test_subset_files_are_honoured_exactly(tmp_path, folder_dataset):
     listing.write_text("99999\n")
     with pytest.raises(DataError, match="not an image of the training split"):
         read_subset_file(listing, train)
-    folder_train, _ = evaluate.folder_splits(folder_dataset)
+    folder_train, _ = splits.folder_splits(folder_dataset)
     listing.write_text("class_0/img1.png\nclass_1/img4.png\n")
     idx = read_subset_file(listing, folder_train)
     assert [folder_train.names[i] for i in idx] == ["class_0/img1.png", "class_1/img4.png"]
@@ -109,8 +102,8 @@ def test_feature_cache_is_reused_and_corruption_rebuilt(tmp_path, run_dir, monke
     encoder = load_encoder(run_dir)
     _, test = digits_splits()
     calls = []
-    original = evaluate.cls_features
-    monkeypatch.setattr(evaluate, "cls_features", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = features.cls_features
+    monkeypatch.setattr(features, "cls_features", lambda *a, **k: calls.append(1) or original(*a, **k))
     first = extract_features(encoder, test, tmp_path)
     computed = len(calls)
     assert computed > 0 and first.shape == (540, 128)
@@ -147,10 +140,8 @@ def test_cli_all_protocols_on_digits(tmp_path, run_dir):
     for r in report["results"].values():
         assert len(r["splits"]) == 2 and 0 <= r["mean"] <= 100
         assert r["mean"] == pytest.approx(np.mean(r["splits"])) and r["std"] == pytest.approx(np.std(r["splits"]))
-    knn = _eval("knn", str(run_dir), "--wandb", cwd=tmp_path)  # wandb offline: files under cwd/wandb
+    knn = _eval("knn", str(run_dir), cwd=tmp_path)
     assert knn["results"]["100%"]["mean"] > 10
-    (offline,) = (tmp_path / "wandb").glob("offline-run-*")
-    assert list(offline.glob("*.wandb"))
     linear = _eval("linear", str(run_dir), "--epochs", "20", "--splits", "1", cwd=tmp_path)
     assert linear["results"]["100%"]["mean"] > 10
     ft = _eval("finetune", str(run_dir), "--epochs", "1", "--splits", "1", "--lr", "1e-3", cwd=tmp_path)
@@ -181,3 +172,41 @@ def test_cli_errors(tmp_path, run_dir):
     assert result.returncode == 1 and "expected" in result.stderr and "train" in result.stderr
     result = subprocess.run(["msn-eval", "lowshot", str(run_dir), "--update-card"], capture_output=True, text=True)
     assert result.returncode == 2 and "--update-card needs" in result.stderr
+
+
+def test_cli_logs_to_an_offline_wandb_run(tmp_path, run_dir):
+    pytest.importorskip("wandb")  # a dependency of the package; absent only from hand-made environments
+    _eval("knn", str(run_dir), "--wandb", cwd=tmp_path)  # wandb offline: files under cwd/wandb
+    (offline,) = (tmp_path / "wandb").glob("offline-run-*")
+    assert list(offline.glob("*.wandb"))
+
+
+def test_wandb_missing_is_one_line_before_any_work(tmp_path, run_dir, monkeypatch, capsys):
+    from msn import evaluate
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # what an environment without wandb gives
+    monkeypatch.setattr(evaluate, "evaluate", lambda args: pytest.fail("evaluated before checking for wandb"))
+    assert evaluate.main(["knn", str(run_dir), "--wandb", "--output", str(tmp_path / "r.json")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["msn-eval: error: --wandb needs the wandb package, which is not installed: pip install wandb"]
+
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_cli_device_cuda_without_a_gpu_is_one_line(tmp_path, run_dir):
+    result = subprocess.run(["msn-eval", "knn", str(run_dir), "--device", "cuda"], capture_output=True, text=True,
+                            cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "msn-eval: error: --device=cuda but no CUDA device is available; use --device=cpu or --device=auto"]
+
+
+@needs_gpu
+def test_features_on_the_gpu_in_bf16_match_the_cpu(run_dir):
+    _, test = digits_splits()
+    on_cpu = extract_features(load_encoder(run_dir), test, None)
+    on_gpu = extract_features(load_encoder(run_dir, "cuda"), test, None, amp_dtype=torch.bfloat16)
+    assert on_gpu.device.type == "cpu" and on_gpu.dtype == torch.float32
+    assert torch.nn.functional.cosine_similarity(on_cpu, on_gpu, dim=1).min() > 0.99

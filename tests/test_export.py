@@ -8,8 +8,8 @@ import torch
 from transformers import AutoImageProcessor, ViTMSNForImageClassification, ViTMSNModel
 
 from msn.convert import ConversionError, backbone_to_hf, hf_to_backbone
-from msn.export import Source, export_hf, export_msn, export_timm, hf_config, init_model_from, read_source
 from msn.model import MSN
+from msn.weights import Source, export_hf, export_msn, export_timm, hf_config, init_model_from, read_source
 from tests.conftest import compose_config
 
 
@@ -244,7 +244,7 @@ CUSTOM = ["model.arch=null", "model.embed_dim=96", "model.depth=2", "model.num_h
 
 
 def test_architecture_given_field_by_field_exports_and_loads(tmp_path):
-    from msn.evaluate import load_encoder
+    from msn.features import load_encoder
 
     model, source = _source(tmp_path, *CUSTOM)
     out = export_hf(source, tmp_path / "hf")

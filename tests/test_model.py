@@ -9,7 +9,7 @@ from msn.masking import MaskGenerator, ViewMasks
 from msn.model import MSN
 from msn.optim import build_optimizer, param_groups
 from msn.schedules import StepHyperParams
-from msn.train import train_step
+from msn.step import train_step
 from tests.conftest import compose_config
 
 
@@ -166,3 +166,22 @@ def test_architecture_given_field_by_field(tmp_path):
     assert backbone.blocks[0].mlp.fc1.out_features == 256
     deeper = MSN(compose_config(["model=vit_pico", "model.depth=6"]).model).online.backbone
     assert (deeper.embed_dim, len(deeper.blocks), deeper.blocks[0].attn.num_heads) == (128, 6, 4)
+
+
+def test_fused_adamw_takes_the_same_step(cfg):
+    """fused=True (used on GPUs; PyTorch also has it on the CPU) is the same AdamW arithmetic.
+
+    In float64: Adam turns float32 rounding noise in gradients that are zero in exact arithmetic (the key
+    bias of attention) into lr-sized steps, whichever implementation rounds."""
+    torch.manual_seed(0)
+    plain = MSN(cfg.model).double()
+    fused = copy.deepcopy(plain)
+    views = [v.double() for v in _views()]
+    masks = _masks(cfg, views)
+    for model, flag in ((plain, False), (fused, True)):
+        optimizer = build_optimizer(model, cfg.optim, fused=flag)
+        assert bool(optimizer.param_groups[0]["fused"]) is flag
+        for _ in range(2):
+            train_step(model, MSNLoss(), optimizer, views, masks, _hp(), cfg.optim.clip_grad)
+    for (name, a), b in zip(plain.state_dict().items(), fused.state_dict().values(), strict=True):
+        torch.testing.assert_close(b, a, atol=1e-10, rtol=0, msg=name)

@@ -17,12 +17,12 @@ import torch
 
 from msn.config import to_schema
 from msn.convert import from_original_msn
-from msn.export import init_model_from
 from msn.masking import ViewMasks
 from msn.model import MSN
 from msn.optim import build_optimizer
 from msn.schedules import StepHyperParams
-from msn.train import build_loss, train_step
+from msn.step import build_loss, train_step
+from msn.weights import init_model_from
 from tests.conftest import compose_config
 
 TOL = 1e-9

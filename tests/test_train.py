@@ -1,6 +1,7 @@
 import csv
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,7 @@ def test_checkpoint_loading_refuses_pickled_objects(tmp_path):
 
 
 def test_wandb_offline_run(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")  # a dependency of the package; absent only from hand-made environments
     monkeypatch.setenv("WANDB_SILENT", "true")
     run_dir = tmp_path / "run"
     train(_smoke(run_dir, "logger=wandb", "logger.progress=false", "optim.max_steps=2", "logger.log_every=1"))
@@ -115,17 +117,27 @@ def test_console_lines_at_the_configured_interval(tmp_path, capsys):
     assert all("loss" in line and "lr" in line and "img/s" in line for line in lines)
 
 
-def test_compile_option_runs_and_matches_eager(tmp_path):
-    """compile=true goes through torch.compile (inductor, C++ on CPU) and computes the same steps."""
+def _compiled_matches_eager(tmp_path: Path, backend: str) -> None:
     eager = train(_smoke(tmp_path / "eager", "optim.max_steps=2"))
     from torch._dynamo.utils import counters
 
     counters.clear()
-    compiled = train(_smoke(tmp_path / "compiled", "optim.max_steps=2", "compile=true"))
+    compiled = train(_smoke(tmp_path / backend, "optim.max_steps=2", "compile=true", f"compile_backend={backend}"))
     assert counters["stats"]["unique_graphs"] > 0  # dynamo really captured the encoders
     assert compiled["loss"] == pytest.approx(eager["loss"], abs=1e-4)
-    state = load_checkpoint(tmp_path / "compiled" / "checkpoints" / "last.pt")
+    state = load_checkpoint(tmp_path / backend / "checkpoints" / "last.pt")
     assert not any("_orig_mod" in k for k in state["model"])  # checkpoints keep the plain parameter names
+
+
+def test_compile_option_runs_and_matches_eager(tmp_path):
+    """compile=true traces forward and backward (AOTAutograd, without code generation) and computes the same steps."""
+    _compiled_matches_eager(tmp_path, "aot_eager")
+
+
+@pytest.mark.slow
+def test_compile_with_inductor_matches_eager(tmp_path):
+    """The default backend, inductor, generating C++ on the CPU (about 80 s here): the same steps."""
+    _compiled_matches_eager(tmp_path, "inductor")
 
 
 def test_periodic_monitor_is_logged(tmp_path):
@@ -265,3 +277,64 @@ def test_resume_with_another_global_batch_or_over_a_finished_run_is_refused(tmp_
     with pytest.raises(ConfigError, match="already holds checkpoints/last.pt.*resume=auto"):
         train(_smoke(run_dir, "resume=null", "optim.max_steps=4"))
     assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"] == 2  # the finished work is intact
+
+
+def test_compile_covers_the_online_encoder_and_the_target(tmp_path):
+    """compile=true compiles what the step calls: the online backbone (both view sizes), the online head and
+    the target encoder. A recording backend names every module dynamo captured a graph of."""
+    import torch._dynamo
+
+    captured: list[set[str]] = []
+
+    def recording(gm, example_inputs):
+        captured.append({node.name for node in gm.graph.nodes if node.op == "placeholder"})
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch._dynamo.register_backend(recording, name="msn_recording")
+    train(_smoke(tmp_path / "run", "optim.max_steps=1", "compile=true", "compile_backend=msn_recording"))
+    torch._dynamo.reset()
+    # Placeholders name parameters by their path from the compiled module: the target encoder's start with
+    # "self_modules_backbone", the online backbone's with "self_modules_blocks", the online head's with
+    # "self_modules_fc1".
+    kinds = {kind for names in captured for kind in ("backbone", "blocks", "fc1")
+             if any(f"self_modules_{kind}_" in n for n in names)}
+    assert kinds == {"backbone", "blocks", "fc1"}, captured
+    online_backbone = [names for names in captured if any("self_modules_blocks_" in n for n in names)]
+    assert len(online_backbone) >= 2  # static shapes: one graph for the anchor, one for the focal views
+
+
+def test_a_non_finite_step_stops_the_run_and_is_never_saved(tmp_path, monkeypatch):
+    """The non-finite check stays on the device between logging steps, but runs before every checkpoint."""
+    import msn.train
+
+    real_step, calls = msn.train.train_step, []
+
+    def poisoned(model, loss_fn, optimizer, views, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:  # the 4th step sees NaN images: its loss, gradients and update are NaN
+            views = [v * float("nan") for v in views]
+        return real_step(model, loss_fn, optimizer, views, *args, **kwargs)
+
+    monkeypatch.setattr(msn.train, "train_step", poisoned)
+    run_dir = tmp_path / "run"
+    cfg = _smoke(run_dir, "logger.log_every=10", "checkpoint.last_every_steps=1", "checkpoint.every_steps=0")
+    with pytest.raises(FloatingPointError, match="non-finite at step 4; nothing after the last checkpoint"):
+        train(cfg)
+    state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert state["step"] == 3
+    assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+
+
+def test_wandb_missing_is_a_config_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.raises(ConfigError, match="logger=wandb needs the wandb package, which is not installed"):
+        train(_smoke(tmp_path / "run", "logger=wandb", "optim.max_steps=1"))
+
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
+def test_monitor_runs_on_the_training_gpu(tmp_path):
+    run_dir = tmp_path / "run"
+    train(_smoke(run_dir, "device=cuda", "precision=bf16", "monitor.every_steps=2", "optim.max_steps=2"))
+    assert 0 < float(metrics_rows(run_dir)[-1]["monitor"]) <= 100

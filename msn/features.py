@@ -1,0 +1,146 @@
+"""Frozen-encoder features for evaluation: loading a target backbone, the centre-crop transform,
+CLS features extracted on any device (bf16 autocast on GPUs) and cached on disk."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+from tqdm import tqdm
+
+from msn.backbone import MaskedViT, ViTArch
+from msn.convert import hf_to_backbone, split_encoder
+from msn.device import autocast
+from msn.splits import Split
+from msn.weights import IMAGENET_MEAN, IMAGENET_STD, infer_backbone, read_source, source_arch
+
+
+@dataclass
+class Encoder:
+    """A frozen backbone with the preprocessing it was trained with."""
+
+    backbone: MaskedViT
+    image_size: int
+    mean: list[float]
+    std: list[float]
+    fingerprint: str  # identifies the weights, for the feature cache
+    path: Path
+
+
+def _fingerprint(path: Path) -> str:
+    stat = path.stat()
+    return hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+
+
+def load_encoder(model: str | Path, device: torch.device | str = "cpu") -> Encoder:
+    """The target backbone of a checkpoint, run directory, original MSN file or HF ViTMSN folder, on ``device``."""
+    path = Path(model)
+    if path.is_dir() and (path / "config.json").is_file():
+        weights = path / "model.safetensors"
+        backbone_sd = hf_to_backbone(load_file(weights))
+        hf = json.loads((path / "config.json").read_text())
+        arch = ViTArch(hf["hidden_size"], hf["num_hidden_layers"], hf["num_attention_heads"],
+                       hf["intermediate_size"] / hf["hidden_size"])
+        processor = path / "preprocessor_config.json"
+        pre = json.loads(processor.read_text()) if processor.is_file() else {}
+        mean, std = pre.get("image_mean", IMAGENET_MEAN), pre.get("image_std", IMAGENET_STD)
+    else:
+        source = read_source(path)
+        weights = source.path
+        backbone_sd, _ = split_encoder(source.model, "target.")
+        arch = source_arch(source.model_cfg)
+        data = source.config.data if source.config is not None else None
+        mean = list(data.mean) if data is not None else IMAGENET_MEAN
+        std = list(data.std) if data is not None else IMAGENET_STD
+    sizes = infer_backbone(backbone_sd)
+    backbone = MaskedViT(arch, sizes["patch_size"], sizes["img_size"])
+    backbone.load_state_dict(backbone_sd)
+    return Encoder(backbone.to(device).eval(), sizes["img_size"], list(mean), list(std), _fingerprint(weights), path)
+
+
+
+def eval_transform(encoder: Encoder) -> v2.Compose:
+    """Resize to size * 256/224 (bicubic) then centre-crop ``size``: the paper's 256 -> 224 protocol."""
+    size = encoder.image_size
+    resize = v2.Resize(int(round(size * 256 / 224)), interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+    return v2.Compose([v2.ToImage(), resize, v2.CenterCrop(size), v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(encoder.mean, encoder.std)])
+
+
+class TransformedImages(Dataset):
+    """Images of a split passed through a transform (the evaluation centre crop), one tensor each."""
+
+    def __init__(self, images: Dataset, transform: v2.Compose) -> None:
+        self.images, self.transform = images, transform
+
+    def __len__(self) -> int:
+        return len(self.images)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.transform(self.images[i])
+
+
+@torch.no_grad()
+def cls_features(backbone: MaskedViT, x: torch.Tensor, feature: str = "cls", last_blocks: int = 1) -> torch.Tensor:
+    """CLS features of a batch: (B, C, H, W) -> (B, last_blocks * D).
+
+    ``feature="cls"``: the CLS token after the final norm (each of the last ``last_blocks`` block outputs is
+    normed, then concatenated); ``"cls_prenorm"``: the raw block outputs' CLS tokens.
+    """
+    outputs: list[torch.Tensor] = []
+    hooks = [blk.register_forward_hook(lambda m, i, o: outputs.append(o[:, 0]))
+             for blk in backbone.blocks[-last_blocks:]]
+    try:
+        backbone.forward_features(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    if feature == "cls":
+        outputs = [backbone.norm(o) for o in outputs]
+    return torch.cat(outputs, dim=1)
+
+
+def extract_features(encoder: Encoder, split: Split, cache_dir: Path | None, feature: str = "cls",
+                     last_blocks: int = 1, batch_size: int = 128, num_workers: int = 0,
+                     amp_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(N, D) float32 CPU features of ``split``, from the cache when a valid entry exists, else computed and stored.
+
+    The images are preprocessed on the CPU (DataLoader workers) and the backbone runs wherever its
+    parameters are, under ``amp_dtype`` autocast when given (bf16 on GPUs). The cache key hashes the
+    weights' fingerprint, the split, the feature options and the precision; an unreadable or
+    inconsistent cache file is rebuilt, never trusted.
+    """
+    device = next(encoder.backbone.parameters()).device
+    precision = str(amp_dtype).removeprefix("torch.") if amp_dtype is not None else "fp32"
+    key = hashlib.sha1(json.dumps([encoder.fingerprint, split.ident, len(split.labels), feature, last_blocks,
+                                   encoder.image_size, encoder.mean, encoder.std, precision]).encode()).hexdigest()[:20]
+    path = cache_dir / f"{key}.pt" if cache_dir is not None else None
+    if path is not None and path.is_file():
+        try:
+            cached = torch.load(path, weights_only=True)
+            if cached["key"] == key and cached["features"].shape[0] == len(split.labels):
+                return cached["features"]
+            reason = "it does not match"
+        except Exception as e:  # truncated / corrupted file: rebuild rather than trust it
+            reason = f"{type(e).__name__}"
+        print(f"feature cache {path} is unusable ({reason}); rebuilding", file=sys.stderr)
+    loader = DataLoader(TransformedImages(split.images, eval_transform(encoder)), batch_size=batch_size,
+                        num_workers=num_workers, pin_memory=device.type == "cuda")
+    chunks = []
+    for x in tqdm(loader, desc=f"features {split.ident[:40]}", file=sys.stderr, leave=False):
+        with autocast(device, amp_dtype):
+            chunks.append(cls_features(encoder.backbone, x.to(device, non_blocking=True), feature, last_blocks))
+    features = torch.cat(chunks).float().cpu()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"key": key, "features": features}, tmp)
+        tmp.replace(path)
+    return features

@@ -1,0 +1,115 @@
+"""One MSN training step (DESIGN.md section 3), and the loss and schedules it uses, built from the config.
+
+:func:`train_step` receives everything that varies from step to step (views, masks, hyper-parameters);
+``msn-pretrain`` (:mod:`msn.train`) and ``msn-bench`` (:mod:`msn.bench`) both run it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig
+from torch.nn.parallel import DistributedDataParallel
+
+from msn.config import LossConfig
+from msn.device import autocast
+from msn.loss import MSNLoss, MSNLossOutput
+from msn.masking import ViewMasks
+from msn.model import MSN
+from msn.optim import set_lr_wd
+from msn.schedules import Schedules, StepHyperParams
+
+
+def build_schedules(cfg: DictConfig, total_steps: int, steps_in_epoch: int) -> Schedules:
+    """Schedules over the run's ``total_steps`` (epochs x steps per epoch, or the optim.max_steps cap)."""
+    o, loss = cfg.optim, cfg.loss
+    return Schedules(
+        total_steps=total_steps,
+        warmup_steps=min(int(o.warmup_epochs * steps_in_epoch), total_steps),
+        lr=o.lr, start_lr=o.start_lr, final_lr=o.final_lr,
+        weight_decay=o.weight_decay, final_weight_decay=o.final_weight_decay,
+        momentum=o.ema_momentum, final_momentum=o.final_ema_momentum,
+        sharpen_T=loss.sharpen_T,
+        final_sharpen_T=loss.sharpen_T if loss.final_sharpen_T is None else loss.final_sharpen_T,
+        stretch=o.schedule_stretch,
+    )
+
+
+def build_loss(loss: DictConfig | LossConfig) -> MSNLoss:
+    """The MSN loss with the ``loss.*`` settings."""
+    return MSNLoss(loss.tau, loss.sharpen_T, loss.sinkhorn, loss.sinkhorn_iterations, loss.me_max_weight,
+                   loss.entropy_weight)
+
+
+@dataclass
+class StepResult:
+    """What one step reports: the loss parts and the online encoder's gradient norm before clipping."""
+
+    out: MSNLossOutput
+    encoder_grad_norm: torch.Tensor  # 0-dim, on the training device: reading it waits for the step to finish
+
+
+def train_step(
+    model: MSN | DistributedDataParallel,
+    loss_fn: MSNLoss,
+    optimizer: torch.optim.Optimizer,
+    views: list[torch.Tensor],
+    masks: ViewMasks,
+    hp: StepHyperParams,
+    clip_grad: float | None,
+    scaler: torch.amp.GradScaler | None = None,
+    amp_dtype: torch.dtype | None = None,
+    prototype_grad_scale: float = 1.0,
+) -> StepResult:
+    """One optimisation step of MSN, as the original code takes it.
+
+    forward (online encoder on the masked anchor view and the focal views, target encoder on the target
+    view) -> loss at temperature ``hp.sharpen_T`` -> backward -> clip the **online encoder's** gradients
+    to norm ``clip_grad`` (the prototypes are neither clipped nor counted in the norm, as in the
+    original) -> AdamW step at ``hp.lr`` / ``hp.weight_decay`` -> EMA of the target at ``hp.momentum``.
+
+    Args:
+        model: the MSN model, or it wrapped in DDP (gradients are then averaged over processes; the
+            prototypes and the EMA update are reached through ``model.module``).
+        loss_fn: the MSN loss.
+        optimizer: AdamW over :func:`msn.optim.param_groups`.
+        views: ``[target, anchor, focal_1, ..., focal_n]``, each (B, C, S, S) on the training device.
+        masks: keep-indices of the anchor (and optionally focal) views, from :class:`msn.masking.MaskGenerator`.
+        hp: this step's lr, weight decay, EMA momentum and sharpening temperature (:meth:`Schedules.at`).
+        clip_grad: max global norm of the encoder's gradients; None: no clipping.
+        scaler: a GradScaler for fp16 autocast, else None.
+        amp_dtype: autocast dtype (bf16 / fp16 on GPU), or None for full precision.
+        prototype_grad_scale: factor on the prototypes' gradient after backward. The number of processes
+            W turns DDP's average into the original's sum over processes (``optim.prototype_grad=sum``).
+    """
+    core = model.module if isinstance(model, DistributedDataParallel) else model
+    target_view, anchor_view, focal = views[0], views[1], views[2:]
+    focal_views = torch.cat(focal) if focal else None  # (n*B, C, F, F), view-major
+
+    set_lr_wd(optimizer, hp.lr, hp.weight_decay)
+    with autocast(target_view.device, amp_dtype):
+        anchors, targets = model(target_view, anchor_view, focal_views, masks.anchor_keep, masks.focal_keep)
+    # The loss runs in fp32 (or wider): softmax at tau=0.1, Sinkhorn and logs are precision-sensitive.
+    wide = torch.promote_types(core.prototypes.dtype, torch.float32)
+    out = loss_fn(anchors.to(wide), targets.to(wide), core.prototypes.to(wide), T=hp.sharpen_T)
+
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(out.loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        out.loss.backward()
+    if prototype_grad_scale != 1.0 and core.prototypes.grad is not None:
+        core.prototypes.grad.mul_(prototype_grad_scale)
+    encoder_params = [p for p in core.online.parameters() if p.requires_grad]
+    max_norm = clip_grad if clip_grad is not None else math.inf
+    encoder_grad_norm = torch.nn.utils.clip_grad_norm_(encoder_params, max_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    core.update_target(hp.momentum)
+    return StepResult(out, encoder_grad_norm.detach())

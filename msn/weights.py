@@ -1,0 +1,271 @@
+"""Reading and writing weights in every format we speak (DESIGN.md section 4).
+
+Readers: a training checkpoint, a run directory (its ``checkpoints/last.pt``) or an original MSN
+``*.pth.tar`` (:func:`read_source`); weights to start pretraining from, including Hugging Face ViTMSN
+folders and timm safetensors (:func:`read_init_weights`, :func:`init_model_from`). Writers: the
+Hugging Face ViTMSN folder, timm safetensors and the original MSN layout (``export_*``). The
+``msn-export`` CLI (:mod:`msn.export`), ``msn-pretrain init_from=`` and ``msn-eval`` all use them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file, save_file
+
+from msn.backbone import ARCHITECTURES, ViTArch, preset_name
+from msn.checkpoint import CheckpointError, is_training_checkpoint, safe_load
+from msn.config import DataConfig, ModelConfig, model_arch
+from msn.convert import (
+    ConversionError,
+    StateDict,
+    backbone_to_hf,
+    check_compatible,
+    from_original_msn,
+    hf_to_backbone,
+    split_encoder,
+    to_original_msn,
+)
+
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+TIMM_NAMES = {("vit_tiny", 16): "vit_tiny_patch16_224", ("vit_small", 16): "vit_small_patch16_224",
+              ("vit_small", 8): "vit_small_patch8_224", ("vit_base", 16): "vit_base_patch16_224",
+              ("vit_base", 8): "vit_base_patch8_224", ("vit_large", 16): "vit_large_patch16_224",
+              ("vit_huge", 14): "vit_huge_patch14_224"}
+
+
+@dataclass
+class Source:
+    """Weights to export: a training-format state dict and what we know about how they were trained."""
+
+    model: StateDict  # online.*, target.*, prototypes
+    model_cfg: DictConfig
+    path: Path
+    step: int | None = None
+    epoch: int | None = None
+    config: DictConfig | None = None  # the full training config, when the source is ours
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def infer_backbone(backbone: StateDict) -> dict[str, Any]:
+    """:class:`ModelConfig` fields of a timm-keyed ViT backbone, read off its shapes.
+
+    Returns ``arch`` (a preset's name) when width, depth and MLP width match a preset; otherwise
+    ``arch=None`` with ``embed_dim``, ``depth`` and ``mlp_ratio``, and ``num_heads=None``: the number of
+    attention heads does not show in any shape. Always ``patch_size`` and ``img_size``.
+    """
+    dim = backbone["cls_token"].shape[-1]
+    depth = len({k.split(".")[1] for k in backbone if k.startswith("blocks.")})
+    mlp_ratio = backbone["blocks.0.mlp.fc1.weight"].shape[0] / dim if depth else 4.0
+    patch = backbone["patch_embed.proj.weight"].shape[-1]
+    grid = round((backbone["pos_embed"].shape[1] - 1) ** 0.5)
+    sizes = {"patch_size": patch, "img_size": grid * patch}
+    arch = next((n for n, a in ARCHITECTURES.items() if (a.embed_dim, a.depth, a.mlp_ratio) == (dim, depth, mlp_ratio)),
+                None)
+    if arch is not None:
+        return {"arch": arch, **sizes}
+    return {"arch": None, "embed_dim": dim, "depth": depth, "num_heads": None, "mlp_ratio": mlp_ratio, **sizes}
+
+
+def source_arch(model_cfg: DictConfig | ModelConfig) -> ViTArch:
+    """The ViT dimensions of a source, or a :class:`ConversionError` that says why they are unknown."""
+    try:
+        return model_arch(model_cfg)
+    except ValueError as e:
+        raise ConversionError(
+            f"cannot tell the ViT's architecture ({e}): its width and depth match no preset, and the number of "
+            "attention heads cannot be read off the weights; export it from an msn training checkpoint or "
+            "run directory, whose config records it") from None
+
+
+def infer_model_config(model_sd: StateDict) -> DictConfig:
+    """Architecture of a training-format state dict, read off its shapes (for original MSN files)."""
+    backbone, head = split_encoder(model_sd, "target.")
+    linears = sorted(k for k in head if k.startswith("fc") and k.endswith(".weight"))
+    return OmegaConf.structured(ModelConfig(
+        **infer_backbone(backbone), head_layers=len(linears),
+        head_hidden_dim=head[linears[0]].shape[0] if len(linears) > 1 else 2048,
+        head_output_dim=head[linears[-1]].shape[0], head_batchnorm=any(k.startswith("bn") for k in head),
+        num_prototypes=model_sd["prototypes"].shape[0],
+    ))
+
+
+def read_source(path: str | Path) -> Source:
+    """Load SOURCE: a run directory, a training checkpoint or an original MSN checkpoint."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoints" / "last.pt"
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist; give a training checkpoint, a run directory or a .pth.tar")
+    raw = safe_load(path)
+    if is_training_checkpoint(raw):
+        config = OmegaConf.create(raw["config"])
+        model_cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), config.model)  # fields added since: defaults
+        return Source(raw["model"], model_cfg, path, raw["step"], raw["epoch"], config)
+    if isinstance(raw, dict) and "target_encoder" in raw:
+        model = from_original_msn(raw)
+        return Source(model, infer_model_config(model), path, epoch=raw.get("epoch"))
+    raise CheckpointError(f"{path} is neither an msn training checkpoint nor an original MSN checkpoint "
+                          "(a dict with encoder, target_encoder and prototypes)")
+
+
+def _data_cfg(source: Source) -> DataConfig | DictConfig:
+    return source.config.data if source.config is not None else DataConfig()
+
+
+def hf_config(model_cfg: DictConfig) -> dict[str, Any]:
+    """``config.json`` of a Hugging Face ViTMSNModel for this architecture."""
+    a = source_arch(model_cfg)
+    return {
+        "architectures": ["ViTMSNModel"], "model_type": "vit_msn", "hidden_size": a.embed_dim,
+        "num_hidden_layers": a.depth, "num_attention_heads": a.num_heads,
+        "intermediate_size": int(a.embed_dim * a.mlp_ratio), "hidden_act": "gelu", "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0, "initializer_range": 0.02, "layer_norm_eps": 1e-6,
+        "image_size": int(model_cfg.img_size), "patch_size": int(model_cfg.patch_size), "num_channels": 3,
+        "qkv_bias": True, "torch_dtype": "float32",
+    }
+
+
+def preprocessor_config(size: int, mean: list[float], std: list[float]) -> dict[str, Any]:
+    """``preprocessor_config.json``: ViTImageProcessor resizing to ``size`` (bicubic) and normalising."""
+    return {
+        "image_processor_type": "ViTImageProcessor", "do_resize": True, "size": {"height": size, "width": size},
+        "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "image_mean": list(mean), "image_std": list(std),
+    }
+
+
+def model_card(source: Source, encoder: str) -> str:
+    """A README.md for the exported folder: architecture, data, training, how to load it."""
+    m = source.model_cfg
+    a = source_arch(m)
+    name = preset_name(a) or f"ViT {a.embed_dim}x{a.depth}"
+    lines = [
+        "---", "library_name: transformers", "tags: [vit-msn, self-supervised, msn]", "---", "",
+        f"# MSN-pretrained {name} / patch {m.patch_size}", "",
+        f"A Vision Transformer pretrained with Masked Siamese Networks (MSN, Assran et al., 2022); the "
+        f"{encoder} encoder{' (EMA target, as the paper evaluates)' if encoder == 'target' else ''}, without the "
+        "projection head and prototypes.", "",
+        "| | |", "|---|---|",
+        f"| architecture | ViT, {a.embed_dim} wide, {a.depth} layers, {a.num_heads} heads, patch {m.patch_size}, "
+        f"{m.img_size} px |",
+        f"| source | `{source.path.name}` |",
+    ]
+    if source.config is not None:
+        c = source.config
+        data = c.data.root if c.data.name == "folder" else c.data.name
+        lines += [
+            f"| pretraining data | {data} |",
+            f"| steps / epochs | {source.step} steps, {source.epoch} epochs done of {c.optim.epochs} |",
+            f"| batch | {c.data.batch_size} images per process |",
+            f"| views | 1 target + 1 anchor at {c.data.global_size} px, {c.data.num_focal} focal at "
+            f"{c.data.focal_size} px |",
+            f"| masking | {c.masking.ratio:.0%} of the anchor's patches dropped |",
+            f"| prototypes | {c.model.num_prototypes} x {c.model.head_output_dim}, tau {c.loss.tau}, "
+            f"T {c.loss.sharpen_T}, Sinkhorn {c.loss.sinkhorn}, ME-MAX weight {c.loss.me_max_weight} |",
+            f"| optimiser | AdamW, lr {c.optim.lr}, weight decay {c.optim.weight_decay} -> "
+            f"{c.optim.final_weight_decay}, EMA {c.optim.ema_momentum} -> {c.optim.final_ema_momentum} |",
+        ]
+    elif source.epoch is not None:
+        lines.append(f"| epochs | {source.epoch} (original MSN checkpoint) |")
+    lines += [
+        "", "## Use", "", "```python", "from transformers import AutoImageProcessor, ViTMSNModel",
+        "", 'processor = AutoImageProcessor.from_pretrained("PATH")',
+        'model = ViTMSNModel.from_pretrained("PATH")',
+        'features = model(**processor(images, return_tensors="pt")).last_hidden_state[:, 0]  # CLS',
+        "```", "",
+        "Fine-tune with `ViTMSNForImageClassification.from_pretrained(PATH, num_labels=N)`; other sizes work with "
+        "`interpolate_pos_encoding=True`.", "",
+    ]
+    return "\n".join(lines)
+
+
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise CheckpointError(f"{out} exists and is not empty; choose another OUT or pass --overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def export_hf(source: Source, out: Path, encoder: str = "target", overwrite: bool = False) -> Path:
+    """Write a Hugging Face ViTMSN folder (config, safetensors, preprocessor config, model card)."""
+    backbone, _ = split_encoder(source.model, f"{encoder}.")
+    _prepare_out(out, overwrite)
+    save_file({k: v.contiguous() for k, v in backbone_to_hf(backbone).items()}, out / "model.safetensors",
+              metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(hf_config(source.model_cfg), indent=2) + "\n")
+    data = _data_cfg(source)
+    size = int(source.model_cfg.img_size)
+    processor = preprocessor_config(size, list(data.mean), list(data.std))
+    (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
+    (out / "README.md").write_text(model_card(source, encoder))
+    return out
+
+
+def timm_create_args(model_cfg: DictConfig) -> dict[str, Any]:
+    """``timm.create_model`` name and keyword arguments that build this backbone (no classifier)."""
+    a = source_arch(model_cfg)
+    name = TIMM_NAMES.get((preset_name(a), int(model_cfg.patch_size)), "vit_base_patch16_224")
+    kwargs = {"num_classes": 0, "img_size": int(model_cfg.img_size), "patch_size": int(model_cfg.patch_size),
+              "embed_dim": a.embed_dim, "depth": a.depth, "num_heads": a.num_heads, "mlp_ratio": a.mlp_ratio}
+    return {"model_name": name, "pretrained": False, "kwargs": kwargs}
+
+
+def export_timm(source: Source, out: Path, encoder: str = "target", overwrite: bool = False) -> Path:
+    """Write ``model.safetensors`` (timm ViT keys) and ``timm_config.json`` (create_model arguments)."""
+    backbone, _ = split_encoder(source.model, f"{encoder}.")
+    _prepare_out(out, overwrite)
+    save_file({k: v.contiguous() for k, v in backbone.items()}, out / "model.safetensors", metadata={"format": "pt"})
+    (out / "timm_config.json").write_text(json.dumps(timm_create_args(source.model_cfg), indent=2) + "\n")
+    return out
+
+
+def export_msn(source: Source, out: Path, overwrite: bool = False) -> Path:
+    """Write an original-layout MSN checkpoint (``OUT`` ending in .pth.tar/.pth/.pt, else ``OUT/msn.pth.tar``)."""
+    path = out if out.name.endswith((".pth.tar", ".pth", ".pt")) else out / "msn.pth.tar"
+    if path.exists() and not overwrite:
+        raise CheckpointError(f"{path} exists; choose another OUT or pass --overwrite")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(to_original_msn(source.model, epoch=source.epoch or 0), path)
+    return path
+
+
+def read_init_weights(path: str | Path) -> tuple[str, StateDict]:
+    """Weights to start pretraining from, in training-state-dict keys, and the kind of source.
+
+    Returns ``("msn", online.* + target.* + prototypes)`` for an original MSN or msn training checkpoint,
+    or ``("backbone", timm backbone keys)`` for a Hugging Face ViTMSN folder or a timm safetensors file.
+    """
+    path = Path(path)
+    if path.is_dir() and (path / "config.json").is_file():  # Hugging Face folder
+        return "backbone", hf_to_backbone(load_file(path / "model.safetensors"))
+    if path.is_dir() and (path / "timm_config.json").is_file():
+        path = path / "model.safetensors"
+    if path.is_file() and path.suffix == ".safetensors":
+        return "backbone", load_file(path)
+    if path.is_file() or (path.is_dir() and (path / "checkpoints" / "last.pt").is_file()):
+        return "msn", read_source(path).model
+    raise CheckpointError(f"init_from={path}: not a Hugging Face ViTMSN folder, a timm .safetensors file, "
+                          "an original MSN .pth.tar or an msn checkpoint")
+
+
+def init_model_from(model: torch.nn.Module, path: str | Path) -> str:
+    """Load ``msn-pretrain init_from=PATH`` weights into an :class:`msn.model.MSN`; return the kind loaded.
+
+    A backbone (Hugging Face or timm) initialises the online and target backbones alike; head and
+    prototypes stay fresh. An MSN checkpoint sets both encoders, the head and the prototypes.
+    """
+    kind, weights = read_init_weights(path)
+    if kind == "backbone":
+        expected = model.online.backbone.state_dict()
+        check_compatible(expected, weights, f"init_from={path}")
+        model.online.backbone.load_state_dict(weights)
+        model.target.backbone.load_state_dict(weights)
+    else:
+        check_compatible(model.state_dict(), weights, f"init_from={path}")
+        model.load_state_dict(weights)
+    return kind
