@@ -8,13 +8,17 @@ type cannot express (ranges, divisibility, names) before any compute starts.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import sys
+import typing
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from msn.backbone import WEIGHT_INITS, ViTArch, resolve_arch
@@ -165,6 +169,30 @@ def model_arch(model: ModelConfig | DictConfig) -> ViTArch:
     return resolve_arch(model.arch, model.embed_dim, model.depth, model.num_heads, model.mlp_ratio)
 
 
+class CheckBeforeRun(Callback):
+    """Hydra callback (configs/config.yaml): refuse a bad config before Hydra creates or writes the run directory.
+
+    Hydra saves ``.hydra/`` in the run directory before the job starts; a run that is going to be refused
+    (an unknown key, a bad value, ``resume=null`` over an earlier run's ``last.pt``) must leave it as it
+    was. Prints one line and exits with code 1. Multirun jobs are checked by ``train`` itself.
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        task = {k: v for k, v in OmegaConf.to_container(config, resolve=False).items() if k != "hydra"}
+        try:
+            cfg = to_schema(task)
+            run_dir = Path(str(OmegaConf.select(config, "hydra.run.dir")))
+            if cfg.resume is None and (run_dir / "checkpoints" / "last.pt").is_file():
+                raise ConfigError(resume_null_message(run_dir))
+        except ConfigError as e:
+            sys.exit(f"msn-pretrain: error: {e}")
+
+
+def resume_null_message(run_dir: Path) -> str:
+    return (f"{run_dir} already holds checkpoints/last.pt from an earlier run and resume=null would overwrite it; "
+            "pass resume=auto to continue that run, or a new hydra.run.dir")
+
+
 def register_configs() -> None:
     """Register the schema with Hydra's ConfigStore (call before composing)."""
     ConfigStore.instance().store(name="msn_schema", node=MSNConfig)
@@ -274,8 +302,30 @@ def validate(cfg: DictConfig | MSNConfig) -> None:
         raise ConfigError("invalid config: " + "; ".join(errors))
 
 
+def unknown_keys(cfg: DictConfig | dict, schema: type = MSNConfig, prefix: str = "") -> list[str]:
+    """Keys of ``cfg`` that ``schema`` (a dataclass) does not define, as dotted paths.
+
+    Hydra's struct mode rejects a misspelt ``key=value`` override, but ``+key=value`` adds the key anyway
+    and it would pass through the merge silently; this walks the config itself.
+    """
+    node = OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else cfg
+    hints = typing.get_type_hints(schema)
+    found = []
+    for key, value in node.items():
+        path = f"{prefix}{key}"
+        if key not in hints:
+            found.append(path)
+        elif dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
+            found += unknown_keys(value, hints[key], f"{path}.")
+    return found
+
+
 def to_schema(cfg: DictConfig | dict) -> DictConfig:
-    """Merge a plain config onto the schema (unknown keys / wrong types fail) and validate it."""
+    """Merge a plain config onto the schema (unknown keys, however added, and wrong types fail) and validate it."""
+    unknown = unknown_keys(cfg)
+    if unknown:
+        raise ConfigError(f"unknown config key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} (added with "
+                          "+key=value?); msn reads only the keys of configs/ and msn/config.py: check the spelling")
     merged = OmegaConf.merge(OmegaConf.structured(MSNConfig), cfg)
     validate(merged)
     return merged

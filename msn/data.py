@@ -104,13 +104,36 @@ class ImageFolderDataset(Dataset):
 
 
 def load_rgb(path: Path) -> Image.Image:
-    """Decode ``path`` as an RGB image; a missing, truncated or non-image file is a :class:`DataError`."""
+    """Decode ``path`` as an 8-bit RGB image; a missing, truncated or non-image file is a :class:`DataError`.
+
+    High-bit-depth images (16-bit grayscale PNG / TIFF: PIL modes ``I;16*``, ``I``, ``F``) are scaled to
+    8 bits (:func:`to_8bit`); PIL's own ``convert("RGB")`` would clip them at 255.
+    """
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")  # forces the decode, so a corrupt file fails here
+            image.load()  # forces the decode, so a corrupt file fails here
+            return to_8bit(image).convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         # PIL signals bad data with OSError (incl. UnidentifiedImageError), SyntaxError or ValueError
         raise DataError(f"cannot read image {path}: {err}") from err
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """An 8-bit grayscale copy of a 16-bit, 32-bit integer or float image; other modes as they are.
+
+    16-bit values v in [0, 65535] become round(v * 255 / 65535) (``I`` images, which PIL also uses for
+    16-bit files, are taken as 16-bit when they fit in 0..65535, else scaled by their own maximum);
+    float images are taken as [0, 1] when they fit, else scaled by their maximum.
+    """
+    if not (image.mode.startswith("I") or image.mode == "F"):
+        return image
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode == "F":
+        top = 1.0 if values.size == 0 or (values.min() >= 0 and values.max() <= 1.0) else max(values.max(), 1e-12)
+    else:
+        top = 65535.0 if values.size == 0 or (values.min() >= 0 and values.max() <= 65535) else max(values.max(), 1)
+    scaled = np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8)
+    return Image.fromarray(scaled)  # (H, W) uint8: mode "L"
 
 
 def _check_root(root: str | os.PathLike | None) -> Path:

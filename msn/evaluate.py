@@ -36,7 +36,7 @@ from msn.protocols import (
     sample_per_class,
     summarise,
 )
-from msn.splits import load_splits, read_subset_file
+from msn.splits import class_coverage, coverage_warnings, load_splits, read_subset_file
 
 PROTOCOLS = ("lowshot", "knn", "linear", "finetune")
 
@@ -48,6 +48,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     amp_dtype = autocast_dtype(precision, device)
     encoder = load_encoder(args.model, device)
     train, test = load_splits(args.dataset)
+    for line in coverage_warnings(train, test):
+        print(f"msn-eval: {line}", file=sys.stderr)
+    only_train, only_test = class_coverage(train, test)
     results: dict[str, Any] = {}
     settings: dict[str, Any] = {"splits": args.splits, "feature": args.feature, "last_blocks": args.last_blocks,
                                 "device": device.type, "precision": precision}
@@ -85,6 +88,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                                          for s in range(args.splits)])
     return {"protocol": args.protocol, "model": str(args.model), "dataset": args.dataset,
             "train_images": len(train.labels), "test_images": len(test.labels), "settings": settings,
+            "classes_without_test_images": only_train, "classes_without_training_images": only_test,
             "results": results}
 
 

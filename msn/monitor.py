@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -9,7 +10,7 @@ import torch
 from msn.backbone import MaskedViT
 from msn.features import Encoder, extract_features
 from msn.protocols import knn_accuracy, logistic_regression, sample_per_class
-from msn.splits import load_splits
+from msn.splits import coverage_warnings, load_splits
 
 
 class Monitor:
@@ -23,6 +24,8 @@ class Monitor:
                  amp_dtype: torch.dtype | None = None) -> None:
         self.protocol = protocol
         self.train, self.test = load_splits(dataset)
+        for line in coverage_warnings(self.train, self.test):
+            print(f"monitor: {line}", file=sys.stderr, flush=True)
         self.image_size, self.mean, self.std = image_size, list(mean), list(std)
         self.amp_dtype = amp_dtype
 

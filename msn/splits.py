@@ -27,12 +27,17 @@ class _Subset(Dataset):
 
 @dataclass
 class Split:
-    """Labelled images: ``images[i]`` is a PIL image; ``labels`` (N,); ``ident`` names it for the cache."""
+    """Labelled images: ``images[i]`` is a PIL image; ``labels`` (N,); ``ident`` names it for the cache.
+
+    ``classes[k]`` names label k. The splits of one dataset share one class index (the training
+    split's), so a label means the same class in both.
+    """
 
     images: Dataset
     labels: np.ndarray
     ident: str
     names: list[str]  # per image: path relative to the split root (folders) or the index (digits)
+    classes: list[str]
 
 
 def digits_splits() -> tuple[Split, Split]:
@@ -44,24 +49,54 @@ def digits_splits() -> tuple[Split, Split]:
     train_idx, test_idx = train_test_split(np.arange(len(base)), test_size=DIGITS_TEST_SIZE, stratify=labels,
                                            random_state=0)
     train_idx, test_idx = np.sort(train_idx), np.sort(test_idx)
-    make = lambda idx, name: Split(_Subset(base, idx), labels[idx], f"digits-{name}", [str(i) for i in idx])  # noqa: E731
+    classes = [str(c) for c in range(10)]
+    make = lambda idx, name: Split(_Subset(base, idx), labels[idx], f"digits-{name}", [str(i) for i in idx],  # noqa: E731
+                                   classes)
     return make(train_idx, "train"), make(test_idx, "test")
 
 
 def folder_splits(root: Path) -> tuple[Split, Split]:
-    """``root/train`` and ``root/val`` in ImageFolder layout (``val`` may be named ``test``)."""
+    """``root/train`` and ``root/val`` in ImageFolder layout (``val`` may be named ``test``).
+
+    Labels follow the training split's class index (its sorted class folders) in both splits; a class
+    that only ``val`` has gets a label after all of train's, which no classifier trained on train can
+    predict, so its images count as errors (see :func:`class_coverage`).
+    """
     val = root / "val" if (root / "val").is_dir() else root / "test"
     if not (root / "train").is_dir() or not val.is_dir():
         raise DataError(f"--dataset {root}: expected {root}/train and {root}/val (ImageFolder layout)")
+    datasets = {name: ImageFolderDataset(folder) for name, folder in (("train", root / "train"), ("val", val))}
+    classes = list(datasets["train"].classes)
+    classes += [c for c in datasets["val"].classes if c not in classes]
+    index = {name: i for i, name in enumerate(classes)}
     splits = []
-    for name, folder in (("train", root / "train"), ("val", val)):
-        ds = ImageFolderDataset(folder)
-        labels = np.array(ds.targets)
-        if (labels < 0).any():
-            raise DataError(f"{folder} has images outside class folders; use folder/CLASS/image.jpg")
-        rel = [str(p.relative_to(folder)) for p in ds.paths]
-        splits.append(Split(ds, labels, f"folder-{root.resolve()}-{name}", rel))
+    for name, ds in datasets.items():
+        if any(t < 0 for t in ds.targets):
+            raise DataError(f"{ds.root} has images outside class folders; use folder/CLASS/image.jpg")
+        labels = np.array([index[ds.classes[t]] for t in ds.targets], dtype=np.int64)
+        rel = [str(p.relative_to(ds.root)) for p in ds.paths]
+        splits.append(Split(ds, labels, f"folder-{root.resolve()}-{name}", rel, classes))
     return splits[0], splits[1]
+
+
+def class_coverage(train: Split, test: Split) -> tuple[list[str], list[str]]:
+    """Classes with training images but no test images, and classes with test images but no training images."""
+    seen_train = {train.classes[k] for k in np.unique(train.labels)}
+    seen_test = {test.classes[k] for k in np.unique(test.labels)}
+    return sorted(seen_train - seen_test), sorted(seen_test - seen_train)
+
+
+def coverage_warnings(train: Split, test: Split) -> list[str]:
+    """One line per problem :func:`class_coverage` finds (none when both splits have the same classes)."""
+    only_train, only_test = class_coverage(train, test)
+    lines = []
+    if only_test:
+        lines.append(f"warning: {len(only_test)} class(es) have test images but no training images and cannot be "
+                     f"predicted: {', '.join(only_test[:10])}{' ...' if len(only_test) > 10 else ''}")
+    if only_train:
+        lines.append(f"warning: {len(only_train)} class(es) have no test images: "
+                     f"{', '.join(only_train[:10])}{' ...' if len(only_train) > 10 else ''}")
+    return lines
 
 
 def load_splits(dataset: str) -> tuple[Split, Split]:

@@ -32,6 +32,7 @@ from msn.config import (
     ConfigError,
     MSNConfig,
     register_configs,
+    resume_null_message,
     to_schema,
 )
 from msn.convert import ConversionError
@@ -114,8 +115,7 @@ def train(cfg: DictConfig | MSNConfig) -> dict[str, float]:
     prototype_grad_scale = float(world) if cfg.optim.prototype_grad == "sum" else 1.0
     resume_path = resolve_resume(cfg.resume, run_dir)
     if resume_path is None and cfg.resume is None and (run_dir / "checkpoints" / "last.pt").is_file():
-        raise ConfigError(f"{run_dir} already holds checkpoints/last.pt from an earlier run and resume=null would "
-                          "overwrite it; pass resume=auto to continue that run, or a new hydra.run.dir")
+        raise ConfigError(resume_null_message(run_dir))
     if resume_path is not None:
         state = load_checkpoint(resume_path)
         saved_batch = state.get("global_batch_size", global_batch)

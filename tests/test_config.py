@@ -134,3 +134,28 @@ def test_cli_unknown_option_lists_the_allowed_values(tmp_path):
     result = _cli("model=vit_giant", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert result.returncode != 0
     assert "vit_giant" in result.stderr and "vit_small" in result.stderr
+
+
+def test_keys_added_with_plus_fail_too(tmp_path):
+    """``+optim.lrr=1e-3`` (the form Hydra's own error suggests) passes composition; msn still refuses it."""
+    with pytest.raises(ConfigError, match=r"unknown config keys optim\.lrr, lr_typo"):
+        to_schema(compose_config(["+optim.lrr=1e-3", "+lr_typo=1", f"run_dir={tmp_path}"]))
+    result = _cli("+optim.lrr=1e-3", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "msn-pretrain: error: unknown config key optim.lrr (added with +key=value?); msn reads only the keys of "
+        "configs/ and msn/config.py: check the spelling"]
+    assert not (tmp_path / "run").exists()  # refused before Hydra created the run directory
+
+
+def test_refused_resume_null_leaves_the_run_directory_as_it_was(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.pt").write_bytes(b"an earlier run's checkpoint")
+    (run / ".hydra").mkdir()
+    (run / ".hydra" / "config.yaml").write_text("the earlier run's config\n")
+    result = _cli("resume=null", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert result.returncode == 1 and "resume=null would overwrite it" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert (run / ".hydra" / "config.yaml").read_text() == "the earlier run's config\n"
+    assert sorted(p.name for p in run.iterdir()) == [".hydra", "checkpoints"]

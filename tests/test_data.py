@@ -125,6 +125,25 @@ def test_corrupt_and_truncated_images_fail_naming_the_file(folder: Path) -> None
             ds[index]
 
 
+def test_high_bit_depth_images_are_scaled_not_clipped(tmp_path: Path) -> None:
+    """16-bit grayscale PNGs (PIL mode I;16) and float TIFFs become 8 bits by scaling (PIL would clip at 255)."""
+    (tmp_path / "a").mkdir()
+    ramp = np.linspace(0, 65535, 64 * 64).round().astype(np.uint16).reshape(64, 64)
+    Image.fromarray(ramp).save(tmp_path / "a" / "deep.png")
+    floats = np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(32, 32)
+    Image.fromarray(floats).save(tmp_path / "a" / "float.tif")
+    Image.fromarray((ramp >> 8).astype(np.uint8)).save(tmp_path / "a" / "plain.png")
+    ds = ImageFolderDataset(tmp_path)
+    by_name = {p.name: np.asarray(ds[i]) for i, p in enumerate(ds.paths)}
+    assert Image.open(tmp_path / "a" / "deep.png").mode.startswith("I")
+    deep = by_name["deep.png"]
+    assert deep.dtype == np.uint8 and deep.shape == (64, 64, 3)
+    np.testing.assert_array_equal(deep[..., 0], np.rint(ramp * (255 / 65535)).astype(np.uint8))
+    assert (deep == 255).mean() < 0.01  # clipping saturated 99.6 % of such pixels
+    np.testing.assert_array_equal(by_name["float.tif"][..., 1], np.rint(floats * 255).astype(np.uint8))
+    np.testing.assert_array_equal(by_name["plain.png"][..., 2], (ramp >> 8).astype(np.uint8))  # 8-bit: as is
+
+
 def test_list_file_restricts_exactly(folder: Path, tmp_path: Path) -> None:
     listing = tmp_path / "subset.txt"
     listing.write_text("# a comment\n\ndog/rgba.png 1\ncat/b.jpg\n  cat/deep/c.bmp  extra tokens\ncat/b.jpg\n")

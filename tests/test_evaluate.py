@@ -210,3 +210,33 @@ def test_features_on_the_gpu_in_bf16_match_the_cpu(run_dir):
     on_gpu = extract_features(load_encoder(run_dir, "cuda"), test, None, amp_dtype=torch.bfloat16)
     assert on_gpu.device.type == "cpu" and on_gpu.dtype == torch.float32
     assert torch.nn.functional.cosine_similarity(on_cpu, on_gpu, dim=1).min() > 0.99
+
+
+def _colour_folder(root: Path, layout: dict[str, list[str]], count: int = 3) -> Path:
+    colours = {"a": (220, 30, 30), "b": (30, 220, 30), "c": (30, 30, 220), "d": (200, 200, 30)}
+    rng = np.random.default_rng(1)
+    for split, classes in layout.items():
+        for c in classes:
+            (root / split / c).mkdir(parents=True)
+            for i in range(count):
+                pixels = np.clip(np.array(colours[c]) + rng.normal(0, 10, (40, 40, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(root / split / c / f"{i}.png")
+    return root
+
+
+def test_val_labels_follow_the_training_class_index(tmp_path, run_dir):
+    """val/ without class a: its b and c images keep train's labels for b and c (they used to become 0 and 1)."""
+    root = _colour_folder(tmp_path / "data", {"train": ["a", "b", "c"], "val": ["b", "c", "d"]})
+    train, test = splits.folder_splits(root)
+    assert train.classes == test.classes == ["a", "b", "c", "d"]
+    name_of = {n: test.classes[label] for n, label in zip(test.names, test.labels, strict=True)}
+    assert all(name_of[n] == n.split("/")[0] for n in test.names)
+    assert splits.class_coverage(train, test) == (["a"], ["d"])
+
+    report = _eval("knn", str(run_dir), "--dataset", str(root), "--k", "1", cwd=tmp_path)
+    assert report["classes_without_test_images"] == ["a"] and report["classes_without_training_images"] == ["d"]
+    # b and c (6 of 9 test images) are found by their colour; d can never be: at most 66.7 %.
+    assert report["results"]["100%"]["mean"] == pytest.approx(100 * 6 / 9, abs=0.1)
+    result = subprocess.run(["msn-eval", "knn", str(run_dir), "--dataset", str(root), "--output",
+                             str(tmp_path / "r.json"), "--no-cache"], capture_output=True, text=True, cwd=tmp_path)
+    assert "warning: 1 class(es) have test images but no training images and cannot be predicted: d" in result.stderr
