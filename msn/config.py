@@ -73,6 +73,8 @@ class DataConfig:
     image_size: int = 32  # digits: 8x8 images upsampled to this; synthetic: generated size
     synthetic_size: int = 256  # number of synthetic images
     drop_last: bool = True
+    max_bad_files: int = 20  # undecodable images are replaced and counted; more distinct ones than this stop the run
+    max_bad_fraction: float = 0.001  # ... or than this fraction of the dataset, when that is larger
 
 
 @dataclass
@@ -261,8 +263,10 @@ def validate(cfg: DictConfig | MSNConfig) -> None:
     for key in ("optim.final_lr", "optim.weight_decay", "optim.final_weight_decay", "optim.warmup_epochs",
                 "loss.me_max_weight", "loss.entropy_weight", "data.num_focal", "data.num_workers",
                 "checkpoint.every_steps", "checkpoint.last_every_steps", "model.drop_path_rate",
+                "data.max_bad_files", "data.max_bad_fraction",
                 "logger.console_every", "monitor.every_steps"):
         check(_get(cfg, key) >= 0, f"{key}={_get(cfg, key)} must be >= 0")
+    check(cfg.data.max_bad_fraction <= 1, f"data.max_bad_fraction={cfg.data.max_bad_fraction} must lie in [0, 1]")
     check(cfg.optim.max_steps is None or cfg.optim.max_steps > 0,
           f"optim.max_steps={cfg.optim.max_steps} must be a positive integer or null")
     check(cfg.optim.clip_grad is None or cfg.optim.clip_grad > 0,

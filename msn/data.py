@@ -44,6 +44,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from msn.config import DataConfig
+from msn.seeding import mix_seed, stream_generator  # noqa: F401 (mix_seed: part of this module's API)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision's rgb_to_grayscale
@@ -707,55 +708,151 @@ class MultiCropTransform:
 # Keyed dataset, resumable sampler, loader
 # ----------------------------------------------------------------------------------------------------
 
-_MASK64 = (1 << 64) - 1
-
-
-def _splitmix64(z: int) -> int:
-    """One step of the SplitMix64 mixer: a bijective scramble of a 64-bit integer."""
-    z = (z + 0x9E3779B97F4A7C15) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return z ^ (z >> 31)
-
-
-def mix_seed(*values: int) -> int:
-    """A 64-bit seed that depends on every value and their order (nearby keys give unrelated seeds)."""
-    h = 0
-    for value in values:
-        h = _splitmix64(h ^ (int(value) & _MASK64))
-    return h
-
-
 Key = tuple[int, int]  # (epoch, index)
 
 
 class MultiCropDataset(Dataset):
     """``dataset[(epoch, index)]`` -> the views of image ``index``, random as a pure function of the key.
 
+    An image that cannot be decoded is replaced by another one drawn from the ``"replace"`` stream of
+    (seed, epoch, index): the batch keeps its size, the replacement is the same wherever and whenever
+    the key is loaded (workers, resume), and its views still come from the original key's generator.
+    :meth:`__getitems__` reports the replaced paths; the training loop counts them and stops past
+    ``data.max_bad_files`` (:class:`SkippedImages`).
+
     Args:
         base: index -> PIL image.
         transform: the multi-crop augmentation.
         seed: run seed; with ``(epoch, index)`` it seeds a private generator, so the global RNG is untouched.
+        max_replacements: replacements tried for one undecodable image before giving up with a DataError.
     """
 
-    def __init__(self, base: ImageDataset, transform: MultiCropTransform, seed: int = 0) -> None:
+    def __init__(self, base: ImageDataset, transform: MultiCropTransform, seed: int = 0,
+                 max_replacements: int = 16) -> None:
         self.base, self.transform, self.seed = base, transform, int(seed)
+        self.max_replacements = int(max_replacements)
 
     def __len__(self) -> int:
         return len(self.base)
 
     def generator(self, key: Key) -> torch.Generator:
         epoch, index = _check_key(key)
-        return torch.Generator().manual_seed(mix_seed(self.seed, epoch, index))
+        return stream_generator(self.seed, "views", epoch, index)
 
     def __getitem__(self, key: Key) -> list[torch.Tensor]:
-        return self.__getitems__([key])[0]
+        samples = self.__getitems__([key])
+        if samples.error is not None:
+            raise DataError(samples.error)
+        return samples[0]
 
-    def __getitems__(self, keys: Sequence[Key]) -> list[list[torch.Tensor]]:
-        """A whole batch (DataLoader calls this): the per-batch stage of the augmentation runs once."""
+    def __getitems__(self, keys: Sequence[Key]) -> ImageViews:
+        """A whole batch (DataLoader calls this): the per-batch stage of the augmentation runs once.
+
+        A :class:`DataError` is returned inside the result rather than raised, so that it reaches the
+        user as one line from the main process instead of as a DataLoader worker's traceback.
+        """
         keys = [_check_key(key) for key in keys]
-        images = [self.base[index] for _, index in keys]
-        return self.transform.apply(images, [self.transform.draw(self.generator(key)) for key in keys])
+        images, skipped = [], []
+        try:
+            for epoch, index in keys:
+                image, bad = self._load(epoch, index)
+                images.append(image)
+                skipped += bad
+            views = self.transform.apply(images, [self.transform.draw(self.generator(key)) for key in keys])
+        except DataError as err:
+            return ImageViews(skipped=skipped, error=str(err))
+        return ImageViews(views, skipped)
+
+    def path(self, index: int) -> str:
+        paths = getattr(self.base, "paths", None)
+        return str(paths[index]) if paths is not None else f"image {index}"
+
+    def _load(self, epoch: int, index: int) -> tuple[Image.Image, list[str]]:
+        """Image ``index``, or a deterministic replacement when it cannot be decoded; the paths that failed."""
+        bad, candidate = [], index
+        for attempt in range(self.max_replacements + 1):
+            try:
+                return self.base[candidate], bad
+            except DataError:
+                bad.append(self.path(candidate))
+                g = stream_generator(self.seed, "replace", epoch, index, attempt)
+                candidate = int(torch.randint(len(self.base), (1,), generator=g))
+        raise DataError(f"could not decode {self.path(index)} nor {self.max_replacements} replacement images "
+                        f"({', '.join(bad[1:4])}, ...): check data.root and the files' permissions")
+
+
+class ImageViews(list):
+    """What :meth:`MultiCropDataset.__getitems__` returns: per image, its views; the paths it had to skip."""
+
+    def __init__(self, views: Sequence[list[torch.Tensor]] = (), skipped: Sequence[str] = (),
+                 error: str | None = None) -> None:
+        super().__init__(views)
+        self.skipped, self.error = list(skipped), error
+
+
+class ViewBatch(list):
+    """A loader batch: the views ``[target (B,3,G,G), anchor (B,3,G,G), focal_1 (B,3,F,F), ...]`` (a list),
+    with ``skipped`` (paths of undecodable images replaced in it) and ``error`` (a data error met in a worker)."""
+
+    def __init__(self, views: Sequence[torch.Tensor] = (), skipped: Sequence[str] = (),
+                 error: str | None = None) -> None:
+        super().__init__(views)
+        self.skipped, self.error = list(skipped), error
+
+    def pin_memory(self) -> ViewBatch:
+        """What the DataLoader's pin-memory thread calls: pinned views, the same report."""
+        return ViewBatch([v.pin_memory() for v in self], self.skipped, self.error)
+
+
+def collate_views(samples: Sequence[list[torch.Tensor]]) -> ViewBatch:
+    """Stack per-image views into a :class:`ViewBatch`, keeping the skip report of :class:`ImageViews`."""
+    skipped, error = getattr(samples, "skipped", []), getattr(samples, "error", None)
+    if error is not None:
+        return ViewBatch(skipped=skipped, error=error)
+    return ViewBatch([torch.stack(views) for views in zip(*samples, strict=True)], skipped)
+
+
+class SkippedImages:
+    """The undecodable images a run has met: counted per epoch, and a stop once too many distinct ones.
+
+    Args:
+        limit: distinct bad files allowed; one more stops the run (``data.max_bad_files``, or
+            ``data.max_bad_fraction`` of the dataset when that is larger).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = int(limit)
+        self.paths: dict[str, None] = {}  # insertion-ordered set
+        self.epoch: int | None = None
+        self.in_epoch = 0
+
+    def add(self, epoch: int, paths: Sequence[str]) -> list[str]:
+        """Count this batch's skips; return the paths not seen before."""
+        if epoch != self.epoch:
+            self.epoch, self.in_epoch = epoch, 0
+        self.in_epoch += len(paths)
+        new = [p for p in dict.fromkeys(paths) if p not in self.paths]
+        self.paths.update(dict.fromkeys(new))
+        return new
+
+    @property
+    def over_limit(self) -> bool:
+        return len(self.paths) > self.limit
+
+    def error(self) -> DataError:
+        listed = list(self.paths)
+        shown = ", ".join(listed[:20]) + (f" and {len(listed) - 20} more" if len(listed) > 20 else "")
+        where = shown if listed else "on another process"
+        return DataError(f"{len(listed) or 'too many'} undecodable images, more than the {self.limit} allowed "
+                         f"(data.max_bad_files / data.max_bad_fraction): {where}; remove or fix them, or raise "
+                         "the limit")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"paths": list(self.paths), "epoch": self.epoch, "in_epoch": self.in_epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.paths = dict.fromkeys(state.get("paths", []))
+        self.epoch, self.in_epoch = state.get("epoch"), int(state.get("in_epoch", 0))
 
 
 def _check_key(key: Any) -> Key:
@@ -767,8 +864,9 @@ def _check_key(key: Any) -> Key:
 class EpochSampler(Sampler[Key]):
     """Yields ``(epoch, index)`` keys: this rank's share of an epoch, like ``DistributedSampler``.
 
-    The order is ``torch.randperm(n)`` from a generator seeded with ``seed + epoch`` (exactly
-    DistributedSampler's), so it is a pure function of (seed, epoch). Rank r takes positions
+    The order is ``torch.randperm(n)`` from the run's ``"order"`` stream at ``epoch``
+    (:func:`msn.seeding.stream_seed`; DistributedSampler's ``seed + epoch`` would give seed 1 the order
+    seed 0 has one epoch later), so it is a pure function of (seed, epoch). Rank r takes positions
     r, r + R, r + 2R, ... of that order; with ``drop_last`` the tail that does not divide evenly among
     the R replicas is dropped, otherwise the order is padded by wrapping around.
 
@@ -798,7 +896,7 @@ class EpochSampler(Sampler[Key]):
     def indices(self) -> list[int]:
         """This rank's image indices for the whole current epoch (ignoring the start)."""
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            g = stream_generator(self.seed, "order", self.epoch)
             order = torch.randperm(self.dataset_len, generator=g).tolist()
         else:
             order = list(range(self.dataset_len))
@@ -836,7 +934,7 @@ def steps_per_epoch(num_images: int, cfg: DataConfig, world_size: int = 1) -> in
 
 def build_loader(cfg: DataConfig, dataset: MultiCropDataset, sampler: EpochSampler,
                  pin_memory: bool = False) -> DataLoader:
-    """DataLoader of batches ``[target (B,3,G,G), anchor (B,3,G,G), focal_1 (B,3,F,F), ...]``.
+    """DataLoader of :class:`ViewBatch` es ``[target (B,3,G,G), anchor (B,3,G,G), focal_1 (B,3,F,F), ...]``.
 
     The sampler's keys go to the dataset a batch at a time (``__getitems__``); workers persist across
     epochs, and ``set_epoch`` / ``set_start`` still take effect because the sampler runs in this process.
@@ -844,4 +942,5 @@ def build_loader(cfg: DataConfig, dataset: MultiCropDataset, sampler: EpochSampl
     """
     workers = int(cfg.num_workers)
     return DataLoader(dataset, batch_size=int(cfg.batch_size), sampler=sampler, num_workers=workers,
-                      drop_last=bool(cfg.drop_last), persistent_workers=workers > 0, pin_memory=pin_memory)
+                      drop_last=bool(cfg.drop_last), persistent_workers=workers > 0, pin_memory=pin_memory,
+                      collate_fn=collate_views)

@@ -13,7 +13,7 @@ from msn.config import ConfigError
 
 COLUMNS = (
     "step", "epoch", "loss", "ce", "me_max", "entropy", "lr", "wd", "momentum", "sharpen_T",
-    "distinct_prototypes", "max_target_prob", "encoder_grad_norm", "images_per_s", "monitor",
+    "distinct_prototypes", "max_target_prob", "encoder_grad_norm", "images_per_s", "monitor", "skipped_images",
 )
 
 

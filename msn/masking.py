@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from msn.seeding import stream_generator
+
 
 def num_kept(num_patches: int, ratio: float) -> int:
     """Patches kept when dropping a fraction ``ratio``: ``floor(N * (1 - r))`` (as the original)."""
@@ -104,7 +106,7 @@ class MaskGenerator:
 
     def generator(self, step: int) -> torch.Generator:
         """A CPU generator, identical on every rank, seeded by (seed, step)."""
-        return torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        return stream_generator(self.seed, "masks", step)
 
     def __call__(self, step: int, batch: int, anchor_size: int, focal_size: int | None = None, num_focal: int = 0,
                  rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu") -> ViewMasks:

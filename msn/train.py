@@ -41,6 +41,7 @@ from msn.data import (
     EpochSampler,
     MultiCropDataset,
     MultiCropTransform,
+    SkippedImages,
     build_dataset,
     build_loader,
     steps_per_epoch,
@@ -51,6 +52,7 @@ from msn.masking import MaskGenerator
 from msn.model import MSN
 from msn.optim import build_optimizer, rescale_adam_moments
 from msn.schedules import Schedules
+from msn.seeding import stream_seed
 from msn.step import StepResult, build_loss, build_schedules, train_step
 from msn.weights import init_model_from
 
@@ -59,7 +61,7 @@ USER_ERRORS = (ConfigError, DataError, CheckpointError, ConversionError, Floatin
 
 def rank_seed(seed: int, rank: int, step: int = 0) -> int:
     """Seed of a rank's global torch RNG (stochastic depth): different per rank, reproducible."""
-    return (seed * 7_919 + rank + 1) * 104_729 + step
+    return stream_seed(seed, "rank", rank, step)
 
 
 def _batches(loader: torch.utils.data.DataLoader, sampler: EpochSampler, steps_in_epoch: int, batch_size: int,
@@ -95,6 +97,7 @@ def train(cfg: DictConfig | MSNConfig) -> dict[str, float]:
 
     base = build_dataset(cfg.data)
     dataset = MultiCropDataset(base, MultiCropTransform(cfg.data), seed=cfg.seed)
+    skipped = SkippedImages(max(cfg.data.max_bad_files, int(cfg.data.max_bad_fraction * len(base))))
     steps_in_epoch = steps_per_epoch(len(base), cfg.data, world)
     total_steps = cfg.optim.epochs * steps_in_epoch
     if cfg.optim.max_steps is not None:
@@ -137,6 +140,8 @@ def train(cfg: DictConfig | MSNConfig) -> dict[str, float]:
             scaler.load_state_dict(state["scaler"])
         start_step, wandb_run_id = int(state["step"]), state.get("wandb_run_id")
         per_rank = state.get("rng_ranks") or [state["rng"]]
+        if is_main:  # rank 0 carries the run's skip record; the epoch's count is a sum over ranks at logging
+            skipped.load_state_dict(state.get("skipped_images", {}))
         if len(per_rank) == world:  # same layout: every rank continues its own streams exactly
             set_rng_state(per_rank[rank])
         else:  # another number of processes: fresh per-rank streams (only stochastic depth uses them)
@@ -180,6 +185,7 @@ def train(cfg: DictConfig | MSNConfig) -> dict[str, float]:
         nonfinite.check()  # a step that made a NaN is never saved
         rng = rng_state()
         rng_ranks = distributed.all_gather_object(rng) if world > 1 else None
+        skips = distributed.all_gather_object(skipped.state_dict()) if world > 1 else [skipped.state_dict()]
         if not is_main:
             return
         state: dict[str, Any] = {
@@ -188,6 +194,8 @@ def train(cfg: DictConfig | MSNConfig) -> dict[str, float]:
             "wandb_run_id": logger.wandb_run_id if logger else None, "world_size": world,
             "batch_size": cfg.data.batch_size, "global_batch_size": global_batch,
             "prototype_grad_scale": prototype_grad_scale,
+            "skipped_images": {"paths": list(dict.fromkeys(p for s in skips for p in s["paths"])),
+                               "epoch": skipped.epoch, "in_epoch": sum(s["in_epoch"] for s in skips)},
         }
         if rng_ranks is not None:
             state["rng_ranks"] = rng_ranks
@@ -219,6 +227,11 @@ def train(cfg: DictConfig | MSNConfig) -> dict[str, float]:
         for epoch, batch in _batches(loader, sampler, steps_in_epoch, cfg.data.batch_size, start_step):
             if step >= total_steps:
                 break
+            if batch.error is not None:  # raised in a loader worker: one line here, not the worker's traceback
+                raise DataError(batch.error)
+            for path in skipped.add(epoch, batch.skipped):
+                bar.write(f"skipped undecodable image {path} (replaced by another image; {len(skipped.paths)} so "
+                          f"far, the run stops above {skipped.limit})", file=sys.stderr)
             views = [v.to(device, param_dtype, non_blocking=True) for v in batch]
             masks = make_masks(step, views[0].shape[0], views[1].shape[-1], views[-1].shape[-1], len(views) - 2,
                                rank, world, device)
@@ -231,7 +244,7 @@ def train(cfg: DictConfig | MSNConfig) -> dict[str, float]:
             monitor_due = bool(monitor_every) and (step % monitor_every == 0 or step == total_steps)
             if step % cfg.logger.log_every == 0 or step == total_steps or monitor_due:
                 nonfinite.check()  # reading the metrics waits for the device anyway
-                metrics = _metrics(result, schedules, step, epoch)
+                metrics = _metrics(result, schedules, step, epoch, skipped.in_epoch if skipped.epoch == epoch else 0)
                 images_per_s = images_per_step * (step - last_logged) / max(time.perf_counter() - tic, 1e-9)
                 metrics["images_per_s"] = images_per_s
                 if monitor is not None and monitor_due:
@@ -250,7 +263,10 @@ def train(cfg: DictConfig | MSNConfig) -> dict[str, float]:
             if step == total_steps or (cfg.checkpoint.last_every_steps and step % cfg.checkpoint.last_every_steps == 0):
                 names.append("last.pt")
             # Every rank acts on a signal after the same step, even when it reached only some of them.
-            stopping, saving = distributed.any_rank(stop.signal is not None, stop.save_only)
+            stopping, saving, too_many_bad = distributed.any_rank(stop.signal is not None, stop.save_only,
+                                                                  skipped.over_limit)
+            if too_many_bad:
+                raise skipped.error()
             if (stopping or saving) and step < total_steps and "last.pt" not in names:
                 names.append("last.pt")  # saving alone: SIGTERM under submitit, training goes on
             stop.save_only = False
@@ -335,18 +351,21 @@ class _NonFiniteGuard:
                 "checkpoint was saved; lower optim.lr or use precision=fp32")
 
 
-def _metrics(result: StepResult, schedules: Schedules, step: int, epoch: int) -> dict[str, float]:
+def _metrics(result: StepResult, schedules: Schedules, step: int, epoch: int,
+             skipped_in_epoch: int) -> dict[str, float]:
     """One metrics row (``msn.loggers.COLUMNS``) for the step just taken (``step`` counts finished steps).
 
-    Loss parts are means over the global batch (one all-reduce; call on every rank); the prototype
-    counts and the max target probability describe this rank's batch; the encoder's gradient norm
-    (before clipping) is the same on every rank.
+    Loss parts are means over the global batch and the epoch's skipped images a sum over processes (one
+    all-reduce; call on every rank); the prototype counts and the max target probability describe this
+    rank's batch; the encoder's gradient norm (before clipping) is the same on every rank.
     """
     o, i = result.out, step - 1  # i: schedule index of that step
     parts = torch.stack([o.loss, o.ce, o.me_max, o.entropy]).detach().float()
-    loss, ce, me_max, entropy = (distributed.all_reduce_sum_(parts) / distributed.world_size()).tolist()
+    totals = distributed.all_reduce_sum_(torch.cat([parts, parts.new_tensor([float(skipped_in_epoch)])]))
+    loss, ce, me_max, entropy = (totals[:4] / distributed.world_size()).tolist()
     return {
         "step": step, "epoch": epoch, "loss": loss, "ce": ce, "me_max": me_max, "entropy": entropy,
+        "skipped_images": int(totals[4].item()),
         "lr": schedules.lr_at(i), "wd": schedules.wd_at(i),
         "momentum": schedules.momentum_at(i), "sharpen_T": schedules.sharpen_T_at(i),
         "distinct_prototypes": o.distinct_prototypes.item(), "max_target_prob": o.max_target_prob.item(),
@@ -357,7 +376,8 @@ def _metrics(result: StepResult, schedules: Schedules, step: int, epoch: int) ->
 def _console_line(m: dict[str, float], total: int) -> str:
     return (f"step {int(m['step'])}/{total} epoch {int(m['epoch'])} loss {m['loss']:.4f} (ce {m['ce']:.4f} "
             f"me-max {m['me_max']:.4f}) lr {m['lr']:.2e} protos {int(m['distinct_prototypes'])} "
-            f"{m['images_per_s']:.0f} img/s" + (f" monitor {m['monitor']:.1f} %" if "monitor" in m else ""))
+            f"{m['images_per_s']:.0f} img/s" + (f" monitor {m['monitor']:.1f} %" if "monitor" in m else "")
+            + (f" skipped {int(m['skipped_images'])} images this epoch" if m.get("skipped_images") else ""))
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")

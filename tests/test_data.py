@@ -30,6 +30,7 @@ from msn.data import (
     blur_kernel_size,
     build_dataset,
     build_loader,
+    collate_views,
     color_jitter,
     dense_resize_is_cheap,
     gaussian_blur,
@@ -39,6 +40,7 @@ from msn.data import (
     sample_boxes,
     steps_per_epoch,
 )
+from msn.seeding import stream_generator
 
 DIGITS = DataConfig(name="digits", image_size=32, global_size=32, focal_size=16, num_focal=6, batch_size=128)
 LARGE = DataConfig(name="synthetic", image_size=256, synthetic_size=4, global_size=224, focal_size=96, num_focal=10)
@@ -450,17 +452,35 @@ def test_sampler_matches_distributed_sampler(n: int, drop_last: bool, shuffle: b
     shares = []
     for rank in range(3):
         ours = EpochSampler(n, num_replicas=3, rank=rank, shuffle=shuffle, seed=5, drop_last=drop_last)
-        theirs = DistributedSampler(range(n), num_replicas=3, rank=rank, shuffle=shuffle, seed=5, drop_last=drop_last)
         ours.set_epoch(4)
-        theirs.set_epoch(4)
         keys = list(ours)
-        assert keys == [(4, i) for i in theirs] and len(ours) == len(keys)
+        assert len(ours) == len(keys) and all(e == 4 for e, _ in keys)
+        if not shuffle:  # the same partition, padding and dropping rule as DistributedSampler
+            theirs = DistributedSampler(range(n), num_replicas=3, rank=rank, shuffle=False, drop_last=drop_last)
+            assert keys == [(4, i) for i in theirs]
+        else:  # the order is the "order" stream's permutation (not DistributedSampler's seed + epoch)
+            order = torch.randperm(n, generator=stream_generator(5, "order", 4)).tolist()
+            assert [i for _, i in keys] == [order[j % n] for j in range(rank, 3 * len(ours), 3)]
         shares.append([i for _, i in keys])
     flat = [i for share in shares for i in share]
     if drop_last:  # disjoint, and only the remainder n % 3 is dropped
         assert len(set(flat)) == len(flat) == n - n % 3
     else:  # every image, padded to a multiple of 3
         assert set(flat) == set(range(n)) and len(flat) == 3 * math.ceil(n / 3)
+
+
+def test_random_streams_do_not_collide_across_seeds() -> None:
+    """seed + epoch made seed 1's order seed 0's order one epoch later; hashed keys do not."""
+    def order(seed: int, epoch: int) -> list[int]:
+        sampler = EpochSampler(40, seed=seed)
+        sampler.set_epoch(epoch)
+        return [i for _, i in sampler]
+
+    assert order(1, 0) != order(0, 1)
+    from msn.masking import MaskGenerator
+
+    masks = [MaskGenerator(0.5, True, False, 8, seed)(step, 4, 32).anchor_keep for seed, step in ((1, 0), (0, 1))]
+    assert not torch.equal(masks[0], masks[1])
 
 
 def test_sampler_order_is_a_function_of_seed_and_epoch() -> None:
@@ -537,3 +557,23 @@ def test_default_config_builds_the_pipeline() -> None:
     views = ds[(0, 0)]
     assert len(views) == 2 + cfg.data.num_focal
     assert views[0].shape[-1] == cfg.data.global_size and views[-1].shape[-1] == cfg.data.focal_size
+
+
+def test_undecodable_images_get_a_deterministic_replacement(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    (tmp_path / "9bad.jpg").write_bytes(b"not an image")
+    base = ImageFolderDataset(tmp_path)
+    bad = base.paths.index(tmp_path / "9bad.jpg")
+    ds = MultiCropDataset(base, MultiCropTransform(SMALL), seed=3)
+    keys = [(2, i) for i in range(len(base))]
+    first, again = ds.__getitems__(keys), ds.__getitems__(keys[::-1])
+    assert len(first) == len(base) and first.skipped == [str(tmp_path / "9bad.jpg")] and first.error is None
+    assert _equal(list(first), list(again)[::-1])  # the same replacement however the batch is made
+    batch = collate_views(first)
+    assert [tuple(v.shape) for v in batch] == [(7, 3, 16, 16)] * 2 + [(7, 3, 8, 8)] * 2
+    assert batch.skipped == first.skipped
+    # Another epoch may draw another replacement, but always a readable image, and the same one each time.
+    assert ds.__getitems__([(5, bad)]).skipped == [str(tmp_path / "9bad.jpg")]
+    assert _equal([ds[(5, bad)]], [ds[(5, bad)]])

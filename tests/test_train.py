@@ -9,6 +9,7 @@ import torch
 
 from msn.checkpoint import CheckpointError, load_checkpoint
 from msn.config import ConfigError
+from msn.data import DataError
 from msn.loggers import COLUMNS
 from msn.train import train
 from tests.conftest import compose_config, metrics_rows
@@ -338,3 +339,66 @@ def test_monitor_runs_on_the_training_gpu(tmp_path):
     run_dir = tmp_path / "run"
     train(_smoke(run_dir, "device=cuda", "precision=bf16", "monitor.every_steps=2", "optim.max_steps=2"))
     assert 0 < float(metrics_rows(run_dir)[-1]["monitor"]) <= 100
+
+
+def _folder_with_bad_files(root: Path, good: int = 30, bad: int = 2) -> list[Path]:
+    """``good`` real PNGs and ``bad`` undecodable files (a truncated PNG, text named .jpg) under ``root``."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True)
+    for i in range(good):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(root / f"img{i:03d}.png")
+    broken = []
+    for i in range(bad):
+        path = root / f"broken{i}.{'png' if i % 2 == 0 else 'jpg'}"
+        path.write_bytes((root / "img000.png").read_bytes()[:60] if i % 2 == 0 else b"not an image")
+        broken.append(path)
+    return broken
+
+
+def _folder_run(run_dir: Path, root: Path, *overrides: str):
+    return _smoke(run_dir, "data=folder", f"data.root={root}", "data.global_size=32", "data.focal_size=16",
+                  "data.num_focal=2", "data.batch_size=8", "data.num_workers=0", "optim.max_steps=null",
+                  "optim.epochs=2", *overrides)
+
+
+def test_undecodable_images_are_replaced_counted_and_logged(tmp_path, capsys):
+    broken = _folder_with_bad_files(tmp_path / "images")
+    run_dir = tmp_path / "run"
+    train(_folder_run(run_dir, tmp_path / "images", "data.max_bad_files=5"))
+    rows = metrics_rows(run_dir)
+    assert len(rows) == 8  # 32 images / batch 8 = 4 steps an epoch, 2 epochs: no batch lost
+    per_epoch = {}
+    for r in rows:
+        per_epoch[int(r["epoch"])] = int(r["skipped_images"])  # running count within the epoch
+    assert per_epoch == {0: 2, 1: 2}  # both bad files, met once in each epoch
+    err = capsys.readouterr().err
+    for path in broken:
+        assert f"skipped undecodable image {path} (replaced by another image" in err
+    state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert sorted(state["skipped_images"]["paths"]) == sorted(str(p) for p in broken)
+
+
+def test_too_many_undecodable_images_stop_the_run_listing_them(tmp_path):
+    broken = _folder_with_bad_files(tmp_path / "images", good=30, bad=3)
+    with pytest.raises(DataError, match="3 undecodable images, more than the 2 allowed") as err:
+        train(_folder_run(tmp_path / "run", tmp_path / "images", "data.max_bad_files=2"))
+    assert all(str(p) in str(err.value) for p in broken)
+
+
+def test_data_error_in_a_loader_worker_is_one_line(tmp_path):
+    """Every file undecodable: the worker's DataError reaches the user as one line, not a worker traceback."""
+    root = tmp_path / "images"
+    root.mkdir()
+    for i in range(12):
+        (root / f"img{i}.jpg").write_bytes(b"not an image")
+    result = subprocess.run(["msn-pretrain", "experiment=cpu_smoke", "data=folder", f"data.root={root}",
+                             "data.global_size=32", "data.focal_size=16", "data.num_focal=2", "data.batch_size=4",
+                             "data.num_workers=2", "logger.progress=false", f"hydra.run.dir={tmp_path / 'run'}"],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("msn-pretrain: error: could not decode "), lines
+    assert "DataLoader worker" not in result.stderr and "Traceback" not in result.stderr
