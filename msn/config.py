@@ -266,6 +266,11 @@ def validate(cfg: DictConfig | MSNConfig) -> None:
                 "data.max_bad_files", "data.max_bad_fraction",
                 "logger.console_every", "monitor.every_steps"):
         check(_get(cfg, key) >= 0, f"{key}={_get(cfg, key)} must be >= 0")
+    check(not cfg.model.head_batchnorm or cfg.data.batch_size >= 2,
+          f"data.batch_size={cfg.data.batch_size}: the head's BatchNorm needs at least 2 images per batch; "
+          "use data.batch_size>=2 (or model.head_batchnorm=false)")
+    check(cfg.model.num_prototypes >= 2, f"model.num_prototypes={cfg.model.num_prototypes}: with a single "
+          "prototype every prediction is certain and the loss is 0 forever; use at least 2 (the paper: 1024)")
     check(cfg.data.max_bad_fraction <= 1, f"data.max_bad_fraction={cfg.data.max_bad_fraction} must lie in [0, 1]")
     check(cfg.optim.max_steps is None or cfg.optim.max_steps > 0,
           f"optim.max_steps={cfg.optim.max_steps} must be a positive integer or null")

@@ -131,6 +131,11 @@ def from_original_msn(ckpt: dict) -> StateDict:
     missing = [k for k in ("encoder", "target_encoder", "prototypes") if k not in ckpt]
     if missing:
         raise ConversionError(f"not an original MSN checkpoint: missing {', '.join(missing)}")
+    if not (isinstance(ckpt["prototypes"], torch.Tensor) and ckpt["prototypes"].ndim == 2):
+        raise ConversionError("not an original MSN checkpoint: prototypes is not a (K, D) tensor")
+    for part in ("encoder", "target_encoder"):
+        if not (isinstance(ckpt[part], dict) and all(isinstance(v, torch.Tensor) for v in ckpt[part].values())):
+            raise ConversionError(f"not an original MSN checkpoint: {part} is not a state dict of tensors")
     out: StateDict = {"prototypes": ckpt["prototypes"]}
     for theirs, ours in (("encoder", "online."), ("target_encoder", "target.")):
         for key, value in ckpt[theirs].items():
@@ -146,11 +151,8 @@ def check_compatible(expected: StateDict, given: StateDict, what: str) -> None:
     shapes = [f"{k}: expected {tuple(expected[k].shape)}, got {tuple(given[k].shape)}"
               for k in sorted(set(expected) & set(given)) if expected[k].shape != given[k].shape]
     if missing or unexpected or shapes:
-        lines = [f"{what} does not match the configured architecture:"]
-        if shapes:
-            lines.append("  different shapes: " + "; ".join(shapes[:12]) + (" ..." if len(shapes) > 12 else ""))
-        if missing:
-            lines.append("  missing keys: " + ", ".join(missing[:12]) + (" ..." if len(missing) > 12 else ""))
-        if unexpected:
-            lines.append("  unexpected keys: " + ", ".join(unexpected[:12]) + (" ..." if len(unexpected) > 12 else ""))
-        raise ConversionError("\n".join(lines))
+        parts = []  # one line: the first few differences of each kind, then how many more
+        for name, items in (("different shapes", shapes), ("missing keys", missing), ("unexpected keys", unexpected)):
+            if items:
+                parts.append(f"{name} ({len(items)}): " + ", ".join(items[:4]) + (", ..." if len(items) > 4 else ""))
+        raise ConversionError(f"{what} does not match the configured architecture: " + "; ".join(parts))

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -943,4 +944,16 @@ def build_loader(cfg: DataConfig, dataset: MultiCropDataset, sampler: EpochSampl
     workers = int(cfg.num_workers)
     return DataLoader(dataset, batch_size=int(cfg.batch_size), sampler=sampler, num_workers=workers,
                       drop_last=bool(cfg.drop_last), persistent_workers=workers > 0, pin_memory=pin_memory,
-                      collate_fn=collate_views)
+                      collate_fn=collate_views, worker_init_fn=_ignore_stop_signals)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave stop signals to the training process, which finishes its step and checkpoints.
+
+    A terminal's Ctrl-C (SIGINT) and SLURM's preemption (SIGTERM, and the time-limit signal) reach every
+    process of the job; a worker would otherwise die and take the step down with it. Workers still exit
+    when the training process does (PyTorch's watchdog).
+    """
+    for name in ("SIGINT", "SIGTERM", "SIGUSR1", "SIGUSR2"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)

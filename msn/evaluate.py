@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from msn.checkpoint import CheckpointError
@@ -36,7 +37,7 @@ from msn.protocols import (
     sample_per_class,
     summarise,
 )
-from msn.splits import class_coverage, coverage_warnings, load_splits, read_subset_file
+from msn.splits import Split, class_coverage, coverage_warnings, load_splits, read_subset_file
 
 PROTOCOLS = ("lowshot", "knn", "linear", "finetune")
 
@@ -51,6 +52,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     for line in coverage_warnings(train, test):
         print(f"msn-eval: {line}", file=sys.stderr)
     only_train, only_test = class_coverage(train, test)
+    if args.protocol == "lowshot" and not args.subset_file:
+        _check_shots(args.shots, train)
     results: dict[str, Any] = {}
     settings: dict[str, Any] = {"splits": args.splits, "feature": args.feature, "last_blocks": args.last_blocks,
                                 "device": device.type, "precision": precision}
@@ -90,6 +93,15 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             "train_images": len(train.labels), "test_images": len(test.labels), "settings": settings,
             "classes_without_test_images": only_train, "classes_without_training_images": only_test,
             "results": results}
+
+
+def _check_shots(shots: list[int], train: Split) -> None:
+    """Refuse more shots than the smallest class has training images (the table would claim them)."""
+    counts = {train.classes[c]: int(n) for c, n in zip(*np.unique(train.labels, return_counts=True), strict=True)}
+    fewest = min(counts, key=counts.get)
+    if max(shots) > counts[fewest]:
+        raise DataError(f"--shots {max(shots)}: class {fewest} has only {counts[fewest]} training images; use "
+                        f"--shots up to {counts[fewest]}")
 
 
 def format_table(report: dict[str, Any]) -> str:

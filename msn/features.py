@@ -10,16 +10,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from msn.backbone import MaskedViT, ViTArch
-from msn.convert import hf_to_backbone, split_encoder
+from msn.backbone import MaskedViT
+from msn.convert import ConversionError, check_compatible, split_encoder
 from msn.device import autocast
 from msn.splits import Split
-from msn.weights import IMAGENET_MEAN, IMAGENET_STD, infer_backbone, read_source, source_arch
+from msn.weights import IMAGENET_MEAN, IMAGENET_STD, infer_backbone, read_hf_folder, read_source, source_arch
 
 
 @dataclass
@@ -44,13 +43,8 @@ def load_encoder(model: str | Path, device: torch.device | str = "cpu") -> Encod
     path = Path(model)
     if path.is_dir() and (path / "config.json").is_file():
         weights = path / "model.safetensors"
-        backbone_sd = hf_to_backbone(load_file(weights))
-        hf = json.loads((path / "config.json").read_text())
-        arch = ViTArch(hf["hidden_size"], hf["num_hidden_layers"], hf["num_attention_heads"],
-                       hf["intermediate_size"] / hf["hidden_size"])
-        processor = path / "preprocessor_config.json"
-        pre = json.loads(processor.read_text()) if processor.is_file() else {}
-        mean, std = pre.get("image_mean", IMAGENET_MEAN), pre.get("image_std", IMAGENET_STD)
+        folder = read_hf_folder(path)
+        backbone_sd, arch, mean, std = folder.backbone, folder.arch, folder.mean, folder.std
     else:
         source = read_source(path)
         weights = source.path
@@ -60,7 +54,10 @@ def load_encoder(model: str | Path, device: torch.device | str = "cpu") -> Encod
         mean = list(data.mean) if data is not None else IMAGENET_MEAN
         std = list(data.std) if data is not None else IMAGENET_STD
     sizes = infer_backbone(backbone_sd)
+    if arch.embed_dim % arch.num_heads:
+        raise ConversionError(f"{path}: {arch.num_heads} attention heads do not divide the width {arch.embed_dim}")
     backbone = MaskedViT(arch, sizes["patch_size"], sizes["img_size"])
+    check_compatible(backbone.state_dict(), backbone_sd, f"the weights of {path}")
     backbone.load_state_dict(backbone_sd)
     return Encoder(backbone.to(device).eval(), sizes["img_size"], list(mean), list(std), _fingerprint(weights), path)
 

@@ -25,7 +25,15 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from msn import distributed
-from msn.checkpoint import CheckpointError, load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state
+from msn.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    remove_stale_temporaries,
+    resolve_resume,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from msn.config import (
     CONFIG_DIR,
     START_TIME_ENV,
@@ -35,7 +43,7 @@ from msn.config import (
     resume_null_message,
     to_schema,
 )
-from msn.convert import ConversionError
+from msn.convert import ConversionError, check_compatible
 from msn.data import (
     DataError,
     EpochSampler,
@@ -44,6 +52,7 @@ from msn.data import (
     SkippedImages,
     build_dataset,
     build_loader,
+    samples_per_replica,
     steps_per_epoch,
 )
 from msn.device import autocast_dtype, configure_matmul, resolve_device
@@ -99,6 +108,7 @@ def train(cfg: DictConfig | MSNConfig) -> dict[str, float]:
     dataset = MultiCropDataset(base, MultiCropTransform(cfg.data), seed=cfg.seed)
     skipped = SkippedImages(max(cfg.data.max_bad_files, int(cfg.data.max_bad_fraction * len(base))))
     steps_in_epoch = steps_per_epoch(len(base), cfg.data, world)
+    _check_last_batch(len(base), cfg, world)
     total_steps = cfg.optim.epochs * steps_in_epoch
     if cfg.optim.max_steps is not None:
         total_steps = min(total_steps, cfg.optim.max_steps)
@@ -116,6 +126,9 @@ def train(cfg: DictConfig | MSNConfig) -> dict[str, float]:
     start_step, wandb_run_id = 0, None
     global_batch = cfg.data.batch_size * world
     prototype_grad_scale = float(world) if cfg.optim.prototype_grad == "sum" else 1.0
+    if is_main:  # a kill -9 during an earlier save leaves its temporary file behind
+        for tmp in remove_stale_temporaries(run_dir / "checkpoints"):
+            print(f"removed {tmp.name}, left by an interrupted checkpoint write", flush=True)
     resume_path = resolve_resume(cfg.resume, run_dir)
     if resume_path is None and cfg.resume is None and (run_dir / "checkpoints" / "last.pt").is_file():
         raise ConfigError(resume_null_message(run_dir))
@@ -129,8 +142,13 @@ def train(cfg: DictConfig | MSNConfig) -> dict[str, float]:
                 f"{resume_path} was trained with a global batch of {saved_batch} images, this run has "
                 f"{cfg.data.batch_size} x {world} processes = {global_batch}; {fix} so that the sampler, masks "
                 "and schedules continue where they stopped")
+        check_compatible(model.state_dict(), state["model"],
+                         f"resume={resume_path} (resume with the config that run was trained with)")
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"{resume_path}: its optimiser state does not fit this model ({e})") from None
         for group in optimizer.param_groups:  # fused or not follows this run's device, not the checkpoint's
             group["fused"] = optimizer.defaults["fused"]
         saved_scale = float(state.get("prototype_grad_scale", 1.0))  # older checkpoints: DDP's average
@@ -287,6 +305,18 @@ def train(cfg: DictConfig | MSNConfig) -> dict[str, float]:
     return metrics
 
 
+def _check_last_batch(num_images: int, cfg: DictConfig, world: int) -> None:
+    """With ``drop_last=false`` an epoch may end in a batch of one image, which the head's BatchNorm cannot
+    normalise (it would crash at the end of every epoch): refuse it before training."""
+    if cfg.data.drop_last or not cfg.model.head_batchnorm:
+        return
+    last = samples_per_replica(num_images, world, False) % cfg.data.batch_size
+    if last == 1 and (world == 1 or not cfg.model.sync_batchnorm):
+        raise ConfigError(f"with data.drop_last=false the last batch of every epoch holds 1 image ({num_images} "
+                          f"images, data.batch_size={cfg.data.batch_size}) and the head's BatchNorm needs at least 2; "
+                          "set data.drop_last=true or another data.batch_size")
+
+
 class _StopRequest:
     """Turns preemption and time-limit signals into flags the loop checks after each step.
 
@@ -295,9 +325,12 @@ class _StopRequest:
     SIGTERM only saves ``last.pt`` and training goes on, so submitit's own flow stays intact. A
     Python handler that was installed before ours (submitit's) is called once the checkpoint is
     written (:meth:`forward`): that is how a submitit job requeues itself and then resumes.
+
+    SIGINT (Ctrl-C) is the same for the first press: finish the step, write ``last.pt``, exit 0. A
+    second press stops at once (KeyboardInterrupt), keeping only what was already saved.
     """
 
-    SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
+    SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")
 
     def __init__(self) -> None:
         self.signal: str | None = None
@@ -316,6 +349,12 @@ class _StopRequest:
         if self._submitit and number == signal.SIGTERM:
             self.save_only = True
             return
+        if number == signal.SIGINT and self.signal is not None:  # a second Ctrl-C: stop now
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        if number == signal.SIGINT:
+            print("\nCtrl-C: stopping after this step with a checkpoint (press again to stop at once)",
+                  file=sys.stderr, flush=True)
         self.signal, self._received = signal.Signals(number).name, number
 
     def restore(self) -> None:
@@ -325,7 +364,7 @@ class _StopRequest:
     def forward(self) -> None:
         """Call the handler that was in place before ours for the signal received, if it is Python code."""
         handler = self._previous.get(self._received) if self._received is not None else None
-        if callable(handler):
+        if callable(handler) and self._received != signal.SIGINT:  # Python's own SIGINT handler would raise
             handler(self._received, None)
 
 
@@ -398,7 +437,11 @@ def main() -> None:
     if distributed.process_info() is not None:
         distributed.init_from_env()
         os.environ[START_TIME_ENV] = distributed.broadcast_object(datetime.now().isoformat())
-    _hydra_main()
+    try:
+        _hydra_main()
+    except KeyboardInterrupt:
+        sys.exit("msn-pretrain: stopped at once by a second Ctrl-C; the last checkpoint written is kept, and "
+                 "resume=auto continues from it")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
 from msn.backbone import ARCHITECTURES, ViTArch, preset_name
-from msn.checkpoint import CheckpointError, is_training_checkpoint, safe_load
+from msn.checkpoint import CheckpointError, check_training_checkpoint, is_training_checkpoint, safe_load
 from msn.config import DataConfig, ModelConfig, model_arch
 from msn.convert import (
     ConversionError,
@@ -59,8 +59,13 @@ def infer_backbone(backbone: StateDict) -> dict[str, Any]:
     ``arch=None`` with ``embed_dim``, ``depth`` and ``mlp_ratio``, and ``num_heads=None``: the number of
     attention heads does not show in any shape. Always ``patch_size`` and ``img_size``.
     """
+    missing = [k for k in ("cls_token", "pos_embed", "patch_embed.proj.weight") if k not in backbone]
+    if missing:
+        raise ConversionError(f"not a ViT backbone: no {', '.join(missing)}")
     dim = backbone["cls_token"].shape[-1]
     depth = len({k.split(".")[1] for k in backbone if k.startswith("blocks.")})
+    if depth and "blocks.0.mlp.fc1.weight" not in backbone:
+        raise ConversionError("not a ViT backbone: no blocks.0.mlp.fc1.weight")
     mlp_ratio = backbone["blocks.0.mlp.fc1.weight"].shape[0] / dim if depth else 4.0
     patch = backbone["patch_embed.proj.weight"].shape[-1]
     grid = round((backbone["pos_embed"].shape[1] - 1) ** 0.5)
@@ -104,12 +109,19 @@ def read_source(path: str | Path) -> Source:
         raise CheckpointError(f"{path} does not exist; give a training checkpoint, a run directory or a .pth.tar")
     raw = safe_load(path)
     if is_training_checkpoint(raw):
+        check_training_checkpoint(raw, path)
         config = OmegaConf.create(raw["config"])
         model_cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), config.model)  # fields added since: defaults
-        return Source(raw["model"], model_cfg, path, raw["step"], raw["epoch"], config)
+        return Source(raw["model"], model_cfg, path, raw["step"], raw.get("epoch"), config)
     if isinstance(raw, dict) and "target_encoder" in raw:
         model = from_original_msn(raw)
-        return Source(model, infer_model_config(model), path, epoch=raw.get("epoch"))
+        try:
+            model_cfg = infer_model_config(model)
+        except ConversionError as e:
+            raise ConversionError(f"{path} is not an original MSN ViT checkpoint ({e})") from None
+        except (KeyError, IndexError, AttributeError) as e:
+            raise ConversionError(f"{path} is not an original MSN ViT checkpoint: its encoder has no {e}") from None
+        return Source(model, model_cfg, path, epoch=raw.get("epoch"))
     raise CheckpointError(f"{path} is neither an msn training checkpoint nor an original MSN checkpoint "
                           "(a dict with encoder, target_encoder and prototypes)")
 
@@ -186,6 +198,8 @@ def model_card(source: Source, encoder: str) -> str:
 
 
 def _prepare_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out} is a file; OUT must be a folder for this format (choose another OUT)")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise CheckpointError(f"{out} exists and is not empty; choose another OUT or pass --overwrite")
     out.mkdir(parents=True, exist_ok=True)
@@ -234,6 +248,49 @@ def export_msn(source: Source, out: Path, overwrite: bool = False) -> Path:
     return path
 
 
+def read_safetensors(path: Path) -> StateDict:
+    """Tensors of a ``.safetensors`` file; a missing or corrupt file is one :class:`CheckpointError`."""
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist")
+    try:
+        return load_file(path)
+    except Exception as e:  # safetensors raises its own error types for a bad header or a short file
+        raise CheckpointError(f"{path} is not a readable safetensors file ({type(e).__name__}: "
+                              f"{(str(e).splitlines() or [''])[0][:160]})") from None
+
+
+@dataclass
+class HFFolder:
+    """A Hugging Face ViTMSN folder: the backbone in timm keys, its ViT dimensions and the normalisation."""
+
+    backbone: StateDict
+    arch: ViTArch
+    mean: list[float]
+    std: list[float]
+
+
+def read_hf_folder(path: Path) -> HFFolder:
+    """Read ``config.json``, ``model.safetensors`` and ``preprocessor_config.json`` (optional) of a ViTMSN
+    folder; a malformed file is one :class:`CheckpointError` naming it."""
+    config_path, pre_path = path / "config.json", path / "preprocessor_config.json"
+    try:
+        hf = json.loads(config_path.read_text())
+        arch = ViTArch(int(hf["hidden_size"]), int(hf["num_hidden_layers"]), int(hf["num_attention_heads"]),
+                       int(hf["intermediate_size"]) / int(hf["hidden_size"]))
+    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError) as e:
+        raise CheckpointError(f"{config_path} is not a valid ViTMSN config ({type(e).__name__}: {e})") from None
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+    if pre_path.is_file():
+        try:
+            pre = json.loads(pre_path.read_text())
+            mean, std = [float(x) for x in pre.get("image_mean", mean)], [float(x) for x in pre.get("image_std", std)]
+            if len(mean) != 3 or len(std) != 3:
+                raise ValueError("image_mean and image_std need 3 values")
+        except (OSError, ValueError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{pre_path} is not a valid preprocessor config ({type(e).__name__}: {e})") from None
+    return HFFolder(hf_to_backbone(read_safetensors(path / "model.safetensors")), arch, mean, std)
+
+
 def read_init_weights(path: str | Path) -> tuple[str, StateDict]:
     """Weights to start pretraining from, in training-state-dict keys, and the kind of source.
 
@@ -242,11 +299,11 @@ def read_init_weights(path: str | Path) -> tuple[str, StateDict]:
     """
     path = Path(path)
     if path.is_dir() and (path / "config.json").is_file():  # Hugging Face folder
-        return "backbone", hf_to_backbone(load_file(path / "model.safetensors"))
+        return "backbone", read_hf_folder(path).backbone
     if path.is_dir() and (path / "timm_config.json").is_file():
         path = path / "model.safetensors"
     if path.is_file() and path.suffix == ".safetensors":
-        return "backbone", load_file(path)
+        return "backbone", read_safetensors(path)
     if path.is_file() or (path.is_dir() and (path / "checkpoints" / "last.pt").is_file()):
         return "msn", read_source(path).model
     raise CheckpointError(f"init_from={path}: not a Hugging Face ViTMSN folder, a timm .safetensors file, "

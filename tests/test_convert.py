@@ -49,5 +49,7 @@ def test_check_compatible_names_every_difference():
     with pytest.raises(ConversionError) as err:
         check_compatible(expected, {"a": torch.zeros(4), "c": torch.zeros(1)}, "weights")
     text = str(err.value)
-    assert "a: expected (2,), got (4,)" in text and "missing keys: b" in text and "unexpected keys: c" in text
+    assert "\n" not in text  # one line, for the one-line error of the command-line tools
+    assert "different shapes (1): a: expected (2,), got (4,)" in text
+    assert "missing keys (1): b" in text and "unexpected keys (1): c" in text
     check_compatible(expected, dict(expected), "weights")
