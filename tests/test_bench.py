@@ -6,7 +6,7 @@ import subprocess
 import pytest
 import torch
 
-from msn.bench import _OurStep, compose_bench_config
+from msn.bench import _OurStep, compose_bench_config, main
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
 
@@ -30,13 +30,16 @@ def test_bench_step_with_reference_on_cpu():
     assert report["flops_per_image"] == pytest.approx(report["reference_flops_per_image"], rel=0.05)
 
 
-def test_bench_bad_input_is_one_line():
-    for args, message in ((["step", "model.arch=vit_giant"], "model.arch='vit_giant' is unknown"),
-                          (["step", "optim.lrr=1"], "optim.lrr"),
+def test_bench_bad_input_is_one_line(capsys):
+    result = _bench("step", "model.arch=vit_giant")  # the console script itself
+    assert result.returncode == 1 and result.stderr.strip().splitlines() == [
+        "msn-bench: error: invalid config: model.arch='vit_giant' is unknown; choose one of vit_pico, vit_tiny, "
+        "vit_small, vit_base, vit_large, vit_huge, or null with model.embed_dim, model.depth and model.num_heads"]
+    for args, message in ((["step", "optim.lrr=1"], "optim.lrr"),
+                          (["step", "+optim.lrr=1"], "unknown config key optim.lrr"),
                           (["step", "model=vit_pico", "device=cpu", "--max-batch"], "--max-batch needs a GPU")):
-        result = _bench(*args)
-        assert result.returncode == 1, (args, result.stderr)
-        lines = result.stderr.strip().splitlines()
+        assert main(args) == 1, args
+        lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("msn-bench: error: ") and message in lines[0], lines
 
 

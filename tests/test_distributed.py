@@ -86,8 +86,7 @@ def test_prototype_gradient_is_summed_over_processes_as_the_original(tmp_path):
     doubled = _final_model(tmp_path / "doubled", 1, 16, factor=2.0)
     for name, value in doubled.items():
         torch.testing.assert_close(two[name], value, atol=1e-8, rtol=0, msg=name)
-    averaged = _final_model(tmp_path / "averaged", 2, 8, "optim.prototype_grad=mean")
-    assert (averaged["prototypes"] - two["prototypes"]).abs().max() > 1e-8  # the choice shows
+    # (that the choice matters at all, a factor on the prototypes' gradient: tests/test_step_fidelity.py)
 
     mid = tmp_path / "two" / "checkpoints" / "step_0000003.pt"
     assert load_checkpoint(mid)["prototype_grad_scale"] == 2.0

@@ -1,4 +1,6 @@
+import contextlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from msn import features, splits
+from msn import evaluate, features, splits
 from msn.data import DataError
 from msn.features import extract_features, load_encoder
 from msn.protocols import knn_accuracy, linear_probe, logistic_regression, sample_fraction, sample_per_class
@@ -126,11 +128,22 @@ def test_hf_export_gives_the_same_features(tmp_path, run_dir):
 
 
 def _eval(*args: str, cwd: Path) -> dict:
+    """``msn-eval ARGS`` through its entry point, in this process (a subprocess costs seconds of imports)."""
     out = cwd / "results.json"
-    result = subprocess.run(["msn-eval", *args, "--output", str(out), "--cache-dir", str(cwd / "cache")],
-                            capture_output=True, text=True, timeout=600, cwd=cwd)
-    assert result.returncode == 0, result.stderr
+    with _chdir(cwd):
+        code = evaluate.main([*args, "--output", str(out), "--cache-dir", str(cwd / "cache")])
+    assert code == 0
     return json.loads(out.read_text())
+
+
+@contextlib.contextmanager
+def _chdir(path: Path):
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
 
 
 def test_cli_all_protocols_on_digits(tmp_path, run_dir):
@@ -164,14 +177,16 @@ def test_cli_all_protocols_on_an_image_folder(tmp_path, run_dir, folder_dataset)
         assert _eval(protocol, str(hf), *common, *extra, cwd=tmp_path)["protocol"] == protocol
 
 
-def test_cli_errors(tmp_path, run_dir):
+def test_cli_errors(tmp_path, run_dir, capsys):
     result = subprocess.run(["msn-eval", "lowshot", str(tmp_path / "nothing")], capture_output=True, text=True)
-    assert result.returncode == 1 and "does not exist" in result.stderr
-    result = subprocess.run(["msn-eval", "lowshot", str(run_dir), "--dataset", str(tmp_path)], capture_output=True,
-                            text=True, cwd=tmp_path)
-    assert result.returncode == 1 and "expected" in result.stderr and "train" in result.stderr
-    result = subprocess.run(["msn-eval", "lowshot", str(run_dir), "--update-card"], capture_output=True, text=True)
-    assert result.returncode == 2 and "--update-card needs" in result.stderr
+    assert result.returncode == 1 and "does not exist" in result.stderr  # the console script itself
+    with _chdir(tmp_path):
+        assert evaluate.main(["lowshot", str(run_dir), "--dataset", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "expected" in err and "train" in err
+    with pytest.raises(SystemExit) as exit_:
+        evaluate.main(["lowshot", str(run_dir), "--update-card"])
+    assert exit_.value.code == 2 and "--update-card needs" in capsys.readouterr().err
 
 
 def test_cli_logs_to_an_offline_wandb_run(tmp_path, run_dir):
@@ -182,8 +197,6 @@ def test_cli_logs_to_an_offline_wandb_run(tmp_path, run_dir):
 
 
 def test_wandb_missing_is_one_line_before_any_work(tmp_path, run_dir, monkeypatch, capsys):
-    from msn import evaluate
-
     monkeypatch.setitem(sys.modules, "wandb", None)  # what an environment without wandb gives
     monkeypatch.setattr(evaluate, "evaluate", lambda args: pytest.fail("evaluated before checking for wandb"))
     assert evaluate.main(["knn", str(run_dir), "--wandb", "--output", str(tmp_path / "r.json")]) == 1

@@ -8,6 +8,7 @@ import torch
 from transformers import AutoImageProcessor, ViTMSNForImageClassification, ViTMSNModel
 
 from msn.convert import ConversionError, backbone_to_hf, hf_to_backbone
+from msn.export import main as export_main
 from msn.model import MSN
 from msn.weights import Source, export_hf, export_msn, export_timm, hf_config, init_model_from, read_source
 from tests.conftest import compose_config
@@ -226,13 +227,13 @@ def test_pretrain_cli_init_from_hf_export(tmp_path):
     assert bad.returncode == 1 and "does not match the configured architecture" in bad.stderr
 
 
-def test_export_cli_errors(tmp_path):
+def test_export_cli_errors(tmp_path, capsys):
     run = tmp_path / "missing"
     result = subprocess.run(["msn-export", str(run), str(tmp_path / "out")], capture_output=True, text=True)
     assert result.returncode == 1 and "does not exist" in result.stderr
-    result = subprocess.run(["msn-export", str(run), str(tmp_path / "out"), "--format", "msn", "--encoder",
-                             "online"], capture_output=True, text=True)
-    assert result.returncode == 2 and "--encoder does not apply" in result.stderr
+    with pytest.raises(SystemExit) as exit_:  # the entry point in this process: argparse's usage error
+        export_main([str(run), str(tmp_path / "out"), "--format", "msn", "--encoder", "online"])
+    assert exit_.value.code == 2 and "--encoder does not apply" in capsys.readouterr().err
     _, source = _source(tmp_path, "model=vit_pico")
     export_hf(source, tmp_path / "hf")
     with pytest.raises(Exception, match="not empty; choose another OUT or pass --overwrite"):
