@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import random
@@ -137,6 +138,28 @@ def check_training_checkpoint(state: dict[str, Any], path: str | os.PathLike) ->
     if missing or wrong:
         parts = ([f"missing {', '.join(missing)}"] if missing else []) + ([f"bad {', '.join(wrong)}"] if wrong else [])
         raise CheckpointError(f"{path} is an incomplete msn training checkpoint ({'; '.join(parts)})")
+
+
+STATUS_FILE = "status.json"
+
+
+def write_status(run_dir: str | os.PathLike, status: str, step: int, total_steps: int) -> None:
+    """``RUN_DIR/status.json``: ``running`` (at each checkpoint), ``stopped`` (by a signal) or ``finished``,
+    with the step of ``checkpoints/last.pt`` and the run's total; lets a re-run see what is left to do."""
+    path = Path(run_dir) / STATUS_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"status": status, "step": int(step), "total_steps": int(total_steps),
+                               "checkpoint": "checkpoints/last.pt"}, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def read_status(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """What :func:`write_status` wrote, or None (no run there yet, or an unreadable file)."""
+    try:
+        status = json.loads((Path(run_dir) / STATUS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return status if isinstance(status, dict) else None
 
 
 def resolve_resume(resume: str | None, run_dir: str | os.PathLike) -> Path | None:

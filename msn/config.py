@@ -9,7 +9,9 @@ type cannot express (ranges, divisibility, names) before any compute starts.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
+import re
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
@@ -161,7 +164,8 @@ class MSNConfig:
     compile_mode: str | None = None  # null (default) | reduce-overhead (CUDA graphs) | max-autotune | ...
     compile_backend: str = "inductor"  # any torch.compile backend (aot_eager, cudagraphs, ... for debugging)
     tf32: bool = True  # fp32 matmuls and convolutions on GPUs may use TF32 tensor cores (as the original's PyTorch did)
-    resume: str | None = "auto"  # auto (continue RUN_DIR if it has last.pt) | PATH | null (fresh)
+    resume: str | None = "auto"  # auto (continue RUN_DIR if it has last.pt) | RUN_DIR or .pt (continue there) | null
+    run_name: str | None = None  # the run's folder under outputs/; null: named after the overrides that change results
     init_from: str | None = None  # start from weights: original MSN .pth.tar, HF ViTMSN folder, timm safetensors
     run_dir: str = "."
 
@@ -180,19 +184,49 @@ class CheckBeforeRun(Callback):
     """
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        HydraConfig.instance().set_config(config)  # what Hydra does first thing in run_job: ${hydra:...} resolves
         task = {k: v for k, v in OmegaConf.to_container(config, resolve=False).items() if k != "hydra"}
         try:
             cfg = to_schema(task)
             run_dir = Path(str(OmegaConf.select(config, "hydra.run.dir")))
             if cfg.resume is None and (run_dir / "checkpoints" / "last.pt").is_file():
                 raise ConfigError(resume_null_message(run_dir))
-        except ConfigError as e:
+            if cfg.data.name == "folder":  # the cheap part of the data check: no run folder for a typo
+                from msn.data import check_data_root
+
+                check_data_root(cfg.data.root)
+        except ValueError as e:  # ConfigError, DataError
             sys.exit(f"msn-pretrain: error: {e}")
+        status = finished_run(run_dir, cfg) if cfg.resume is not None else None
+        if status is not None:
+            print(complete_message(run_dir, status["step"], status["total_steps"]), flush=True)
+            sys.exit(0)  # without touching the finished run: Hydra has not written anything yet
 
 
 def resume_null_message(run_dir: Path) -> str:
     return (f"{run_dir} already holds checkpoints/last.pt from an earlier run and resume=null would overwrite it; "
-            "pass resume=auto to continue that run, or a new hydra.run.dir")
+            "pass resume=auto to continue that run, or run_name=NEW_NAME for a new one")
+
+
+def finished_run(run_dir: Path, cfg: DictConfig) -> dict[str, Any] | None:
+    """``RUN_DIR/status.json`` if ``run_dir`` holds a finished run as long as ``cfg`` asks for, else None."""
+    from msn.checkpoint import read_status  # here: checkpoint imports torch, and the schema should not need it
+
+    status, saved = read_status(run_dir), run_dir / "config.yaml"
+    if not (status and status.get("status") == "finished" and saved.is_file()):
+        return None
+    try:
+        old = OmegaConf.load(saved)
+        same = (old.optim.epochs, old.optim.max_steps) == (cfg.optim.epochs, cfg.optim.max_steps)
+    except Exception:  # an unreadable config.yaml: let the run itself decide
+        return None
+    return status if same else None
+
+
+def complete_message(run_dir: Path, step: int, total_steps: int) -> str:
+    return (f"{run_dir} is complete (step {step} of {total_steps}): nothing to do. Its checkpoint is "
+            f"{run_dir}/checkpoints/last.pt; to train it longer pass a larger optim.epochs with resume={run_dir}, "
+            "for a new run pass run_name=NEW_NAME")
 
 
 def register_configs() -> None:
@@ -214,8 +248,39 @@ def start_time(pattern: str) -> str:
     return (datetime.fromisoformat(stamp) if stamp else datetime.now()).strftime(pattern)
 
 
-# At import, so that submitit job processes (which import this module to unpickle the task) have it too.
+def run_directory(root: str, run_name: str | None, overrides: str | None, resume: str | None) -> str:
+    """``hydra.run.dir``: one stable folder per run, so that the same command continues the same run.
+
+    ``resume=RUN_DIR`` (or a checkpoint under ``RUN_DIR/checkpoints/``) continues in RUN_DIR. Otherwise
+    the folder is ``ROOT/RUN_NAME``, where the name is ``run_name`` or, by default, Hydra's
+    ``override_dirname``: the command line's overrides that change the result (configs/config.yaml lists
+    those that do not, such as ``resume``, ``device`` or ``logger.*``), ``experiment=`` left out, for
+    example ``outputs/cpu_smoke,optim.lr=0.001``; ``outputs/default`` without any.
+    """
+    if resume not in (None, "auto"):
+        path = Path(str(resume)).expanduser()
+        if path.is_dir():
+            return str(path)
+        if path.parent.name == "checkpoints":
+            return str(path.parent.parent)
+    if run_name:
+        return str(Path(root) / safe_name(run_name))
+    name = re.sub(r"(^|,)experiment=", r"\1", overrides or "")
+    return str(Path(root) / (safe_name(name) or "default"))
+
+
+def safe_name(name: str, limit: int = 100) -> str:
+    """A single folder name: path separators and unusual characters replaced, long names shortened with a hash."""
+    cleaned = re.sub(r"[^A-Za-z0-9._=,+\-\[\]@]", "_", str(name)).strip("._")
+    if len(cleaned) > limit:
+        digest = hashlib.sha1(cleaned.encode()).hexdigest()[:8]
+        cleaned = f"{cleaned[:limit - 9]}-{digest}"
+    return cleaned
+
+
+# At import, so that submitit job processes (which import this module to unpickle the task) have them too.
 OmegaConf.register_new_resolver("start_time", start_time, use_cache=True, replace=True)
+OmegaConf.register_new_resolver("msn_run_dir", run_directory, replace=True)
 
 
 _CHOICES: dict[str, tuple[str, ...]] = {

@@ -86,7 +86,7 @@ class ImageFolderDataset(Dataset):
     """
 
     def __init__(self, root: str | os.PathLike | None, list_file: str | os.PathLike | None = None) -> None:
-        self.root = _check_root(root)
+        self.root = check_data_root(root)
         self.classes = sorted(entry.name for entry in os.scandir(self.root) if entry.is_dir())
         relative = _read_list_file(self.root, Path(list_file)) if list_file else _scan_images(self.root)
         self.paths = [self.root / rel for rel in relative]
@@ -138,7 +138,8 @@ def to_8bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(scaled)  # (H, W) uint8: mode "L"
 
 
-def _check_root(root: str | os.PathLike | None) -> Path:
+def check_data_root(root: str | os.PathLike | None) -> Path:
+    """``root`` as a Path when it is an existing folder, else a :class:`DataError` that says how to fix it."""
     if root is None or str(root) == "":
         raise DataError("data.root is not set; pass data.root=/path/to/images")
     path = Path(root).expanduser()

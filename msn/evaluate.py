@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from msn.checkpoint import CheckpointError
-from msn.config import ConfigError
+from msn.config import ConfigError, safe_name
 from msn.convert import ConversionError
 from msn.data import DataError
 from msn.device import autocast_dtype, resolve_device
@@ -95,6 +95,19 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             "results": results}
 
 
+def default_output(model: Path, protocol: str, dataset: str) -> Path:
+    """``eval_PROTOCOL_DATASET.json`` in the model's own folder: the run directory of a checkpoint or run, the
+    export folder, or the folder holding an original ``.pth.tar`` (where the sweep summary looks for it)."""
+    if model.is_dir():
+        folder = model
+    elif model.parent.name == "checkpoints":
+        folder = model.parent.parent
+    else:
+        folder = model.parent
+    name = "digits" if dataset == "digits" else safe_name(Path(dataset).name or "dataset")
+    return folder / f"eval_{protocol}_{name}.json"
+
+
 def _check_shots(shots: list[int], train: Split) -> None:
     """Refuse more shots than the smallest class has training images (the table would claim them)."""
     counts = {train.classes[c]: int(n) for c, n in zip(*np.unique(train.labels, return_counts=True), strict=True)}
@@ -152,7 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: bf16 autocast on a GPU, fp32 on the CPU")
     p.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "msn" / "features"))
     p.add_argument("--no-cache", action="store_true", help="always recompute features")
-    p.add_argument("--output", default="results.json")
+    p.add_argument("--output", default=None,
+                   help="where the results JSON goes (default: MODEL's run or model folder, "
+                        "eval_PROTOCOL_DATASET.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.add_argument("--update-card", action="store_true", help="write the results into an hf export's README.md")
     p.add_argument("--wandb", action="store_true", help="also log the results to wandb (offline)")
     return p
@@ -169,12 +185,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--update-card needs MODEL to be an hf export folder (msn-export --format hf)")
     try:
         wandb = import_wandb("--wandb") if args.wandb else None  # before the work, not after it
+        output = Path(args.output) if args.output else default_output(Path(args.model), args.protocol, args.dataset)
+        if output.exists() and not args.overwrite:
+            raise CheckpointError(f"{output} exists; pass --overwrite to replace it, or --output PATH")
         report = evaluate(args)
     except (CheckpointError, ConversionError, DataError, ConfigError) as e:
         print(f"msn-eval: error: {e}", file=sys.stderr)
         return 1
     print(format_table(report))
-    Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {output}")
     if args.update_card:
         update_model_card(Path(args.model), report)
     if wandb is not None:

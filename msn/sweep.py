@@ -3,7 +3,7 @@
 ``msn-pretrain -m a=1,2 b=x,y`` runs each combination in ``SWEEP_DIR/<job number>/``. When the sweep
 ends, the :class:`SweepSummary` Hydra callback (configs/config.yaml) writes ``SWEEP_DIR/summary.csv``
 and ``SWEEP_DIR/summary.json``; ``python -m msn.sweep SWEEP_DIR`` rebuilds them at any time (after a
-failed or cancelled job, or after adding ``msn-eval --output RUN_DIR/eval_<name>.json`` results).
+failed or cancelled job, or after ``msn-eval ... RUN_DIR`` wrote its ``RUN_DIR/eval_*.json`` results).
 
 Per job: its number and directory, each override (``key=value`` as typed), ``status`` (finished,
 stopped, or no metrics), and from the last row of its ``metrics.csv`` the step, loss, CE, ME-MAX,

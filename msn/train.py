@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -33,12 +34,14 @@ from msn.checkpoint import (
     rng_state,
     save_checkpoint,
     set_rng_state,
+    write_status,
 )
 from msn.config import (
     CONFIG_DIR,
     START_TIME_ENV,
     ConfigError,
     MSNConfig,
+    complete_message,
     register_configs,
     resume_null_message,
     to_schema,
@@ -85,11 +88,13 @@ def _batches(loader: torch.utils.data.DataLoader, sampler: EpochSampler, steps_i
         epoch, offset = epoch + 1, 0
 
 
-def train(cfg: DictConfig | MSNConfig) -> dict[str, float]:
+def train(cfg: DictConfig | MSNConfig, command: str | None = None) -> dict[str, float]:
     """Pretrain MSN as configured; return the last logged metrics.
 
     Writes ``RUN_DIR/config.yaml``, ``RUN_DIR/run.json`` (steps, batch per process and global batch),
-    ``RUN_DIR/metrics.csv`` and ``RUN_DIR/checkpoints/{last,step_XXXXXXX}.pt``; only rank 0 writes.
+    ``RUN_DIR/metrics.csv``, ``RUN_DIR/status.json`` and ``RUN_DIR/checkpoints/{last,step_XXXXXXX}.pt``;
+    only rank 0 writes. ``command`` (the command line that started the run) is what the messages tell
+    the user to run again to continue; without it they say ``resume=RUN_DIR``.
     """
     cfg = to_schema(cfg if isinstance(cfg, DictConfig) else OmegaConf.structured(cfg))
     OmegaConf.resolve(cfg)
@@ -166,6 +171,10 @@ def train(cfg: DictConfig | MSNConfig) -> dict[str, float]:
             torch.manual_seed(rank_seed(cfg.seed, rank, start_step))
         if is_main:
             print(f"resumed from {resume_path} at step {start_step}", flush=True)
+    if start_step >= total_steps:  # a finished run: say so and leave it as it is
+        if is_main:
+            print(complete_message(run_dir, start_step, total_steps), flush=True)
+        return {}
     if cfg.init_from is not None and resume_path is None:  # a resumed run already holds its weights
         kind = init_model_from(model, cfg.init_from)
         if is_main:
@@ -221,6 +230,8 @@ def train(cfg: DictConfig | MSNConfig) -> dict[str, float]:
             state["scaler"] = scaler.state_dict()
         for name in names:
             save_checkpoint(run_dir / "checkpoints" / name, state)
+        if "last.pt" in names:
+            write_status(run_dir, "finished" if step >= total_steps else "running", step, total_steps)
 
     step_model: MSN | DistributedDataParallel = model
     if world > 1:  # the target has no trainable parameters, so DDP syncs online + prototypes only
@@ -292,8 +303,11 @@ def train(cfg: DictConfig | MSNConfig) -> dict[str, float]:
             if stopping and step < total_steps:  # preempted: saved above, now exit cleanly
                 stopped_early = True
                 if is_main:
+                    write_status(run_dir, "stopped", step, total_steps)
+                    again = command or f"resume={run_dir}"
                     bar.write(f"received {stop.signal or 'a stop signal (on another rank)'}: wrote "
-                              f"checkpoints/last.pt at step {step}; continue with resume=auto", file=sys.stdout)
+                              f"checkpoints/last.pt at step {step} in {run_dir}; continue with: {again}",
+                              file=sys.stdout)
                 break
     finally:
         stop.restore()
@@ -302,7 +316,16 @@ def train(cfg: DictConfig | MSNConfig) -> dict[str, float]:
             logger.close()
     if stopped_early:
         stop.forward()  # hand the signal on to a job manager's handler (submitit requeues the job here)
+    elif is_main:
+        print(_next_steps(run_dir, step), flush=True)
     return metrics
+
+
+def _next_steps(run_dir: Path, step: int) -> str:
+    """What a finished run prints: where its weights are and the commands that use them."""
+    return (f"run complete: {run_dir}/checkpoints/last.pt (step {step})\n"
+            f"  msn-export {run_dir} {run_dir}/hf        # a Hugging Face ViTMSN folder (--format timm | msn)\n"
+            f"  msn-eval lowshot {run_dir}               # low-shot accuracy (digits; --dataset PATH for yours)")
 
 
 def _check_last_batch(num_images: int, cfg: DictConfig, world: int) -> None:
@@ -421,8 +444,15 @@ def _console_line(m: dict[str, float], total: int) -> str:
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides = list(HydraConfig.get().overrides.task)
+    if distributed.process_info() is None:
+        command = shlex.join(["msn-pretrain", *overrides])
+    else:
+        command = "the same launch command (torchrun or srun), whose overrides are: " + shlex.join(overrides)
     try:
-        train(cfg)
+        train(cfg, command)
     except USER_ERRORS as e:
         sys.exit(f"msn-pretrain: error: {e}")
 

@@ -223,10 +223,23 @@ def export_hf(source: Source, out: Path, encoder: str = "target", overwrite: boo
 def timm_create_args(model_cfg: DictConfig) -> dict[str, Any]:
     """``timm.create_model`` name and keyword arguments that build this backbone (no classifier)."""
     a = source_arch(model_cfg)
-    name = TIMM_NAMES.get((preset_name(a), int(model_cfg.patch_size)), "vit_base_patch16_224")
+    name = closest_timm_name(a, int(model_cfg.patch_size))
     kwargs = {"num_classes": 0, "img_size": int(model_cfg.img_size), "patch_size": int(model_cfg.patch_size),
               "embed_dim": a.embed_dim, "depth": a.depth, "num_heads": a.num_heads, "mlp_ratio": a.mlp_ratio}
     return {"model_name": name, "pretrained": False, "kwargs": kwargs}
+
+
+def closest_timm_name(arch: ViTArch, patch_size: int) -> str:
+    """The registered timm ViT nearest to ``arch`` (the same patch size first, then the nearest width).
+
+    timm builds a model by name, and the kwargs in ``timm_config.json`` give every size explicitly, so
+    the name only picks timm's defaults for what the kwargs do not set; for an exact preset it is exact.
+    """
+    exact = TIMM_NAMES.get((preset_name(arch), patch_size))
+    if exact is not None:
+        return exact
+    return min(TIMM_NAMES.items(), key=lambda item: (item[0][1] != patch_size,
+                                                     abs(ARCHITECTURES[item[0][0]].embed_dim - arch.embed_dim)))[1]
 
 
 def export_timm(source: Source, out: Path, encoder: str = "target", overwrite: bool = False) -> Path:

@@ -1,6 +1,7 @@
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -131,7 +132,7 @@ def _eval(*args: str, cwd: Path) -> dict:
     """``msn-eval ARGS`` through its entry point, in this process (a subprocess costs seconds of imports)."""
     out = cwd / "results.json"
     with _chdir(cwd):
-        code = evaluate.main([*args, "--output", str(out), "--cache-dir", str(cwd / "cache")])
+        code = evaluate.main([*args, "--output", str(out), "--overwrite", "--cache-dir", str(cwd / "cache")])
     assert code == 0
     return json.loads(out.read_text())
 
@@ -253,3 +254,21 @@ def test_val_labels_follow_the_training_class_index(tmp_path, run_dir):
     result = subprocess.run(["msn-eval", "knn", str(run_dir), "--dataset", str(root), "--output",
                              str(tmp_path / "r.json"), "--no-cache"], capture_output=True, text=True, cwd=tmp_path)
     assert "warning: 1 class(es) have test images but no training images and cannot be predicted: d" in result.stderr
+
+
+def test_results_go_next_to_the_model_and_are_never_overwritten_silently(tmp_path, run_dir, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    args = ["knn", str(run), "--cache-dir", str(tmp_path / "cache")]
+    with _chdir(tmp_path):
+        assert evaluate.main(args) == 0
+        out = run / "eval_knn_digits.json"
+        assert f"wrote {out}" in capsys.readouterr().out
+        assert json.loads(out.read_text())["protocol"] == "knn"
+        assert not (tmp_path / "results.json").exists()  # not the current directory
+        before = out.read_text()
+        assert evaluate.main(args) == 1
+        assert capsys.readouterr().err.strip() == (
+            f"msn-eval: error: {out} exists; pass --overwrite to replace it, or --output PATH")
+        assert out.read_text() == before
+        assert evaluate.main([*args, "--overwrite"]) == 0

@@ -105,17 +105,22 @@ def test_classification_model_loads_backbone_and_fine_tunes(tmp_path):
     assert losses[-1] < 0.7 * losses[0]
 
 
-def test_timm_round_trip(tmp_path):
-    model, source = _source(tmp_path, "model=vit_tiny", "data=folder", "data.root=.")
+@pytest.mark.parametrize("preset,timm_name,size", [("vit_tiny", "vit_tiny_patch16_224", 224),
+                                                   ("vit_pico", "vit_small_patch8_224", 32)])
+def test_timm_round_trip(tmp_path, preset, timm_name, size):
+    """An exact timm preset by its name; vit_pico (no timm preset) by the nearest one, every size in the kwargs."""
+    overrides = [f"model={preset}"] + (["data=folder", "data.root=."] if preset != "vit_pico" else [])
+    model, source = _source(tmp_path, *overrides)
     out = export_timm(source, tmp_path / "timm")
     args = json.loads((out / "timm_config.json").read_text())
-    assert args["model_name"] == "vit_tiny_patch16_224"
+    assert args["model_name"] == timm_name
+    assert {"embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size", "img_size"} <= set(args["kwargs"])
     net = timm.create_model(args["model_name"], pretrained=False, **args["kwargs"])
     from safetensors.torch import load_file
 
     net.load_state_dict(load_file(out / "model.safetensors"), strict=True)
     net.eval()
-    x = torch.randn(2, 3, 224, 224)
+    x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         torch.testing.assert_close(net.forward_features(x), model.target.backbone.forward_features(x))
         torch.testing.assert_close(net(x), model.target.backbone(x))

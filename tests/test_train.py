@@ -1,4 +1,5 @@
 import csv
+import json
 import shutil
 import subprocess
 import sys
@@ -242,7 +243,7 @@ def test_submitit_job_checkpoints_requeues_and_resumes_on_its_preemption_signal(
     out = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, out[-3000:]
     log = next(sweep.glob(".submitit/*/*_0_log.out")).read_text()
-    stopped = int(log.split("received SIGUSR2: wrote checkpoints/last.pt at step ")[1].split(";")[0])
+    stopped = int(log.split("received SIGUSR2: wrote checkpoints/last.pt at step ")[1].split()[0])
     assert 3 <= stopped < 24
     assert "Requeued job" in log and f"resumed from {run_dir / 'checkpoints' / 'last.pt'} at step {stopped}" in log
     assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"] == 24
@@ -429,3 +430,39 @@ def test_data_error_in_a_loader_worker_is_one_line(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("msn-pretrain: error: could not decode "), lines
     assert "DataLoader worker" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_same_command_continues_a_stopped_run_in_its_directory(tmp_path):
+    """The README's promise: stop a run (SIGTERM), run the identical command again, and it continues in
+    the same directory; metrics.csv then holds every step once. Run once more: it is complete, exit 0,
+    and nothing in the run directory changes."""
+    import os
+    import signal
+    import time
+
+    cmd = ["msn-pretrain", "experiment=cpu_smoke", "logger.progress=false", "optim.max_steps=null",
+           "optim.epochs=6", "checkpoint.every_steps=0", "checkpoint.last_every_steps=0"]
+    run_dir = tmp_path / "outputs" / "cpu_smoke,optim.epochs=6,optim.max_steps=null"  # checkpoint.* do not name it
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not (run_dir / "metrics.csv").is_file() or len(metrics_rows(run_dir)) < 2):
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    stopped_at = load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"]
+    assert stopped_at < 24, "the run finished before the signal: nothing was tested"
+    assert f"continue with: {' '.join(cmd)}" in out  # the message gives the command that continues
+
+    again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert f"checkpoints/last.pt at step {stopped_at}" in again.stdout  # "resumed from ... at step N"
+    assert [p.name for p in (tmp_path / "outputs").iterdir()] == [run_dir.name]  # no second directory
+    assert [int(r["step"]) for r in metrics_rows(run_dir)] == list(range(1, 25))  # 24 steps, each once
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "finished"
+
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "is complete (step 24 of 24): nothing to do" in done.stdout
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before  # not touched at all
