@@ -1,4 +1,4 @@
-"""``msn-export``: hand a pretrained backbone to Hugging Face, timm or the original MSN tools.
+"""msn-export: hand a pretrained backbone to Hugging Face, timm or the original MSN tools.
 
     msn-export SOURCE OUT [--format hf|timm|msn] [--encoder target|online] [--overwrite]
 

@@ -37,3 +37,28 @@ def test_cli_modules_import_no_other_cli_module():
         path = PACKAGE / f"{module.removeprefix('msn.')}.py"
         if path.is_file():
             assert not (_imports(path) & (CLI_MODULES - {module})), module
+
+
+def test_every_help_is_plain_text_and_leads_with_our_usage(capsys):
+    import re
+    import subprocess
+
+    import pytest
+
+    import msn.bench
+    import msn.evaluate
+    import msn.export
+
+    markup = re.compile(r"``|:(func|class|meth|mod):`")
+    for name, main, args in (("msn-export", msn.export.main, ["--help"]), ("msn-eval", msn.evaluate.main, ["--help"]),
+                             ("msn-bench", msn.bench.main, ["--help"]), ("msn-bench", msn.bench.main, ["step", "-h"])):
+        with pytest.raises(SystemExit) as exit_:
+            main(args)
+        text = capsys.readouterr().out
+        assert exit_.value.code == 0 and text.startswith(f"usage: {name}"), name
+        assert not markup.search(text), (name, markup.search(text))
+    result = subprocess.run(["msn-pretrain", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    assert result.stdout.startswith("msn-pretrain: self-supervised MSN pretraining of a Vision Transformer")
+    assert "Where outputs go: outputs/RUN_NAME/" in result.stdout and "powered by Hydra" not in result.stdout
+    assert not markup.search(result.stdout)
