@@ -8,6 +8,7 @@ import pickle
 import random
 import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -144,13 +145,35 @@ STATUS_FILE = "status.json"
 
 
 def write_status(run_dir: str | os.PathLike, status: str, step: int, total_steps: int) -> None:
-    """``RUN_DIR/status.json``: ``running`` (at each checkpoint), ``stopped`` (by a signal) or ``finished``,
-    with the step of ``checkpoints/last.pt`` and the run's total; lets a re-run see what is left to do."""
+    """``RUN_DIR/status.json``: ``running`` (at the start and each checkpoint), ``stopped`` (by a signal) or
+    ``finished``, with the step of ``checkpoints/last.pt``, the run's total, and the host and process
+    that wrote it; lets a re-run see what is left to do, and whether the run is live elsewhere."""
     path = Path(run_dir) / STATUS_FILE
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps({"status": status, "step": int(step), "total_steps": int(total_steps),
-                               "checkpoint": "checkpoints/last.pt"}, indent=2) + "\n")
+                               "checkpoint": "checkpoints/last.pt", "host": socket.gethostname(),
+                               "pid": os.getpid()}, indent=2) + "\n")
     tmp.replace(path)
+
+
+def live_elsewhere(status: dict[str, Any] | None) -> int | None:
+    """The pid of another live process of this host that is training the run ``status`` describes, if any.
+
+    A run that died leaves ``running`` with a pid that no longer exists, and a requeued job runs on
+    another host or in the same process: neither counts.
+    """
+    if not status or status.get("status") != "running" or status.get("host") != socket.gethostname():
+        return None
+    pid = status.get("pid")
+    if not isinstance(pid, int) or pid == os.getpid():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:  # alive, another user's
+        return pid
+    return pid
 
 
 def read_status(run_dir: str | os.PathLike) -> dict[str, Any] | None:

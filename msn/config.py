@@ -191,6 +191,14 @@ class CheckBeforeRun(Callback):
             run_dir = Path(str(OmegaConf.select(config, "hydra.run.dir")))
             if cfg.resume is None and (run_dir / "checkpoints" / "last.pt").is_file():
                 raise ConfigError(resume_null_message(run_dir))
+            from msn.checkpoint import live_elsewhere, read_status
+            from msn.distributed import process_info
+
+            info = process_info()  # in a multi-process job rank 0 asks (the others see rank 0 itself running)
+            pid = live_elsewhere(read_status(run_dir)) if info is None or info.rank == 0 else None
+            if pid is not None:
+                raise ConfigError(f"{run_dir} is being trained right now by process {pid}; wait for it to stop, or "
+                                  "pass run_name=NEW_NAME for a separate run")
             if cfg.data.name == "folder":  # the cheap part of the data check: no run folder for a typo
                 from msn.data import check_data_root
 

@@ -193,6 +193,7 @@ def train(cfg: DictConfig | MSNConfig, command: str | None = None) -> dict[str, 
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        write_status(run_dir, "running", start_step, total_steps)
         layout = {"total_steps": total_steps, "steps_per_epoch": steps_in_epoch, "world_size": world,
                   "batch_size_per_process": cfg.data.batch_size, "global_batch_size": global_batch}
         (run_dir / "run.json").write_text(json.dumps(layout, indent=2) + "\n")

@@ -466,3 +466,30 @@ def test_the_same_command_continues_a_stopped_run_in_its_directory(tmp_path):
     done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "is complete (step 24 of 24): nothing to do" in done.stdout
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before  # not touched at all
+
+
+def test_a_run_that_is_live_in_another_process_is_not_started_twice(tmp_path):
+    """Two terminals, one command: the second refuses while the first trains, and may go once it died."""
+    import os
+    import socket
+
+    run = tmp_path / "run"
+    run.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run / "status.json").write_text(json.dumps({"status": "running", "step": 3, "total_steps": 6,
+                                                     "host": socket.gethostname(), "pid": sleeper.pid}))
+        result = subprocess.run(["msn-pretrain", "experiment=cpu_smoke", f"hydra.run.dir={run}"], cwd=tmp_path,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 1
+        assert result.stderr.strip() == (f"msn-pretrain: error: {run} is being trained right now by process "
+                                         f"{sleeper.pid}; wait for it to stop, or pass run_name=NEW_NAME for a "
+                                         "separate run")
+        assert sorted(p.name for p in run.iterdir()) == ["status.json"]  # nothing else written
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    from msn.checkpoint import live_elsewhere, read_status
+
+    assert live_elsewhere(read_status(run)) is None  # that process is gone: the run may start
+    assert live_elsewhere({**read_status(run), "pid": os.getpid()}) is None  # this very process
