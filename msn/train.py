@@ -138,39 +138,8 @@ def train(cfg: DictConfig | MSNConfig, command: str | None = None) -> dict[str, 
     if resume_path is None and cfg.resume is None and (run_dir / "checkpoints" / "last.pt").is_file():
         raise ConfigError(resume_null_message(run_dir))
     if resume_path is not None:
-        state = load_checkpoint(resume_path)
-        saved_batch = state.get("global_batch_size", global_batch)
-        if saved_batch != global_batch:
-            fix = (f"set data.batch_size={saved_batch // world}" if saved_batch % world == 0 else
-                   f"use a number of processes that divides {saved_batch}")
-            raise CheckpointError(
-                f"{resume_path} was trained with a global batch of {saved_batch} images, this run has "
-                f"{cfg.data.batch_size} x {world} processes = {global_batch}; {fix} so that the sampler, masks "
-                "and schedules continue where they stopped")
-        check_compatible(model.state_dict(), state["model"],
-                         f"resume={resume_path} (resume with the config that run was trained with)")
-        model.load_state_dict(state["model"])
-        try:
-            optimizer.load_state_dict(state["optimizer"])
-        except (ValueError, KeyError) as e:
-            raise CheckpointError(f"{resume_path}: its optimiser state does not fit this model ({e})") from None
-        for group in optimizer.param_groups:  # fused or not follows this run's device, not the checkpoint's
-            group["fused"] = optimizer.defaults["fused"]
-        saved_scale = float(state.get("prototype_grad_scale", 1.0))  # older checkpoints: DDP's average
-        if saved_scale != prototype_grad_scale:  # another number of processes: keep Adam's view of the scale
-            rescale_adam_moments(optimizer, model.prototypes, prototype_grad_scale / saved_scale)
-        if scaler is not None and "scaler" in state:
-            scaler.load_state_dict(state["scaler"])
-        start_step, wandb_run_id = int(state["step"]), state.get("wandb_run_id")
-        per_rank = state.get("rng_ranks") or [state["rng"]]
-        if is_main:  # rank 0 carries the run's skip record; the epoch's count is a sum over ranks at logging
-            skipped.load_state_dict(state.get("skipped_images", {}))
-        if len(per_rank) == world:  # same layout: every rank continues its own streams exactly
-            set_rng_state(per_rank[rank])
-        else:  # another number of processes: fresh per-rank streams (only stochastic depth uses them)
-            torch.manual_seed(rank_seed(cfg.seed, rank, start_step))
-        if is_main:
-            print(f"resumed from {resume_path} at step {start_step}", flush=True)
+        start_step, wandb_run_id = _resume(resume_path, cfg, model, optimizer, scaler, skipped,
+                                           prototype_grad_scale)
     if start_step >= total_steps:  # a finished run: say so and leave it as it is
         if is_main:
             print(complete_message(run_dir, start_step, total_steps), flush=True)
@@ -327,6 +296,53 @@ def _next_steps(run_dir: Path, step: int) -> str:
     return (f"run complete: {run_dir}/checkpoints/last.pt (step {step})\n"
             f"  msn-export {run_dir} {run_dir}/hf        # a Hugging Face ViTMSN folder (--format timm | msn)\n"
             f"  msn-eval lowshot {run_dir}               # low-shot accuracy (digits; --dataset PATH for yours)")
+
+
+def _resume(path: Path, cfg: DictConfig, model: MSN, optimizer: torch.optim.Optimizer,
+            scaler: torch.amp.GradScaler | None, skipped: SkippedImages,
+            prototype_grad_scale: float) -> tuple[int, str | None]:
+    """Load ``path`` into the model, optimiser, scaler, skip record and RNG streams; return (step, wandb run id).
+
+    Refuses a checkpoint of another global batch (the sampler, masks and schedules would not continue) or
+    of another model (naming the differing keys); adapts what may change between sessions: the number of
+    processes (Adam's view of the summed prototype gradient, fresh per-rank streams) and fused AdamW.
+    """
+    rank, world = distributed.rank(), distributed.world_size()
+    global_batch = cfg.data.batch_size * world
+    state = load_checkpoint(path)
+    saved_batch = state.get("global_batch_size", global_batch)
+    if saved_batch != global_batch:
+        fix = (f"set data.batch_size={saved_batch // world}" if saved_batch % world == 0 else
+               f"use a number of processes that divides {saved_batch}")
+        raise CheckpointError(
+            f"{path} was trained with a global batch of {saved_batch} images, this run has "
+            f"{cfg.data.batch_size} x {world} processes = {global_batch}; {fix} so that the sampler, masks "
+            "and schedules continue where they stopped")
+    check_compatible(model.state_dict(), state["model"], f"resume={path} (resume with the config that run was "
+                     "trained with)")
+    model.load_state_dict(state["model"])
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{path}: its optimiser state does not fit this model ({e})") from None
+    for group in optimizer.param_groups:  # fused or not follows this run's device, not the checkpoint's
+        group["fused"] = optimizer.defaults["fused"]
+    saved_scale = float(state.get("prototype_grad_scale", 1.0))  # older checkpoints: DDP's average
+    if saved_scale != prototype_grad_scale:  # another number of processes: keep Adam's view of the scale
+        rescale_adam_moments(optimizer, model.prototypes, prototype_grad_scale / saved_scale)
+    if scaler is not None and "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
+    step = int(state["step"])
+    if rank == 0:  # rank 0 carries the run's skip record; the epoch's count is a sum over ranks at logging
+        skipped.load_state_dict(state.get("skipped_images", {}))
+    per_rank = state.get("rng_ranks") or [state["rng"]]
+    if len(per_rank) == world:  # same layout: every rank continues its own streams exactly
+        set_rng_state(per_rank[rank])
+    else:  # another number of processes: fresh per-rank streams (only stochastic depth uses them)
+        torch.manual_seed(rank_seed(cfg.seed, rank, step))
+    if rank == 0:
+        print(f"resumed from {path} at step {step}", flush=True)
+    return step, state.get("wandb_run_id")
 
 
 def _check_last_batch(num_images: int, cfg: DictConfig, world: int) -> None:
