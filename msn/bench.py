@@ -37,11 +37,10 @@ from omegaconf import DictConfig
 from msn.baseline import ReferenceMSN
 from msn.config import CONFIG_DIR, ConfigError, model_arch, register_configs, to_schema
 from msn.device import autocast_dtype, configure_matmul, resolve_device
-from msn.masking import MaskGenerator
 from msn.model import MSN
 from msn.optim import build_optimizer
 from msn.schedules import Schedules
-from msn.step import build_loss, build_schedules, train_step
+from msn.step import build_loss, build_mask_generator, build_schedules, train_step
 
 
 def compose_bench_config(overrides: list[str]) -> DictConfig:
@@ -117,8 +116,7 @@ class _OurStep:
         self.optimizer = build_optimizer(self.model, cfg.optim, fused=device.type == "cuda")
         self.loss_fn = build_loss(cfg.loss)
         self.schedules: Schedules = build_schedules(cfg, total_steps=1000, steps_in_epoch=100)
-        m = cfg.masking
-        self.make_masks = MaskGenerator(m.ratio, m.per_sample, m.mask_focal, cfg.model.patch_size, cfg.seed)
+        self.make_masks = build_mask_generator(cfg)
         self.views = random_views(cfg, batch, device, torch.float32)
         self.amp_dtype = autocast_dtype(cfg.precision, device)
 

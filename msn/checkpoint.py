@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 FORMAT = "msn-train-v1"
+TMP_SUFFIX = ".tmp"  # save_checkpoint's temporary files: .NAME.XXXX.tmp
 
 
 class CheckpointError(ValueError):
@@ -53,8 +54,6 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
         raise
     return path
 
-
-TMP_SUFFIX = ".tmp"
 
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:

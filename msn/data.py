@@ -45,7 +45,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from msn.config import DataConfig
-from msn.seeding import mix_seed, stream_generator  # noqa: F401 (mix_seed: part of this module's API)
+from msn.seeding import stream_generator
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision's rgb_to_grayscale
@@ -792,14 +792,9 @@ class ImageViews(list):
         self.skipped, self.error = list(skipped), error
 
 
-class ViewBatch(list):
+class ViewBatch(ImageViews):
     """A loader batch: the views ``[target (B,3,G,G), anchor (B,3,G,G), focal_1 (B,3,F,F), ...]`` (a list),
     with ``skipped`` (paths of undecodable images replaced in it) and ``error`` (a data error met in a worker)."""
-
-    def __init__(self, views: Sequence[torch.Tensor] = (), skipped: Sequence[str] = (),
-                 error: str | None = None) -> None:
-        super().__init__(views)
-        self.skipped, self.error = list(skipped), error
 
     def pin_memory(self) -> ViewBatch:
         """What the DataLoader's pin-memory thread calls: pinned views, the same report."""
@@ -836,6 +831,10 @@ class SkippedImages:
         new = [p for p in dict.fromkeys(paths) if p not in self.paths]
         self.paths.update(dict.fromkeys(new))
         return new
+
+    def count(self, epoch: int) -> int:
+        """Skips counted so far in ``epoch`` (0 for an epoch without any yet)."""
+        return self.in_epoch if epoch == self.epoch else 0
 
     @property
     def over_limit(self) -> bool:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from msn.backbone import MaskedViT
-from msn.config import ModelConfig, model_arch
+from msn.config import ConfigError, ModelConfig, model_arch
 from msn.heads import ProjectionHead, init_prototypes
 
 
@@ -83,7 +83,11 @@ class MSN(nn.Module):
 
         In place (``nn.Module.compile``), so parameter names and checkpoints stay as they are. Shapes are
         static: each view size (masked anchor, focal) gets its own graph rather than a dynamic one.
+        An unknown ``backend`` is a :class:`ConfigError` (torch would fail only at the first call).
         """
+        if backend not in torch._dynamo.list_backends(exclude_tags=()):
+            raise ConfigError(f"compile_backend={backend!r} is not a torch.compile backend; choose one of "
+                              + ", ".join(torch._dynamo.list_backends()))
         for module in (self.online.backbone, self.online.head, self.target):
             module.compile(backend=backend, mode=mode, dynamic=False)
 

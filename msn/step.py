@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from msn.config import LossConfig
 from msn.device import autocast
 from msn.loss import MSNLoss, MSNLossOutput
-from msn.masking import ViewMasks
+from msn.masking import MaskGenerator, ViewMasks
 from msn.model import MSN
 from msn.optim import set_lr_wd
 from msn.schedules import Schedules, StepHyperParams
@@ -41,6 +41,12 @@ def build_loss(loss: DictConfig | LossConfig) -> MSNLoss:
     """The MSN loss with the ``loss.*`` settings."""
     return MSNLoss(loss.tau, loss.sharpen_T, loss.sinkhorn, loss.sinkhorn_iterations, loss.me_max_weight,
                    loss.entropy_weight)
+
+
+def build_mask_generator(cfg: DictConfig) -> MaskGenerator:
+    """The masks of the ``masking.*`` settings for the configured patch size and seed."""
+    m = cfg.masking
+    return MaskGenerator(m.ratio, m.per_sample, m.mask_focal, cfg.model.patch_size, cfg.seed)
 
 
 @dataclass

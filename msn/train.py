@@ -60,12 +60,11 @@ from msn.data import (
 )
 from msn.device import autocast_dtype, configure_matmul, resolve_device
 from msn.loggers import MetricsLogger
-from msn.masking import MaskGenerator
 from msn.model import MSN
 from msn.optim import build_optimizer, rescale_adam_moments
 from msn.schedules import Schedules
 from msn.seeding import stream_seed
-from msn.step import StepResult, build_loss, build_schedules, train_step
+from msn.step import StepResult, build_loss, build_mask_generator, build_schedules, train_step
 from msn.weights import init_model_from
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, ConversionError, FloatingPointError)
@@ -125,8 +124,7 @@ def train(cfg: DictConfig | MSNConfig, command: str | None = None) -> dict[str, 
     optimizer = build_optimizer(model, cfg.optim, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     loss_fn = build_loss(cfg.loss)
-    make_masks = MaskGenerator(cfg.masking.ratio, cfg.masking.per_sample, cfg.masking.mask_focal,
-                               cfg.model.patch_size, cfg.seed)
+    make_masks = build_mask_generator(cfg)
 
     start_step, wandb_run_id = 0, None
     global_batch = cfg.data.batch_size * world
@@ -149,9 +147,6 @@ def train(cfg: DictConfig | MSNConfig, command: str | None = None) -> dict[str, 
         if is_main:
             print(f"initialised the {'backbones' if kind == 'backbone' else 'model'} from {cfg.init_from}", flush=True)
     if cfg.compile:
-        if cfg.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
-            raise ConfigError(f"compile_backend={cfg.compile_backend!r} is not a torch.compile backend; choose one of "
-                              + ", ".join(torch._dynamo.list_backends()))
         model.compile_encoders(cfg.compile_backend, cfg.compile_mode)
 
     sampler = EpochSampler(len(base), num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed,
@@ -243,7 +238,7 @@ def train(cfg: DictConfig | MSNConfig, command: str | None = None) -> dict[str, 
             monitor_due = bool(monitor_every) and (step % monitor_every == 0 or step == total_steps)
             if step % cfg.logger.log_every == 0 or step == total_steps or monitor_due:
                 nonfinite.check()  # reading the metrics waits for the device anyway
-                metrics = _metrics(result, schedules, step, epoch, skipped.in_epoch if skipped.epoch == epoch else 0)
+                metrics = _metrics(result, schedules, step, epoch, skipped.count(epoch))
                 images_per_s = images_per_step * (step - last_logged) / max(time.perf_counter() - tic, 1e-9)
                 metrics["images_per_s"] = images_per_s
                 if monitor is not None and monitor_due:

@@ -5,11 +5,11 @@ import torch
 
 from msn.heads import ProjectionHead
 from msn.loss import MSNLoss
-from msn.masking import MaskGenerator, ViewMasks
+from msn.masking import ViewMasks
 from msn.model import MSN
 from msn.optim import build_optimizer, param_groups
 from msn.schedules import StepHyperParams
-from msn.step import train_step
+from msn.step import build_mask_generator, train_step
 from tests.conftest import compose_config
 
 
@@ -29,8 +29,7 @@ def _hp(momentum: float = 0.9) -> StepHyperParams:
 
 
 def _masks(cfg, views: list[torch.Tensor], step: int = 0) -> ViewMasks:
-    m = cfg.masking
-    make = MaskGenerator(m.ratio, m.per_sample, m.mask_focal, cfg.model.patch_size, cfg.seed)
+    make = build_mask_generator(cfg)
     return make(step, views[0].shape[0], views[1].shape[-1], views[-1].shape[-1], len(views) - 2)
 
 
