@@ -1,208 +1,41 @@
-"""msn-bench: measure the training step on this machine.
+"""msn-bench: measure the training step, the input pipeline, or both together, on this machine.
 
     msn-bench step OVERRIDES... [--steps N] [--warmup N] [--reference] [--max-batch]
+    msn-bench data --root DIR [--workers W] [--threads N] [--seconds S] [OVERRIDES...]
+    msn-bench e2e OVERRIDES... [--steps N] [--warmup N]
 
 OVERRIDES are Hydra overrides as for msn-pretrain, for example
     msn-bench step experiment=msn_vits16 data.batch_size=128 precision=bf16 compile=true device=cuda
-The views are random tensors of the configured sizes (1 target + 1 anchor at data.global_size,
-data.num_focal focal views at data.focal_size), already on the device: the figure is the step alone
-(the input pipeline is measured by scripts/bench_data.py).
+    msn-bench data --root /data/train --workers 15 experiment=msn_vits16 data.batch_size=128
+    msn-bench e2e experiment=msn_vits16 data.root=/data/train data.batch_size=128 data.num_workers=15 precision=bf16
 
-Reported: step time, images/s, peak memory (the GPU's allocator, or the process's peak RSS on a CPU),
-FLOPs per image counted by torch's FLOP counter on one eager step, the FLOP/s of a large matmul in
-the step's precision measured in the same run, and the model FLOPs utilisation (MFU) against it.
---reference also times the original MSN step (msn.baseline: a plain re-implementation from the
-paper's description) with the same shapes, precision and device, and prints the ratio.
---max-batch doubles data.batch_size until the GPU runs out of memory and reports the largest that fit.
-The last line is one JSON object.
+step: the training step alone on random views already on the device: step time, images/s, peak memory,
+  FLOPs per image (torch's FLOP counter), a large matmul's FLOP/s in the same run and the MFU against it;
+  --reference also times the original MSN step (msn.baseline) and prints the ratio; --max-batch doubles
+  data.batch_size until the GPU runs out of memory.
+data: images/s of the multi-crop loader on the images in DIR (the paper's views unless OVERRIDES say
+  otherwise; data.augment_on chooses where the photometric stage runs), and of a reference pipeline in
+  the same run (torchvision's PIL transforms view by view, as the original code), with the ratio.
+e2e: msn-pretrain for --steps steps; its steady images/s after --warmup steps, and the ratio to the
+  step alone on the same device.
+Each command's last line is one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
-import resource
 import sys
-import time
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
-from omegaconf import DictConfig
 
-from msn.baseline import ReferenceMSN
-from msn.config import CONFIG_DIR, ConfigError, model_arch, register_configs, to_schema
-from msn.device import autocast_dtype, configure_matmul, resolve_device
-from msn.model import MSN
-from msn.optim import build_optimizer
-from msn.schedules import Schedules
-from msn.step import build_loss, build_mask_generator, build_schedules, train_step
+from msn.config import ConfigError
+from msn.data import DataError
 
 
-def compose_bench_config(overrides: list[str]) -> DictConfig:
-    """The msn-pretrain config for ``overrides``; a folder dataset needs no root here (no data is read)."""
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=["run_dir=.", *overrides])
-    if cfg.data.name == "folder" and not cfg.data.root:
-        cfg.data.root = "."
-    return to_schema(cfg)
-
-
-def _cpu_name() -> str:
-    """The CPU's model name and the threads torch uses, for the report."""
-    name = platform.processor() or "CPU"
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        line = next((x for x in cpuinfo.read_text().splitlines() if x.startswith("model name")), "")
-        name = line.partition(":")[2].strip() or name
-    return f"{name} ({torch.get_num_threads()} threads)"
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _seconds_per_call(fn: Callable[[int], Any], steps: int, warmup: int, device: torch.device) -> float:
-    """Mean seconds of ``fn(i)`` over ``steps`` calls after ``warmup`` calls (device synchronised around the block)."""
-    for i in range(warmup):
-        fn(i)
-    _sync(device)
-    tic = time.perf_counter()
-    for i in range(warmup, warmup + steps):
-        fn(i)
-    _sync(device)
-    return (time.perf_counter() - tic) / steps
-
-
-def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _peak_gib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux: the process's peak
-
-
-def matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
-    """FLOP/s of a large square matmul in ``dtype`` on ``device`` (the MFU denominator, measured, not quoted)."""
-    n, calls = (8192, 20) if device.type == "cuda" else (1024, 8)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    seconds = _seconds_per_call(lambda i: a @ b, calls, 3, device)
-    return 2 * n**3 / seconds
-
-
-def random_views(cfg: DictConfig, batch: int, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
-    """``[target, anchor, focal...]`` random views of the configured sizes."""
-    d = cfg.data
-    sizes = [d.global_size] * 2 + [d.focal_size] * d.num_focal
-    return [torch.randn(batch, 3, s, s, device=device, dtype=dtype) for s in sizes]
-
-
-class _OurStep:
-    """The trainer's step (msn.steps.train_step) on fixed random views, with its own masks and schedules."""
-
-    def __init__(self, cfg: DictConfig, batch: int, device: torch.device) -> None:
-        self.cfg, self.device = cfg, device
-        self.model = MSN(cfg.model).to(device).train()
-        self.optimizer = build_optimizer(self.model, cfg.optim, fused=device.type == "cuda")
-        self.loss_fn = build_loss(cfg.loss)
-        self.schedules: Schedules = build_schedules(cfg, total_steps=1000, steps_in_epoch=100)
-        self.make_masks = build_mask_generator(cfg)
-        self.views = random_views(cfg, batch, device, torch.float32)
-        self.amp_dtype = autocast_dtype(cfg.precision, device)
-
-    def __call__(self, i: int) -> None:
-        d = self.cfg.data
-        masks = self.make_masks(i, len(self.views[0]), d.global_size, d.focal_size, d.num_focal, device=self.device)
-        train_step(self.model, self.loss_fn, self.optimizer, self.views, masks, self.schedules.at(i),
-                   self.cfg.optim.clip_grad, amp_dtype=self.amp_dtype)
-
-
-def count_flops(step: Callable[[int], Any]) -> int:
-    """FLOPs of one call of ``step`` (forward and backward), by torch's FLOP counter."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
-        step(0)
-    return counter.get_total_flops()
-
-
-def bench_step(overrides: list[str], steps: int = 10, warmup: int = 3, reference: bool = False) -> dict[str, Any]:
-    """Time the training step of the configured model; see the module docstring for what is reported."""
-    cfg = compose_bench_config(overrides)
-    device = resolve_device(cfg.device)
-    configure_matmul(device, cfg.tf32)
-    amp_dtype = autocast_dtype(cfg.precision, device)
-    batch = int(cfg.data.batch_size)
-
-    ours = _OurStep(cfg, batch, device)
-    flops = count_flops(ours)  # eager, before any compile
-    if cfg.compile:
-        ours.model.compile_encoders(cfg.compile_backend, cfg.compile_mode)
-        warmup = max(warmup, 3)  # compilation happens in the first calls (one graph per view size)
-    _reset_peak(device)
-    seconds = _seconds_per_call(ours, steps, warmup, device)
-    peak = _peak_gib(device)
-    peak_flops = matmul_flops(device, amp_dtype or torch.float32)
-    report: dict[str, Any] = {
-        "device": device.type,
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
-        "torch": torch.__version__, "precision": cfg.precision, "compile": bool(cfg.compile),
-        "overrides": overrides, "batch": batch, "step_s": seconds, "img_s": batch / seconds, "peak_mem_gib": peak,
-        "flops_per_image": flops / batch, "matmul_tflops": peak_flops / 1e12,
-        "mfu": flops / seconds / peak_flops,
-    }
-    del ours
-    if reference:
-        m = cfg.model
-        ref = ReferenceMSN(model_arch(m), m.patch_size, m.img_size, m.head_hidden_dim, m.head_output_dim,
-                           m.num_prototypes, device)
-        views = random_views(cfg, batch, device, torch.float32)
-        schedules = build_schedules(cfg, total_steps=1000, steps_in_epoch=100)
-
-        def ref_step(i: int) -> None:
-            hp = schedules.at(i)
-            ref.step(views, cfg.masking.ratio, hp.lr, hp.weight_decay, hp.momentum, hp.sharpen_T, cfg.loss.tau,
-                     cfg.optim.clip_grad or float("inf"), amp_dtype)
-
-        _reset_peak(device)
-        ref_seconds = _seconds_per_call(ref_step, steps, warmup, device)
-        report.update(reference_img_s=batch / ref_seconds, reference_peak_mem_gib=_peak_gib(device),
-                      reference_flops_per_image=count_flops(ref_step) / batch, ratio=ref_seconds / seconds)
-    return report
-
-
-def max_batch(overrides: list[str], start: int) -> int:
-    """The largest ``data.batch_size`` (doubling from ``start``) whose training step fits in GPU memory."""
-    fits = 0
-    batch = start
-    while True:
-        cfg = compose_bench_config([*overrides, f"data.batch_size={batch}"])
-        device = resolve_device(cfg.device)
-        if device.type != "cuda":
-            raise ConfigError("--max-batch needs a GPU (device=cuda or auto on a machine with one)")
-        try:
-            step = _OurStep(cfg, batch, device)
-            step(0)
-            _sync(device)
-        except torch.cuda.OutOfMemoryError:
-            return fits
-        finally:
-            step = None  # noqa: F841 (free the model before the next size)
-            torch.cuda.empty_cache()
-        fits, batch = batch, batch * 2
-
-
-def _print_report(r: dict[str, Any]) -> None:
+def _print_step(r: dict[str, Any]) -> None:
     print(f"{' '.join(r['overrides'])}: batch {r['batch']} on {r['device_name']} ({r['precision']}, "
           f"compile={r['compile']}, torch {r['torch']})")
     print(f"  step {r['step_s'] * 1e3:.1f} ms, {r['img_s']:.1f} img/s, peak memory {r['peak_mem_gib']:.2f} GiB")
@@ -213,8 +46,21 @@ def _print_report(r: dict[str, Any]) -> None:
               f"{r['reference_flops_per_image'] / 1e9:.2f} GFLOP per image -> ours is {r['ratio']:.2f}x")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Console entry point ``msn-bench``."""
+def _print_data(r: dict[str, Any]) -> None:
+    print(f"{r['images']} images in {r['root']}: views {r['views']}, batch {r['batch']}, {r['workers']} workers, "
+          f"{r['threads']} thread(s), photometric stage on the {r['augment_on']} ({r['device']})")
+    print(f"  ours {r['ours_images_per_s']:.1f} img/s, reference {r['reference_images_per_s']:.1f} img/s "
+          f"-> {r['ratio']:.2f}x")
+
+
+def _print_e2e(r: dict[str, Any]) -> None:
+    print(f"{' '.join(r['overrides'])}: batch {r['batch']} on {r['device_name']}, {r['num_workers']} workers, "
+          f"augment_on={r['augment_on']}")
+    print(f"  trainer {r['e2e_images_per_s']:.1f} img/s (steps {r['warmup'] + 1}-{r['steps']}), step alone "
+          f"{r['step_images_per_s']:.1f} img/s -> {r['ratio']:.2f}")
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="msn-bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -226,22 +72,70 @@ def main(argv: list[str] | None = None) -> int:
     step.add_argument("--reference", action="store_true", help="also time the original step; print the ratio")
     step.add_argument("--max-batch", action="store_true",
                       help="instead: the largest data.batch_size (doubling) that fits in GPU memory")
+    data = commands.add_parser("data", help="images/s of the input pipeline, against a reference pipeline",
+                               description="Images/s of the multi-crop loader on the images in --root, and of "
+                                           "torchvision's PIL transforms view by view; OVERRIDES as for "
+                                           "msn-pretrain (default: data=folder, the paper's views).")
+    data.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data.batch_size=128 data.augment_on=device")
+    data.add_argument("--root", required=True, help="folder of images (ImageFolder layout or flat)")
+    data.add_argument("--workers", type=int, default=None, help="loader workers for both (default: data.num_workers)")
+    data.add_argument("--threads", type=int, default=None, help="torch threads of this process (default: torch's)")
+    data.add_argument("--seconds", type=float, default=10.0, help="timed seconds per pipeline (default 10)")
+    e2e = commands.add_parser("e2e", help="the trainer's images/s against the step alone",
+                              description="Run msn-pretrain for --steps steps and compare its steady images/s "
+                                          "with the step alone; OVERRIDES as for msn-pretrain.")
+    e2e.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. experiment=msn_vits16 data.root=/data")
+    e2e.add_argument("--steps", type=int, default=60, help="trainer steps (default 60)")
+    e2e.add_argument("--warmup", type=int, default=20, help="first steps left out (default 20)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point ``msn-bench``."""
+    parser = _parser()
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0:
+    if args.command == "step" and (args.steps < 1 or args.warmup < 0):
         parser.error("--steps must be >= 1 and --warmup >= 0")
+    if args.command == "data" and (args.seconds <= 0 or (args.workers is not None and args.workers < 0)):
+        parser.error("--seconds must be > 0 and --workers >= 0")
     try:
-        if args.max_batch:
-            start = int(compose_bench_config(args.overrides).data.batch_size)
-            result = {"overrides": args.overrides, "max_batch": max_batch(args.overrides, start)}
-            print(f"largest batch that fits: {result['max_batch']}")
-        else:
-            result = bench_step(args.overrides, args.steps, args.warmup, args.reference)
-            _print_report(result)
-    except (ConfigError, HydraException) as e:
+        result = _run(args)
+    except (ConfigError, DataError, HydraException) as e:
         print(f"msn-bench: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 1
     print(json.dumps(result))
     return 0
+
+
+def _run(args: argparse.Namespace) -> dict[str, Any]:
+    """The chosen benchmark, its report printed; returns its JSON record. (Imports deferred: --help stays fast.)"""
+    if args.command == "step":
+        from msn.benchmarks.step import bench_step, compose_bench_config, max_batch
+
+        if args.max_batch:
+            start = int(compose_bench_config(args.overrides).data.batch_size)
+            result = {"overrides": args.overrides, "max_batch": max_batch(args.overrides, start)}
+            print(f"largest batch that fits: {result['max_batch']}")
+            return result
+        result = bench_step(args.overrides, args.steps, args.warmup, args.reference)
+        _print_step(result)
+        return result
+    if args.command == "data":
+        from msn.benchmarks.data import bench_data
+        from msn.benchmarks.step import compose_bench_config
+
+        if args.threads is not None:
+            torch.set_num_threads(max(1, args.threads))
+        cfg = compose_bench_config(["data=folder", *args.overrides, f"data.root={args.root}"])
+        workers = int(cfg.data.num_workers) if args.workers is None else args.workers
+        result = bench_data(cfg, workers, args.seconds)
+        _print_data(result)
+        return result
+    from msn.benchmarks.e2e import bench_e2e
+
+    result = bench_e2e(args.overrides, args.steps, args.warmup)
+    _print_e2e(result)
+    return result
 
 
 if __name__ == "__main__":

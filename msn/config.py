@@ -60,6 +60,9 @@ class DataConfig:
     list_file: str | None = None  # optional file of image paths (relative to root) to restrict to
     batch_size: int = 64  # images per process per step
     num_workers: int = 0
+    augment_on: str = "auto"  # cpu: the whole augmentation in the loader workers; device: colour, blur and
+    # normalisation on the training device (workers decode and crop); auto: device when training on a GPU
+    decode: str = "cpu"  # cpu: PIL in the workers; nvjpeg: JPEG files decoded on the GPU (needs augment_on=device)
     global_size: int = 224  # target and anchor crop size
     global_scale: list[float] = field(default_factory=lambda: [0.3, 1.0])
     num_focal: int = 10
@@ -300,6 +303,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "monitor.protocol": ("knn", "lowshot"),
     "model.weight_init": WEIGHT_INITS,
     "optim.prototype_grad": ("sum", "mean"),
+    "data.augment_on": ("auto", "cpu", "device"),
+    "data.decode": ("cpu", "nvjpeg"),
     "compile_mode": (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
 }
 

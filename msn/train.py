@@ -14,7 +14,6 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -52,9 +51,12 @@ from msn.data import (
     EpochSampler,
     MultiCropDataset,
     MultiCropTransform,
+    RunSampler,
     SkippedImages,
+    augment_in_workers,
     build_dataset,
     build_loader,
+    device_views,
     samples_per_replica,
     steps_per_epoch,
 )
@@ -73,18 +75,6 @@ USER_ERRORS = (ConfigError, DataError, CheckpointError, ConversionError, Floatin
 def rank_seed(seed: int, rank: int, step: int = 0) -> int:
     """Seed of a rank's global torch RNG (stochastic depth): different per rank, reproducible."""
     return stream_seed(seed, "rank", rank, step)
-
-
-def _batches(loader: torch.utils.data.DataLoader, sampler: EpochSampler, steps_in_epoch: int, batch_size: int,
-             start_step: int) -> Iterator[tuple[int, list[torch.Tensor]]]:
-    """(epoch, batch) pairs forever, starting mid-epoch at ``start_step`` without loading skipped images."""
-    epoch, offset = divmod(start_step, steps_in_epoch)
-    while True:
-        sampler.set_epoch(epoch)
-        sampler.set_start(offset, batch_size)
-        for batch in loader:
-            yield epoch, batch
-        epoch, offset = epoch + 1, 0
 
 
 def train(cfg: DictConfig | MSNConfig, command: str | None = None) -> dict[str, float]:
@@ -109,7 +99,8 @@ def train(cfg: DictConfig | MSNConfig, command: str | None = None) -> dict[str, 
     is_main = rank == 0
 
     base = build_dataset(cfg.data)
-    dataset = MultiCropDataset(base, MultiCropTransform(cfg.data), seed=cfg.seed)
+    transform = MultiCropTransform(cfg.data)
+    dataset = MultiCropDataset(base, transform, seed=cfg.seed, finish=augment_in_workers(cfg.data.augment_on, device))
     skipped = SkippedImages(max(cfg.data.max_bad_files, int(cfg.data.max_bad_fraction * len(base))))
     steps_in_epoch = steps_per_epoch(len(base), cfg.data, world)
     _check_last_batch(len(base), cfg, world)
@@ -149,8 +140,10 @@ def train(cfg: DictConfig | MSNConfig, command: str | None = None) -> dict[str, 
     if cfg.compile:
         model.compile_encoders(cfg.compile_backend, cfg.compile_mode)
 
-    sampler = EpochSampler(len(base), num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed,
-                           drop_last=cfg.data.drop_last)
+    order = EpochSampler(len(base), num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed,
+                         drop_last=cfg.data.drop_last)
+    # one loader iterator for the whole run: no drain and restart of the workers at epoch boundaries
+    sampler = RunSampler(order, cfg.data.batch_size, cfg.data.drop_last, start_step)
     loader = build_loader(cfg.data, dataset, sampler, pin_memory=device.type == "cuda")
 
     logger = None
@@ -218,15 +211,16 @@ def train(cfg: DictConfig | MSNConfig, command: str | None = None) -> dict[str, 
     stop, stopped_early = _StopRequest(), False
     tic, last_logged = time.perf_counter(), start_step
     try:
-        for epoch, batch in _batches(loader, sampler, steps_in_epoch, cfg.data.batch_size, start_step):
+        for batch in loader:
             if step >= total_steps:
                 break
+            epoch = step // steps_in_epoch
             if batch.error is not None:  # raised in a loader worker: one line here, not the worker's traceback
                 raise DataError(batch.error)
             for path in skipped.add(epoch, batch.skipped):
                 bar.write(f"skipped undecodable image {path} (replaced by another image; {len(skipped.paths)} so "
                           f"far, the run stops above {skipped.limit})", file=sys.stderr)
-            views = [v.to(device, param_dtype, non_blocking=True) for v in batch]
+            views = device_views(batch, transform, device, param_dtype)
             masks = make_masks(step, views[0].shape[0], views[1].shape[-1], views[-1].shape[-1], len(views) - 2,
                                rank, world, device)
             result = train_step(step_model, loss_fn, optimizer, views, masks, schedules.at(step),

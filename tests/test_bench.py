@@ -6,7 +6,8 @@ import subprocess
 import pytest
 import torch
 
-from msn.bench import _OurStep, compose_bench_config, main
+from msn.bench import main
+from msn.benchmarks.step import _OurStep, compose_bench_config
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
 
@@ -56,3 +57,84 @@ def test_step_never_waits_for_the_gpu():
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
+
+
+@needs_gpu
+def test_augmentation_on_the_gpu_never_waits_for_it():
+    """data.augment_on=device: the photometric stage queues its work; nothing reads the GPU back."""
+    from msn.config import DataConfig
+    from msn.data import MultiCropDataset, MultiCropTransform, SyntheticDataset, device_views
+
+    cfg = DataConfig(name="synthetic", image_size=64, global_size=32, focal_size=16, num_focal=4)
+    transform = MultiCropTransform(cfg)
+    dataset = MultiCropDataset(SyntheticDataset(16, 64), transform, finish=False)
+    batches = [dataset.__getitems__([(e, i) for i in range(8)]).pin_memory() for e in range(3)]
+    device_views(batches[0], transform, torch.device("cuda"))  # first call: pinned-memory pool, kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for batch in batches[1:]:
+            device_views(batch, transform, torch.device("cuda"))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+
+
+def _jpeg_folder(root, n=12):
+    import numpy as np
+    from PIL import Image
+
+    for i in range(n):
+        (root / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        pixels = np.random.default_rng(i).integers(0, 256, (40 + i, 56, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / f"c{i % 2}" / f"{i}.jpg", quality=90)
+    return root
+
+
+SMALL_VIEWS = ["model=vit_pico", "data.batch_size=4", "data.global_size=32", "data.focal_size=16", "data.num_focal=2"]
+
+
+def test_bench_data_on_a_jpeg_folder(tmp_path, capsys):
+    root = _jpeg_folder(tmp_path / "jpegs")
+    assert main(["data", "--root", str(root), "--workers", "0", "--seconds", "0.2", *SMALL_VIEWS]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    report = json.loads(out[-1])
+    assert report["images"] == 12 and report["batch"] == 4 and report["augment_on"] == "cpu"
+    assert report["views"] == "2 x 32 + 2 x 16"
+    assert report["ours_images_per_s"] > 0 and report["reference_images_per_s"] > 0
+    assert report["ratio"] == pytest.approx(report["ours_images_per_s"] / report["reference_images_per_s"])
+    assert main(["data", "--root", str(tmp_path / "missing"), "--workers", "0"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not exist" in err[0], err
+
+
+def test_bench_data_reference_makes_the_recipes_views(tmp_path):
+    from msn.benchmarks.data import ReferenceMultiCrop
+    from msn.benchmarks.step import compose_bench_config
+
+    root = _jpeg_folder(tmp_path / "jpegs", 2)
+    cfg = compose_bench_config(["data=folder", f"data.root={root}", *SMALL_VIEWS])
+    views = ReferenceMultiCrop(sorted(root.rglob("*.jpg")), cfg.data)[0]
+    assert [tuple(v.shape) for v in views] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 2
+
+
+def test_bench_e2e_runs_the_trainer(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the trainer writes only under its temporary run folder
+    result = _bench("e2e", "experiment=cpu_smoke", "data.synthetic_size=64", "data.batch_size=8", "--steps", "6",
+                    "--warmup", "2")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["steps"] == 6 and report["warmup"] == 2 and report["batch"] == 8
+    assert report["e2e_images_per_s"] > 0 and report["step_images_per_s"] > 0
+    assert report["ratio"] == pytest.approx(report["e2e_images_per_s"] / report["step_images_per_s"])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_e2e_steady_rate_leaves_out_the_warmup(tmp_path):
+    from msn.benchmarks.e2e import log_interval, steady_images_per_s
+
+    assert log_interval(20, 60) == 10 and log_interval(2, 6) == 2 and log_interval(3, 7) == 1
+    csv = tmp_path / "metrics.csv"
+    csv.write_text("step,loss,images_per_s\n2,1,1\n4,1,100\n6,1,50\n")  # 8 images a step
+    # steps 3-4: 16 images in 0.16 s; steps 5-6: 16 images in 0.32 s; the slow warm-up row is left out
+    assert steady_images_per_s(csv, 2, 8) == pytest.approx(32 / 0.48)

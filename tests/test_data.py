@@ -21,6 +21,8 @@ from msn.data import (
     ImageFolderDataset,
     MultiCropDataset,
     MultiCropTransform,
+    PhotometricParams,
+    RunSampler,
     SyntheticDataset,
     ViewGroup,
     adjust_brightness,
@@ -33,8 +35,11 @@ from msn.data import (
     collate_views,
     color_jitter,
     dense_resize_is_cheap,
+    device_views,
     gaussian_blur,
     grayscale,
+    photometric,
+    resized_crops,
     resized_crops_dense,
     resized_crops_loop,
     sample_boxes,
@@ -266,9 +271,15 @@ def test_resize_paths_match_torchvision_resized_crop(image_size: tuple[int, int]
         torch.testing.assert_close(resized_crops_dense(images, boxes, size), expected, atol=2e-6, rtol=0)
         loop = torch.cat([resized_crops_loop(images[i], boxes[2 * i:2 * i + 2], size) for i in range(2)])
         torch.testing.assert_close(loop, expected, atol=2e-6, rtol=0)
+        # uint8 images: torch's uint8 resize, torchvision's uint8 path exactly; the dense path to one level
         as_uint8 = (images * 255).round().byte()
-        loop_uint8 = resized_crops_loop(as_uint8[0], boxes[:2], size)
-        torch.testing.assert_close(loop_uint8, resized_crops_loop(as_uint8[0].float() / 255, boxes[:2], size))
+        expected8 = torch.stack([TF.resized_crop(as_uint8[i // 2], *boxes[i].tolist(), [size, size], antialias=True)
+                                 for i in range(4)])
+        assert torch.equal(resized_crops_loop(as_uint8[0], boxes[:2], size), expected8[:2])
+        view_major = np.array([0, 2, 1, 3])  # resized_crops takes boxes view-major: row v * B + b
+        crops = resized_crops(list(as_uint8), boxes[view_major], np.zeros(4, bool), 2, size)
+        assert crops.dtype == torch.uint8
+        assert (crops.int() - expected8[view_major].int()).abs().max() <= 1
     assert dense_resize_is_cheap(32, 32, 32) and not dense_resize_is_cheap(256, 256, 224)
 
 
@@ -293,14 +304,15 @@ def test_view_parameters_follow_the_configured_distributions() -> None:
     n = 20000
     u = torch.rand(n, ViewGroup.num_uniforms, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     p = group.sample(u.numpy(), np.full(n, 24), np.full(n, 24))
-    for flags, prob in ((p.flip, 0.3), (p.jitter, 0.8), (p.gray, 0.2), (p.blur, 0.6)):
+    q = p.photometric
+    for flags, prob in ((p.flip, 0.3), (q.jitter, 0.8), (q.gray, 0.2), (q.blur, 0.6)):
         assert abs(flags.mean() - prob) < 0.02
-    low, high = p.factors.min(axis=0), p.factors.max(axis=0)
+    low, high = q.factors.min(axis=0), q.factors.max(axis=0)
     np.testing.assert_allclose(low, [0.6, 0.6, 0.6, -0.1], atol=1e-3)
     np.testing.assert_allclose(high, [1.4, 1.4, 1.4, 0.1], atol=1e-3)
-    assert p.sigma.min() >= 0.1 and p.sigma.max() <= 2.0 and p.sigma.max() > 1.99
-    assert (np.sort(p.order, axis=1) == np.arange(4)).all() and len({tuple(o) for o in p.order}) == 24
-    assert (p.order[:, 0] == 3).mean() == pytest.approx(0.25, abs=0.02)  # hue first in a quarter of views
+    assert q.sigma.min() >= 0.1 and q.sigma.max() <= 2.0 and q.sigma.max() > 1.99
+    assert (np.sort(q.order, axis=1) == np.arange(4)).all() and len({tuple(o) for o in q.order}) == 24
+    assert (q.order[:, 0] == 3).mean() == pytest.approx(0.25, abs=0.02)  # hue first in a quarter of views
     assert p.boxes[:, 2].max() <= 24 and (p.boxes[:, 2] * p.boxes[:, 3]).max() <= 0.3 * 24 * 24 * 1.2
 
 
@@ -400,23 +412,26 @@ def test_batched_equals_single_and_any_order(cfg: DataConfig) -> None:
     base = build_dataset(replace(cfg, synthetic_size=12))
     ds = MultiCropDataset(base, MultiCropTransform(cfg), seed=0)
     keys = [(1, i) for i in range(12)]
-    batch = ds.__getitems__(keys)
+    batch = ds.__getitems__(keys).per_image()
     assert _equal(batch, [ds[k] for k in keys])
-    assert _equal(batch, ds.__getitems__(keys[::-1])[::-1])
+    assert _equal(batch, ds.__getitems__(keys[::-1]).per_image()[::-1])
 
 
 def test_pipeline_runs_single_threaded_and_restores_threads(monkeypatch: pytest.MonkeyPatch) -> None:
-    import msn.data
+    import msn.data.crops
+    import msn.data.multicrop
 
     seen = []
-    original = msn.data.bucket_by_size
-    monkeypatch.setattr(msn.data, "bucket_by_size", lambda images: seen.append(torch.get_num_threads())
-                        or original(images))
+    for module, name in ((msn.data.crops, "same_size_groups"), (msn.data.multicrop, "photometric")):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _f=original, _n=name: seen.append((_n, torch.get_num_threads()))
+                            or _f(*a))
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
         MultiCropTransform(SMALL)(_rgb(0))
-        assert seen == [1] and torch.get_num_threads() == 2
+        assert seen == [("same_size_groups", 1), ("same_size_groups", 1), ("photometric", 1), ("photometric", 1)]
+        assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
 
@@ -432,7 +447,7 @@ def test_loader_views_do_not_depend_on_num_workers() -> None:
         out = []
         for epoch in range(2):  # persistent workers still see set_epoch
             sampler.set_epoch(epoch)
-            out.extend(loader)
+            out.extend(batch.views() for batch in loader)
         return out
 
     serial, parallel = epochs(0), epochs(2)
@@ -509,13 +524,13 @@ def test_set_start_skips_batches_without_loading_them() -> None:
     sampler = EpochSampler(len(base), seed=0)
     loader = build_loader(SMALL, MultiCropDataset(base, MultiCropTransform(SMALL)), sampler)
     sampler.set_epoch(3)
-    full = list(loader)
+    full = [batch.views() for batch in loader]
     assert len(full) == len(loader) == 6  # 26 images, batch 4, drop_last
     base.loaded.clear()
     sampler.set_epoch(3)
     sampler.set_start(4, SMALL.batch_size)
     assert len(loader) == 2
-    tail = list(loader)
+    tail = [batch.views() for batch in loader]
     assert _equal(tail, full[4:])
     reference = EpochSampler(len(base), seed=0)
     reference.set_epoch(3)
@@ -569,11 +584,120 @@ def test_undecodable_images_get_a_deterministic_replacement(tmp_path: Path) -> N
     ds = MultiCropDataset(base, MultiCropTransform(SMALL), seed=3)
     keys = [(2, i) for i in range(len(base))]
     first, again = ds.__getitems__(keys), ds.__getitems__(keys[::-1])
-    assert len(first) == len(base) and first.skipped == [str(tmp_path / "9bad.jpg")] and first.error is None
-    assert _equal(list(first), list(again)[::-1])  # the same replacement however the batch is made
+    assert first.batch_size == len(base) and first.skipped == [str(tmp_path / "9bad.jpg")] and first.error is None
+    assert _equal(first.per_image(), again.per_image()[::-1])  # the same replacement however the batch is made
     batch = collate_views(first)
-    assert [tuple(v.shape) for v in batch] == [(7, 3, 16, 16)] * 2 + [(7, 3, 8, 8)] * 2
+    assert [tuple(v.shape) for v in batch.views()] == [(7, 3, 16, 16)] * 2 + [(7, 3, 8, 8)] * 2
     assert batch.skipped == first.skipped
     # Another epoch may draw another replacement, but always a readable image, and the same one each time.
     assert ds.__getitems__([(5, bad)]).skipped == [str(tmp_path / "9bad.jpg")]
     assert _equal([ds[(5, bad)]], [ds[(5, bad)]])
+
+
+# ---------------------------------------------------------------------------------------------------- two stages
+
+
+def test_photometric_stage_matches_torchvision_view_by_view() -> None:
+    n = 16
+    crops = torch.randint(0, 256, (n, 3, 12, 12), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    rng = np.random.default_rng(0)
+    params = PhotometricParams(jitter=rng.random(n) < 0.7, factors=np.c_[rng.uniform(0.6, 1.4, (n, 3)),
+                                                                        rng.uniform(-0.1, 0.1, n)].astype(np.float32),
+                               order=np.stack([rng.permutation(4) for _ in range(n)]), gray=rng.random(n) < 0.3,
+                               blur=rng.random(n) < 0.5, sigma=rng.uniform(0.1, 2.0, n).astype(np.float32))
+    mean, std = torch.tensor([0.4, 0.5, 0.6]), torch.tensor([0.2, 0.25, 0.3])
+    k = blur_kernel_size(2.0, 12)
+    ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+    expected = []
+    for i in range(n):
+        y = crops[i].float() / 255
+        if params.jitter[i]:
+            for op_id in params.order[i]:
+                y = ops[op_id](y, float(params.factors[i, op_id]))
+        if params.gray[i]:
+            y = TF.rgb_to_grayscale(y, num_output_channels=3)
+        if params.blur[i]:
+            y = TF.gaussian_blur(y, [k, k], [float(params.sigma[i])] * 2)
+        expected.append(TF.normalize(y, mean.tolist(), std.tolist()))
+    assert params.jitter.any() and params.gray.any() and params.blur.any() and not params.blur.all()
+    torch.testing.assert_close(photometric(crops, params, k, mean, std), torch.stack(expected), atol=5e-5, rtol=0)
+
+
+def test_device_path_gives_the_workers_views(digits: DigitsDataset) -> None:
+    """augment_on=device: workers crop, the training process finishes; on a CPU the same bits."""
+    transform = MultiCropTransform(DIGITS)
+    keys = [(4, i) for i in range(0, 60, 3)]
+    in_workers = MultiCropDataset(digits, transform, seed=2).__getitems__(keys)
+    crops_only = MultiCropDataset(digits, transform, seed=2, finish=False).__getitems__(keys)
+    assert not in_workers.pending and crops_only.pending
+    assert [g.dtype for g in crops_only.groups] == [torch.uint8] * 2
+    on_device = device_views(crops_only, transform, torch.device("cpu"))
+    assert _equal([on_device], [in_workers.views()])
+    assert all(v.is_contiguous() for v in on_device) and [tuple(v.shape) for v in on_device] == \
+        [(20, 3, 32, 32)] * 2 + [(20, 3, 16, 16)] * 6
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_device_path_on_the_gpu_matches_the_cpu(digits: DigitsDataset) -> None:
+    cfg = replace(LARGE, synthetic_size=8)
+    base, transform = build_dataset(cfg), MultiCropTransform(cfg)
+    keys = [(0, i) for i in range(8)]
+    cpu = MultiCropDataset(base, transform, seed=1).__getitems__(keys).views()
+    crops = MultiCropDataset(base, transform, seed=1, finish=False).__getitems__(keys).pin_memory()
+    gpu = device_views(crops, transform, torch.device("cuda"))
+    assert all(v.device.type == "cuda" for v in gpu)
+    for a, b in zip(cpu, gpu, strict=True):
+        torch.testing.assert_close(b.cpu(), a, atol=1e-4, rtol=0)
+
+
+def test_augment_on_resolves_by_device() -> None:
+    from msn.data import augment_in_workers
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert augment_in_workers("auto", cpu) and not augment_in_workers("auto", gpu)
+    assert augment_in_workers("cpu", gpu) and not augment_in_workers("device", cpu)
+    with pytest.raises(DataError, match="augment_on"):
+        augment_in_workers("gpu", cpu)
+
+
+# ---------------------------------------------------------------------------------------------------- run sampler
+
+
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_run_sampler_chains_the_epochs_and_resumes_at_any_step(drop_last: bool) -> None:
+    n, batch = 10, 3
+    order = EpochSampler(n, seed=5, drop_last=drop_last)
+    steps = steps_per_epoch(n, replace(SMALL, batch_size=batch, drop_last=drop_last))
+    expected = []  # what the epoch-by-epoch loop gives
+    for epoch in range(4):
+        order.set_epoch(epoch)
+        keys = list(order)
+        expected += [keys[i:i + batch] for i in range(0, steps * batch, batch)]
+    run = RunSampler(EpochSampler(n, seed=5, drop_last=drop_last), batch, drop_last)
+    assert run.steps_per_epoch == steps == (3 if drop_last else 4)
+    stream = iter(run)
+    assert [next(stream) for _ in range(4 * steps)] == expected
+    for start in (1, steps, steps + 2):
+        resumed = iter(RunSampler(EpochSampler(n, seed=5, drop_last=drop_last), batch, drop_last, start))
+        assert [next(resumed) for _ in range(4 * steps - start)] == expected[start:]
+
+
+def test_one_loader_iterator_runs_across_epochs_with_workers() -> None:
+    """The run's loader does not restart at epoch boundaries, and gives the keyed views for any workers."""
+    base = _CountingDataset()  # 26 images: 6 batches of 4 an epoch
+    cfg = replace(SMALL, num_workers=2)
+    sampler = RunSampler(EpochSampler(len(base), seed=0), cfg.batch_size, start_step=4)
+    loader = build_loader(cfg, MultiCropDataset(base, MultiCropTransform(cfg), seed=0), sampler)
+    batches = []
+    for batch in loader:  # steps 4..13: through the end of epoch 0, all of epoch 1, into epoch 2
+        batches.append(batch.views())
+        if len(batches) == 10:
+            break
+    reference = EpochSampler(len(base), seed=0)
+    ds = MultiCropDataset(base, MultiCropTransform(SMALL), seed=0)
+    keyed = []
+    for epoch in range(3):
+        reference.set_epoch(epoch)
+        keys = list(reference)
+        keyed += [ds.__getitems__(keys[i:i + 4]).views() for i in range(0, 24, 4)]
+    assert _equal(batches, keyed[4:14])

@@ -22,8 +22,8 @@ def _imports(path: Path) -> set[str]:
 
 def test_no_library_module_imports_a_cli_module():
     offenders = {}
-    for path in sorted(PACKAGE.glob("*.py")):
-        module = f"msn.{path.stem}"
+    for path in sorted(PACKAGE.rglob("*.py")):
+        module = ".".join(("msn", *path.relative_to(PACKAGE).with_suffix("").parts)).removesuffix(".__init__")
         if module in CLI_MODULES:
             continue
         bad = _imports(path) & CLI_MODULES

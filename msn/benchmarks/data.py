@@ -1,0 +1,132 @@
+"""msn-bench data: images/s of the multi-crop input pipeline on a folder of images, and of a reference.
+
+Ours is the trainer's own loader (:mod:`msn.data`) as configured: decode and crop in the workers, the
+photometric stage in the workers (``data.augment_on=cpu``) or on the training device (``device``; a
+batch then counts once its views are on the GPU). The reference is the recipe as the original code
+and most re-implementations write it: torchvision's PIL transforms applied view by view
+(RandomResizedCrop, flip, ColorJitter in RandomApply, RandomGrayscale, a PIL Gaussian blur with a
+random radius, ToTensor, Normalize), in a DataLoader with the same batch size and workers.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from PIL import Image, ImageFilter
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+
+from msn.data import (
+    EpochSampler,
+    ImageFolderDataset,
+    MultiCropDataset,
+    MultiCropTransform,
+    RunSampler,
+    augment_in_workers,
+    build_loader,
+    device_views,
+    load_rgb,
+)
+from msn.device import resolve_device
+
+
+class RandomGaussianBlur:
+    """PIL Gaussian blur with probability ``p`` and a radius drawn from U(``sigma``), as the original code."""
+
+    def __init__(self, p: float, sigma: Sequence[float]) -> None:
+        self.p, self.sigma = p, (float(sigma[0]), float(sigma[1]))
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        if random.random() >= self.p:
+            return image
+        return image.filter(ImageFilter.GaussianBlur(radius=random.uniform(*self.sigma)))
+
+
+def reference_view(cfg: DictConfig, size: int, scale: Sequence[float]) -> T.Compose:
+    """One view of the paper's recipe with torchvision's PIL transforms (``transforms`` v1)."""
+    s = float(cfg.color_jitter)
+    return T.Compose([
+        T.RandomResizedCrop(size, scale=tuple(scale)),
+        T.RandomHorizontalFlip(cfg.hflip_p),
+        T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=cfg.color_jitter_p),
+        T.RandomGrayscale(cfg.grayscale_p),
+        RandomGaussianBlur(cfg.blur_p, cfg.blur_sigma),
+        T.ToTensor(),
+        T.Normalize(list(cfg.mean), list(cfg.std)),
+    ])
+
+
+class ReferenceMultiCrop(Dataset):
+    """image ``i`` -> ``[target, anchor, focal_1, ...]``, each view by its own torchvision Compose."""
+
+    def __init__(self, paths: Sequence[os.PathLike], cfg: DictConfig) -> None:
+        self.paths = list(paths)
+        self.global_view = reference_view(cfg, cfg.global_size, cfg.global_scale)
+        self.focal_view = reference_view(cfg, cfg.focal_size, cfg.focal_scale)
+        self.num_focal = int(cfg.num_focal)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> list[torch.Tensor]:
+        image = load_rgb(self.paths[index])
+        return [self.global_view(image) for _ in range(2)] + [self.focal_view(image) for _ in range(self.num_focal)]
+
+
+def images_per_second(batches: Iterable[Any], batch_size: int, seconds: float, warmup: int,
+                      finish: Callable[[Any], None] = lambda batch: None) -> float:
+    """Steady images/s of ``batches``: ``warmup`` batches untimed (worker start-up), then at least
+    ``seconds`` of them (and at least two); ``finish(batch)`` completes each one (e.g. on the GPU)."""
+    stream = iter(batches)
+    for _ in range(warmup):
+        finish(next(stream))
+    count, tic = 0, time.perf_counter()
+    while count < 2 or time.perf_counter() - tic < seconds:
+        finish(next(stream))
+        count += 1
+    return count * batch_size / (time.perf_counter() - tic)
+
+
+def bench_data(cfg: DictConfig, workers: int, seconds: float, warmup: int = 2) -> dict[str, Any]:
+    """Images/s of our loader and of the reference on ``cfg.data.root`` (see the module docstring)."""
+    d = cfg.data
+    device = resolve_device(cfg.device)
+    base = ImageFolderDataset(d.root, d.list_file)
+    in_workers = augment_in_workers(d.augment_on, device)
+    transform = MultiCropTransform(d)
+    dataset = MultiCropDataset(base, transform, seed=cfg.seed, finish=in_workers)
+    loader_cfg = d.copy()
+    loader_cfg.num_workers = workers
+    sampler = RunSampler(EpochSampler(len(base), seed=cfg.seed, drop_last=True), d.batch_size, drop_last=True)
+    loader = build_loader(loader_cfg, dataset, sampler, pin_memory=device.type == "cuda")
+
+    def to_views(batch: Any) -> None:
+        views = device_views(batch, transform, device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        del views
+
+    ours = images_per_second(loader, d.batch_size, seconds, warmup, to_views)
+    del loader
+    reference_loader = DataLoader(ReferenceMultiCrop(base.paths, d), batch_size=d.batch_size, shuffle=True,
+                                  num_workers=workers, drop_last=True, persistent_workers=workers > 0,
+                                  generator=torch.Generator().manual_seed(cfg.seed))
+    reference = images_per_second(_forever(reference_loader), d.batch_size, seconds, warmup)
+    return {
+        "root": str(d.root), "images": len(base), "batch": int(d.batch_size), "workers": workers,
+        "threads": torch.get_num_threads(), "device": device.type, "augment_on": "cpu" if in_workers else "device",
+        "views": f"2 x {d.global_size} + {d.num_focal} x {d.focal_size}",
+        "ours_images_per_s": ours, "reference_images_per_s": reference, "ratio": ours / reference,
+    }
+
+
+def _forever(loader: DataLoader) -> Iterable[Any]:
+    """The loader's epochs one after another (the reference restarts its iterator each epoch, as usual)."""
+    while True:
+        yield from loader

@@ -1,0 +1,197 @@
+"""msn-bench step: measure the training step on this machine.
+
+    msn-bench step OVERRIDES... [--steps N] [--warmup N] [--reference] [--max-batch]
+
+OVERRIDES are Hydra overrides as for msn-pretrain, for example
+    msn-bench step experiment=msn_vits16 data.batch_size=128 precision=bf16 compile=true device=cuda
+The views are random tensors of the configured sizes (1 target + 1 anchor at data.global_size,
+data.num_focal focal views at data.focal_size), already on the device: the figure is the step alone
+(the input pipeline: msn-bench data; both together: msn-bench e2e).
+
+Reported: step time, images/s, peak memory (the GPU's allocator, or the process's peak RSS on a CPU),
+FLOPs per image counted by torch's FLOP counter on one eager step, the FLOP/s of a large matmul in
+the step's precision measured in the same run, and the model FLOPs utilisation (MFU) against it.
+--reference also times the original MSN step (msn.baseline: a plain re-implementation from the
+paper's description) with the same shapes, precision and device, and prints the ratio.
+--max-batch doubles data.batch_size until the GPU runs out of memory and reports the largest that fit.
+"""
+
+from __future__ import annotations
+
+import platform
+import resource
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from msn.baseline import ReferenceMSN
+from msn.config import CONFIG_DIR, ConfigError, model_arch, register_configs, to_schema
+from msn.device import autocast_dtype, configure_matmul, resolve_device
+from msn.model import MSN
+from msn.optim import build_optimizer
+from msn.schedules import Schedules
+from msn.step import build_loss, build_mask_generator, build_schedules, train_step
+
+
+def compose_bench_config(overrides: list[str]) -> DictConfig:
+    """The msn-pretrain config for ``overrides``; a folder dataset needs no root here (no data is read)."""
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["run_dir=.", *overrides])
+    if cfg.data.name == "folder" and not cfg.data.root:
+        cfg.data.root = "."
+    return to_schema(cfg)
+
+
+def _cpu_name() -> str:
+    """The CPU's model name and the threads torch uses, for the report."""
+    name = platform.processor() or "CPU"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        line = next((x for x in cpuinfo.read_text().splitlines() if x.startswith("model name")), "")
+        name = line.partition(":")[2].strip() or name
+    return f"{name} ({torch.get_num_threads()} threads)"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _seconds_per_call(fn: Callable[[int], Any], steps: int, warmup: int, device: torch.device) -> float:
+    """Mean seconds of ``fn(i)`` over ``steps`` calls after ``warmup`` calls (device synchronised around the block)."""
+    for i in range(warmup):
+        fn(i)
+    _sync(device)
+    tic = time.perf_counter()
+    for i in range(warmup, warmup + steps):
+        fn(i)
+    _sync(device)
+    return (time.perf_counter() - tic) / steps
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux: the process's peak
+
+
+def matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """FLOP/s of a large square matmul in ``dtype`` on ``device`` (the MFU denominator, measured, not quoted)."""
+    n, calls = (8192, 20) if device.type == "cuda" else (1024, 8)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    seconds = _seconds_per_call(lambda i: a @ b, calls, 3, device)
+    return 2 * n**3 / seconds
+
+
+def random_views(cfg: DictConfig, batch: int, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
+    """``[target, anchor, focal...]`` random views of the configured sizes."""
+    d = cfg.data
+    sizes = [d.global_size] * 2 + [d.focal_size] * d.num_focal
+    return [torch.randn(batch, 3, s, s, device=device, dtype=dtype) for s in sizes]
+
+
+class _OurStep:
+    """The trainer's step (msn.steps.train_step) on fixed random views, with its own masks and schedules."""
+
+    def __init__(self, cfg: DictConfig, batch: int, device: torch.device) -> None:
+        self.cfg, self.device = cfg, device
+        self.model = MSN(cfg.model).to(device).train()
+        self.optimizer = build_optimizer(self.model, cfg.optim, fused=device.type == "cuda")
+        self.loss_fn = build_loss(cfg.loss)
+        self.schedules: Schedules = build_schedules(cfg, total_steps=1000, steps_in_epoch=100)
+        self.make_masks = build_mask_generator(cfg)
+        self.views = random_views(cfg, batch, device, torch.float32)
+        self.amp_dtype = autocast_dtype(cfg.precision, device)
+
+    def __call__(self, i: int) -> None:
+        d = self.cfg.data
+        masks = self.make_masks(i, len(self.views[0]), d.global_size, d.focal_size, d.num_focal, device=self.device)
+        train_step(self.model, self.loss_fn, self.optimizer, self.views, masks, self.schedules.at(i),
+                   self.cfg.optim.clip_grad, amp_dtype=self.amp_dtype)
+
+
+def count_flops(step: Callable[[int], Any]) -> int:
+    """FLOPs of one call of ``step`` (forward and backward), by torch's FLOP counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step(0)
+    return counter.get_total_flops()
+
+
+def bench_step(overrides: list[str], steps: int = 10, warmup: int = 3, reference: bool = False) -> dict[str, Any]:
+    """Time the training step of the configured model; see the module docstring for what is reported."""
+    cfg = compose_bench_config(overrides)
+    device = resolve_device(cfg.device)
+    configure_matmul(device, cfg.tf32)
+    amp_dtype = autocast_dtype(cfg.precision, device)
+    batch = int(cfg.data.batch_size)
+
+    ours = _OurStep(cfg, batch, device)
+    flops = count_flops(ours)  # eager, before any compile
+    if cfg.compile:
+        ours.model.compile_encoders(cfg.compile_backend, cfg.compile_mode)
+        warmup = max(warmup, 3)  # compilation happens in the first calls (one graph per view size)
+    _reset_peak(device)
+    seconds = _seconds_per_call(ours, steps, warmup, device)
+    peak = _peak_gib(device)
+    peak_flops = matmul_flops(device, amp_dtype or torch.float32)
+    report: dict[str, Any] = {
+        "device": device.type,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "torch": torch.__version__, "precision": cfg.precision, "compile": bool(cfg.compile),
+        "overrides": overrides, "batch": batch, "step_s": seconds, "img_s": batch / seconds, "peak_mem_gib": peak,
+        "flops_per_image": flops / batch, "matmul_tflops": peak_flops / 1e12,
+        "mfu": flops / seconds / peak_flops,
+    }
+    del ours
+    if reference:
+        m = cfg.model
+        ref = ReferenceMSN(model_arch(m), m.patch_size, m.img_size, m.head_hidden_dim, m.head_output_dim,
+                           m.num_prototypes, device)
+        views = random_views(cfg, batch, device, torch.float32)
+        schedules = build_schedules(cfg, total_steps=1000, steps_in_epoch=100)
+
+        def ref_step(i: int) -> None:
+            hp = schedules.at(i)
+            ref.step(views, cfg.masking.ratio, hp.lr, hp.weight_decay, hp.momentum, hp.sharpen_T, cfg.loss.tau,
+                     cfg.optim.clip_grad or float("inf"), amp_dtype)
+
+        _reset_peak(device)
+        ref_seconds = _seconds_per_call(ref_step, steps, warmup, device)
+        report.update(reference_img_s=batch / ref_seconds, reference_peak_mem_gib=_peak_gib(device),
+                      reference_flops_per_image=count_flops(ref_step) / batch, ratio=ref_seconds / seconds)
+    return report
+
+
+def max_batch(overrides: list[str], start: int) -> int:
+    """The largest ``data.batch_size`` (doubling from ``start``) whose training step fits in GPU memory."""
+    fits = 0
+    batch = start
+    while True:
+        cfg = compose_bench_config([*overrides, f"data.batch_size={batch}"])
+        device = resolve_device(cfg.device)
+        if device.type != "cuda":
+            raise ConfigError("--max-batch needs a GPU (device=cuda or auto on a machine with one)")
+        try:
+            step = _OurStep(cfg, batch, device)
+            step(0)
+            _sync(device)
+        except torch.cuda.OutOfMemoryError:
+            return fits
+        finally:
+            step = None  # noqa: F841 (free the model before the next size)
+            torch.cuda.empty_cache()
+        fits, batch = batch, batch * 2

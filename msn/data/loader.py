@@ -1,0 +1,299 @@
+"""Keys in, batches out: the keyed multi-crop dataset, the samplers and the DataLoader.
+
+    RunSampler ──[(epoch, index), ...]──> MultiCropDataset.__getitems__ ──> base[index] (PIL RGB)
+                                                 │
+                                                 └─> MultiCropTransform.crop (+ .finish on augment_on=cpu)
+
+:class:`EpochSampler` gives one epoch's order, a pure function of (seed, epoch), split among ranks like
+``DistributedSampler``. :class:`RunSampler` chains the epochs into one endless stream of batches that
+starts at any step, so the DataLoader's iterator (and its workers' prefetching) runs through epoch
+boundaries instead of draining and restarting at each, and a resume is an offset, with no replay.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from msn.config import DataConfig
+from msn.data.datasets import DataError, ImageDataset
+from msn.data.multicrop import MultiCropTransform, ViewBatch
+from msn.seeding import stream_generator
+
+Key = tuple[int, int]  # (epoch, index)
+
+
+class MultiCropDataset(Dataset):
+    """``dataset[(epoch, index)]`` -> the views of image ``index``, random as a pure function of the key.
+
+    An image that cannot be decoded is replaced by another one drawn from the ``"replace"`` stream of
+    (seed, epoch, index): the batch keeps its size, the replacement is the same wherever and whenever
+    the key is loaded (workers, resume), and its views still come from the original key's generator.
+    :meth:`__getitems__` reports the replaced paths; the training loop counts them and stops past
+    ``data.max_bad_files`` (:class:`SkippedImages`).
+
+    Args:
+        base: index -> PIL image.
+        transform: the multi-crop augmentation.
+        seed: run seed; with ``(epoch, index)`` it seeds a private generator, so the global RNG is untouched.
+        finish: run the photometric stage here (``data.augment_on=cpu``); False leaves it to the
+            training process (:meth:`MultiCropTransform.finish` on the device).
+        max_replacements: replacements tried for one undecodable image before giving up with a DataError.
+    """
+
+    def __init__(self, base: ImageDataset, transform: MultiCropTransform, seed: int = 0, finish: bool = True,
+                 max_replacements: int = 16) -> None:
+        self.base, self.transform, self.seed = base, transform, int(seed)
+        self.finish, self.max_replacements = bool(finish), int(max_replacements)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def generator(self, key: Key) -> torch.Generator:
+        epoch, index = _check_key(key)
+        return stream_generator(self.seed, "views", epoch, index)
+
+    def __getitem__(self, key: Key) -> list[torch.Tensor]:
+        """The views ``[target, anchor, focal_1, ...]`` of one key, each (3, S, S), both stages applied."""
+        batch = self.__getitems__([key])
+        if batch.error is not None:
+            raise DataError(batch.error)
+        return self.transform.finish(batch).per_image()[0]
+
+    def __getitems__(self, keys: Sequence[Key]) -> ViewBatch:
+        """A whole batch (DataLoader calls this with a batch of keys): each stage runs once per batch.
+
+        A :class:`DataError` is returned inside the batch rather than raised, so that it reaches the
+        user as one line from the main process instead of as a DataLoader worker's traceback.
+        """
+        keys = [_check_key(key) for key in keys]
+        images, skipped = [], []
+        try:
+            for epoch, index in keys:
+                image, bad = self._load(epoch, index)
+                images.append(image)
+                skipped += bad
+            batch = self.transform.crop(images, [self.transform.draw(self.generator(key)) for key in keys])
+        except DataError as err:
+            return ViewBatch(skipped=skipped, error=str(err))
+        batch.skipped = skipped
+        return self.transform.finish(batch) if self.finish else batch
+
+    def path(self, index: int) -> str:
+        paths = getattr(self.base, "paths", None)
+        return str(paths[index]) if paths is not None else f"image {index}"
+
+    def _load(self, epoch: int, index: int) -> tuple[Image.Image, list[str]]:
+        """Image ``index``, or a deterministic replacement when it cannot be decoded; the paths that failed."""
+        bad, candidate = [], index
+        for attempt in range(self.max_replacements + 1):
+            try:
+                return self.base[candidate], bad
+            except DataError:
+                bad.append(self.path(candidate))
+                g = stream_generator(self.seed, "replace", epoch, index, attempt)
+                candidate = int(torch.randint(len(self.base), (1,), generator=g))
+        raise DataError(f"could not decode {self.path(index)} nor {self.max_replacements} replacement images "
+                        f"({', '.join(bad[1:4])}, ...): check data.root and the files' permissions")
+
+
+def collate_views(batch: ViewBatch) -> ViewBatch:
+    """The DataLoader's collate function: :meth:`MultiCropDataset.__getitems__` already made the batch."""
+    return batch
+
+
+class SkippedImages:
+    """The undecodable images a run has met: counted per epoch, and a stop once too many distinct ones.
+
+    Args:
+        limit: distinct bad files allowed; one more stops the run (``data.max_bad_files``, or
+            ``data.max_bad_fraction`` of the dataset when that is larger).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = int(limit)
+        self.paths: dict[str, None] = {}  # insertion-ordered set
+        self.epoch: int | None = None
+        self.in_epoch = 0
+
+    def add(self, epoch: int, paths: Sequence[str]) -> list[str]:
+        """Count this batch's skips; return the paths not seen before."""
+        if epoch != self.epoch:
+            self.epoch, self.in_epoch = epoch, 0
+        self.in_epoch += len(paths)
+        new = [p for p in dict.fromkeys(paths) if p not in self.paths]
+        self.paths.update(dict.fromkeys(new))
+        return new
+
+    def count(self, epoch: int) -> int:
+        """Skips counted so far in ``epoch`` (0 for an epoch without any yet)."""
+        return self.in_epoch if epoch == self.epoch else 0
+
+    @property
+    def over_limit(self) -> bool:
+        return len(self.paths) > self.limit
+
+    def error(self) -> DataError:
+        listed = list(self.paths)
+        shown = ", ".join(listed[:20]) + (f" and {len(listed) - 20} more" if len(listed) > 20 else "")
+        where = shown if listed else "on another process"
+        return DataError(f"{len(listed) or 'too many'} undecodable images, more than the {self.limit} allowed "
+                         f"(data.max_bad_files / data.max_bad_fraction): {where}; remove or fix them, or raise "
+                         "the limit")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"paths": list(self.paths), "epoch": self.epoch, "in_epoch": self.in_epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.paths = dict.fromkeys(state.get("paths", []))
+        self.epoch, self.in_epoch = state.get("epoch"), int(state.get("in_epoch", 0))
+
+
+def _check_key(key: Any) -> Key:
+    if not (isinstance(key, (tuple, list)) and len(key) == 2):
+        raise TypeError(f"MultiCropDataset keys are (epoch, index) pairs, as EpochSampler yields; got {key!r}")
+    return int(key[0]), int(key[1])
+
+
+class EpochSampler(Sampler[Key]):
+    """Yields ``(epoch, index)`` keys: this rank's share of an epoch, like ``DistributedSampler``.
+
+    The order is ``torch.randperm(n)`` from the run's ``"order"`` stream at ``epoch``
+    (:func:`msn.seeding.stream_seed`; DistributedSampler's ``seed + epoch`` would give seed 1 the order
+    seed 0 has one epoch later), so it is a pure function of (seed, epoch). Rank r takes positions
+    r, r + R, r + 2R, ... of that order; with ``drop_last`` the tail that does not divide evenly among
+    the R replicas is dropped, otherwise the order is padded by wrapping around.
+
+    Resume: :meth:`set_start` skips the first batches of the epoch without yielding (so without
+    loading) them. :meth:`set_epoch` resets the start to 0, so call it first.
+    """
+
+    def __init__(self, dataset_len: int, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0,
+                 drop_last: bool = True) -> None:
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in [0, num_replicas={num_replicas})")
+        self.dataset_len, self.num_replicas, self.rank = int(dataset_len), int(num_replicas), int(rank)
+        self.shuffle, self.seed, self.drop_last = shuffle, int(seed), drop_last
+        self.num_samples = samples_per_replica(self.dataset_len, self.num_replicas, drop_last)
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch (its order and its augmentation keys); the start goes back to batch 0."""
+        self.epoch, self.start = int(epoch), 0
+
+    def set_start(self, start_batch: int, batch_size: int) -> None:
+        """Begin this epoch at batch ``start_batch`` (of ``batch_size`` keys per rank)."""
+        if start_batch < 0 or batch_size < 1:
+            raise ValueError(f"invalid start: batch {start_batch} of size {batch_size}")
+        self.start = start_batch * batch_size
+
+    def indices(self) -> list[int]:
+        """This rank's image indices for the whole current epoch (ignoring the start)."""
+        if self.shuffle:
+            g = stream_generator(self.seed, "order", self.epoch)
+            order = torch.randperm(self.dataset_len, generator=g).tolist()
+        else:
+            order = list(range(self.dataset_len))
+        total = self.num_samples * self.num_replicas
+        if total > len(order) and order:  # pad by wrapping around (drop_last=False)
+            order = (order * math.ceil(total / len(order)))[:total]
+        return order[:total][self.rank:total:self.num_replicas]
+
+    def __iter__(self) -> Iterator[Key]:
+        return ((self.epoch, index) for index in self.indices()[self.start:])
+
+    def __len__(self) -> int:
+        """Keys still to come this epoch (after the start), so ``len(loader)`` counts the remaining batches."""
+        return max(self.num_samples - self.start, 0)
+
+
+def samples_per_replica(num_images: int, num_replicas: int, drop_last: bool) -> int:
+    """Images each of ``num_replicas`` ranks sees per epoch (DistributedSampler's rule)."""
+    if drop_last:
+        return num_images // num_replicas
+    return math.ceil(num_images / num_replicas)
+
+
+def steps_per_epoch(num_images: int, cfg: DataConfig, world_size: int = 1) -> int:
+    """Batches per epoch on each rank: ``len(loader)`` for a full epoch. Zero steps is a :class:`DataError`."""
+    per_rank = samples_per_replica(num_images, world_size, cfg.drop_last)
+    steps = per_rank // cfg.batch_size if cfg.drop_last else math.ceil(per_rank / cfg.batch_size)
+    if steps == 0:
+        processes = f"{world_size} process" + ("es" if world_size > 1 else "")
+        raise DataError(f"data.batch_size={cfg.batch_size} exceeds the {per_rank} images per process (dataset size "
+                        f"{num_images}, {processes}), so an epoch has no complete batch; lower data.batch_size, "
+                        "use more images or set data.drop_last=false")
+    return steps
+
+
+class RunSampler(Sampler[list[Key]]):
+    """Batches of ``(epoch, index)`` keys for a whole run: the epochs of an :class:`EpochSampler`, chained.
+
+    Batch ``s`` of the stream is step ``start_step + s`` of the run: epoch ``step // steps_per_epoch``,
+    batch ``step % steps_per_epoch`` of that epoch's order (so the keys are those an epoch-by-epoch loop
+    would give, and a resume at any step continues the same stream without loading what it skips).
+    The stream does not end: the trainer stops taking batches at its last step.
+
+    Args:
+        order: the per-epoch order of this rank (its ``set_epoch``/``set_start`` are driven from here).
+        batch_size: keys per batch; with ``drop_last`` an epoch's incomplete last batch is left out.
+        start_step: the run's step the first batch belongs to.
+    """
+
+    def __init__(self, order: EpochSampler, batch_size: int, drop_last: bool = True, start_step: int = 0) -> None:
+        if batch_size < 1 or start_step < 0:
+            raise ValueError(f"invalid batch size {batch_size} or start step {start_step}")
+        self.order, self.batch_size, self.drop_last = order, int(batch_size), bool(drop_last)
+        steps = order.num_samples // self.batch_size if drop_last else math.ceil(order.num_samples / self.batch_size)
+        if steps == 0:
+            raise DataError(f"batch size {batch_size} exceeds the {order.num_samples} images per process")
+        self.steps_per_epoch, self.start_step = steps, int(start_step)
+
+    def epoch_of(self, step: int) -> int:
+        return step // self.steps_per_epoch
+
+    def __iter__(self) -> Iterator[list[Key]]:
+        epoch, offset = divmod(self.start_step, self.steps_per_epoch)
+        while True:
+            self.order.set_epoch(epoch)
+            keys = list(self.order)
+            for first in range(offset * self.batch_size, self.steps_per_epoch * self.batch_size, self.batch_size):
+                yield keys[first:first + self.batch_size]
+            epoch, offset = epoch + 1, 0
+
+
+def build_loader(cfg: DataConfig, dataset: MultiCropDataset, sampler: RunSampler | EpochSampler,
+                 pin_memory: bool = False) -> DataLoader:
+    """DataLoader of :class:`ViewBatch` es (``batch.views()``: ``[target, anchor, focal_1, ...]``).
+
+    With a :class:`RunSampler` (training) one iterator runs the whole run across epochs; with an
+    :class:`EpochSampler` each iteration is one epoch (``set_epoch`` / ``set_start`` still take effect
+    with persistent workers, because the sampler runs in this process). The keys go to the dataset a
+    batch at a time (``__getitems__``). ``pin_memory`` (for a GPU) lets the copies to the device overlap
+    with compute.
+    """
+    workers = int(cfg.num_workers)
+    common = dict(num_workers=workers, persistent_workers=workers > 0, pin_memory=pin_memory,
+                  collate_fn=collate_views, worker_init_fn=_ignore_stop_signals)
+    if isinstance(sampler, RunSampler):
+        return DataLoader(dataset, batch_sampler=sampler, **common)
+    return DataLoader(dataset, batch_size=int(cfg.batch_size), sampler=sampler, drop_last=bool(cfg.drop_last),
+                      **common)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave stop signals to the training process, which finishes its step and checkpoints.
+
+    A terminal's Ctrl-C (SIGINT) and SLURM's preemption (SIGTERM, and the time-limit signal) reach every
+    process of the job; a worker would otherwise die and take the step down with it. Workers still exit
+    when the training process does (PyTorch's watchdog).
+    """
+    for name in ("SIGINT", "SIGTERM", "SIGUSR1", "SIGUSR2"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
