@@ -55,14 +55,13 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "digits"  # digits | folder | synthetic
+    name: str = "digits"  # digits | fashion_mnist | folder | synthetic
     root: str | None = None  # image folder for name=folder
     list_file: str | None = None  # optional file of image paths (relative to root) to restrict to
     batch_size: int = 64  # images per process per step
     num_workers: int = 0
     augment_on: str = "auto"  # cpu: the whole augmentation in the loader workers; device: colour, blur and
     # normalisation on the training device (workers decode and crop); auto: device when training on a GPU
-    decode: str = "cpu"  # cpu: PIL in the workers; nvjpeg: JPEG files decoded on the GPU (needs augment_on=device)
     global_size: int = 224  # target and anchor crop size
     global_scale: list[float] = field(default_factory=lambda: [0.3, 1.0])
     num_focal: int = 10
@@ -206,6 +205,10 @@ class CheckBeforeRun(Callback):
                 from msn.data import check_data_root
 
                 check_data_root(cfg.data.root)
+            if cfg.data.name == "fashion_mnist":  # ... or for a dataset that is not installed
+                from msn.data import find_fashion_mnist
+
+                find_fashion_mnist(cfg.data.root)
         except ValueError as e:  # ConfigError, DataError
             sys.exit(f"msn-pretrain: error: {e}")
         status = finished_run(run_dir, cfg) if cfg.resume is not None else None
@@ -295,7 +298,7 @@ OmegaConf.register_new_resolver("msn_run_dir", run_directory, replace=True)
 
 
 _CHOICES: dict[str, tuple[str, ...]] = {
-    "data.name": ("digits", "folder", "synthetic"),
+    "data.name": ("digits", "fashion_mnist", "folder", "synthetic"),
     "device": ("auto", "cpu", "cuda"),
     "precision": ("fp32", "bf16", "fp16"),
     "logger.name": ("csv", "wandb"),
@@ -304,7 +307,6 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.weight_init": WEIGHT_INITS,
     "optim.prototype_grad": ("sum", "mean"),
     "data.augment_on": ("auto", "cpu", "device"),
-    "data.decode": ("cpu", "nvjpeg"),
     "compile_mode": (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
 }
 

@@ -1,6 +1,6 @@
 """msn-eval: measure a backbone the way the paper does, on frozen target-encoder features.
 
-    msn-eval PROTOCOL MODEL [--dataset digits|PATH] [--shots 1 2 5] [--fraction 0.01] [--splits 3] ...
+    msn-eval PROTOCOL MODEL [--dataset digits|fashion_mnist|PATH] [--shots 1 2 5] [--fraction 0.01] [--splits 3] ...
 
 Protocols: lowshot (k images per class / a label fraction, L2-penalised multinomial logistic
 regression on centred, L2-normalised CLS features of a centre crop), knn (cosine, k=20,
@@ -104,7 +104,7 @@ def default_output(model: Path, protocol: str, dataset: str) -> Path:
         folder = model.parent.parent
     else:
         folder = model.parent
-    name = "digits" if dataset == "digits" else safe_name(Path(dataset).name or "dataset")
+    name = dataset if dataset in ("digits", "fashion_mnist") else safe_name(Path(dataset).name or "dataset")
     return folder / f"eval_{protocol}_{name}.json"
 
 
@@ -144,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("protocol", choices=PROTOCOLS)
     p.add_argument("model", help="training checkpoint, run directory, original MSN .pth.tar or HF ViTMSN folder")
-    p.add_argument("--dataset", default="digits", help="digits, or a folder with train/ and val/ (ImageFolder)")
+    p.add_argument("--dataset", default="digits", help="digits; fashion_mnist (the official test split; Debian's dataset-fashion-mnist package, or a "
+                        "folder holding the four idx files); or a folder with train/ and val/ (ImageFolder)")
     p.add_argument("--shots", type=int, nargs="+", default=[1, 2, 5], help="lowshot: images per class")
     p.add_argument("--fraction", type=float, default=0.01, help="lowshot: label fraction (0 to skip)")
     p.add_argument("--splits", type=int, default=3, help="fixed random splits (seeds 0..n-1)")

@@ -1,4 +1,5 @@
-"""Labelled splits for evaluation: the fixed digits split and ImageFolder ``train/`` + ``val/`` folders."""
+"""Labelled splits for evaluation: the fixed digits split, Fashion-MNIST's official split, and ImageFolder
+``train/`` + ``val/`` folders."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from msn.data import DataError, DigitsDataset, ImageFolderDataset
+from msn.data import DataError, DigitsDataset, FashionMNISTDataset, ImageFolderDataset, find_fashion_mnist
 
 DIGITS_TEST_SIZE = 540  # fixed, stratified digits split: 1257 train / 540 test images (seed 0)
 
@@ -53,6 +54,18 @@ def digits_splits() -> tuple[Split, Split]:
     make = lambda idx, name: Split(_Subset(base, idx), labels[idx], f"digits-{name}", [str(i) for i in idx],  # noqa: E731
                                    classes)
     return make(train_idx, "train"), make(test_idx, "test")
+
+
+def fashion_mnist_splits(root: Path | None = None) -> tuple[Split, Split]:
+    """Fashion-MNIST's official split: 60,000 training and 10,000 test images at 28 px (``root``: see
+    :func:`msn.data.find_fashion_mnist`; None for Debian's folder)."""
+    where = find_fashion_mnist(root)["train-images-idx3-ubyte"].parent.resolve()
+    splits = []
+    for name in ("train", "test"):
+        ds = FashionMNISTDataset(root, name)
+        splits.append(Split(ds, np.array(ds.targets, dtype=np.int64), f"fashion_mnist-{where}-{name}",
+                            [str(i) for i in range(len(ds))], list(ds.classes)))
+    return splits[0], splits[1]
 
 
 def folder_splits(root: Path) -> tuple[Split, Split]:
@@ -100,7 +113,18 @@ def coverage_warnings(train: Split, test: Split) -> list[str]:
 
 
 def load_splits(dataset: str) -> tuple[Split, Split]:
-    return digits_splits() if dataset == "digits" else folder_splits(Path(dataset))
+    """``digits``, ``fashion_mnist`` (Debian's folder), a folder holding Fashion-MNIST's idx files, or a folder
+    with ``train/`` and ``val/`` in ImageFolder layout."""
+    if dataset == "digits":
+        return digits_splits()
+    if dataset == "fashion_mnist":
+        return fashion_mnist_splits()
+    root = Path(dataset)
+    try:
+        find_fashion_mnist(root)
+    except DataError:
+        return folder_splits(root)
+    return fashion_mnist_splits(root)
 
 
 def read_subset_file(path: Path, train: Split) -> np.ndarray:

@@ -701,3 +701,62 @@ def test_one_loader_iterator_runs_across_epochs_with_workers() -> None:
         keys = list(reference)
         keyed += [ds.__getitems__(keys[i:i + 4]).views() for i in range(0, 24, 4)]
     assert _equal(batches, keyed[4:14])
+
+
+# ---------------------------------------------------------------------------------------------------- fashion-mnist
+
+
+def _write_idx(path: Path, array: np.ndarray, compress: bool) -> None:
+    import gzip
+
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    if compress:
+        path = path.with_name(path.name + ".gz")
+        data = gzip.compress(data)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+def tiny_fashion_mnist(root: Path, compress: bool = True, n_train: int = 20, n_test: int = 10) -> Path:
+    """The four idx files of a made-up Fashion-MNIST: image i is uniform gray level 10 * i, label i % 10."""
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        images = np.stack([np.full((28, 28), 10 * i % 256) for i in range(n)])
+        images[:, 0, 0] = 255  # one bright corner pixel: orientation is kept
+        _write_idx(root / f"{split}-images-idx3-ubyte", images, compress)
+        _write_idx(root / f"{split}-labels-idx1-ubyte", np.arange(n) % 10, compress)
+    return root
+
+
+@pytest.mark.parametrize("layout", ["debian-gz", "torchvision-raw"])
+def test_fashion_mnist_reads_the_idx_files(tmp_path: Path, layout: str) -> None:
+    from msn.data import FashionMNISTDataset
+
+    if layout == "debian-gz":
+        root = tiny_fashion_mnist(tmp_path / "fmnist")
+    else:  # torchvision's layout: ROOT/FashionMNIST/raw, uncompressed files
+        tiny_fashion_mnist(tmp_path / "tv" / "FashionMNIST" / "raw", compress=False)
+        root = tmp_path / "tv"
+    train, test = FashionMNISTDataset(root, "train"), FashionMNISTDataset(root, "test")
+    assert len(train) == 20 and len(test) == 10 and train.targets[:12] == [*range(10), 0, 1]
+    image = train[3]
+    assert image.mode == "RGB" and image.size == (28, 28)
+    pixels = np.asarray(image)
+    assert pixels[0, 0].tolist() == [255] * 3 and pixels[5, 7].tolist() == [30] * 3
+    assert train.classes[0] == "T-shirt/top" and train.classes[9] == "Ankle boot"
+    assert FashionMNISTDataset(root, "train", image_size=32)[3].size == (32, 32)
+    cfg = replace(SMALL, name="fashion_mnist", root=str(root), image_size=28)
+    assert len(build_dataset(cfg)) == 20
+
+
+def test_fashion_mnist_missing_or_broken_is_one_clear_error(tmp_path: Path) -> None:
+    from msn.data import FashionMNISTDataset
+
+    with pytest.raises(DataError, match=r"Fashion-MNIST is not in data.root=.*apt-get install dataset-fashion-mnist"):
+        FashionMNISTDataset(tmp_path)
+    root = tiny_fashion_mnist(tmp_path / "broken")
+    (root / "train-images-idx3-ubyte.gz").write_bytes(b"not gzip")
+    with pytest.raises(DataError, match=r"cannot read .*train-images-idx3-ubyte.gz"):
+        FashionMNISTDataset(root)
+    with pytest.raises(DataError, match="split 'val'"):
+        FashionMNISTDataset(root, "val")
