@@ -418,3 +418,26 @@ def to_schema(cfg: DictConfig | dict) -> DictConfig:
     merged = OmegaConf.merge(OmegaConf.structured(MSNConfig), cfg)
     validate(merged)
     return merged
+
+
+def compose_run_config(overrides: list[str], placeholder_root: bool = False) -> DictConfig:
+    """The validated msn-pretrain config for ``overrides``, composed without running the app (for tools).
+
+    ``placeholder_root``: a folder dataset without ``data.root`` gets ``.`` (for tools that read no images).
+    """
+    from hydra import compose, initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["run_dir=.", *overrides])
+    if placeholder_root and cfg.data.name == "folder" and not cfg.data.root:
+        cfg.data.root = "."
+    return to_schema(cfg)
+
+
+def load_run_config(run_dir: Path) -> DictConfig:
+    """The validated config a run was trained with (``RUN_DIR/config.yaml``)."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} holds no config.yaml; give a run directory that msn-pretrain wrote")
+    return to_schema(OmegaConf.load(path))

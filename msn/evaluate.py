@@ -144,8 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("protocol", choices=PROTOCOLS)
     p.add_argument("model", help="training checkpoint, run directory, original MSN .pth.tar or HF ViTMSN folder")
-    p.add_argument("--dataset", default="digits", help="digits; fashion_mnist (the official test split; Debian's dataset-fashion-mnist package, or a "
-                        "folder holding the four idx files); or a folder with train/ and val/ (ImageFolder)")
+    p.add_argument("--dataset", default="digits",
+                   help="digits; fashion_mnist (its official test split, from Debian's dataset-fashion-mnist package; "
+                        "a folder holding the four idx files works too); or a folder with train/ and val/ "
+                        "(ImageFolder)")
     p.add_argument("--shots", type=int, nargs="+", default=[1, 2, 5], help="lowshot: images per class")
     p.add_argument("--fraction", type=float, default=0.01, help="lowshot: label fraction (0 to skip)")
     p.add_argument("--splits", type=int, default=3, help="fixed random splits (seeds 0..n-1)")

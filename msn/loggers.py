@@ -64,10 +64,38 @@ class MetricsLogger:
             logged = {f"train/{k}": v for k, v in row.items() if k != "step" and not (k == "monitor" and math.isnan(v))}
             self.wandb_run.log(logged, step=int(row["step"]))
 
+    def log_picture(self, name: str, picture: Any, step: int, caption: str = "") -> None:
+        """A picture (PIL image) to wandb as ``pictures/NAME``; nothing without wandb."""
+        if self.wandb_run is not None:
+            wandb = import_wandb("logger=wandb")
+            self.wandb_run.log({f"pictures/{name}": wandb.Image(picture, caption=caption)}, step=step)
+
+    def log_prototype_use(self, counts: Any, step: int) -> None:
+        """How often each prototype was the targets' argmax since the last call: a wandb histogram of the
+        per-prototype counts, a bar chart of them sorted, and the share never used; nothing without wandb."""
+        if self.wandb_run is None:
+            return
+        wandb = import_wandb("logger=wandb")
+        counts = sorted((int(c) for c in counts), reverse=True)
+        table = wandb.Table(data=[[rank, c] for rank, c in enumerate(counts)], columns=["prototype rank", "targets"])
+        self.wandb_run.log({
+            "prototypes/use": wandb.Histogram(np_histogram=_histogram(counts)),
+            "prototypes/sorted_use": wandb.plot.bar(table, "prototype rank", "targets", title="prototype use, sorted"),
+            "prototypes/unused_share": sum(c == 0 for c in counts) / max(len(counts), 1),
+        }, step=step)
+
     def close(self) -> None:
         self._file.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
+
+
+def _histogram(values: list[int], bins: int = 32) -> tuple[list[int], list[float]]:
+    """numpy-style (counts, edges) of ``values``, as wandb.Histogram takes them."""
+    import numpy as np
+
+    hist, edges = np.histogram(np.asarray(values), bins=bins)
+    return hist.tolist(), edges.tolist()
 
 
 def import_wandb(what: str) -> Any:

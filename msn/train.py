@@ -201,6 +201,11 @@ def train(cfg: DictConfig | MSNConfig, command: str | None = None) -> dict[str, 
         monitor = Monitor(cfg.monitor.protocol, cfg.monitor.dataset, cfg.model.img_size, cfg.data.mean, cfg.data.std,
                           amp_dtype)
 
+    prototype_use = None  # targets' argmax counts since the last monitor step, for wandb's prototype histogram
+    if logger is not None and logger.wandb_run is not None:
+        _log_views_picture(logger, cfg, start_step, world)
+        prototype_use = torch.zeros(cfg.model.num_prototypes, dtype=torch.long, device=device)
+
     model.train()
     param_dtype = model.prototypes.dtype  # float32, unless a test builds the model in float64
     images_per_step = global_batch
@@ -226,6 +231,8 @@ def train(cfg: DictConfig | MSNConfig, command: str | None = None) -> dict[str, 
             result = train_step(step_model, loss_fn, optimizer, views, masks, schedules.at(step),
                                 cfg.optim.clip_grad, scaler, amp_dtype, prototype_grad_scale)
             nonfinite.update(result, step)
+            if prototype_use is not None:  # on the device: no wait
+                prototype_use += torch.bincount(result.out.targets.argmax(dim=1), minlength=len(prototype_use))
             step += 1
             bar.update(1)
             monitor_every = cfg.monitor.every_steps  # decided alike on every rank: logging all-reduces
@@ -237,6 +244,9 @@ def train(cfg: DictConfig | MSNConfig, command: str | None = None) -> dict[str, 
                 metrics["images_per_s"] = images_per_s
                 if monitor is not None and monitor_due:
                     metrics["monitor"] = monitor(model.target.backbone)
+                if prototype_use is not None and (monitor_due or (not monitor_every and step == total_steps)):
+                    logger.log_prototype_use(prototype_use.tolist(), step)
+                    prototype_use.zero_()
                 if logger is not None:
                     logger.log(metrics)
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
@@ -278,6 +288,16 @@ def train(cfg: DictConfig | MSNConfig, command: str | None = None) -> dict[str, 
     elif is_main:
         print(_next_steps(run_dir, step), flush=True)
     return metrics
+
+
+def _log_views_picture(logger: MetricsLogger, cfg: DictConfig, step: int, world: int) -> None:
+    """The first views the run trains on (msn-viz views), to wandb once at the start."""
+    from msn.plots.views import default_cell, trainer_views, views_picture
+
+    views = trainer_views(cfg, step, min(4, cfg.data.batch_size), world)
+    picture = views_picture(views, list(cfg.data.mean), list(cfg.data.std), default_cell(cfg.data.global_size))
+    caption = f"target | anchor (dropped patches grey) | focal views, step {step}"
+    logger.log_picture("views", picture, step, caption=caption)
 
 
 def _next_steps(run_dir: Path, step: int) -> str:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import msn
 
-CLI_MODULES = {"msn.train", "msn.export", "msn.evaluate", "msn.bench"}  # each holds a console script's main()
+CLI_MODULES = {"msn.train", "msn.export", "msn.evaluate", "msn.bench", "msn.viz"}  # console scripts
 PACKAGE = Path(msn.__file__).parent
 
 

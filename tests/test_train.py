@@ -41,14 +41,15 @@ def test_cli_smoke_run_writes_metrics_and_checkpoints(tmp_path):
     assert {"model", "optimizer", "step", "epoch", "rng", "config", "wandb_run_id"} <= set(state)
 
 
-def test_resumed_run_matches_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("pipeline", [[], ["data.augment_on=device", "data.num_workers=2"]], ids=["cpu", "device"])
+def test_resumed_run_matches_uninterrupted_run(tmp_path, pipeline):
     # 64 synthetic images / batch 16 = 4 steps an epoch: step 3 is mid-epoch, step 6 in the next epoch.
     full_dir, resumed_dir = tmp_path / "full", tmp_path / "resumed"
-    train(_smoke(full_dir))
+    train(_smoke(full_dir, *pipeline))
     # A run that died after step 3 leaves a checkpoint of step 3 as its last.pt.
     (resumed_dir / "checkpoints").mkdir(parents=True)
     shutil.copy(full_dir / "checkpoints" / "step_0000003.pt", resumed_dir / "checkpoints" / "last.pt")
-    train(_smoke(resumed_dir, "resume=auto"))
+    train(_smoke(resumed_dir, "resume=auto", *pipeline))
 
     full = load_checkpoint(full_dir / "checkpoints" / "last.pt")
     resumed = load_checkpoint(resumed_dir / "checkpoints" / "last.pt")
@@ -57,6 +58,17 @@ def test_resumed_run_matches_uninterrupted_run(tmp_path):
         torch.testing.assert_close(resumed["model"][name], tensor, atol=0, rtol=0, msg=name)
     assert [int(r["step"]) for r in metrics_rows(resumed_dir)] == [4, 5, 6]
     assert [r["loss"] for r in metrics_rows(resumed_dir)] == [r["loss"] for r in metrics_rows(full_dir)][3:]
+
+
+def test_the_photometric_stage_in_the_training_process_trains_the_same(tmp_path):
+    """data.augment_on=device (here on the CPU, with 2 workers that only crop) gives the run of augment_on=cpu."""
+    train(_smoke(tmp_path / "workers", "data.augment_on=cpu"))
+    train(_smoke(tmp_path / "device", "data.augment_on=device", "data.num_workers=2"))
+    losses = {name: [r["loss"] for r in metrics_rows(tmp_path / name)] for name in ("workers", "device")}
+    assert losses["device"] == losses["workers"]
+    a, b = (load_checkpoint(tmp_path / name / "checkpoints" / "last.pt")["model"] for name in ("workers", "device"))
+    for name, tensor in a.items():
+        torch.testing.assert_close(b[name], tensor, atol=0, rtol=0, msg=name)
 
 
 def test_resume_from_path_and_truncates_rows_past_the_checkpoint(tmp_path):
@@ -103,6 +115,18 @@ def test_wandb_offline_run(tmp_path, monkeypatch):
     offline = list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
     assert len(offline) == 1 and list(offline[0].glob("*.wandb"))
     assert len(metrics_rows(run_dir)) == 2  # the CSV log is written as well
+    # the views grid once at the start, the prototype use at the end (the monitor is off)
+    views = list(offline[0].glob("files/media/images/pictures/views_0_*.png"))
+    assert len(views) == 1
+    from PIL import Image
+
+    # cpu_smoke: 4 images x (target, anchor, 2 focal views), in cells of 96 px (3 x the 32-px global views)
+    assert Image.open(views[0]).size == (4 * 96, 4 * 96)
+    tables = list(offline[0].glob("files/media/table/prototypes/sorted_use_table_*.table.json"))
+    assert len(tables) == 1
+    counts = [count for _, count in json.loads(tables[0].read_text())["data"]]
+    assert len(counts) == 32 and counts == sorted(counts, reverse=True)  # cpu_smoke: 32 prototypes
+    assert sum(counts) == 2 * 16  # every target of the 2 steps of 16 images, counted once
 
 
 def test_cpu_rejects_half_precision(tmp_path):

@@ -26,11 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from msn.baseline import ReferenceMSN
-from msn.config import CONFIG_DIR, ConfigError, model_arch, register_configs, to_schema
+from msn.config import ConfigError, compose_run_config, model_arch
 from msn.device import autocast_dtype, configure_matmul, resolve_device
 from msn.model import MSN
 from msn.optim import build_optimizer
@@ -40,12 +39,7 @@ from msn.step import build_loss, build_mask_generator, build_schedules, train_st
 
 def compose_bench_config(overrides: list[str]) -> DictConfig:
     """The msn-pretrain config for ``overrides``; a folder dataset needs no root here (no data is read)."""
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=["run_dir=.", *overrides])
-    if cfg.data.name == "folder" and not cfg.data.root:
-        cfg.data.root = "."
-    return to_schema(cfg)
+    return compose_run_config(overrides, placeholder_root=True)
 
 
 def _cpu_name() -> str:

@@ -1,0 +1,97 @@
+"""msn-viz curves: a run's metrics.csv against the step, or several runs (a sweep) overlaid."""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from msn.plots.common import VizError, new_figure
+
+PANELS = (  # (title, columns drawn in it)
+    ("loss", ("loss", "ce")), ("ME-MAX", ("me_max",)), ("learning rate", ("lr",)), ("weight decay", ("wd",)),
+    ("EMA momentum", ("momentum",)), ("distinct prototypes", ("distinct_prototypes",)),
+    ("images/s", ("images_per_s",)), ("monitor accuracy (%)", ("monitor",)),
+    ("encoder grad norm", ("encoder_grad_norm",)),
+)
+
+
+@dataclass
+class RunMetrics:
+    """One run's logged rows: ``columns[name]`` is a list of (step, value) with the non-numbers left out."""
+
+    label: str
+    columns: dict[str, list[tuple[int, float]]]
+
+
+def read_metrics(run_dir: Path, label: str) -> RunMetrics:
+    """``RUN_DIR/metrics.csv`` as series per column."""
+    path = run_dir / "metrics.csv"
+    columns: dict[str, list[tuple[int, float]]] = {}
+    with path.open(newline="") as f:
+        for row in csv.DictReader(f):
+            step = int(row["step"])
+            for name, text in row.items():
+                try:
+                    value = float(text)
+                except (TypeError, ValueError):
+                    continue
+                if name != "step" and not math.isnan(value):
+                    columns.setdefault(name, []).append((step, value))
+    return RunMetrics(label, columns)
+
+
+def run_label(run_dir: Path) -> str:
+    """A sweep member's overrides (``.hydra/overrides.yaml``), else the folder's name."""
+    overrides = run_dir / ".hydra" / "overrides.yaml"
+    if overrides.is_file():
+        lines = [line.strip().removeprefix("- ").strip("'\"") for line in overrides.read_text().splitlines()]
+        named = [line for line in lines if line and not line.startswith(("hydra", "logger", "checkpoint"))]
+        if named:
+            return " ".join(named)
+    return run_dir.name
+
+
+def find_runs(sources: list[Path]) -> list[RunMetrics]:
+    """Each source is a run folder (with metrics.csv) or a folder of runs (a sweep: every subfolder that has one)."""
+    runs = []
+    for source in sources:
+        if (source / "metrics.csv").is_file():
+            runs.append(read_metrics(source, run_label(source)))
+            continue
+        members = sorted((p for p in source.glob("*/metrics.csv")), key=lambda p: (len(p.parent.name), p.parent.name))
+        if not members:
+            raise VizError(f"{source} holds no metrics.csv (nor do its subfolders); give a run directory or a "
+                           "sweep directory")
+        runs += [read_metrics(m.parent, run_label(m.parent)) for m in members]
+    return runs
+
+
+def curves_figure(runs: list[RunMetrics], width: int = 1500, height: int = 1000):  # -> matplotlib Figure
+    """A 3 x 3 grid of panels (PANELS), each run one colour, ``width`` x ``height`` px at 100 dpi."""
+    fig = new_figure(width, height)
+    axes = fig.subplots(3, 3)
+    colours = [f"C{i % 10}" for i in range(len(runs))]
+    for ax, (title, names) in zip(axes.flat, PANELS, strict=True):
+        drawn = False
+        for run, colour in zip(runs, colours, strict=True):
+            for name, style in zip(names, ("-", "--"), strict=False):
+                series = run.columns.get(name, [])
+                if series:
+                    steps, values = zip(*series, strict=True)
+                    label = run.label if name == names[0] else None
+                    ax.plot(steps, values, style, color=colour, label=label, linewidth=1.2,
+                            marker="o" if len(series) < 3 else None)
+                    drawn = True
+        ax.set_title(title if len(names) == 1 else f"{title} ({names[0]} solid, {names[1]} dashed)", fontsize=9)
+        ax.tick_params(labelsize=7)
+        if not drawn:
+            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="grey")
+    axes.flat[-3].set_xlabel("step")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    if len(runs) > 1 and handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(runs), 4), fontsize=7)
+    fig.subplots_adjust(left=0.05, right=0.98, top=0.95, bottom=0.12 if len(runs) > 1 else 0.06, hspace=0.4,
+                        wspace=0.25)
+    return fig

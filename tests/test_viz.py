@@ -1,0 +1,174 @@
+"""msn-viz: every kind writes a PNG of the documented size, from a run, overrides or an hf export; the
+views grid shows the trainer's own views and masks; attention is the same for a checkpoint and its export."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from msn.data import EpochSampler, MultiCropDataset, MultiCropTransform, RunSampler, build_dataset, build_loader
+from msn.masking import MaskGenerator
+from msn.plots.attention import cls_attention
+from msn.plots.common import GREY, to_display
+from msn.plots.views import trainer_views
+from msn.train import train
+from msn.viz import main
+from msn.weights import export_hf, read_source
+from tests.conftest import compose_config
+
+SMOKE = ["experiment=cpu_smoke", "masking.ratio=0.5", "data.batch_size=8"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """A 4-step cpu_smoke run (logged every step) and its hf export next to it."""
+    run_dir = tmp_path_factory.mktemp("viz") / "run"
+    train(compose_config([*SMOKE, f"run_dir={run_dir}", "logger.progress=false", "optim.max_steps=4"]))
+    export_hf(read_source(run_dir), run_dir / "hf")
+    return run_dir
+
+
+def _png(path: Path) -> Image.Image:
+    image = Image.open(path)
+    assert image.format == "PNG"
+    image.load()  # a truncated file fails here
+    return image
+
+
+def test_views_grid_shows_the_trainers_batch_and_greys_exactly_the_dropped_patches(tmp_path, capsys):
+    step, count = 5, 3
+    out = tmp_path / "views.png"
+    assert main(["views", *SMOKE, "--step", str(step), "--count", str(count), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {out}"
+    picture = np.asarray(_png(out).convert("RGB"))
+    cell = 96  # the smallest multiple of the 32-px global view that is at least 96
+    assert picture.shape == (count * cell, (2 + 2) * cell, 3)  # target, anchor, 2 focal views
+
+    # what the trainer does at this step, rebuilt from its parts
+    cfg = compose_config(SMOKE)
+    base = build_dataset(cfg.data)
+    sampler = RunSampler(EpochSampler(len(base), seed=cfg.seed), cfg.data.batch_size, start_step=step)
+    loader = build_loader(cfg.data, MultiCropDataset(base, MultiCropTransform(cfg.data), seed=cfg.seed), sampler)
+    batch = next(iter(loader)).views()
+    keep = MaskGenerator(0.5, True, False, cfg.model.patch_size, cfg.seed)(step, 8, 32).anchor_keep  # (8, K)
+    tv = trainer_views(cfg, step, count)
+    assert all(torch.equal(a, b[:count]) for a, b in zip(tv.views, batch, strict=True))
+
+    grid = 32 // cfg.model.patch_size  # patches per side
+    scale = cell // grid  # px per patch in the picture
+    for i in range(count):
+        dropped = set(range(grid * grid)) - set(keep[i].tolist())
+        assert len(dropped) == grid * grid - keep.shape[1] > 0
+        anchor = picture[i * cell:(i + 1) * cell, cell:2 * cell]
+        for p in range(grid * grid):
+            r, c = divmod(p, grid)
+            block = anchor[r * scale:(r + 1) * scale, c * scale:(c + 1) * scale]
+            if r == 0 and c < 3:
+                continue  # the column label is drawn over the first row's top-left corner
+            assert (block == GREY).all() == (p in dropped), (i, p)
+        target = picture[i * cell:(i + 1) * cell, :cell][::3, ::3]  # nearest upscaling x3: every 3rd pixel
+        if i > 0:  # the first row carries the labels
+            assert np.array_equal(target, to_display(batch[0][i:i + 1], cfg.data.mean, cfg.data.std)[0])
+
+
+def test_views_of_a_run_directory_use_its_config(run, tmp_path):
+    out = tmp_path / "v.png"
+    assert main(["views", str(run), "--count", "2", "--cell", "64", "--out", str(out)]) == 0
+    assert _png(out).size == (4 * 64, 2 * 64)
+
+
+def test_attention_of_a_checkpoint_and_of_its_hf_export_are_the_same(run, tmp_path):
+    from msn.features import load_encoder
+    from msn.plots.attention import load_images
+    from msn.splits import load_splits
+
+    checkpoint, export = load_encoder(run), load_encoder(run / "hf")
+    _, test = load_splits("digits")
+    images = load_images(checkpoint, dataset_images=[test.images[i] for i in range(3)])
+    maps = cls_attention(checkpoint.backbone, images)
+    heads, grid = checkpoint.backbone.blocks[-1].attn.num_heads, 32 // 8
+    assert maps.shape == (3, heads, grid, grid)
+    assert ((maps.sum(dim=(2, 3)) > 0) & (maps.sum(dim=(2, 3)) < 1)).all()  # the rest is CLS on itself
+    torch.testing.assert_close(cls_attention(export.backbone, images), maps, atol=1e-6, rtol=0)
+
+    # the same weights as timm's own (unfused) attention computes them
+    attn = checkpoint.backbone.blocks[-1].attn
+    seen = []
+    hook = attn.attn_drop.register_forward_hook(lambda m, i, o: seen.append(o))
+    fused, attn.fused_attn = attn.fused_attn, False
+    try:
+        with torch.no_grad():
+            checkpoint.backbone(images)
+    finally:
+        attn.fused_attn = fused
+        hook.remove()
+    torch.testing.assert_close(seen[0][:, :, 0, 1:].reshape(maps.shape), maps, atol=1e-6, rtol=0)
+
+    for source in (run, run / "hf"):
+        out = tmp_path / f"{source.name}.png"
+        assert main(["attention", str(source), "--count", "3", "--cell", "48", "--out", str(out)]) == 0
+        assert _png(out).size == ((2 + heads) * 48, 3 * 48)
+
+
+def test_attention_on_image_files(run, tmp_path):
+    paths = []
+    for i in range(2):
+        paths.append(tmp_path / f"{i}.jpg")
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(paths[-1])
+    out = tmp_path / "files.png"
+    assert main(["attention", str(run / "hf"), "--images", *map(str, paths), "--out", str(out)]) == 0
+    assert _png(out).size[1] == 2 * 96
+
+
+def test_curves_of_a_run_and_of_a_sweep(run, tmp_path):
+    out = tmp_path / "curves.png"
+    assert main(["curves", str(run), "--size", "900", "600", "--out", str(out)]) == 0
+    assert _png(out).size == (900, 600)
+    sweep = tmp_path / "sweep"
+    for n, lr in enumerate(("0.001", "0.002")):
+        member = sweep / str(n)
+        (member / ".hydra").mkdir(parents=True)
+        shutil.copy(run / "metrics.csv", member / "metrics.csv")
+        (member / ".hydra" / "overrides.yaml").write_text(f"- optim.lr={lr}\n- logger.progress=false\n")
+    from msn.plots.curves import find_runs
+
+    assert [r.label for r in find_runs([sweep])] == ["optim.lr=0.001", "optim.lr=0.002"]
+    assert main(["curves", str(sweep), "--out", str(out)]) == 0
+    assert _png(out).size == (1500, 1000)
+
+
+def test_prototypes_of_a_run(run, tmp_path):
+    from msn.plots.prototypes import load_model, prototype_use
+    from msn.splits import load_splits
+
+    out = tmp_path / "protos.png"
+    assert main(["prototypes", str(run), "--dataset", "digits", "--limit", "60", "--show", "2",
+                 "--per-prototype", "3", "--out", str(out)]) == 0
+    assert _png(out).size == (1400, 700)
+    model, encoder = load_model(run)
+    train_split, _ = load_splits("digits")
+    use = prototype_use(model, encoder, [train_split.images[i] for i in range(20)])
+    assert use.counts.sum() == 20 and len(use.counts) == 32 and use.unused == (use.counts == 0).sum()
+    assert (use.similarity.argmax(axis=1) == use.assigned).all()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["views", "/no/such/run", "--out", "x.png"], "neither a run directory nor an override"),
+    (["views", "experiment=cpu_smoke", "--out", "x.jpg"], "give a path ending in .png"),
+    (["views", "experiment=cpu_smoke", "model.depth=oops", "--out", "x.png"], "model.depth"),
+    (["attention", "/no/such/run", "--out", "x.png"], "does not exist"),
+    (["curves", "/no/such/run", "--out", "x.png"], "is not a folder"),
+    (["prototypes", "HF", "--dataset", "digits", "--out", "x.png"], "holds the backbone only"),
+])
+def test_bad_input_is_one_line(run, tmp_path, capsys, args, message):
+    args = [str(run / "hf") if a == "HF" else a for a in args]
+    args[args.index("--out") + 1] = str(tmp_path / args[args.index("--out") + 1])
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("msn-viz: error: ") and message in err[0], err
+    assert not list(tmp_path.glob("x.*"))
