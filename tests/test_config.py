@@ -21,7 +21,8 @@ def test_expected_options_exist():
     models = {o for g, o in GROUP_OPTIONS if g == "model"}
     assert {"vit_pico", "vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge", "vit_base_p8", "vit_base_p4",
             "vit_large_p7"} <= models
-    assert {o for g, o in GROUP_OPTIONS if g == "data"} == {"digits", "folder", "synthetic"}
+    assert {o for g, o in GROUP_OPTIONS if g == "data"} == {"digits", "fashion_mnist", "folder", "synthetic"}
+    assert {"fmnist_cpu", "fmnist_gpu"} <= set(EXPERIMENTS)
     assert {o for g, o in GROUP_OPTIONS if g == "logger"} == {"csv", "wandb"}
 
 

@@ -272,3 +272,26 @@ def test_results_go_next_to_the_model_and_are_never_overwritten_silently(tmp_pat
             f"msn-eval: error: {out} exists; pass --overwrite to replace it, or --output PATH")
         assert out.read_text() == before
         assert evaluate.main([*args, "--overwrite"]) == 0
+
+
+def test_cli_on_fashion_mnist_idx_files(tmp_path, run_dir):
+    """--dataset fashion_mnist reads the official split; a folder of idx files works the same way."""
+    from tests.test_data import tiny_fashion_mnist
+
+    root = tiny_fashion_mnist(tmp_path / "fmnist", n_train=30, n_test=20)
+    report = _eval("lowshot", str(run_dir), "--dataset", str(root), "--shots", "1", "3", "--splits", "2",
+                   "--fraction", "0", cwd=tmp_path)
+    assert (report["train_images"], report["test_images"]) == (30, 20)
+    assert set(report["results"]) == {"1", "3"} and report["classes_without_test_images"] == []
+    train, test = splits.load_splits(str(root))
+    assert train.classes[0] == "T-shirt/top" and test.labels.tolist() == [i % 10 for i in range(20)]
+    assert evaluate.default_output(run_dir, "knn", "fashion_mnist").name == "eval_knn_fashion_mnist.json"
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(),
+                    reason="needs Debian's dataset-fashion-mnist package (.ci/run installs it)")
+def test_the_installed_fashion_mnist_is_the_official_split():
+    train, test = splits.load_splits("fashion_mnist")
+    assert (len(train.labels), len(test.labels)) == (60000, 10000)
+    assert np.bincount(train.labels).tolist() == [6000] * 10 and np.bincount(test.labels).tolist() == [1000] * 10
+    assert train.images[0].size == (28, 28)

@@ -48,10 +48,13 @@ def test_every_help_is_plain_text_and_leads_with_our_usage(capsys):
     import msn.bench
     import msn.evaluate
     import msn.export
+    import msn.viz
 
     markup = re.compile(r"``|:(func|class|meth|mod):`")
-    for name, main, args in (("msn-export", msn.export.main, ["--help"]), ("msn-eval", msn.evaluate.main, ["--help"]),
-                             ("msn-bench", msn.bench.main, ["--help"]), ("msn-bench", msn.bench.main, ["step", "-h"])):
+    helps = [("msn-export", msn.export.main, ["--help"]), ("msn-eval", msn.evaluate.main, ["--help"])]
+    helps += [("msn-bench", msn.bench.main, a) for a in (["--help"], *([c, "-h"] for c in ("step", "data", "e2e")))]
+    helps += [("msn-viz", msn.viz.main, args) for args in (["--help"], *([kind, "-h"] for kind in msn.viz.KINDS))]
+    for name, main, args in helps:
         with pytest.raises(SystemExit) as exit_:
             main(args)
         text = capsys.readouterr().out
