@@ -40,7 +40,8 @@ def log_interval(warmup: int, steps: int) -> int:
 
 def steady_images_per_s(metrics_csv: Path, warmup: int, global_batch: int) -> float:
     """Images/s over the log rows after step ``warmup``: images over the summed time of those rows."""
-    rows = [row for row in csv.DictReader(metrics_csv.open()) if row.get("images_per_s")]
+    with metrics_csv.open(newline="") as f:
+        rows = [row for row in csv.DictReader(f) if row.get("images_per_s")]
     images = seconds = 0.0
     last = 0
     for row in rows:

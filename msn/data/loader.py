@@ -241,7 +241,7 @@ class RunSampler(Sampler[list[Key]]):
     The stream does not end: the trainer stops taking batches at its last step.
 
     Args:
-        order: the per-epoch order of this rank (its ``set_epoch``/``set_start`` are driven from here).
+        order: the per-epoch order of this rank (its ``set_epoch`` is driven from here).
         batch_size: keys per batch; with ``drop_last`` an epoch's incomplete last batch is left out.
         start_step: the run's step the first batch belongs to.
     """

@@ -47,7 +47,11 @@ def load_model(source: Path) -> tuple[MSN, Encoder]:
                        "head are in the training checkpoint: give the run directory or checkpoints/last.pt")
     src = read_source(source)
     model = MSN(src.model_cfg)
-    missing, unexpected = model.load_state_dict(src.model, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(src.model, strict=False)
+    except RuntimeError as err:  # a shape that does not fit the model its own config describes
+        raise VizError(f"{source}: its weights do not fit the model its config describes "
+                       f"({str(err).splitlines()[-1].strip()})") from None
     if missing or unexpected:
         raise VizError(f"{source} does not hold a whole MSN model (missing {missing[:3]}, unexpected "
                        f"{unexpected[:3]}); give a training checkpoint or run directory")

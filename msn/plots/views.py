@@ -17,7 +17,15 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image
 
-from msn.data import EpochSampler, MultiCropDataset, MultiCropTransform, RunSampler, build_dataset, steps_per_epoch
+from msn.data import (
+    DataError,
+    EpochSampler,
+    MultiCropDataset,
+    MultiCropTransform,
+    RunSampler,
+    build_dataset,
+    steps_per_epoch,
+)
 from msn.plots.common import GREY, VizError, mosaic, to_display, upscale
 from msn.step import build_mask_generator
 
@@ -60,7 +68,10 @@ def trainer_views(cfg: DictConfig, step: int, count: int, world_size: int = 1) -
     batch_size = len(keys)
     keys = keys[:count]
     dataset = MultiCropDataset(base, MultiCropTransform(d), seed=cfg.seed)
-    views = [v[:len(keys)] for v in dataset.__getitems__(keys).views()]
+    batch = dataset.__getitems__(keys)
+    if batch.error is not None:
+        raise DataError(batch.error)
+    views = batch.views()
     patch = cfg.model.patch_size
     grid = d.global_size // patch
     masks = build_mask_generator(cfg)(step, batch_size, d.global_size, d.focal_size, d.num_focal,
