@@ -121,9 +121,10 @@ def _curves(args: argparse.Namespace):
 
 def _prototypes(args: argparse.Namespace):
     import numpy as np
+    from torch.utils.data import Subset
 
     from msn.plots.prototypes import load_model, prototype_use, prototypes_figure
-    from msn.splits import _Subset, load_splits
+    from msn.splits import load_splits
 
     model, encoder = load_model(Path(args.source))
     dataset = args.dataset
@@ -138,7 +139,7 @@ def _prototypes(args: argparse.Namespace):
     train, _ = load_splits(dataset)
     n = len(train.labels)
     chosen = np.unique(np.linspace(0, n - 1, min(args.limit, n)).round().astype(int))  # spread over the split
-    images = _Subset(train.images, chosen)
+    images = Subset(train.images, chosen.tolist())
     use = prototype_use(model, encoder, images)
     return prototypes_figure(use, images, encoder, args.show, args.per_prototype, *args.size)
 
