@@ -32,7 +32,7 @@ from msn.checkpoint import CheckpointError
 from msn.config import ConfigError
 from msn.convert import ConversionError
 from msn.data import DataError
-from msn.plots.common import VizError
+from msn.plots.common import VizError, check_png_path
 
 KINDS = ("views", "attention", "curves", "prototypes")
 
@@ -126,13 +126,10 @@ def _prototypes(args: argparse.Namespace):
     from msn.plots.prototypes import load_model, prototype_use, prototypes_figure
     from msn.splits import load_splits
 
-    model, encoder = load_model(Path(args.source))
+    model, encoder, trained_on = load_model(Path(args.source))
     dataset = args.dataset
     if dataset is None:
-        from msn.weights import read_source
-
-        config = read_source(Path(args.source)).config
-        dataset = config.data.name if config is not None else None
+        dataset = trained_on
         if dataset not in ("digits", "fashion_mnist"):
             raise VizError(f"the run trained on {dataset or 'an unknown dataset'}: pass --dataset digits, "
                            "fashion_mnist or a folder with train/ and val/")
@@ -149,8 +146,7 @@ KIND_FUNCTIONS = {"views": _views, "attention": _attention, "curves": _curves, "
 
 def _check(args: argparse.Namespace) -> None:
     """Refuse bad numbers and a non-PNG output before any work."""
-    if not args.out.lower().endswith(".png"):
-        raise VizError(f"--out {args.out}: msn-viz writes PNG files; give a path ending in .png")
+    check_png_path(args.out)
     for name in ("count", "limit", "show", "per_prototype"):
         if getattr(args, name, 1) < 1:
             raise VizError(f"--{name.replace('_', '-')} must be >= 1")

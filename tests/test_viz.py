@@ -150,7 +150,8 @@ def test_prototypes_of_a_run(run, tmp_path):
     assert main(["prototypes", str(run), "--dataset", "digits", "--limit", "60", "--show", "2",
                  "--per-prototype", "3", "--out", str(out)]) == 0
     assert _png(out).size == (1400, 700)
-    model, encoder = load_model(run)
+    model, encoder, trained_on = load_model(run)
+    assert trained_on == "synthetic"  # cpu_smoke
     train_split, _ = load_splits("digits")
     use = prototype_use(model, encoder, [train_split.images[i] for i in range(20)])
     assert use.counts.sum() == 20 and len(use.counts) == 32 and use.unused == (use.counts == 0).sum()

@@ -48,11 +48,17 @@ def mosaic(cells: Sequence[Sequence[np.ndarray]], cell: int, labels: Sequence[st
     return picture
 
 
-def save_png(picture: Image.Image | object, out: str | os.PathLike, dpi: int = 100) -> Path:
-    """Write a PIL image or a matplotlib figure to ``out`` (a .png path; folders are created)."""
+def check_png_path(out: str | os.PathLike) -> Path:
+    """``out`` as a Path when it names a .png file, else a :class:`VizError` saying so."""
     path = Path(out)
     if path.suffix.lower() != ".png":
         raise VizError(f"--out {out}: msn-viz writes PNG files; give a path ending in .png")
+    return path
+
+
+def save_png(picture: Image.Image | object, out: str | os.PathLike, dpi: int = 100) -> Path:
+    """Write a PIL image or a matplotlib figure to ``out`` (a .png path; folders are created)."""
+    path = check_png_path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(picture, Image.Image):
         picture.save(path, format="PNG")

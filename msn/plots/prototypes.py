@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from msn.features import Encoder, TransformedImages, eval_transform
 from msn.model import MSN
 from msn.plots.common import VizError, new_figure, to_display
-from msn.weights import read_source
+from msn.weights import IMAGENET_MEAN, IMAGENET_STD, read_source
 
 
 @dataclass
@@ -39,9 +39,10 @@ class PrototypeUse:
         return int((self.counts == 0).sum())
 
 
-def load_model(source: Path) -> tuple[MSN, Encoder]:
+def load_model(source: Path) -> tuple[MSN, Encoder, str | None]:
     """The whole MSN model of a training checkpoint or run directory (target head and prototypes included),
-    and its target backbone as an :class:`Encoder` (for the preprocessing)."""
+    its target backbone as an :class:`Encoder` (for the preprocessing), and the ``data.name`` it was trained
+    on (None for an original MSN checkpoint)."""
     if source.is_dir() and (source / "config.json").is_file():
         raise VizError(f"{source} is a Hugging Face export, which holds the backbone only; the prototypes and the "
                        "head are in the training checkpoint: give the run directory or checkpoints/last.pt")
@@ -57,10 +58,10 @@ def load_model(source: Path) -> tuple[MSN, Encoder]:
                        f"{unexpected[:3]}); give a training checkpoint or run directory")
     model.eval()
     data = src.config.data if src.config is not None else None
-    mean = list(data.mean) if data is not None else [0.485, 0.456, 0.406]
-    std = list(data.std) if data is not None else [0.229, 0.224, 0.225]
+    mean = list(data.mean) if data is not None else IMAGENET_MEAN
+    std = list(data.std) if data is not None else IMAGENET_STD
     encoder = Encoder(model.target.backbone, int(src.model_cfg.img_size), mean, std, "", source)
-    return model, encoder
+    return model, encoder, (str(data.name) if data is not None else None)
 
 
 @torch.no_grad()
