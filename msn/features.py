@@ -18,7 +18,7 @@ from msn.backbone import MaskedViT
 from msn.convert import ConversionError, check_compatible, split_encoder
 from msn.device import autocast
 from msn.splits import Split
-from msn.weights import IMAGENET_MEAN, IMAGENET_STD, infer_backbone, read_hf_folder, read_source, source_arch
+from msn.weights import infer_backbone, read_hf_folder, read_source, source_arch
 
 
 @dataclass
@@ -50,9 +50,7 @@ def load_encoder(model: str | Path, device: torch.device | str = "cpu") -> Encod
         weights = source.path
         backbone_sd, _ = split_encoder(source.model, "target.")
         arch = source_arch(source.model_cfg)
-        data = source.config.data if source.config is not None else None
-        mean = list(data.mean) if data is not None else IMAGENET_MEAN
-        std = list(data.std) if data is not None else IMAGENET_STD
+        mean, std = source.mean_std()
     sizes = infer_backbone(backbone_sd)
     if arch.embed_dim % arch.num_heads:
         raise ConversionError(f"{path}: {arch.num_heads} attention heads do not divide the width {arch.embed_dim}")

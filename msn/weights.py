@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from msn.backbone import ARCHITECTURES, ViTArch, preset_name
 from msn.checkpoint import CheckpointError, check_training_checkpoint, is_training_checkpoint, safe_load
-from msn.config import DataConfig, ModelConfig, model_arch
+from msn.config import ModelConfig, model_arch
 from msn.convert import (
     ConversionError,
     StateDict,
@@ -50,6 +50,13 @@ class Source:
     epoch: int | None = None
     config: DictConfig | None = None  # the full training config, when the source is ours
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def mean_std(self) -> tuple[list[float], list[float]]:
+        """Per-channel (mean, std) the weights were trained with: the run's ``data`` config, else ImageNet's
+        (an original MSN checkpoint)."""
+        if self.config is None:
+            return list(IMAGENET_MEAN), list(IMAGENET_STD)
+        return list(self.config.data.mean), list(self.config.data.std)
 
 
 def infer_backbone(backbone: StateDict) -> dict[str, Any]:
@@ -124,10 +131,6 @@ def read_source(path: str | Path) -> Source:
         return Source(model, model_cfg, path, epoch=raw.get("epoch"))
     raise CheckpointError(f"{path} is neither an msn training checkpoint nor an original MSN checkpoint "
                           "(a dict with encoder, target_encoder and prototypes)")
-
-
-def _data_cfg(source: Source) -> DataConfig | DictConfig:
-    return source.config.data if source.config is not None else DataConfig()
 
 
 def hf_config(model_cfg: DictConfig) -> dict[str, Any]:
@@ -212,9 +215,7 @@ def export_hf(source: Source, out: Path, encoder: str = "target", overwrite: boo
     save_file({k: v.contiguous() for k, v in backbone_to_hf(backbone).items()}, out / "model.safetensors",
               metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(hf_config(source.model_cfg), indent=2) + "\n")
-    data = _data_cfg(source)
-    size = int(source.model_cfg.img_size)
-    processor = preprocessor_config(size, list(data.mean), list(data.std))
+    processor = preprocessor_config(int(source.model_cfg.img_size), *source.mean_std())
     (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
     (out / "README.md").write_text(model_card(source, encoder))
     return out

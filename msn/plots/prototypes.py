@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from msn.features import Encoder, TransformedImages, eval_transform
 from msn.model import MSN
 from msn.plots.common import VizError, new_figure, to_display
-from msn.weights import IMAGENET_MEAN, IMAGENET_STD, read_source
+from msn.weights import read_source
 
 
 @dataclass
@@ -57,11 +57,8 @@ def load_model(source: Path) -> tuple[MSN, Encoder, str | None]:
         raise VizError(f"{source} does not hold a whole MSN model (missing {missing[:3]}, unexpected "
                        f"{unexpected[:3]}); give a training checkpoint or run directory")
     model.eval()
-    data = src.config.data if src.config is not None else None
-    mean = list(data.mean) if data is not None else IMAGENET_MEAN
-    std = list(data.std) if data is not None else IMAGENET_STD
-    encoder = Encoder(model.target.backbone, int(src.model_cfg.img_size), mean, std, "", source)
-    return model, encoder, (str(data.name) if data is not None else None)
+    encoder = Encoder(model.target.backbone, int(src.model_cfg.img_size), *src.mean_std(), "", source)
+    return model, encoder, (str(src.config.data.name) if src.config is not None else None)
 
 
 @torch.no_grad()
