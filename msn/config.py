@@ -140,7 +140,8 @@ class LoggerConfig:
 class MonitorConfig:
     every_steps: int = 0  # evaluate the target encoder every N steps (0: off); logged as metrics.csv "monitor"
     protocol: str = "knn"  # knn (k=20, full labels) | lowshot (5 images per class, logistic regression)
-    dataset: str = "digits"  # digits, or a folder with train/ and val/ (ImageFolder layout)
+    dataset: str = "digits"  # digits, fashion_mnist, or a folder with train/ and val/ (ImageFolder layout)
+    crop_pct: float = 0.875  # the centre share of each image evaluated (msn-eval --crop-pct; 1: the whole image)
 
 
 @dataclass
@@ -361,6 +362,8 @@ def validate(cfg: DictConfig | MSNConfig) -> None:
     check(cfg.optim.schedule_stretch >= 1.0, f"optim.schedule_stretch={cfg.optim.schedule_stretch} must be >= 1")
     for key in ("optim.ema_momentum", "optim.final_ema_momentum"):
         check(0.0 <= _get(cfg, key) <= 1.0, f"{key}={_get(cfg, key)} must lie in [0, 1]")
+    check(0.0 < cfg.monitor.crop_pct <= 1.0, f"monitor.crop_pct={cfg.monitor.crop_pct} must lie in (0, 1]: the "
+          "share of each image the centre crop keeps (0.875: the paper's 256 -> 224; 1: the whole image)")
     check(0.0 <= cfg.masking.ratio < 1.0, f"masking.ratio={cfg.masking.ratio} must lie in [0, 1)")
     for key in ("data.hflip_p", "data.color_jitter_p", "data.grayscale_p", "data.blur_p"):
         check(0.0 <= _get(cfg, key) <= 1.0, f"{key}={_get(cfg, key)} must be a probability in [0, 1]")

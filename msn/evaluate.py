@@ -3,7 +3,7 @@
     msn-eval PROTOCOL MODEL [--dataset digits|fashion_mnist|PATH] [--shots 1 2 5] [--fraction 0.01] [--splits 3] ...
 
 Protocols: lowshot (k images per class / a label fraction, L2-penalised multinomial logistic
-regression on centred, L2-normalised CLS features of a centre crop), knn (cosine, k=20,
+regression on centred, L2-normalised CLS features of a centre crop, --crop-pct), knn (cosine, k=20,
 temperature-weighted votes), linear (a linear probe trained on cached features), finetune
 (ViTMSNForImageClassification from an hf export). MODEL is a training checkpoint, a run directory,
 an original MSN .pth.tar or a Hugging Face ViTMSN folder; the target encoder is used. The encoder
@@ -26,7 +26,7 @@ from msn.config import ConfigError, safe_name
 from msn.convert import ConversionError
 from msn.data import DataError
 from msn.device import autocast_dtype, resolve_device
-from msn.features import extract_features, load_encoder
+from msn.features import DEFAULT_CROP_PCT, check_crop_pct, extract_features, load_encoder
 from msn.loggers import import_wandb
 from msn.protocols import (
     finetune,
@@ -47,7 +47,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device(args.device, option="--device")
     precision = ("bf16" if device.type == "cuda" else "fp32") if args.precision == "auto" else args.precision
     amp_dtype = autocast_dtype(precision, device)
-    encoder = load_encoder(args.model, device)
+    encoder = load_encoder(args.model, device, args.crop_pct)
     train, test = load_splits(args.dataset)
     for line in coverage_warnings(train, test):
         print(f"msn-eval: {line}", file=sys.stderr)
@@ -56,7 +56,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         _check_shots(args.shots, train)
     results: dict[str, Any] = {}
     settings: dict[str, Any] = {"splits": args.splits, "feature": args.feature, "last_blocks": args.last_blocks,
-                                "device": device.type, "precision": precision}
+                                "crop_pct": args.crop_pct, "device": device.type, "precision": precision}
     if args.protocol == "finetune":
         settings.update(epochs=args.epochs, lr=args.lr)
         accs = [finetune(encoder, train, test, args.epochs, args.lr, args.batch_size, s, amp_dtype)
@@ -156,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feature", choices=("cls", "cls_prenorm"), default="cls",
                    help="CLS after (default) or before the final norm")
     p.add_argument("--last-blocks", type=int, default=1, help="concatenate the CLS of the last n blocks")
+    p.add_argument("--crop-pct", type=float, default=DEFAULT_CROP_PCT,
+                   help="the centre share of each image the encoder sees: resize to size/crop_pct, crop size "
+                        "(default 0.875, the paper's 256 -> 224; 1 keeps the whole image, e.g. for 28-px datasets)")
     p.add_argument("--k", type=int, default=20, help="knn: neighbours")
     p.add_argument("--temperature", type=float, default=0.07, help="knn: vote temperature")
     p.add_argument("--epochs", type=int, default=100, help="linear / finetune: epochs")
@@ -184,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.splits < 1 or args.last_blocks < 1 or args.k < 1 or not 0 <= args.fraction < 1 or any(
             k < 1 for k in args.shots):
         parser.error("--splits, --last-blocks, --k and --shots must be >= 1 and --fraction in [0, 1)")
+    try:
+        check_crop_pct(args.crop_pct, "--crop-pct")
+    except ValueError as e:
+        parser.error(str(e))
     if args.update_card and not (Path(args.model) / "config.json").is_file():
         parser.error("--update-card needs MODEL to be an hf export folder (msn-export --format hf)")
     try:

@@ -20,6 +20,15 @@ from msn.device import autocast
 from msn.splits import Split
 from msn.weights import infer_backbone, read_hf_folder, read_source, source_arch
 
+DEFAULT_CROP_PCT = 224 / 256  # the paper's evaluation view: resize to 256, centre-crop 224
+
+
+def check_crop_pct(crop_pct: float, option: str) -> None:
+    """Raise ValueError naming ``option`` unless 0 < crop_pct <= 1."""
+    if not 0 < crop_pct <= 1:
+        raise ValueError(f"{option}={crop_pct} must lie in (0, 1]: the share of the image the centre crop keeps "
+                         f"(the paper's {DEFAULT_CROP_PCT}; 1 for the whole image)")
+
 
 @dataclass
 class Encoder:
@@ -31,6 +40,7 @@ class Encoder:
     std: list[float]
     fingerprint: str  # identifies the weights, for the feature cache
     path: Path
+    crop_pct: float = DEFAULT_CROP_PCT  # evaluation view: the centre crop_pct of the image (1.0: all of it)
 
 
 def _fingerprint(path: Path) -> str:
@@ -38,8 +48,10 @@ def _fingerprint(path: Path) -> str:
     return hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
 
 
-def load_encoder(model: str | Path, device: torch.device | str = "cpu") -> Encoder:
-    """The target backbone of a checkpoint, run directory, original MSN file or HF ViTMSN folder, on ``device``."""
+def load_encoder(model: str | Path, device: torch.device | str = "cpu", crop_pct: float = DEFAULT_CROP_PCT) -> Encoder:
+    """The target backbone of a checkpoint, run directory, original MSN file or HF ViTMSN folder, on ``device``,
+    evaluated on the centre ``crop_pct`` of each image (:func:`eval_transform`)."""
+    check_crop_pct(crop_pct, "crop_pct")
     path = Path(model)
     if path.is_dir() and (path / "config.json").is_file():
         weights = path / "model.safetensors"
@@ -57,14 +69,20 @@ def load_encoder(model: str | Path, device: torch.device | str = "cpu") -> Encod
     backbone = MaskedViT(arch, sizes["patch_size"], sizes["img_size"])
     check_compatible(backbone.state_dict(), backbone_sd, f"the weights of {path}")
     backbone.load_state_dict(backbone_sd)
-    return Encoder(backbone.to(device).eval(), sizes["img_size"], list(mean), list(std), _fingerprint(weights), path)
+    return Encoder(backbone.to(device).eval(), sizes["img_size"], list(mean), list(std), _fingerprint(weights), path,
+                   crop_pct)
 
 
 
 def eval_transform(encoder: Encoder) -> v2.Compose:
-    """Resize to size * 256/224 (bicubic) then centre-crop ``size``: the paper's 256 -> 224 protocol."""
+    """Resize the short side to ``size / crop_pct`` (bicubic), then centre-crop ``size``.
+
+    ``crop_pct = 224/256`` is the paper's 256 -> 224 protocol (a 28-px model sees the middle 28 px of the
+    image resized to 32); ``crop_pct = 1`` keeps the whole image, as a raw-pixel baseline sees it.
+    """
     size = encoder.image_size
-    resize = v2.Resize(int(round(size * 256 / 224)), interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+    resize = v2.Resize(int(round(size / encoder.crop_pct)), interpolation=v2.InterpolationMode.BICUBIC,
+                       antialias=True)
     return v2.Compose([v2.ToImage(), resize, v2.CenterCrop(size), v2.ToDtype(torch.float32, scale=True),
                        v2.Normalize(encoder.mean, encoder.std)])
 
@@ -109,13 +127,14 @@ def extract_features(encoder: Encoder, split: Split, cache_dir: Path | None, fea
 
     The images are preprocessed on the CPU (DataLoader workers) and the backbone runs wherever its
     parameters are, under ``amp_dtype`` autocast when given (bf16 on GPUs). The cache key hashes the
-    weights' fingerprint, the split, the feature options and the precision; an unreadable or
+    weights' fingerprint, the split, the feature options, the evaluation crop and the precision; an unreadable or
     inconsistent cache file is rebuilt, never trusted.
     """
     device = next(encoder.backbone.parameters()).device
     precision = str(amp_dtype).removeprefix("torch.") if amp_dtype is not None else "fp32"
     key = hashlib.sha1(json.dumps([encoder.fingerprint, split.ident, len(split.labels), feature, last_blocks,
-                                   encoder.image_size, encoder.mean, encoder.std, precision]).encode()).hexdigest()[:20]
+                                   encoder.image_size, encoder.mean, encoder.std, encoder.crop_pct,
+                                   precision]).encode()).hexdigest()[:20]
     path = cache_dir / f"{key}.pt" if cache_dir is not None else None
     if path is not None and path.is_file():
         try:

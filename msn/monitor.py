@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from msn.backbone import MaskedViT
-from msn.features import Encoder, extract_features
+from msn.features import DEFAULT_CROP_PCT, Encoder, extract_features
 from msn.protocols import knn_accuracy, logistic_regression, sample_per_class
 from msn.splits import coverage_warnings, load_splits
 
@@ -21,17 +21,17 @@ class Monitor:
     """
 
     def __init__(self, protocol: str, dataset: str, image_size: int, mean: list[float], std: list[float],
-                 amp_dtype: torch.dtype | None = None) -> None:
+                 amp_dtype: torch.dtype | None = None, crop_pct: float = DEFAULT_CROP_PCT) -> None:
         self.protocol = protocol
         self.train, self.test = load_splits(dataset)
         for line in coverage_warnings(self.train, self.test):
             print(f"monitor: {line}", file=sys.stderr, flush=True)
         self.image_size, self.mean, self.std = image_size, list(mean), list(std)
-        self.amp_dtype = amp_dtype
+        self.amp_dtype, self.crop_pct = amp_dtype, crop_pct
 
     def __call__(self, backbone: MaskedViT) -> float:
         was_training = backbone.training
-        encoder = Encoder(backbone.eval(), self.image_size, self.mean, self.std, "", Path("."))
+        encoder = Encoder(backbone.eval(), self.image_size, self.mean, self.std, "", Path("."), self.crop_pct)
         try:
             x_train, x_test = (extract_features(encoder, s, None, amp_dtype=self.amp_dtype)
                                for s in (self.train, self.test))

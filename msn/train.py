@@ -199,7 +199,7 @@ def train(cfg: DictConfig | MSNConfig, command: str | None = None) -> dict[str, 
         from msn.monitor import Monitor  # deferred: evaluation pulls in scikit-learn
 
         monitor = Monitor(cfg.monitor.protocol, cfg.monitor.dataset, cfg.model.img_size, cfg.data.mean, cfg.data.std,
-                          amp_dtype)
+                          amp_dtype, cfg.monitor.crop_pct)
 
     prototype_use = None  # targets' argmax counts since the last monitor step, for wandb's prototype histogram
     if logger is not None and logger.wandb_run is not None:

@@ -1,13 +1,15 @@
 """Does pretraining help? Low-shot and k-NN accuracy on a fixed test split for three feature sets.
 
     python scripts/proof_of_learning.py RUN_DIR [--dataset digits|fashion_mnist] [--shots 1 5 10] [--splits 5]
+                                        [--crop-pct 1]
 
 (a) the MSN target encoder of RUN_DIR (a run folder, checkpoint or hf export), (b) the same
 architecture at random init, (c) the raw pixels (8x8 for digits, 28x28 for Fashion-MNIST); all with
 msn-eval's protocols: low-shot = centred + L2-normalised features, L2 logistic regression with the
 penalty cross-validated on the shots, mean +- std over --splits draws of the shots; k-NN = cosine,
 k=20, temperature-weighted votes, with every training label. Test split: digits' fixed 540 images,
-Fashion-MNIST's official 10,000. Prints a Markdown table.
+Fashion-MNIST's official 10,000. The ViTs see the centre --crop-pct of each image (msn-eval's default
+0.875, the paper's 256 -> 224; 1: the whole image, as the raw pixels are). Prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 
 from msn.backbone import MaskedViT
-from msn.features import extract_features, load_encoder
+from msn.features import DEFAULT_CROP_PCT, check_crop_pct, extract_features, load_encoder
 from msn.protocols import knn_accuracy, logistic_regression, sample_per_class
 from msn.splits import Split, digits_splits, fashion_mnist_splits
 
@@ -42,10 +44,16 @@ def main() -> None:
     parser.add_argument("--shots", type=int, nargs="+", default=[1, 2, 5, 10])
     parser.add_argument("--splits", type=int, default=5, help="draws of the training shots (default 5)")
     parser.add_argument("--no-knn", action="store_true", help="leave out the k-NN column")
+    parser.add_argument("--crop-pct", type=float, default=DEFAULT_CROP_PCT,
+                        help="the centre share of each image the ViTs see (1: the whole image)")
     args = parser.parse_args()
+    try:
+        check_crop_pct(args.crop_pct, "--crop-pct")
+    except ValueError as e:
+        parser.error(str(e))
 
     train, test = digits_splits() if args.dataset == "digits" else fashion_mnist_splits()
-    trained = load_encoder(args.run_dir)
+    trained = load_encoder(args.run_dir, crop_pct=args.crop_pct)
     torch.manual_seed(0)
     b = trained.backbone
     random_vit = MaskedViT(b.spec, b.patch_embed.patch_size[0], trained.image_size).eval()

@@ -72,6 +72,7 @@ def test_every_group_option_composes_validates_and_instantiates(group, option, t
     "override,message",
     [
         ("masking.ratio=1.0", "masking.ratio=1.0 must lie in [0, 1)"),
+        ("monitor.crop_pct=0", "monitor.crop_pct=0.0 must lie in (0, 1]"),
         ("masking.ratio=-0.1", "masking.ratio=-0.1 must lie in [0, 1)"),
         ("data.focal_size=20", "data.focal_size=20 is not divisible by model.patch_size=8"),
         ("optim.lr=0", "optim.lr=0.0 must be > 0"),

@@ -120,6 +120,38 @@ def test_feature_cache_is_reused_and_corruption_rebuilt(tmp_path, run_dir, monke
     assert other.shape == (540, 256) and len(list(tmp_path.glob("*.pt"))) == 2
 
 
+def test_crop_pct_chooses_how_much_of_the_image_is_seen(tmp_path, run_dir):
+    """crop_pct=1 hands the encoder the image itself; the paper's 0.875 a zoomed centre; each has its own cache."""
+    encoder = load_encoder(run_dir, crop_pct=1.0)
+    size, mean, std = encoder.image_size, torch.tensor(encoder.mean), torch.tensor(encoder.std)
+    pixels = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    expected = (torch.from_numpy(pixels).permute(2, 0, 1) / 255 - mean[:, None, None]) / std[:, None, None]
+    whole = features.eval_transform(encoder)(Image.fromarray(pixels))
+    torch.testing.assert_close(whole, expected)
+    border = np.zeros((size, size // 2, 3), np.uint8)
+    wide = np.concatenate([border, pixels, border], axis=1)
+    torch.testing.assert_close(features.eval_transform(encoder)(Image.fromarray(wide)), expected)  # the centre square
+    paper = load_encoder(run_dir)
+    assert paper.crop_pct == 0.875
+    zoomed = features.eval_transform(paper)(Image.fromarray(pixels))
+    assert zoomed.shape == whole.shape and (zoomed - whole).abs().mean() > 0.1
+    _, test = digits_splits()
+    a, b = extract_features(encoder, test, tmp_path), extract_features(paper, test, tmp_path)
+    assert len(list(tmp_path.glob("*.pt"))) == 2 and not torch.equal(a, b)
+    with pytest.raises(ValueError, match="crop_pct=0 must lie in"):
+        load_encoder(run_dir, crop_pct=0)
+
+
+def test_cli_crop_pct(tmp_path, run_dir, capsys):
+    whole = _eval("knn", str(run_dir), "--crop-pct", "1", cwd=tmp_path)
+    paper = _eval("knn", str(run_dir), cwd=tmp_path)
+    assert whole["settings"]["crop_pct"] == 1.0 and paper["settings"]["crop_pct"] == 0.875
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 4  # train and test features for each crop
+    with pytest.raises(SystemExit) as exit_:
+        evaluate.main(["knn", str(run_dir), "--crop-pct", "1.5"])
+    assert exit_.value.code == 2 and "--crop-pct=1.5 must lie in (0, 1]" in capsys.readouterr().err
+
+
 def test_hf_export_gives_the_same_features(tmp_path, run_dir):
     hf = export_hf(read_source(run_dir), tmp_path / "hf")
     _, test = digits_splits()

@@ -168,9 +168,16 @@ def test_compile_with_inductor_matches_eager(tmp_path):
     _compiled_matches_eager(tmp_path, "inductor")
 
 
-def test_periodic_monitor_is_logged(tmp_path):
+def test_periodic_monitor_is_logged(tmp_path, monkeypatch):
+    from msn import monitor
+
+    crops = []
+    extract = monitor.extract_features
+    monkeypatch.setattr(monitor, "extract_features",
+                        lambda enc, *a, **k: crops.append(enc.crop_pct) or extract(enc, *a, **k))
     run_dir = tmp_path / "run"
-    train(_smoke(run_dir, "monitor.every_steps=2", "logger.log_every=3", "optim.max_steps=4"))
+    train(_smoke(run_dir, "monitor.every_steps=2", "logger.log_every=3", "optim.max_steps=4", "monitor.crop_pct=1.0"))
+    assert crops == [1.0] * 4  # train and test features at steps 2 and 4, of the whole image as asked
     rows = {int(r["step"]): r for r in metrics_rows(run_dir)}
     assert sorted(rows) == [2, 3, 4]  # monitored steps are logged even off the log_every grid
     assert rows[3]["monitor"] in ("", "nan")
