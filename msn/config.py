@@ -136,12 +136,22 @@ class LoggerConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
+DEFAULT_CROP_PCT = 224 / 256  # the paper's evaluation view: resize to 256, centre-crop 224
+
+
+def check_crop_pct(crop_pct: float, option: str) -> None:
+    """Raise ValueError naming ``option`` unless 0 < crop_pct <= 1 (the evaluation's centre-crop share)."""
+    if not 0 < crop_pct <= 1:
+        raise ValueError(f"{option}={crop_pct} must lie in (0, 1]: the share of the image the centre crop keeps "
+                         f"(the paper's {DEFAULT_CROP_PCT}; 1 for the whole image)")
+
+
 @dataclass
 class MonitorConfig:
     every_steps: int = 0  # evaluate the target encoder every N steps (0: off); logged as metrics.csv "monitor"
     protocol: str = "knn"  # knn (k=20, full labels) | lowshot (5 images per class, logistic regression)
     dataset: str = "digits"  # digits, fashion_mnist, or a folder with train/ and val/ (ImageFolder layout)
-    crop_pct: float = 0.875  # the centre share of each image evaluated (msn-eval --crop-pct; 1: the whole image)
+    crop_pct: float = DEFAULT_CROP_PCT  # the centre share of each image evaluated (msn-eval --crop-pct; 1: all)
 
 
 @dataclass
@@ -334,6 +344,10 @@ def validate(cfg: DictConfig | MSNConfig) -> None:
         model_arch(cfg.model)
     except ValueError as e:
         errors.append(str(e))
+    try:
+        check_crop_pct(cfg.monitor.crop_pct, "monitor.crop_pct")
+    except ValueError as e:
+        errors.append(str(e))
     for key in ("model.patch_size", "model.img_size", "model.head_hidden_dim", "model.head_output_dim",
                 "model.head_layers", "model.num_prototypes", "data.batch_size", "data.global_size",
                 "data.focal_size", "data.image_size", "data.synthetic_size", "optim.epochs",
@@ -362,8 +376,6 @@ def validate(cfg: DictConfig | MSNConfig) -> None:
     check(cfg.optim.schedule_stretch >= 1.0, f"optim.schedule_stretch={cfg.optim.schedule_stretch} must be >= 1")
     for key in ("optim.ema_momentum", "optim.final_ema_momentum"):
         check(0.0 <= _get(cfg, key) <= 1.0, f"{key}={_get(cfg, key)} must lie in [0, 1]")
-    check(0.0 < cfg.monitor.crop_pct <= 1.0, f"monitor.crop_pct={cfg.monitor.crop_pct} must lie in (0, 1]: the "
-          "share of each image the centre crop keeps (0.875: the paper's 256 -> 224; 1: the whole image)")
     check(0.0 <= cfg.masking.ratio < 1.0, f"masking.ratio={cfg.masking.ratio} must lie in [0, 1)")
     for key in ("data.hflip_p", "data.color_jitter_p", "data.grayscale_p", "data.blur_p"):
         check(0.0 <= _get(cfg, key) <= 1.0, f"{key}={_get(cfg, key)} must be a probability in [0, 1]")

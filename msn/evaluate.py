@@ -22,11 +22,11 @@ import numpy as np
 import torch
 
 from msn.checkpoint import CheckpointError
-from msn.config import ConfigError, safe_name
+from msn.config import DEFAULT_CROP_PCT, ConfigError, check_crop_pct, safe_name
 from msn.convert import ConversionError
 from msn.data import DataError
 from msn.device import autocast_dtype, resolve_device
-from msn.features import DEFAULT_CROP_PCT, check_crop_pct, extract_features, load_encoder
+from msn.features import extract_features, load_encoder
 from msn.loggers import import_wandb
 from msn.protocols import (
     finetune,

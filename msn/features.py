@@ -15,19 +15,11 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from msn.backbone import MaskedViT
+from msn.config import DEFAULT_CROP_PCT, check_crop_pct
 from msn.convert import ConversionError, check_compatible, split_encoder
 from msn.device import autocast
 from msn.splits import Split
 from msn.weights import infer_backbone, read_hf_folder, read_source, source_arch
-
-DEFAULT_CROP_PCT = 224 / 256  # the paper's evaluation view: resize to 256, centre-crop 224
-
-
-def check_crop_pct(crop_pct: float, option: str) -> None:
-    """Raise ValueError naming ``option`` unless 0 < crop_pct <= 1."""
-    if not 0 < crop_pct <= 1:
-        raise ValueError(f"{option}={crop_pct} must lie in (0, 1]: the share of the image the centre crop keeps "
-                         f"(the paper's {DEFAULT_CROP_PCT}; 1 for the whole image)")
 
 
 @dataclass

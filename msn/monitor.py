@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from msn.backbone import MaskedViT
-from msn.features import DEFAULT_CROP_PCT, Encoder, extract_features
+from msn.config import DEFAULT_CROP_PCT
+from msn.features import Encoder, extract_features
 from msn.protocols import knn_accuracy, logistic_regression, sample_per_class
 from msn.splits import coverage_warnings, load_splits
 

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from msn.backbone import MaskedViT
-from msn.features import DEFAULT_CROP_PCT, check_crop_pct, extract_features, load_encoder
+from msn.config import DEFAULT_CROP_PCT, check_crop_pct
+from msn.features import extract_features, load_encoder
 from msn.protocols import knn_accuracy, logistic_regression, sample_per_class
 from msn.splits import Split, digits_splits, fashion_mnist_splits
 
