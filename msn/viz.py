@@ -2,8 +2,10 @@
 
     msn-viz views RUN_DIR | OVERRIDES...   --out FILE.png [--step N] [--count N] [--cell PX]
     msn-viz attention MODEL                --out FILE.png [--images FILE ...] [--dataset D] [--count N] [--cell PX]
+                                           [--crop-pct F]
     msn-viz curves RUN_DIR|SWEEP_DIR ...   --out FILE.png [--size W H]
     msn-viz prototypes RUN_OR_CHECKPOINT   --out FILE.png [--dataset D] [--limit N] [--show N] [--per-prototype N]
+                                           [--crop-pct F]
 
 views: the target, anchor (dropped patches grey) and focal views of the first --count images of the
   batch the trainer draws at --step, made by the trainer's own data and mask code, for a run directory
@@ -17,7 +19,8 @@ curves: loss, CE, ME-MAX, lr, wd, momentum, distinct prototypes, images/s, monit
 prototypes: how many images of --dataset each prototype is the target's argmax for (sorted; the share
   never used), and the images nearest to the most used prototypes. Needs the prototypes: a run directory
   or training checkpoint, not an export.
-D is digits, fashion_mnist, or a folder as for msn-eval --dataset.
+D is digits, fashion_mnist, or a folder as for msn-eval --dataset; --crop-pct F is msn-eval's evaluation
+crop (default 0.875; 1 shows the encoder the whole image).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from pathlib import Path
 from hydra.errors import HydraException
 
 from msn.checkpoint import CheckpointError
-from msn.config import ConfigError
+from msn.config import DEFAULT_CROP_PCT, ConfigError, check_crop_pct
 from msn.convert import ConversionError
 from msn.data import DataError
 from msn.plots.common import VizError, check_png_path
@@ -70,6 +73,10 @@ def _parser() -> argparse.ArgumentParser:
     protos.add_argument("--per-prototype", type=int, default=6, help="images per shown prototype (default 6)")
     protos.add_argument("--size", type=int, nargs=2, default=[1400, 700], metavar=("W", "H"),
                         help="picture size in px (default 1400 700)")
+    for sub in (attention, protos):
+        sub.add_argument("--crop-pct", type=float, default=DEFAULT_CROP_PCT,
+                         help="the centre share of each image the encoder sees, as msn-eval's (default 0.875; "
+                              "1: the whole image)")
     for sub in (views, attention, curves, protos):
         sub.add_argument("--out", required=True, help="the PNG file to write")
     return parser
@@ -98,7 +105,7 @@ def _attention(args: argparse.Namespace):
     from msn.plots.attention import attention_picture, cls_attention, load_images
     from msn.splits import load_splits
 
-    encoder = load_encoder(args.source)
+    encoder = load_encoder(args.source, crop_pct=args.crop_pct)
     if args.images:
         missing = [p for p in args.images if not Path(p).is_file()]
         if missing:
@@ -126,7 +133,7 @@ def _prototypes(args: argparse.Namespace):
     from msn.plots.prototypes import load_model, prototype_use, prototypes_figure
     from msn.splits import load_splits
 
-    model, encoder, trained_on = load_model(Path(args.source))
+    model, encoder, trained_on = load_model(Path(args.source), args.crop_pct)
     dataset = args.dataset
     if dataset is None:
         dataset = trained_on
@@ -152,6 +159,11 @@ def _check(args: argparse.Namespace) -> None:
             raise VizError(f"--{name.replace('_', '-')} must be >= 1")
     if (getattr(args, "cell", None) or 8) < 8 or min(getattr(args, "size", [100, 100])) < 100:
         raise VizError("--cell must be >= 8 px and --size at least 100 x 100 px")
+    if hasattr(args, "crop_pct"):
+        try:
+            check_crop_pct(args.crop_pct, "--crop-pct")
+        except ValueError as e:
+            raise VizError(str(e)) from None
 
 
 def main(argv: list[str] | None = None) -> int:

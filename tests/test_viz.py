@@ -125,6 +125,32 @@ def test_attention_on_image_files(run, tmp_path):
     assert _png(out).size[1] == 2 * 96
 
 
+def test_crop_pct_sets_what_the_attention_and_prototype_pictures_see(run, tmp_path, monkeypatch):
+    """--crop-pct reaches the images the encoder sees: attention gets exactly msn-eval's crop-1 view of the
+    test images (not the default 0.875 one), and prototypes assign with the same crop."""
+    import msn.plots.attention as attention
+    import msn.plots.prototypes as prototypes
+    from msn.features import load_encoder
+    from msn.splits import load_splits
+
+    seen_images, seen_crops = [], []
+    real_attention, real_use = attention.cls_attention, prototypes.prototype_use
+    monkeypatch.setattr(attention, "cls_attention", lambda b, x: seen_images.append(x) or real_attention(b, x))
+    monkeypatch.setattr(prototypes, "prototype_use",
+                        lambda m, enc, images: seen_crops.append(enc.crop_pct) or real_use(m, enc, images))
+    out = tmp_path / "a.png"
+    for crop in ("1", "0.875"):
+        assert main(["attention", str(run / "hf"), "--count", "2", "--crop-pct", crop, "--out", str(out)]) == 0
+    _, test = load_splits("digits")
+    pictures = [test.images[i] for i in range(2)]
+    whole = attention.load_images(load_encoder(run / "hf", crop_pct=1.0), dataset_images=pictures)
+    torch.testing.assert_close(seen_images[0], whole, atol=0, rtol=0)
+    assert not torch.allclose(seen_images[1], whole)  # the default crop zooms in
+    assert main(["prototypes", str(run), "--dataset", "digits", "--limit", "20", "--crop-pct", "1",
+                 "--out", str(tmp_path / "p.png")]) == 0
+    assert seen_crops == [1.0]
+
+
 def test_curves_of_a_run_and_of_a_sweep(run, tmp_path):
     out = tmp_path / "curves.png"
     assert main(["curves", str(run), "--size", "900", "600", "--out", str(out)]) == 0
@@ -165,6 +191,7 @@ def test_prototypes_of_a_run(run, tmp_path):
     (["attention", "/no/such/run", "--out", "x.png"], "does not exist"),
     (["curves", "/no/such/run", "--out", "x.png"], "is not a folder"),
     (["prototypes", "HF", "--dataset", "digits", "--out", "x.png"], "holds the backbone only"),
+    (["attention", "HF", "--crop-pct", "0", "--out", "x.png"], "--crop-pct=0.0 must lie in (0, 1]"),
 ])
 def test_bad_input_is_one_line(run, tmp_path, capsys, args, message):
     args = [str(run / "hf") if a == "HF" else a for a in args]

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from msn.config import DEFAULT_CROP_PCT
 from msn.features import Encoder, TransformedImages, eval_transform
 from msn.model import MSN
 from msn.plots.common import VizError, new_figure, to_display
@@ -39,10 +40,10 @@ class PrototypeUse:
         return int((self.counts == 0).sum())
 
 
-def load_model(source: Path) -> tuple[MSN, Encoder, str | None]:
+def load_model(source: Path, crop_pct: float = DEFAULT_CROP_PCT) -> tuple[MSN, Encoder, str | None]:
     """The whole MSN model of a training checkpoint or run directory (target head and prototypes included),
-    its target backbone as an :class:`Encoder` (for the preprocessing), and the ``data.name`` it was trained
-    on (None for an original MSN checkpoint)."""
+    its target backbone as an :class:`Encoder` (for the preprocessing, the centre ``crop_pct`` of each image),
+    and the ``data.name`` it was trained on (None for an original MSN checkpoint)."""
     if source.is_dir() and (source / "config.json").is_file():
         raise VizError(f"{source} is a Hugging Face export, which holds the backbone only; the prototypes and the "
                        "head are in the training checkpoint: give the run directory or checkpoints/last.pt")
@@ -57,7 +58,7 @@ def load_model(source: Path) -> tuple[MSN, Encoder, str | None]:
         raise VizError(f"{source} does not hold a whole MSN model (missing {missing[:3]}, unexpected "
                        f"{unexpected[:3]}); give a training checkpoint or run directory")
     model.eval()
-    encoder = Encoder(model.target.backbone, int(src.model_cfg.img_size), *src.mean_std(), "", source)
+    encoder = Encoder(model.target.backbone, int(src.model_cfg.img_size), *src.mean_std(), "", source, crop_pct)
     return model, encoder, (str(src.config.data.name) if src.config is not None else None)
 
 
