@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from msn.backbone import ViTArch
+from msn.arch import ViTArch
 from msn.device import autocast
 
 

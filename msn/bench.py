@@ -28,11 +28,9 @@ import json
 import sys
 from typing import Any
 
-import torch
 from hydra.errors import HydraException
 
-from msn.config import ConfigError
-from msn.data import DataError
+from msn.errors import ConfigError, DataError
 
 
 def _print_step(r: dict[str, Any]) -> None:
@@ -121,6 +119,8 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         _print_step(result)
         return result
     if args.command == "data":
+        import torch
+
         from msn.benchmarks.data import bench_data
         from msn.benchmarks.step import compose_bench_config
 

@@ -15,12 +15,10 @@ from typing import Any
 
 import torch
 
+from msn.errors import CheckpointError
+
 FORMAT = "msn-train-v1"
 TMP_SUFFIX = ".tmp"  # save_checkpoint's temporary files: .NAME.XXXX.tmp
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, unreadable or not an msn training checkpoint."""
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:

@@ -24,18 +24,15 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from msn.backbone import WEIGHT_INITS, ViTArch, resolve_arch
+from msn.arch import WEIGHT_INITS, ViTArch, resolve_arch
+from msn.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"  # the Hydra configs of this checkout
 
 
-class ConfigError(ValueError):
-    """A config value is invalid; the message names the key and the allowed values."""
-
-
 @dataclass
 class ModelConfig:
-    arch: str | None = "vit_pico"  # width / depth / heads preset (msn.backbone.ARCHITECTURES); null: give all three
+    arch: str | None = "vit_pico"  # width / depth / heads preset (msn.arch.ARCHITECTURES); null: give all three
     embed_dim: int | None = None  # null: the preset's; set to change the width (or build a ViT with arch=null)
     depth: int | None = None  # null: the preset's number of blocks
     num_heads: int | None = None  # null: the preset's number of attention heads
@@ -205,7 +202,7 @@ class CheckBeforeRun(Callback):
             if cfg.resume is None and (run_dir / "checkpoints" / "last.pt").is_file():
                 raise ConfigError(resume_null_message(run_dir))
             from msn.checkpoint import live_elsewhere, read_status
-            from msn.distributed import process_info
+            from msn.job import process_info
 
             info = process_info()  # in a multi-process job rank 0 asks (the others see rank 0 itself running)
             pid = live_elsewhere(read_status(run_dir)) if info is None or info.rank == 0 else None

@@ -20,6 +20,8 @@ import re
 
 import torch
 
+from msn.errors import ConversionError
+
 StateDict = dict[str, torch.Tensor]
 
 # timm block suffix -> HF layer suffix (weights and biases alike); qkv is handled separately.
@@ -41,10 +43,6 @@ _TOP_TO_HF = {
 _QKV = ("query", "key", "value")
 _BLOCK_KEY = re.compile(r"blocks\.(\d+)\.(.+)\.(weight|bias)$")
 _HF_LAYER_KEY = re.compile(r"encoder\.layer\.(\d+)\.(.+)\.(weight|bias)$")
-
-
-class ConversionError(ValueError):
-    """A state dict does not have the keys or shapes the conversion expects."""
 
 
 def backbone_to_hf(sd: StateDict) -> StateDict:

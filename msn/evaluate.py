@@ -16,34 +16,38 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from msn.checkpoint import CheckpointError
-from msn.config import DEFAULT_CROP_PCT, ConfigError, check_crop_pct, safe_name
-from msn.convert import ConversionError
-from msn.data import DataError
-from msn.device import autocast_dtype, resolve_device
-from msn.features import extract_features, load_encoder
+from msn.config import DEFAULT_CROP_PCT, check_crop_pct, safe_name
+from msn.errors import CheckpointError, ConfigError, ConversionError, DataError
 from msn.loggers import import_wandb
-from msn.protocols import (
-    finetune,
-    knn_accuracy,
-    linear_probe,
-    logistic_regression,
-    sample_fraction,
-    sample_per_class,
-    summarise,
-)
-from msn.splits import Split, class_coverage, coverage_warnings, load_splits, read_subset_file
+
+if TYPE_CHECKING:
+    from msn.splits import Split
 
 PROTOCOLS = ("lowshot", "knn", "linear", "finetune")
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
-    """Run one protocol; return the ``results.json`` content."""
+    """Run one protocol; return the ``results.json`` content. (torch and the rest are imported here, once the
+    arguments have passed their checks: ``--help`` and a refused argument answer in about a second.)"""
+    import torch
+
+    from msn.device import autocast_dtype, resolve_device
+    from msn.features import extract_features, load_encoder
+    from msn.protocols import (
+        finetune,
+        knn_accuracy,
+        linear_probe,
+        logistic_regression,
+        sample_fraction,
+        sample_per_class,
+        summarise,
+    )
+    from msn.splits import class_coverage, coverage_warnings, load_splits, read_subset_file
+
     device = resolve_device(args.device, option="--device")
     precision = ("bf16" if device.type == "cuda" else "fp32") if args.precision == "auto" else args.precision
     amp_dtype = autocast_dtype(precision, device)

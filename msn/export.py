@@ -12,9 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from msn.checkpoint import CheckpointError
-from msn.convert import ConversionError
-from msn.weights import export_hf, export_msn, export_timm, read_source
+from msn.errors import CheckpointError, ConversionError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--encoder does not apply to --format msn, which writes both encoders")
     args.encoder = args.encoder or "target"
     try:
+        from msn.weights import export_hf, export_msn, export_timm, read_source  # torch: after the arguments' check
+
         source = read_source(args.source)
         out = Path(args.out)
         if args.format == "hf":

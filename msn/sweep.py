@@ -24,7 +24,7 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from msn import distributed
+from msn.job import process_info
 
 FINAL = ("step", "loss", "ce", "me_max", "distinct_prototypes")
 
@@ -96,7 +96,8 @@ class SweepSummary(Callback):
     """Hydra callback: write the sweep summary when a multirun ends (rank 0 only under torchrun)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if not distributed.is_main_process():
+        info = process_info()
+        if info is not None and info.rank != 0:
             return
         sweep_dir = Path(str(config.hydra.sweep.dir))
         rows = write_summary(sweep_dir)

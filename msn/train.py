@@ -1,4 +1,4 @@
-"""MSN pretraining: ``train(cfg)`` (importable, testable) and the ``msn-pretrain`` Hydra entry point.
+"""MSN pretraining: ``train(cfg)`` (importable, testable); ``msn-pretrain`` (:mod:`msn.pretrain`) calls it.
 
 One step (DESIGN.md section 3): multi-crop views -> keep-indices for the anchor view -> online ViT +
 head on the anchors, EMA ViT + head on the target -> MSN loss against the prototypes -> backward ->
@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import signal
 import sys
 import threading
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
@@ -36,12 +33,9 @@ from msn.checkpoint import (
     write_status,
 )
 from msn.config import (
-    CONFIG_DIR,
-    START_TIME_ENV,
     ConfigError,
     MSNConfig,
     complete_message,
-    register_configs,
     resume_null_message,
     to_schema,
 )
@@ -468,37 +462,7 @@ def _console_line(m: dict[str, float], total: int) -> str:
             + (f" skipped {int(m['skipped_images'])} images this epoch" if m.get("skipped_images") else ""))
 
 
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
-def _hydra_main(cfg: DictConfig) -> None:
-    from hydra.core.hydra_config import HydraConfig
+if __name__ == "__main__":  # python -m msn.train, torchrun -m msn.train: the same as msn-pretrain
+    from msn.pretrain import main
 
-    overrides = list(HydraConfig.get().overrides.task)
-    if distributed.process_info() is None:
-        command = shlex.join(["msn-pretrain", *overrides])
-    else:
-        command = "the same launch command (torchrun or srun), whose overrides are: " + shlex.join(overrides)
-    try:
-        train(cfg, command)
-    except USER_ERRORS as e:
-        sys.exit(f"msn-pretrain: error: {e}")
-
-
-def main() -> None:
-    """Console entry point ``msn-pretrain``.
-
-    Under torchrun or srun the process group is joined before Hydra starts, so that rank 0's start
-    time names the one run directory every rank uses (``${start_time:}`` in configs/config.yaml).
-    """
-    register_configs()
-    if distributed.process_info() is not None:
-        distributed.init_from_env()
-        os.environ[START_TIME_ENV] = distributed.broadcast_object(datetime.now().isoformat())
-    try:
-        _hydra_main()
-    except KeyboardInterrupt:
-        sys.exit("msn-pretrain: stopped at once by a second Ctrl-C; the last checkpoint written is kept, and "
-                 "resume=auto continues from it")
-
-
-if __name__ == "__main__":
     main()

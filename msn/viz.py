@@ -31,11 +31,9 @@ from pathlib import Path
 
 from hydra.errors import HydraException
 
-from msn.checkpoint import CheckpointError
-from msn.config import DEFAULT_CROP_PCT, ConfigError, check_crop_pct
-from msn.convert import ConversionError
-from msn.data import DataError
-from msn.plots.common import VizError, check_png_path
+from msn.config import DEFAULT_CROP_PCT, check_crop_pct
+from msn.errors import CheckpointError, ConfigError, ConversionError, DataError, VizError
+from msn.plots import check_png_path
 
 KINDS = ("views", "attention", "curves", "prototypes")
 

@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
-from msn.backbone import ARCHITECTURES, ViTArch, preset_name
+from msn.arch import ARCHITECTURES, ViTArch, preset_name
 from msn.checkpoint import CheckpointError, check_training_checkpoint, is_training_checkpoint, safe_load
 from msn.config import ModelConfig, model_arch
 from msn.convert import (

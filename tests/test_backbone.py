@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from msn.backbone import ARCHITECTURES, MaskedViT, interpolate_pos_embed
+from msn.arch import ARCHITECTURES
+from msn.backbone import MaskedViT, interpolate_pos_embed
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,4 @@
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -120,8 +119,9 @@ def test_validate_accepts_defaults(tmp_path):
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "msn.train", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=120)
+    """The ``msn-pretrain`` command (``python -m msn.train``, the same entry point, runs under torchrun in
+    tests/test_distributed.py)."""
+    return subprocess.run(["msn-pretrain", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
 def test_cli_bad_value_exits_nonzero_with_one_line_reason(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from msn.checkpoint import load_checkpoint
-from msn.distributed import ProcessInfo, expand_nodelist, process_info
+from msn.job import ProcessInfo, expand_nodelist, process_info
 from tests.conftest import compose_config, metrics_rows
 from tests.dist_utils import free_port, run_distributed
 

@@ -5,13 +5,23 @@ from pathlib import Path
 
 import msn
 
-CLI_MODULES = {"msn.train", "msn.export", "msn.evaluate", "msn.bench", "msn.viz"}  # console scripts
+CLI_MODULES = {"msn.pretrain", "msn.export", "msn.evaluate", "msn.bench", "msn.viz"}  # console scripts
 PACKAGE = Path(msn.__file__).parent
 
 
+def _is_main_block(node: ast.AST) -> bool:
+    """``if __name__ == "__main__":``, where ``python -m msn.train`` hands over to its command."""
+    test = node.test if isinstance(node, ast.If) else None
+    return (isinstance(test, ast.Compare) and isinstance(test.left, ast.Name) and test.left.id == "__name__"
+            and isinstance(test.comparators[0], ast.Constant) and test.comparators[0].value == "__main__")
+
+
 def _imports(path: Path) -> set[str]:
+    """The modules a file imports, leaving out its ``__main__`` block (run as a script, never on import)."""
+    tree = ast.parse(path.read_text())
+    tree.body = [node for node in tree.body if not _is_main_block(node)]
     names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module:
@@ -65,3 +75,38 @@ def test_every_help_is_plain_text_and_leads_with_our_usage(capsys):
     assert result.stdout.startswith("msn-pretrain: self-supervised MSN pretraining of a Vision Transformer")
     assert "Where outputs go: outputs/RUN_NAME/" in result.stdout and "powered by Hydra" not in result.stdout
     assert not markup.search(result.stdout)
+
+
+# Run in a fresh interpreter (pytest's own has torch loaded): each command's --help and a refused argument,
+# then which of the heavy packages got imported.
+_CHEAP_PATHS = r"""
+import contextlib, io, sys
+from msn import bench, evaluate, export, pretrain, viz
+
+calls = [(export.main, ["--help"]), (export.main, ["a", "b", "--format", "msn", "--encoder", "online"]),
+         (evaluate.main, ["--help"]), (evaluate.main, ["knn", "model", "--crop-pct", "0"]),
+         (bench.main, ["--help"]), (bench.main, ["step", "--steps", "0"]),
+         (viz.main, ["--help"]), (viz.main, ["curves", "run", "--out", "curves.jpg"]),
+         (pretrain.main, ["--help"]), (pretrain.main, ["optim.lr=-1"]), (pretrain.main, ["model.arch=vit_nano"])]
+for main, args in calls:
+    sys.argv = ["msn", *args]
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            code = main(args) if main is not pretrain.main else main()
+        except SystemExit as e:
+            code = e.code
+    assert code not in (0, None) or "--help" in args, (main.__module__, args, code)
+print(sorted({m.split(".")[0] for m in sys.modules} & {"torch", "torchvision", "timm", "transformers", "wandb"}))
+"""
+
+
+def test_help_and_refused_arguments_answer_without_importing_torch(tmp_path):
+    """Every command checks its arguments (and msn-pretrain its config) before importing torch, torchvision
+    and timm, which take about ten seconds on a 2-core CPU: ``--help`` and a typo answer in about one."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", _CHEAP_PATHS], capture_output=True, text=True, timeout=120,
+                            cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"

@@ -17,12 +17,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from msn.config import DataConfig
+from msn.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-
-
-class DataError(ValueError):
-    """The data cannot be used as configured; the message names the file or key and the fix."""
 
 
 

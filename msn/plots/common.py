@@ -10,11 +10,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from msn.plots import check_png_path
+
 GREY = 128  # the value a dropped patch is painted with
-
-
-class VizError(ValueError):
-    """A picture cannot be made from the given input; the message names it and the fix."""
 
 
 def to_display(views: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
@@ -46,14 +44,6 @@ def mosaic(cells: Sequence[Sequence[np.ndarray]], cell: int, labels: Sequence[st
         for c, text in enumerate(labels):
             draw.text((c * cell + 2, 1), text, fill=(255, 255, 0), stroke_width=1, stroke_fill=(0, 0, 0))
     return picture
-
-
-def check_png_path(out: str | os.PathLike) -> Path:
-    """``out`` as a Path when it names a .png file, else a :class:`VizError` saying so."""
-    path = Path(out)
-    if path.suffix.lower() != ".png":
-        raise VizError(f"--out {out}: msn-viz writes PNG files; give a path ending in .png")
-    return path
 
 
 def save_png(picture: Image.Image | object, out: str | os.PathLike, dpi: int = 100) -> Path:

@@ -7,7 +7,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from msn.plots.common import VizError, new_figure
+from msn.errors import VizError
+from msn.plots.common import new_figure
 
 PANELS = (  # (title, columns drawn in it)
     ("loss", ("loss", "ce")), ("ME-MAX", ("me_max",)), ("learning rate", ("lr",)), ("weight decay", ("wd",)),

@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from msn.config import DEFAULT_CROP_PCT
+from msn.errors import VizError
 from msn.features import Encoder, TransformedImages, eval_transform
 from msn.model import MSN
-from msn.plots.common import VizError, new_figure, to_display
+from msn.plots.common import new_figure, to_display
 from msn.weights import read_source
 
 

@@ -26,7 +26,8 @@ from msn.data import (
     build_dataset,
     steps_per_epoch,
 )
-from msn.plots.common import GREY, VizError, mosaic, to_display, upscale
+from msn.errors import VizError
+from msn.plots.common import GREY, mosaic, to_display, upscale
 from msn.step import build_mask_generator
 
 
