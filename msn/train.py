@@ -462,7 +462,14 @@ def _console_line(m: dict[str, float], total: int) -> str:
             + (f" skipped {int(m['skipped_images'])} images this epoch" if m.get("skipped_images") else ""))
 
 
-if __name__ == "__main__":  # python -m msn.train, torchrun -m msn.train: the same as msn-pretrain
-    from msn.pretrain import main
+def main() -> None:
+    """``msn-pretrain`` (:func:`msn.pretrain.main`), for ``python -m msn.train`` and ``torchrun -m msn.train``,
+    and for installs made before the command moved to :mod:`msn.pretrain`: their ``msn-pretrain`` script
+    calls ``msn.train:main`` until ``pip install -e .`` runs again."""
+    from msn.pretrain import main as pretrain_main
 
+    pretrain_main()
+
+
+if __name__ == "__main__":
     main()

@@ -6,22 +6,14 @@ from pathlib import Path
 import msn
 
 CLI_MODULES = {"msn.pretrain", "msn.export", "msn.evaluate", "msn.bench", "msn.viz"}  # console scripts
+# msn.train.main hands over to msn-pretrain: python -m msn.train, and scripts installed when it was the entry point.
+ENTRY_SHIMS = {"msn.train": {"msn.pretrain"}}
 PACKAGE = Path(msn.__file__).parent
 
 
-def _is_main_block(node: ast.AST) -> bool:
-    """``if __name__ == "__main__":``, where ``python -m msn.train`` hands over to its command."""
-    test = node.test if isinstance(node, ast.If) else None
-    return (isinstance(test, ast.Compare) and isinstance(test.left, ast.Name) and test.left.id == "__name__"
-            and isinstance(test.comparators[0], ast.Constant) and test.comparators[0].value == "__main__")
-
-
 def _imports(path: Path) -> set[str]:
-    """The modules a file imports, leaving out its ``__main__`` block (run as a script, never on import)."""
-    tree = ast.parse(path.read_text())
-    tree.body = [node for node in tree.body if not _is_main_block(node)]
     names = set()
-    for node in ast.walk(tree):
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module:
@@ -36,7 +28,7 @@ def test_no_library_module_imports_a_cli_module():
         module = ".".join(("msn", *path.relative_to(PACKAGE).with_suffix("").parts)).removesuffix(".__init__")
         if module in CLI_MODULES:
             continue
-        bad = _imports(path) & CLI_MODULES
+        bad = _imports(path) & (CLI_MODULES - ENTRY_SHIMS.get(module, set()))
         if bad:
             offenders[module] = sorted(bad)
     assert not offenders, offenders
