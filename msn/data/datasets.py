@@ -22,7 +22,6 @@ from msn.errors import DataError
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
-
 class ImageDataset(Protocol):
     """What the multi-crop pipeline needs from a base dataset."""
 
