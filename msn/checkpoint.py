@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import random
 import re
 import shutil
-import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -16,6 +14,13 @@ from typing import Any
 import torch
 
 from msn.errors import CheckpointError
+from msn.rundir import (  # noqa: F401  moved to the torch-free msn.rundir; still importable from here
+    STATUS_FILE,
+    live_elsewhere,
+    read_status,
+    resolve_resume,
+    write_status,
+)
 
 FORMAT = "msn-train-v1"
 TMP_SUFFIX = ".tmp"  # save_checkpoint's temporary files: .NAME.XXXX.tmp
@@ -51,7 +56,6 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
-
 
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:
@@ -136,68 +140,6 @@ def check_training_checkpoint(state: dict[str, Any], path: str | os.PathLike) ->
     if missing or wrong:
         parts = ([f"missing {', '.join(missing)}"] if missing else []) + ([f"bad {', '.join(wrong)}"] if wrong else [])
         raise CheckpointError(f"{path} is an incomplete msn training checkpoint ({'; '.join(parts)})")
-
-
-STATUS_FILE = "status.json"
-
-
-def write_status(run_dir: str | os.PathLike, status: str, step: int, total_steps: int) -> None:
-    """``RUN_DIR/status.json``: ``running`` (at the start and each checkpoint), ``stopped`` (by a signal) or
-    ``finished``, with the step of ``checkpoints/last.pt``, the run's total, and the host and process
-    that wrote it; lets a re-run see what is left to do, and whether the run is live elsewhere."""
-    path = Path(run_dir) / STATUS_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"status": status, "step": int(step), "total_steps": int(total_steps),
-                               "checkpoint": "checkpoints/last.pt", "host": socket.gethostname(),
-                               "pid": os.getpid()}, indent=2) + "\n")
-    tmp.replace(path)
-
-
-def live_elsewhere(status: dict[str, Any] | None) -> int | None:
-    """The pid of another live process of this host that is training the run ``status`` describes, if any.
-
-    A run that died leaves ``running`` with a pid that no longer exists, and a requeued job runs on
-    another host or in the same process: neither counts.
-    """
-    if not status or status.get("status") != "running" or status.get("host") != socket.gethostname():
-        return None
-    pid = status.get("pid")
-    if not isinstance(pid, int) or pid == os.getpid():
-        return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:  # alive, another user's
-        return pid
-    return pid
-
-
-def read_status(run_dir: str | os.PathLike) -> dict[str, Any] | None:
-    """What :func:`write_status` wrote, or None (no run there yet, or an unreadable file)."""
-    try:
-        status = json.loads((Path(run_dir) / STATUS_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return status if isinstance(status, dict) else None
-
-
-def resolve_resume(resume: str | None, run_dir: str | os.PathLike) -> Path | None:
-    """The checkpoint to resume from: ``None`` (fresh run), ``auto`` or a path.
-
-    ``auto`` means ``RUN_DIR/checkpoints/last.pt`` when it exists, else a fresh start.
-    """
-    if resume is None:
-        return None
-    if resume == "auto":
-        last = Path(run_dir) / "checkpoints" / "last.pt"
-        return last if last.is_file() else None
-    path = Path(resume)
-    if path.is_dir():  # a run directory
-        path = path / "checkpoints" / "last.pt"
-    if not path.is_file():
-        raise CheckpointError(f"resume={resume}: no checkpoint found at {path}")
-    return path
 
 
 def rng_state() -> dict[str, Any]:

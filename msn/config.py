@@ -26,6 +26,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from msn.arch import WEIGHT_INITS, ViTArch, resolve_arch
 from msn.errors import ConfigError
+from msn.job import process_info
+from msn.rundir import last_checkpoint, live_elsewhere, read_status
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"  # the Hydra configs of this checkout
 
@@ -199,11 +201,8 @@ class CheckBeforeRun(Callback):
         try:
             cfg = to_schema(task)
             run_dir = Path(str(OmegaConf.select(config, "hydra.run.dir")))
-            if cfg.resume is None and (run_dir / "checkpoints" / "last.pt").is_file():
+            if cfg.resume is None and last_checkpoint(run_dir).is_file():
                 raise ConfigError(resume_null_message(run_dir))
-            from msn.checkpoint import live_elsewhere, read_status
-            from msn.job import process_info
-
             info = process_info()  # in a multi-process job rank 0 asks (the others see rank 0 itself running)
             pid = live_elsewhere(read_status(run_dir)) if info is None or info.rank == 0 else None
             if pid is not None:
@@ -232,8 +231,6 @@ def resume_null_message(run_dir: Path) -> str:
 
 def finished_run(run_dir: Path, cfg: DictConfig) -> dict[str, Any] | None:
     """``RUN_DIR/status.json`` if ``run_dir`` holds a finished run as long as ``cfg`` asks for, else None."""
-    from msn.checkpoint import read_status  # here: checkpoint imports torch, and the schema should not need it
-
     status, saved = read_status(run_dir), run_dir / "config.yaml"
     if not (status and status.get("status") == "finished" and saved.is_file()):
         return None

@@ -23,6 +23,7 @@ import numpy as np
 from msn.config import DEFAULT_CROP_PCT, check_crop_pct, safe_name
 from msn.errors import CheckpointError, ConfigError, ConversionError, DataError
 from msn.loggers import import_wandb
+from msn.rundir import check_model
 
 if TYPE_CHECKING:
     from msn.splits import Split
@@ -202,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         output = Path(args.output) if args.output else default_output(Path(args.model), args.protocol, args.dataset)
         if output.exists() and not args.overwrite:
             raise CheckpointError(f"{output} exists; pass --overwrite to replace it, or --output PATH")
+        check_model(args.model)  # a typo is answered before torch is imported
         report = evaluate(args)
     except (CheckpointError, ConversionError, DataError, ConfigError) as e:
         print(f"msn-eval: error: {e}", file=sys.stderr)

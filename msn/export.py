@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from msn.errors import CheckpointError, ConversionError
+from msn.rundir import source_file
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--encoder does not apply to --format msn, which writes both encoders")
     args.encoder = args.encoder or "target"
     try:
-        from msn.weights import export_hf, export_msn, export_timm, read_source  # torch: after the arguments' check
+        source_file(args.source)  # a typo is answered before torch is imported
+        from msn.weights import export_hf, export_msn, export_timm, read_source
 
         source = read_source(args.source)
         out = Path(args.out)

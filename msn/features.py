@@ -65,7 +65,6 @@ def load_encoder(model: str | Path, device: torch.device | str = "cpu", crop_pct
                    crop_pct)
 
 
-
 def eval_transform(encoder: Encoder) -> v2.Compose:
     """Resize the short side to ``size / crop_pct`` (bicubic), then centre-crop ``size``.
 

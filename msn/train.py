@@ -26,11 +26,9 @@ from msn.checkpoint import (
     CheckpointError,
     load_checkpoint,
     remove_stale_temporaries,
-    resolve_resume,
     rng_state,
     save_checkpoint,
     set_rng_state,
-    write_status,
 )
 from msn.config import (
     ConfigError,
@@ -58,6 +56,7 @@ from msn.device import autocast_dtype, configure_matmul, resolve_device
 from msn.loggers import MetricsLogger
 from msn.model import MSN
 from msn.optim import build_optimizer, rescale_adam_moments
+from msn.rundir import last_checkpoint, resolve_resume, write_status
 from msn.schedules import Schedules
 from msn.seeding import stream_seed
 from msn.step import StepResult, build_loss, build_mask_generator, build_schedules, train_step
@@ -118,7 +117,7 @@ def train(cfg: DictConfig | MSNConfig, command: str | None = None) -> dict[str, 
         for tmp in remove_stale_temporaries(run_dir / "checkpoints"):
             print(f"removed {tmp.name}, left by an interrupted checkpoint write", flush=True)
     resume_path = resolve_resume(cfg.resume, run_dir)
-    if resume_path is None and cfg.resume is None and (run_dir / "checkpoints" / "last.pt").is_file():
+    if resume_path is None and cfg.resume is None and last_checkpoint(run_dir).is_file():
         raise ConfigError(resume_null_message(run_dir))
     if resume_path is not None:
         start_step, wandb_run_id = _resume(resume_path, cfg, model, optimizer, scaler, skipped,

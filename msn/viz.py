@@ -34,6 +34,7 @@ from hydra.errors import HydraException
 from msn.config import DEFAULT_CROP_PCT, check_crop_pct
 from msn.errors import CheckpointError, ConfigError, ConversionError, DataError, VizError
 from msn.plots import check_png_path
+from msn.rundir import check_model
 
 KINDS = ("views", "attention", "curves", "prototypes")
 
@@ -157,6 +158,8 @@ def _check(args: argparse.Namespace) -> None:
             raise VizError(f"--{name.replace('_', '-')} must be >= 1")
     if (getattr(args, "cell", None) or 8) < 8 or min(getattr(args, "size", [100, 100])) < 100:
         raise VizError("--cell must be >= 8 px and --size at least 100 x 100 px")
+    if args.kind in ("attention", "prototypes"):
+        check_model(args.source)  # a typo is answered before torch is imported
     if hasattr(args, "crop_pct"):
         try:
             check_crop_pct(args.crop_pct, "--crop-pct")

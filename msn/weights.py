@@ -31,6 +31,7 @@ from msn.convert import (
     split_encoder,
     to_original_msn,
 )
+from msn.rundir import source_file
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 TIMM_NAMES = {("vit_tiny", 16): "vit_tiny_patch16_224", ("vit_small", 16): "vit_small_patch16_224",
@@ -109,11 +110,7 @@ def infer_model_config(model_sd: StateDict) -> DictConfig:
 
 def read_source(path: str | Path) -> Source:
     """Load SOURCE: a run directory, a training checkpoint or an original MSN checkpoint."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "checkpoints" / "last.pt"
-    if not path.is_file():
-        raise CheckpointError(f"{path} does not exist; give a training checkpoint, a run directory or a .pth.tar")
+    path = source_file(path)
     raw = safe_load(path)
     if is_training_checkpoint(raw):
         check_training_checkpoint(raw, path)

@@ -69,25 +69,45 @@ def test_every_help_is_plain_text_and_leads_with_our_usage(capsys):
     assert not markup.search(result.stdout)
 
 
-# Run in a fresh interpreter (pytest's own has torch loaded): each command's --help and a refused argument,
-# then which of the heavy packages got imported.
+# Run in a fresh interpreter (pytest's own has torch loaded): each command's --help, a refused argument and a
+# MODEL that does not exist, msn-pretrain on a finished run, then which of the heavy packages got imported.
 _CHEAP_PATHS = r"""
 import contextlib, io, sys
 from msn import bench, evaluate, export, pretrain, viz
 
-calls = [(export.main, ["--help"]), (export.main, ["a", "b", "--format", "msn", "--encoder", "online"]),
-         (evaluate.main, ["--help"]), (evaluate.main, ["knn", "model", "--crop-pct", "0"]),
-         (bench.main, ["--help"]), (bench.main, ["step", "--steps", "0"]),
-         (viz.main, ["--help"]), (viz.main, ["curves", "run", "--out", "curves.jpg"]),
-         (pretrain.main, ["--help"]), (pretrain.main, ["optim.lr=-1"]), (pretrain.main, ["model.arch=vit_nano"])]
-for main, args in calls:
+from pathlib import Path
+
+done = Path("outputs/done")  # a finished run: msn-pretrain says so and stops
+done.mkdir(parents=True)
+(done / "status.json").write_text('{"status": "finished", "step": 9, "total_steps": 9}')
+(done / "config.yaml").write_text("optim:\n  epochs: 3\n  max_steps: null\n")
+empty = Path("empty")  # a folder that is neither a run with a checkpoint nor an hf export
+empty.mkdir()
+
+calls = [(export.main, ["--help"], None), (export.main, ["a", "b", "--format", "msn", "--encoder", "online"], None),
+         (export.main, ["no_such_run", "out"], "no_such_run does not exist"),
+         (export.main, ["empty", "out"], "empty is a folder without checkpoints/last.pt"),
+         (evaluate.main, ["--help"], None), (evaluate.main, ["knn", "model", "--crop-pct", "0"], None),
+         (evaluate.main, ["knn", "no_such_run"], "no_such_run does not exist"),
+         (evaluate.main, ["knn", "empty"], "or a Hugging Face ViTMSN export"),
+         (bench.main, ["--help"], None), (bench.main, ["step", "--steps", "0"], None),
+         (viz.main, ["--help"], None), (viz.main, ["curves", "run", "--out", "curves.jpg"], None),
+         (viz.main, ["attention", "no_such_run", "--out", "a.png"], "no_such_run does not exist"),
+         (viz.main, ["prototypes", "no_such_run", "--out", "p.png"], "no_such_run does not exist"),
+         (pretrain.main, ["--help"], None), (pretrain.main, ["optim.lr=-1"], None),
+         (pretrain.main, ["model.arch=vit_nano"], None),
+         (pretrain.main, ["run_name=done", "optim.epochs=3"], "outputs/done is complete (step 9 of 9)")]
+for main, args, says in calls:
     sys.argv = ["msn", *args]
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             code = main(args) if main is not pretrain.main else main()
         except SystemExit as e:
             code = e.code
-    assert code not in (0, None) or "--help" in args, (main.__module__, args, code)
+    said = out.getvalue() + err.getvalue() + (code if isinstance(code, str) else "")
+    assert code not in (0, None) or "--help" in args or says and "is complete" in says, (main.__module__, args, code)
+    assert says is None or says in said, (args, said)
 print(sorted({m.split(".")[0] for m in sys.modules} & {"torch", "torchvision", "timm", "transformers", "wandb"}))
 """
 

@@ -522,7 +522,7 @@ def test_a_run_that_is_live_in_another_process_is_not_started_twice(tmp_path):
     finally:
         sleeper.kill()
         sleeper.wait()
-    from msn.checkpoint import live_elsewhere, read_status
+    from msn.rundir import live_elsewhere, read_status
 
     assert live_elsewhere(read_status(run)) is None  # that process is gone: the run may start
     assert live_elsewhere({**read_status(run), "pid": os.getpid()}) is None  # this very process
