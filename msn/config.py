@@ -130,7 +130,7 @@ class WandbConfig:
 class LoggerConfig:
     name: str = "csv"  # csv | wandb (the CSV log is always written)
     log_every: int = 10  # steps between metric rows / console lines
-    progress: bool = True  # show a progress bar
+    progress: str = "auto"  # the progress bar: auto (on a terminal only, not in a log file) | true | false
     console_every: int = 50  # steps between console lines (0: none); at most as often as log_every
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
@@ -316,6 +316,15 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+PROGRESS_MODES = ("auto", "true", "false")
+
+
+def progress_bar_disabled(progress: str) -> bool | None:
+    """tqdm's ``disable`` for ``logger.progress``: None (auto: off when stderr is not a terminal, so that a
+    SLURM or nohup log gets the console lines and not a bar redrawn at every step), False (true) or True."""
+    return {"auto": None, "true": False, "false": True}[str(progress).lower()]
+
+
 def _get(cfg: Any, key: str) -> Any:
     return OmegaConf.select(cfg, key)
 
@@ -334,6 +343,8 @@ def validate(cfg: DictConfig | MSNConfig) -> None:
         value = _get(cfg, key)
         names = ", ".join("null" if a is None else a for a in allowed)
         check(value in allowed, f"{key}={value!r} is not allowed; choose one of {names}")
+    check(str(cfg.logger.progress).lower() in PROGRESS_MODES,  # true / false arrive as "True" / "False"
+          f"logger.progress={cfg.logger.progress!r} is not allowed; choose one of {', '.join(PROGRESS_MODES)}")
     try:
         model_arch(cfg.model)
     except ValueError as e:

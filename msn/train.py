@@ -34,6 +34,7 @@ from msn.config import (
     ConfigError,
     MSNConfig,
     complete_message,
+    progress_bar_disabled,
     resume_null_message,
     to_schema,
 )
@@ -202,8 +203,8 @@ def train(cfg: DictConfig | MSNConfig, command: str | None = None) -> dict[str, 
     model.train()
     param_dtype = model.prototypes.dtype  # float32, unless a test builds the model in float64
     images_per_step = global_batch
-    bar = tqdm(total=total_steps, initial=start_step, disable=not (is_main and cfg.logger.progress),
-               dynamic_ncols=True, desc="msn", file=sys.stderr)
+    bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, desc="msn", file=sys.stderr,
+               disable=progress_bar_disabled(cfg.logger.progress) if is_main else True)
     metrics: dict[str, float] = {}
     step = start_step
     stop, stopped_early = _StopRequest(), False

@@ -145,6 +145,19 @@ def test_console_lines_at_the_configured_interval(tmp_path, capsys):
     assert all("loss" in line and "lr" in line and "img/s" in line for line in lines)
 
 
+def test_progress_bar_only_on_a_terminal_unless_asked(tmp_path, capsys):
+    """logger.progress=auto (the default) leaves the bar out of a log file (pytest's captured stderr is not a
+    terminal, as a SLURM or nohup log); true draws it anyway; the console lines come either way."""
+    for progress, bar in (("auto", False), ("true", True), ("false", False)):
+        overrides = ["logger.console_every=2", "optim.max_steps=3"]
+        cfg = _smoke(tmp_path / progress, *overrides)  # _smoke turns the bar off: set it after
+        cfg.logger.progress = progress
+        train(cfg)
+        captured = capsys.readouterr()
+        assert ("msn: 100%" in captured.err) is bar, (progress, captured.err[-500:])
+        assert "step 2/3" in captured.out
+
+
 def _compiled_matches_eager(tmp_path: Path, backend: str) -> None:
     eager = train(_smoke(tmp_path / "eager", "optim.max_steps=2"))
     from torch._dynamo.utils import counters
