@@ -139,7 +139,8 @@ def extract_features(encoder: Encoder, split: Split, cache_dir: Path | None, fea
     loader = DataLoader(TransformedImages(split.images, eval_transform(encoder)), batch_size=batch_size,
                         num_workers=num_workers, pin_memory=device.type == "cuda")
     chunks = []
-    for x in tqdm(loader, desc=f"features {split.ident[:40]}", file=sys.stderr, leave=False):
+    # disable=None: a bar on a terminal only, not redrawn batch by batch into a log file
+    for x in tqdm(loader, desc=f"features {split.ident[:40]}", file=sys.stderr, leave=False, disable=None):
         with autocast(device, amp_dtype):
             chunks.append(cls_features(encoder.backbone, x.to(device, non_blocking=True), feature, last_blocks))
     features = torch.cat(chunks).float().cpu()

@@ -124,7 +124,7 @@ def finetune(encoder: Encoder, train: Split, test: Split, epochs: int, lr: float
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     generator = torch.Generator().manual_seed(seed)
     model.train()
-    for _ in tqdm(range(epochs), desc="finetune", file=sys.stderr, leave=False):
+    for _ in tqdm(range(epochs), desc="finetune", file=sys.stderr, leave=False, disable=None):  # terminal only
         for batch in torch.randperm(len(images), generator=generator).split(batch_size):
             batch = batch.to(device)
             with autocast(device, amp_dtype):

@@ -295,7 +295,9 @@ def test_results_go_next_to_the_model_and_are_never_overwritten_silently(tmp_pat
     with _chdir(tmp_path):
         assert evaluate.main(args) == 0
         out = run / "eval_knn_digits.json"
-        assert f"wrote {out}" in capsys.readouterr().out
+        captured = capsys.readouterr()
+        assert f"wrote {out}" in captured.out
+        assert "features" not in captured.err  # no progress bar drawn into a log (stderr is not a terminal)
         assert json.loads(out.read_text())["protocol"] == "knn"
         assert not (tmp_path / "results.json").exists()  # not the current directory
         before = out.read_text()
