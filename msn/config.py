@@ -316,13 +316,14 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
-PROGRESS_MODES = ("auto", "true", "false")
+# logger.progress -> tqdm's ``disable``: None (auto: off when stderr is not a terminal, so that a SLURM or
+# nohup log gets the console lines and not a bar redrawn at every step), False (true) or True (false).
+PROGRESS_MODES: dict[str, bool | None] = {"auto": None, "true": False, "false": True}
 
 
 def progress_bar_disabled(progress: str) -> bool | None:
-    """tqdm's ``disable`` for ``logger.progress``: None (auto: off when stderr is not a terminal, so that a
-    SLURM or nohup log gets the console lines and not a bar redrawn at every step), False (true) or True."""
-    return {"auto": None, "true": False, "false": True}[str(progress).lower()]
+    """tqdm's ``disable`` for a ``logger.progress`` value (:data:`PROGRESS_MODES`)."""
+    return PROGRESS_MODES[str(progress).lower()]
 
 
 def _get(cfg: Any, key: str) -> Any:

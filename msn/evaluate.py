@@ -23,7 +23,7 @@ import numpy as np
 from msn.config import DEFAULT_CROP_PCT, check_crop_pct, safe_name
 from msn.errors import CheckpointError, ConfigError, ConversionError, DataError
 from msn.loggers import import_wandb
-from msn.rundir import check_model
+from msn.rundir import check_model, is_hf_export
 
 if TYPE_CHECKING:
     from msn.splits import Split
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         check_crop_pct(args.crop_pct, "--crop-pct")
     except ValueError as e:
         parser.error(str(e))
-    if args.update_card and not (Path(args.model) / "config.json").is_file():
+    if args.update_card and not is_hf_export(args.model):
         parser.error("--update-card needs MODEL to be an hf export folder (msn-export --format hf)")
     try:
         wandb = import_wandb("--wandb") if args.wandb else None  # before the work, not after it

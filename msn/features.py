@@ -18,6 +18,7 @@ from msn.backbone import MaskedViT
 from msn.config import DEFAULT_CROP_PCT, check_crop_pct
 from msn.convert import ConversionError, check_compatible, split_encoder
 from msn.device import autocast
+from msn.rundir import is_hf_export
 from msn.splits import Split
 from msn.weights import infer_backbone, read_hf_folder, read_source, source_arch
 
@@ -45,7 +46,7 @@ def load_encoder(model: str | Path, device: torch.device | str = "cpu", crop_pct
     evaluated on the centre ``crop_pct`` of each image (:func:`eval_transform`)."""
     check_crop_pct(crop_pct, "crop_pct")
     path = Path(model)
-    if path.is_dir() and (path / "config.json").is_file():
+    if is_hf_export(path):
         weights = path / "model.safetensors"
         folder = read_hf_folder(path)
         backbone_sd, arch, mean, std = folder.backbone, folder.arch, folder.mean, folder.std

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from msn.device import autocast
 from msn.features import Encoder, TransformedImages, eval_transform
+from msn.rundir import is_hf_export
 from msn.splits import Split
 from msn.weights import export_hf, read_source
 
@@ -111,7 +112,7 @@ def finetune(encoder: Encoder, train: Split, test: Split, epochs: int, lr: float
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = encoder.path
-        if not (folder.is_dir() and (folder / "config.json").is_file()):
+        if not is_hf_export(folder):
             folder = export_hf(read_source(encoder.path), Path(tmp) / "hf")
         torch.manual_seed(seed)
         model = ViTMSNForImageClassification.from_pretrained(folder, num_labels=int(train.labels.max()) + 1)

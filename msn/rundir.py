@@ -21,6 +21,11 @@ STATUS_FILE = "status.json"
 HF_CONFIG = "config.json"  # what makes a folder a Hugging Face export
 
 
+def is_hf_export(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a Hugging Face export folder (it holds ``config.json``)."""
+    return (Path(path) / HF_CONFIG).is_file()
+
+
 def last_checkpoint(run_dir: str | os.PathLike) -> Path:
     """``RUN_DIR/checkpoints/last.pt`` (whether or not it exists yet)."""
     return Path(run_dir) / LAST_CHECKPOINT
@@ -47,7 +52,7 @@ def source_file(source: str | os.PathLike) -> Path:
 def check_model(model: str | os.PathLike, hf: bool = True) -> None:
     """Refuse a MODEL that names nothing loadable: a Hugging Face export folder (when ``hf``), a run
     directory with a checkpoint, or a checkpoint file (what its content is, the loaders decide)."""
-    if hf and (Path(model) / HF_CONFIG).is_file():
+    if hf and is_hf_export(model):
         return
     try:
         source_file(model)

@@ -31,7 +31,7 @@ from msn.convert import (
     split_encoder,
     to_original_msn,
 )
-from msn.rundir import source_file
+from msn.rundir import is_hf_export, source_file
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 TIMM_NAMES = {("vit_tiny", 16): "vit_tiny_patch16_224", ("vit_small", 16): "vit_small_patch16_224",
@@ -309,7 +309,7 @@ def read_init_weights(path: str | Path) -> tuple[str, StateDict]:
     or ``("backbone", timm backbone keys)`` for a Hugging Face ViTMSN folder or a timm safetensors file.
     """
     path = Path(path)
-    if path.is_dir() and (path / "config.json").is_file():  # Hugging Face folder
+    if is_hf_export(path):
         return "backbone", read_hf_folder(path).backbone
     if path.is_dir() and (path / "timm_config.json").is_file():
         path = path / "model.safetensors"

@@ -19,6 +19,7 @@ from msn.errors import VizError
 from msn.features import Encoder, TransformedImages, eval_transform
 from msn.model import MSN
 from msn.plots.common import new_figure, to_display
+from msn.rundir import is_hf_export
 from msn.weights import read_source
 
 
@@ -45,7 +46,7 @@ def load_model(source: Path, crop_pct: float = DEFAULT_CROP_PCT) -> tuple[MSN, E
     """The whole MSN model of a training checkpoint or run directory (target head and prototypes included),
     its target backbone as an :class:`Encoder` (for the preprocessing, the centre ``crop_pct`` of each image),
     and the ``data.name`` it was trained on (None for an original MSN checkpoint)."""
-    if source.is_dir() and (source / "config.json").is_file():
+    if is_hf_export(source):
         raise VizError(f"{source} is a Hugging Face export, which holds the backbone only; the prototypes and the "
                        "head are in the training checkpoint: give the run directory or checkpoints/last.pt")
     src = read_source(source)
