@@ -43,3 +43,8 @@ def stream_seed(seed: int, stream: str, *key: int) -> int:
 def stream_generator(seed: int, stream: str, *key: int) -> torch.Generator:
     """A CPU generator seeded with :func:`stream_seed` (the global RNG is left alone)."""
     return torch.Generator().manual_seed(stream_seed(seed, stream, *key))
+
+
+def rank_seed(seed: int, rank: int, step: int = 0) -> int:
+    """Seed of a rank's global torch RNG (stochastic depth): different per rank, reproducible."""
+    return stream_seed(seed, "rank", rank, step)

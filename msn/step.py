@@ -57,6 +57,28 @@ class StepResult:
     encoder_grad_norm: torch.Tensor  # 0-dim, on the training device: reading it waits for the step to finish
 
 
+class NonFiniteGuard:
+    """Remembers, on the device, the first step whose loss or encoder gradient norm was not finite.
+
+    Checking waits for the device, so the loop checks only where it reads metrics anyway and before
+    every checkpoint: training never waits for the GPU just for this, and a non-finite step is never saved.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.first = torch.full((), -1, dtype=torch.long, device=device)
+
+    def update(self, result: StepResult, step: int) -> None:
+        bad = ~(torch.isfinite(result.out.loss) & torch.isfinite(result.encoder_grad_norm))
+        self.first = torch.where(bad & (self.first < 0), step, self.first)
+
+    def check(self) -> None:
+        first = int(self.first.item())
+        if first >= 0:
+            raise FloatingPointError(
+                f"the loss or the encoder's gradient became non-finite at step {first + 1}; nothing after the last "
+                "checkpoint was saved; lower optim.lr or use precision=fp32")
+
+
 def train_step(
     model: MSN | DistributedDataParallel,
     loss_fn: MSNLoss,

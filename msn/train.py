@@ -8,11 +8,9 @@ clip -> AdamW step with step-indexed lr / wd -> EMA update of the target.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import sys
-import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from msn import distributed
-from msn.checkpoint import (
-    CheckpointError,
-    load_checkpoint,
-    remove_stale_temporaries,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
+from msn.checkpoint import CheckpointError, remove_stale_temporaries, rng_state, save_checkpoint
 from msn.config import (
     ConfigError,
     MSNConfig,
@@ -38,7 +29,7 @@ from msn.config import (
     resume_null_message,
     to_schema,
 )
-from msn.convert import ConversionError, check_compatible
+from msn.convert import ConversionError
 from msn.data import (
     DataError,
     EpochSampler,
@@ -55,20 +46,19 @@ from msn.data import (
 )
 from msn.device import autocast_dtype, configure_matmul, resolve_device
 from msn.loggers import MetricsLogger
+from msn.loss import MSNLoss
+from msn.masking import MaskGenerator
 from msn.model import MSN
-from msn.optim import build_optimizer, rescale_adam_moments
+from msn.optim import build_optimizer
+from msn.resume import restore_training, training_state
 from msn.rundir import last_checkpoint, resolve_resume, write_status
 from msn.schedules import Schedules
-from msn.seeding import stream_seed
-from msn.step import StepResult, build_loss, build_mask_generator, build_schedules, train_step
+from msn.seeding import rank_seed
+from msn.signals import StopRequest
+from msn.step import NonFiniteGuard, StepResult, build_loss, build_mask_generator, build_schedules, train_step
 from msn.weights import init_model_from
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, ConversionError, FloatingPointError)
-
-
-def rank_seed(seed: int, rank: int, step: int = 0) -> int:
-    """Seed of a rank's global torch RNG (stochastic depth): different per rank, reproducible."""
-    return stream_seed(seed, "rank", rank, step)
 
 
 def train(cfg: DictConfig | MSNConfig, command: str | None = None) -> dict[str, float]:
@@ -82,6 +72,120 @@ def train(cfg: DictConfig | MSNConfig, command: str | None = None) -> dict[str, 
     cfg = to_schema(cfg if isinstance(cfg, DictConfig) else OmegaConf.structured(cfg))
     OmegaConf.resolve(cfg)
     run_dir = Path(cfg.run_dir)
+    proc = _start_process(cfg)
+    data = _build_data(cfg, proc.device, proc.world)
+    parts = _build_parts(cfg, proc, data)
+
+    resume_path = _resume_path(cfg, run_dir, proc.is_main)
+    start_step, wandb_run_id = 0, None
+    if resume_path is not None:
+        start_step, wandb_run_id = restore_training(
+            resume_path, parts.model, parts.optimizer, parts.scaler, data.skipped, batch_size=cfg.data.batch_size,
+            seed=cfg.seed, rank=proc.rank, world=proc.world, prototype_grad_scale=parts.prototype_grad_scale)
+    if start_step >= data.total_steps:  # a finished run: say so and leave it as it is
+        if proc.is_main:
+            print(complete_message(run_dir, start_step, data.total_steps), flush=True)
+        return {}
+    if cfg.init_from is not None and resume_path is None:  # a resumed run already holds its weights
+        kind = init_model_from(parts.model, cfg.init_from)
+        if proc.is_main:
+            print(f"initialised the {'backbones' if kind == 'backbone' else 'model'} from {cfg.init_from}", flush=True)
+    if cfg.compile:
+        parts.model.compile_encoders(cfg.compile_backend, cfg.compile_mode)
+
+    order = EpochSampler(len(data.base), num_replicas=proc.world, rank=proc.rank, shuffle=True, seed=cfg.seed,
+                         drop_last=cfg.data.drop_last)
+    # one loader iterator for the whole run: no drain and restart of the workers at epoch boundaries
+    sampler = RunSampler(order, cfg.data.batch_size, cfg.data.drop_last, start_step)
+    loader = build_loader(cfg.data, data.dataset, sampler, pin_memory=proc.device.type == "cuda")
+    logger = _open_run(cfg, run_dir, proc, data, start_step, wandb_run_id) if proc.is_main else None
+    nonfinite = NonFiniteGuard(proc.device)
+    checkpoints = _Checkpoints(cfg, run_dir, proc, data, parts, logger, nonfinite)
+    step_model: MSN | DistributedDataParallel = parts.model
+    if proc.world > 1:  # the target has no trainable parameters, so DDP syncs online + prototypes only
+        device_ids = [proc.device.index] if proc.device.type == "cuda" else None
+        step_model = DistributedDataParallel(parts.model, device_ids=device_ids)
+    report = _Report(cfg, proc, data, parts, logger, start_step)
+
+    parts.model.train()
+    param_dtype = parts.model.prototypes.dtype  # float32, unless a test builds the model in float64
+    metrics: dict[str, float] = {}
+    step, stop, stopped_early = start_step, StopRequest(), False
+    try:
+        for batch in loader:
+            if step >= data.total_steps:
+                break
+            epoch = step // data.steps_per_epoch
+            if batch.error is not None:  # raised in a loader worker: one line here, not the worker's traceback
+                raise DataError(batch.error)
+            report.skipped(data.skipped.add(epoch, batch.skipped), data.skipped)
+            views = device_views(batch, data.transform, proc.device, param_dtype)
+            masks = parts.make_masks(step, views[0].shape[0], views[1].shape[-1], views[-1].shape[-1],
+                                     len(views) - 2, proc.rank, proc.world, proc.device)
+            result = train_step(step_model, parts.loss_fn, parts.optimizer, views, masks, parts.schedules.at(step),
+                                cfg.optim.clip_grad, parts.scaler, proc.amp_dtype, parts.prototype_grad_scale)
+            nonfinite.update(result, step)
+            step += 1
+            metrics = report.after_step(result, step, epoch, nonfinite) or metrics
+            if checkpoints.after_step(step, stop, data.skipped):  # preempted: saved, now exit cleanly
+                stopped_early = True
+                if proc.is_main:
+                    write_status(run_dir, "stopped", step, data.total_steps)
+                    again = command or f"resume={run_dir}"
+                    report.write(f"received {stop.signal or 'a stop signal (on another rank)'}: wrote "
+                                 f"checkpoints/last.pt at step {step} in {run_dir}; continue with: {again}")
+                break
+    finally:
+        stop.restore()
+        report.close()
+    if stopped_early:
+        stop.forward()  # hand the signal on to a job manager's handler (submitit requeues the job here)
+    elif proc.is_main:
+        print(_next_steps(run_dir, step), flush=True)
+    return metrics
+
+
+@dataclass(frozen=True)
+class _Process:
+    """Where this process trains: its device, autocast dtype (None: fp32), rank and the number of processes."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    rank: int
+    world: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass
+class _Data:
+    """The run's images and views, the record of undecodable ones, and the run's length in steps."""
+
+    base: Any  # index -> PIL image (msn.data.datasets)
+    transform: MultiCropTransform
+    dataset: MultiCropDataset
+    skipped: SkippedImages
+    steps_per_epoch: int
+    total_steps: int
+
+
+@dataclass
+class _Parts:
+    """What the step trains and how: the model, AdamW, fp16's loss scaler, the loss, masks and schedules."""
+
+    model: MSN
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    loss_fn: MSNLoss
+    make_masks: MaskGenerator
+    schedules: Schedules
+    prototype_grad_scale: float  # the processes' prototype gradients are summed (world) or averaged (1)
+
+
+def _start_process(cfg: DictConfig) -> _Process:
+    """Join the process group when launched by torchrun / SLURM and pick this process's device and precision."""
     device = resolve_device(cfg.device)
     local_rank = distributed.init_from_env()
     if device.type == "cuda":
@@ -89,9 +193,11 @@ def train(cfg: DictConfig | MSNConfig, command: str | None = None) -> dict[str, 
         torch.cuda.set_device(device)
     amp_dtype = autocast_dtype(cfg.precision, device)
     configure_matmul(device, cfg.tf32)
-    rank, world = distributed.rank(), distributed.world_size()
-    is_main = rank == 0
+    return _Process(device, amp_dtype, distributed.rank(), distributed.world_size())
 
+
+def _build_data(cfg: DictConfig, device: torch.device, world: int) -> _Data:
+    """The dataset and its multi-crop views; the run lasts optim.epochs epochs, or optim.max_steps steps."""
     base = build_dataset(cfg.data)
     transform = MultiCropTransform(cfg.data)
     dataset = MultiCropDataset(base, transform, seed=cfg.seed, finish=augment_in_workers(cfg.data.augment_on, device))
@@ -101,187 +207,178 @@ def train(cfg: DictConfig | MSNConfig, command: str | None = None) -> dict[str, 
     total_steps = cfg.optim.epochs * steps_in_epoch
     if cfg.optim.max_steps is not None:
         total_steps = min(total_steps, cfg.optim.max_steps)
-    schedules = build_schedules(cfg, total_steps, steps_in_epoch)
+    return _Data(base, transform, dataset, skipped, steps_in_epoch, total_steps)
 
+
+def _build_parts(cfg: DictConfig, proc: _Process, data: _Data) -> _Parts:
+    """The model (the same initial weights on every rank), its optimiser, loss, masks and schedules."""
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = MSN(cfg.model).to(device)
-    torch.manual_seed(rank_seed(cfg.seed, rank))  # then per-rank streams (stochastic depth)
-    optimizer = build_optimizer(model, cfg.optim, fused=device.type == "cuda")
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    loss_fn = build_loss(cfg.loss)
-    make_masks = build_mask_generator(cfg)
+    model = MSN(cfg.model).to(proc.device)
+    torch.manual_seed(rank_seed(cfg.seed, proc.rank))  # then per-rank streams (stochastic depth)
+    return _Parts(
+        model=model,
+        optimizer=build_optimizer(model, cfg.optim, fused=proc.device.type == "cuda"),
+        scaler=torch.amp.GradScaler("cuda") if proc.amp_dtype == torch.float16 else None,
+        loss_fn=build_loss(cfg.loss),
+        make_masks=build_mask_generator(cfg),
+        schedules=build_schedules(cfg, data.total_steps, data.steps_per_epoch),
+        prototype_grad_scale=float(proc.world) if cfg.optim.prototype_grad == "sum" else 1.0,
+    )
 
-    start_step, wandb_run_id = 0, None
-    global_batch = cfg.data.batch_size * world
-    prototype_grad_scale = float(world) if cfg.optim.prototype_grad == "sum" else 1.0
+
+def _resume_path(cfg: DictConfig, run_dir: Path, is_main: bool) -> Path | None:
+    """The checkpoint this run continues (``resume``: auto, a run directory or a file), or None for a fresh start.
+
+    ``resume=null`` over a run directory that already holds a checkpoint is refused: nothing finished is
+    overwritten by a fresh start."""
     if is_main:  # a kill -9 during an earlier save leaves its temporary file behind
         for tmp in remove_stale_temporaries(run_dir / "checkpoints"):
             print(f"removed {tmp.name}, left by an interrupted checkpoint write", flush=True)
-    resume_path = resolve_resume(cfg.resume, run_dir)
-    if resume_path is None and cfg.resume is None and last_checkpoint(run_dir).is_file():
+    path = resolve_resume(cfg.resume, run_dir)
+    if path is None and cfg.resume is None and last_checkpoint(run_dir).is_file():
         raise ConfigError(resume_null_message(run_dir))
-    if resume_path is not None:
-        start_step, wandb_run_id = _resume(resume_path, cfg, model, optimizer, scaler, skipped,
-                                           prototype_grad_scale)
-    if start_step >= total_steps:  # a finished run: say so and leave it as it is
-        if is_main:
-            print(complete_message(run_dir, start_step, total_steps), flush=True)
-        return {}
-    if cfg.init_from is not None and resume_path is None:  # a resumed run already holds its weights
-        kind = init_model_from(model, cfg.init_from)
-        if is_main:
-            print(f"initialised the {'backbones' if kind == 'backbone' else 'model'} from {cfg.init_from}", flush=True)
-    if cfg.compile:
-        model.compile_encoders(cfg.compile_backend, cfg.compile_mode)
+    return path
 
-    order = EpochSampler(len(base), num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed,
-                         drop_last=cfg.data.drop_last)
-    # one loader iterator for the whole run: no drain and restart of the workers at epoch boundaries
-    sampler = RunSampler(order, cfg.data.batch_size, cfg.data.drop_last, start_step)
-    loader = build_loader(cfg.data, dataset, sampler, pin_memory=device.type == "cuda")
 
-    logger = None
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-        write_status(run_dir, "running", start_step, total_steps)
-        layout = {"total_steps": total_steps, "steps_per_epoch": steps_in_epoch, "world_size": world,
-                  "batch_size_per_process": cfg.data.batch_size, "global_batch_size": global_batch}
-        (run_dir / "run.json").write_text(json.dumps(layout, indent=2) + "\n")
-        logger = MetricsLogger(run_dir, cfg, start_step, wandb_run_id)
-        print(f"run directory {run_dir.resolve()}: {total_steps} steps ({steps_in_epoch} an epoch), global batch "
-              f"{global_batch} = {cfg.data.batch_size} per process x {world} process{'es' if world > 1 else ''} "
-              f"on {device}", flush=True)
-        if logger.wandb_run_id:
-            print(f"wandb run {logger.wandb_run_id} ({cfg.logger.wandb.mode})", flush=True)
+def _open_run(cfg: DictConfig, run_dir: Path, proc: _Process, data: _Data, start_step: int,
+              wandb_run_id: str | None) -> MetricsLogger:
+    """Rank 0: write the run's config, layout and status, open its metrics log and say where it runs."""
+    global_batch = cfg.data.batch_size * proc.world
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    write_status(run_dir, "running", start_step, data.total_steps)
+    layout = {"total_steps": data.total_steps, "steps_per_epoch": data.steps_per_epoch, "world_size": proc.world,
+              "batch_size_per_process": cfg.data.batch_size, "global_batch_size": global_batch}
+    (run_dir / "run.json").write_text(json.dumps(layout, indent=2) + "\n")
+    logger = MetricsLogger(run_dir, cfg, start_step, wandb_run_id)
+    print(f"run directory {run_dir.resolve()}: {data.total_steps} steps ({data.steps_per_epoch} an epoch), global "
+          f"batch {global_batch} = {cfg.data.batch_size} per process x {proc.world} "
+          f"process{'es' if proc.world > 1 else ''} on {proc.device}", flush=True)
+    if logger.wandb_run_id:
+        print(f"wandb run {logger.wandb_run_id} ({cfg.logger.wandb.mode})", flush=True)
+    return logger
 
-    nonfinite = _NonFiniteGuard(device)
 
-    def checkpoint(step: int, names: list[str]) -> None:
+class _Checkpoints:
+    """After each step: which checkpoints are due, whether a signal or too many bad images stop the run, and
+    writing them (every rank takes part: the RNG states and skip records are gathered; rank 0 writes)."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, proc: _Process, data: _Data, parts: _Parts,
+                 logger: MetricsLogger | None, nonfinite: NonFiniteGuard) -> None:
+        self.cfg, self.run_dir, self.proc, self.data, self.parts = cfg, run_dir, proc, data, parts
+        self.logger, self.nonfinite = logger, nonfinite
+
+    def due(self, step: int) -> list[str]:
+        """The checkpoints the schedule asks for after ``step`` (finished steps)."""
+        every, last_every = self.cfg.checkpoint.every_steps, self.cfg.checkpoint.last_every_steps
+        names = [f"step_{step:07d}.pt"] if every and step % every == 0 else []
+        if step == self.data.total_steps or (last_every and step % last_every == 0):
+            names.append("last.pt")
+        return names
+
+    def after_step(self, step: int, stop: StopRequest, skipped: SkippedImages) -> bool:
+        """Write what is due after ``step``; True when the run must stop here (its ``last.pt`` written)."""
+        names = self.due(step)
+        # Every rank acts on a signal after the same step, even when it reached only some of them.
+        stopping, saving, too_many_bad = distributed.any_rank(stop.signal is not None, stop.save_only,
+                                                              skipped.over_limit)
+        if too_many_bad:
+            raise skipped.error()
+        unfinished = step < self.data.total_steps
+        if (stopping or saving) and unfinished and "last.pt" not in names:
+            names.append("last.pt")  # saving alone: SIGTERM under submitit, training goes on
+        stop.save_only = False
+        self.save(step, names)
+        return stopping and unfinished
+
+    def save(self, step: int, names: list[str]) -> None:
         """Rank 0 writes ``names``; every rank must call this (the RNG states are gathered)."""
         if not names:
             return
-        nonfinite.check()  # a step that made a NaN is never saved
+        self.nonfinite.check()  # a step that made a NaN is never saved
+        world, p = self.proc.world, self.parts
         rng = rng_state()
         rng_ranks = distributed.all_gather_object(rng) if world > 1 else None
+        skipped = self.data.skipped
         skips = distributed.all_gather_object(skipped.state_dict()) if world > 1 else [skipped.state_dict()]
-        if not is_main:
+        if not self.proc.is_main:
             return
-        state: dict[str, Any] = {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-            "epoch": step // steps_in_epoch, "rng": rng, "config": OmegaConf.to_yaml(cfg),
-            "wandb_run_id": logger.wandb_run_id if logger else None, "world_size": world,
-            "batch_size": cfg.data.batch_size, "global_batch_size": global_batch,
-            "prototype_grad_scale": prototype_grad_scale,
-            "skipped_images": {"paths": list(dict.fromkeys(p for s in skips for p in s["paths"])),
-                               "epoch": skipped.epoch, "in_epoch": sum(s["in_epoch"] for s in skips)},
-        }
-        if rng_ranks is not None:
-            state["rng_ranks"] = rng_ranks
-        if scaler is not None:
-            state["scaler"] = scaler.state_dict()
+        state = training_state(p.model, p.optimizer, p.scaler, self.cfg, step, self.data.steps_per_epoch, world,
+                               p.prototype_grad_scale, skips, skipped.epoch, rng, rng_ranks,
+                               self.logger.wandb_run_id if self.logger else None)
         for name in names:
-            save_checkpoint(run_dir / "checkpoints" / name, state)
+            save_checkpoint(self.run_dir / "checkpoints" / name, state)
         if "last.pt" in names:
-            write_status(run_dir, "finished" if step >= total_steps else "running", step, total_steps)
+            total = self.data.total_steps
+            write_status(self.run_dir, "finished" if step >= total else "running", step, total)
 
-    step_model: MSN | DistributedDataParallel = model
-    if world > 1:  # the target has no trainable parameters, so DDP syncs online + prototypes only
-        step_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    monitor = None
-    if is_main and cfg.monitor.every_steps:
-        from msn.monitor import Monitor  # deferred: evaluation pulls in scikit-learn
 
-        monitor = Monitor(cfg.monitor.protocol, cfg.monitor.dataset, cfg.model.img_size, cfg.data.mean, cfg.data.std,
-                          amp_dtype, cfg.monitor.crop_pct)
+class _Report:
+    """What the run tells: metrics rows (csv, wandb), console lines, the progress bar, the periodic monitor
+    and wandb's prototype histogram. Rank 0 writes; the metrics' all-reduce runs on every rank."""
 
-    prototype_use = None  # targets' argmax counts since the last monitor step, for wandb's prototype histogram
-    if logger is not None and logger.wandb_run is not None:
-        _log_views_picture(logger, cfg, start_step, world)
-        prototype_use = torch.zeros(cfg.model.num_prototypes, dtype=torch.long, device=device)
+    def __init__(self, cfg: DictConfig, proc: _Process, data: _Data, parts: _Parts, logger: MetricsLogger | None,
+                 start_step: int) -> None:
+        self.cfg, self.proc, self.data, self.parts, self.logger = cfg, proc, data, parts, logger
+        self.monitor = None
+        if proc.is_main and cfg.monitor.every_steps:
+            from msn.monitor import Monitor  # deferred: evaluation pulls in scikit-learn
 
-    model.train()
-    param_dtype = model.prototypes.dtype  # float32, unless a test builds the model in float64
-    images_per_step = global_batch
-    bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, desc="msn", file=sys.stderr,
-               disable=progress_bar_disabled(cfg.logger.progress) if is_main else True)
-    metrics: dict[str, float] = {}
-    step = start_step
-    stop, stopped_early = _StopRequest(), False
-    tic, last_logged = time.perf_counter(), start_step
-    try:
-        for batch in loader:
-            if step >= total_steps:
-                break
-            epoch = step // steps_in_epoch
-            if batch.error is not None:  # raised in a loader worker: one line here, not the worker's traceback
-                raise DataError(batch.error)
-            for path in skipped.add(epoch, batch.skipped):
-                bar.write(f"skipped undecodable image {path} (replaced by another image; {len(skipped.paths)} so "
-                          f"far, the run stops above {skipped.limit})", file=sys.stderr)
-            views = device_views(batch, transform, device, param_dtype)
-            masks = make_masks(step, views[0].shape[0], views[1].shape[-1], views[-1].shape[-1], len(views) - 2,
-                               rank, world, device)
-            result = train_step(step_model, loss_fn, optimizer, views, masks, schedules.at(step),
-                                cfg.optim.clip_grad, scaler, amp_dtype, prototype_grad_scale)
-            nonfinite.update(result, step)
-            if prototype_use is not None:  # on the device: no wait
-                prototype_use += torch.bincount(result.out.targets.argmax(dim=1), minlength=len(prototype_use))
-            step += 1
-            bar.update(1)
-            monitor_every = cfg.monitor.every_steps  # decided alike on every rank: logging all-reduces
-            monitor_due = bool(monitor_every) and (step % monitor_every == 0 or step == total_steps)
-            if step % cfg.logger.log_every == 0 or step == total_steps or monitor_due:
-                nonfinite.check()  # reading the metrics waits for the device anyway
-                metrics = _metrics(result, schedules, step, epoch, skipped.count(epoch))
-                images_per_s = images_per_step * (step - last_logged) / max(time.perf_counter() - tic, 1e-9)
-                metrics["images_per_s"] = images_per_s
-                if monitor is not None and monitor_due:
-                    metrics["monitor"] = monitor(model.target.backbone)
-                if prototype_use is not None and (monitor_due or (not monitor_every and step == total_steps)):
-                    logger.log_prototype_use(prototype_use.tolist(), step)
-                    prototype_use.zero_()
-                if logger is not None:
-                    logger.log(metrics)
-                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
-                                    img_s=f"{images_per_s:.0f}", protos=int(metrics["distinct_prototypes"]))
-                    every = cfg.logger.console_every
-                    if every and (step // every > last_logged // every or step == total_steps):
-                        bar.write(_console_line(metrics, total_steps), file=sys.stdout)
-                tic, last_logged = time.perf_counter(), step
-            names = []
-            if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
-                names.append(f"step_{step:07d}.pt")
-            if step == total_steps or (cfg.checkpoint.last_every_steps and step % cfg.checkpoint.last_every_steps == 0):
-                names.append("last.pt")
-            # Every rank acts on a signal after the same step, even when it reached only some of them.
-            stopping, saving, too_many_bad = distributed.any_rank(stop.signal is not None, stop.save_only,
-                                                                  skipped.over_limit)
-            if too_many_bad:
-                raise skipped.error()
-            if (stopping or saving) and step < total_steps and "last.pt" not in names:
-                names.append("last.pt")  # saving alone: SIGTERM under submitit, training goes on
-            stop.save_only = False
-            checkpoint(step, names)
-            if stopping and step < total_steps:  # preempted: saved above, now exit cleanly
-                stopped_early = True
-                if is_main:
-                    write_status(run_dir, "stopped", step, total_steps)
-                    again = command or f"resume={run_dir}"
-                    bar.write(f"received {stop.signal or 'a stop signal (on another rank)'}: wrote "
-                              f"checkpoints/last.pt at step {step} in {run_dir}; continue with: {again}",
-                              file=sys.stdout)
-                break
-    finally:
-        stop.restore()
-        bar.close()
-        if logger is not None:
-            logger.close()
-    if stopped_early:
-        stop.forward()  # hand the signal on to a job manager's handler (submitit requeues the job here)
-    elif is_main:
-        print(_next_steps(run_dir, step), flush=True)
-    return metrics
+            self.monitor = Monitor(cfg.monitor.protocol, cfg.monitor.dataset, cfg.model.img_size, cfg.data.mean,
+                                   cfg.data.std, proc.amp_dtype, cfg.monitor.crop_pct)
+        self.prototype_use = None  # targets' argmax counts since the last monitor step, for wandb's histogram
+        if logger is not None and logger.wandb_run is not None:
+            _log_views_picture(logger, cfg, start_step, proc.world)
+            self.prototype_use = torch.zeros(cfg.model.num_prototypes, dtype=torch.long, device=proc.device)
+        self.bar = tqdm(total=data.total_steps, initial=start_step, dynamic_ncols=True, desc="msn", file=sys.stderr,
+                        disable=progress_bar_disabled(cfg.logger.progress) if proc.is_main else True)
+        self.tic, self.last_logged = time.perf_counter(), start_step
+
+    def skipped(self, paths: list[str], skipped: SkippedImages) -> None:
+        """Say which undecodable images this batch replaced."""
+        for path in paths:
+            self.bar.write(f"skipped undecodable image {path} (replaced by another image; {len(skipped.paths)} so "
+                           f"far, the run stops above {skipped.limit})", file=sys.stderr)
+
+    def after_step(self, result: StepResult, step: int, epoch: int,
+                   nonfinite: NonFiniteGuard) -> dict[str, float] | None:
+        """Count the step; on logging steps (and monitor steps) return its metrics row, else None."""
+        if self.prototype_use is not None:  # on the device: no wait
+            self.prototype_use += torch.bincount(result.out.targets.argmax(dim=1), minlength=len(self.prototype_use))
+        self.bar.update(1)
+        cfg, total = self.cfg, self.data.total_steps
+        monitor_every = cfg.monitor.every_steps  # decided alike on every rank: logging all-reduces
+        monitor_due = bool(monitor_every) and (step % monitor_every == 0 or step == total)
+        if not (step % cfg.logger.log_every == 0 or step == total or monitor_due):
+            return None
+        nonfinite.check()  # reading the metrics waits for the device anyway
+        metrics = _metrics(result, self.parts.schedules, step, epoch, self.data.skipped.count(epoch))
+        images_per_s = cfg.data.batch_size * self.proc.world * (step - self.last_logged) / max(
+            time.perf_counter() - self.tic, 1e-9)
+        metrics["images_per_s"] = images_per_s
+        if self.monitor is not None and monitor_due:
+            metrics["monitor"] = self.monitor(self.parts.model.target.backbone)
+        if self.prototype_use is not None and (monitor_due or (not monitor_every and step == total)):
+            self.logger.log_prototype_use(self.prototype_use.tolist(), step)
+            self.prototype_use.zero_()
+        if self.logger is not None:
+            self.logger.log(metrics)
+            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
+                                 img_s=f"{images_per_s:.0f}", protos=int(metrics["distinct_prototypes"]))
+            every = cfg.logger.console_every
+            if every and (step // every > self.last_logged // every or step == total):
+                self.write(_console_line(metrics, total))
+        self.tic, self.last_logged = time.perf_counter(), step
+        return metrics
+
+    def write(self, line: str) -> None:
+        """A console line (stdout) that leaves the progress bar intact."""
+        self.bar.write(line, file=sys.stdout)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.logger is not None:
+            self.logger.close()
 
 
 def _log_views_picture(logger: MetricsLogger, cfg: DictConfig, step: int, world: int) -> None:
@@ -301,53 +398,6 @@ def _next_steps(run_dir: Path, step: int) -> str:
             f"  msn-eval lowshot {run_dir}               # low-shot accuracy (digits; --dataset PATH for yours)")
 
 
-def _resume(path: Path, cfg: DictConfig, model: MSN, optimizer: torch.optim.Optimizer,
-            scaler: torch.amp.GradScaler | None, skipped: SkippedImages,
-            prototype_grad_scale: float) -> tuple[int, str | None]:
-    """Load ``path`` into the model, optimiser, scaler, skip record and RNG streams; return (step, wandb run id).
-
-    Refuses a checkpoint of another global batch (the sampler, masks and schedules would not continue) or
-    of another model (naming the differing keys); adapts what may change between sessions: the number of
-    processes (Adam's view of the summed prototype gradient, fresh per-rank streams) and fused AdamW.
-    """
-    rank, world = distributed.rank(), distributed.world_size()
-    global_batch = cfg.data.batch_size * world
-    state = load_checkpoint(path)
-    saved_batch = state.get("global_batch_size", global_batch)
-    if saved_batch != global_batch:
-        fix = (f"set data.batch_size={saved_batch // world}" if saved_batch % world == 0 else
-               f"use a number of processes that divides {saved_batch}")
-        raise CheckpointError(
-            f"{path} was trained with a global batch of {saved_batch} images, this run has "
-            f"{cfg.data.batch_size} x {world} processes = {global_batch}; {fix} so that the sampler, masks "
-            "and schedules continue where they stopped")
-    check_compatible(model.state_dict(), state["model"], f"resume={path} (resume with the config that run was "
-                     "trained with)")
-    model.load_state_dict(state["model"])
-    try:
-        optimizer.load_state_dict(state["optimizer"])
-    except (ValueError, KeyError) as e:
-        raise CheckpointError(f"{path}: its optimiser state does not fit this model ({e})") from None
-    for group in optimizer.param_groups:  # fused or not follows this run's device, not the checkpoint's
-        group["fused"] = optimizer.defaults["fused"]
-    saved_scale = float(state.get("prototype_grad_scale", 1.0))  # older checkpoints: DDP's average
-    if saved_scale != prototype_grad_scale:  # another number of processes: keep Adam's view of the scale
-        rescale_adam_moments(optimizer, model.prototypes, prototype_grad_scale / saved_scale)
-    if scaler is not None and "scaler" in state:
-        scaler.load_state_dict(state["scaler"])
-    step = int(state["step"])
-    if rank == 0:  # rank 0 carries the run's skip record; the epoch's count is a sum over ranks at logging
-        skipped.load_state_dict(state.get("skipped_images", {}))
-    per_rank = state.get("rng_ranks") or [state["rng"]]
-    if len(per_rank) == world:  # same layout: every rank continues its own streams exactly
-        set_rng_state(per_rank[rank])
-    else:  # another number of processes: fresh per-rank streams (only stochastic depth uses them)
-        torch.manual_seed(rank_seed(cfg.seed, rank, step))
-    if rank == 0:
-        print(f"resumed from {path} at step {step}", flush=True)
-    return step, state.get("wandb_run_id")
-
-
 def _check_last_batch(num_images: int, cfg: DictConfig, world: int) -> None:
     """With ``drop_last=false`` an epoch may end in a batch of one image, which the head's BatchNorm cannot
     normalise (it would crash at the end of every epoch): refuse it before training."""
@@ -358,79 +408,6 @@ def _check_last_batch(num_images: int, cfg: DictConfig, world: int) -> None:
         raise ConfigError(f"with data.drop_last=false the last batch of every epoch holds 1 image ({num_images} "
                           f"images, data.batch_size={cfg.data.batch_size}) and the head's BatchNorm needs at least 2; "
                           "set data.drop_last=true or another data.batch_size")
-
-
-class _StopRequest:
-    """Turns preemption and time-limit signals into flags the loop checks after each step.
-
-    SIGTERM, SIGUSR1 and SIGUSR2 (submitit's preemption / time-limit signal) stop the run after the
-    current step with a checkpoint. Under submitit, which ignores SIGTERM and acts on SIGUSR2, a
-    SIGTERM only saves ``last.pt`` and training goes on, so submitit's own flow stays intact. A
-    Python handler that was installed before ours (submitit's) is called once the checkpoint is
-    written (:meth:`forward`): that is how a submitit job requeues itself and then resumes.
-
-    SIGINT (Ctrl-C) is the same for the first press: finish the step, write ``last.pt``, exit 0. A
-    second press stops at once (KeyboardInterrupt), keeping only what was already saved.
-    """
-
-    SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")
-
-    def __init__(self) -> None:
-        self.signal: str | None = None
-        self.save_only = False
-        self._received: int | None = None
-        self._previous: dict[int, Any] = {}
-        self._submitit = bool(os.environ.get("SUBMITIT_EXECUTOR"))
-        if threading.current_thread() is not threading.main_thread():
-            return  # signal handlers can only be installed from the main thread
-        for name in self.SIGNALS:
-            number = getattr(signal, name, None)
-            if number is not None:
-                self._previous[number] = signal.signal(number, self._handle)
-
-    def _handle(self, number: int, frame: Any) -> None:
-        if self._submitit and number == signal.SIGTERM:
-            self.save_only = True
-            return
-        if number == signal.SIGINT and self.signal is not None:  # a second Ctrl-C: stop now
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            raise KeyboardInterrupt
-        if number == signal.SIGINT:
-            print("\nCtrl-C: stopping after this step with a checkpoint (press again to stop at once)",
-                  file=sys.stderr, flush=True)
-        self.signal, self._received = signal.Signals(number).name, number
-
-    def restore(self) -> None:
-        for number, handler in self._previous.items():
-            signal.signal(number, handler)
-
-    def forward(self) -> None:
-        """Call the handler that was in place before ours for the signal received, if it is Python code."""
-        handler = self._previous.get(self._received) if self._received is not None else None
-        if callable(handler) and self._received != signal.SIGINT:  # Python's own SIGINT handler would raise
-            handler(self._received, None)
-
-
-class _NonFiniteGuard:
-    """Remembers, on the device, the first step whose loss or encoder gradient norm was not finite.
-
-    Checking waits for the device, so the loop checks only where it reads metrics anyway and before
-    every checkpoint: training never waits for the GPU just for this, and a non-finite step is never saved.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.first = torch.full((), -1, dtype=torch.long, device=device)
-
-    def update(self, result: StepResult, step: int) -> None:
-        bad = ~(torch.isfinite(result.out.loss) & torch.isfinite(result.encoder_grad_norm))
-        self.first = torch.where(bad & (self.first < 0), step, self.first)
-
-    def check(self) -> None:
-        first = int(self.first.item())
-        if first >= 0:
-            raise FloatingPointError(
-                f"the loss or the encoder's gradient became non-finite at step {first + 1}; nothing after the last "
-                "checkpoint was saved; lower optim.lr or use precision=fp32")
 
 
 def _metrics(result: StepResult, schedules: Schedules, step: int, epoch: int,

@@ -234,10 +234,10 @@ def test_a_second_ctrl_c_stops_at_once():
     import os
     import signal
 
-    from msn.train import _StopRequest
+    from msn.signals import StopRequest
 
     previous = signal.getsignal(signal.SIGINT)
-    stop = _StopRequest()
+    stop = StopRequest()
     try:
         os.kill(os.getpid(), signal.SIGINT)  # first press: stop after the step, with a checkpoint
         assert stop.signal == "SIGINT"
@@ -320,13 +320,13 @@ def test_stop_request_under_submitit_saves_on_sigterm_and_forwards_its_signal(mo
     import os
     import signal
 
-    from msn.train import _StopRequest
+    from msn.signals import StopRequest
 
     calls = []
     previous = signal.signal(signal.SIGUSR2, lambda number, frame: calls.append(number))  # stands in for submitit
     try:
         monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
-        stop = _StopRequest()
+        stop = StopRequest()
         os.kill(os.getpid(), signal.SIGTERM)  # submitit ignores SIGTERM: we only save
         assert stop.save_only and stop.signal is None
         os.kill(os.getpid(), signal.SIGUSR2)  # submitit's time-limit / preemption signal: stop
@@ -335,7 +335,7 @@ def test_stop_request_under_submitit_saves_on_sigterm_and_forwards_its_signal(mo
         stop.forward()  # after the checkpoint: submitit's handler runs (and would requeue)
         assert calls == [signal.SIGUSR2]
         monkeypatch.delenv("SUBMITIT_EXECUTOR")
-        plain = _StopRequest()
+        plain = StopRequest()
         os.kill(os.getpid(), signal.SIGTERM)  # outside submitit SIGTERM stops the run
         plain.restore()
         assert plain.signal == "SIGTERM"

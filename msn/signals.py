@@ -1,0 +1,60 @@
+"""Preemption, time-limit and Ctrl-C signals turned into flags the training loop checks after each step."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from typing import Any
+
+
+class StopRequest:
+    """Turns preemption and time-limit signals into flags the loop checks after each step.
+
+    SIGTERM, SIGUSR1 and SIGUSR2 (submitit's preemption / time-limit signal) stop the run after the
+    current step with a checkpoint. Under submitit, which ignores SIGTERM and acts on SIGUSR2, a
+    SIGTERM only saves ``last.pt`` and training goes on, so submitit's own flow stays intact. A
+    Python handler that was installed before ours (submitit's) is called once the checkpoint is
+    written (:meth:`forward`): that is how a submitit job requeues itself and then resumes.
+
+    SIGINT (Ctrl-C) is the same for the first press: finish the step, write ``last.pt``, exit 0. A
+    second press stops at once (KeyboardInterrupt), keeping only what was already saved.
+    """
+
+    SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        self.save_only = False
+        self._received: int | None = None
+        self._previous: dict[int, Any] = {}
+        self._submitit = bool(os.environ.get("SUBMITIT_EXECUTOR"))
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be installed from the main thread
+        for name in self.SIGNALS:
+            number = getattr(signal, name, None)
+            if number is not None:
+                self._previous[number] = signal.signal(number, self._handle)
+
+    def _handle(self, number: int, frame: Any) -> None:
+        if self._submitit and number == signal.SIGTERM:
+            self.save_only = True
+            return
+        if number == signal.SIGINT and self.signal is not None:  # a second Ctrl-C: stop now
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        if number == signal.SIGINT:
+            print("\nCtrl-C: stopping after this step with a checkpoint (press again to stop at once)",
+                  file=sys.stderr, flush=True)
+        self.signal, self._received = signal.Signals(number).name, number
+
+    def restore(self) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+    def forward(self) -> None:
+        """Call the handler that was in place before ours for the signal received, if it is Python code."""
+        handler = self._previous.get(self._received) if self._received is not None else None
+        if callable(handler) and self._received != signal.SIGINT:  # Python's own SIGINT handler would raise
+            handler(self._received, None)
