@@ -8,8 +8,6 @@ clip -> AdamW step with step-indexed lr / wd -> EMA update of the target.
 from __future__ import annotations
 
 import json
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +15,6 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from msn import distributed
 from msn.checkpoint import CheckpointError, remove_stale_temporaries, rng_state, save_checkpoint
@@ -25,7 +22,6 @@ from msn.config import (
     ConfigError,
     MSNConfig,
     complete_message,
-    progress_bar_disabled,
     resume_null_message,
     to_schema,
 )
@@ -50,12 +46,13 @@ from msn.loss import MSNLoss
 from msn.masking import MaskGenerator
 from msn.model import MSN
 from msn.optim import build_optimizer
+from msn.report import RunReport
 from msn.resume import restore_training, training_state
 from msn.rundir import last_checkpoint, resolve_resume, write_status
 from msn.schedules import Schedules
 from msn.seeding import rank_seed
 from msn.signals import StopRequest
-from msn.step import NonFiniteGuard, StepResult, build_loss, build_mask_generator, build_schedules, train_step
+from msn.step import NonFiniteGuard, build_loss, build_mask_generator, build_schedules, train_step
 from msn.weights import init_model_from
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, ConversionError, FloatingPointError)
@@ -105,7 +102,9 @@ def train(cfg: DictConfig | MSNConfig, command: str | None = None) -> dict[str, 
     if proc.world > 1:  # the target has no trainable parameters, so DDP syncs online + prototypes only
         device_ids = [proc.device.index] if proc.device.type == "cuda" else None
         step_model = DistributedDataParallel(parts.model, device_ids=device_ids)
-    report = _Report(cfg, proc, data, parts, logger, start_step)
+    report = RunReport(cfg, logger, parts.model.target.backbone, parts.schedules, data.skipped,
+                       total_steps=data.total_steps, start_step=start_step, world=proc.world, device=proc.device,
+                       amp_dtype=proc.amp_dtype)
 
     parts.model.train()
     param_dtype = parts.model.prototypes.dtype  # float32, unless a test builds the model in float64
@@ -118,7 +117,7 @@ def train(cfg: DictConfig | MSNConfig, command: str | None = None) -> dict[str, 
             epoch = step // data.steps_per_epoch
             if batch.error is not None:  # raised in a loader worker: one line here, not the worker's traceback
                 raise DataError(batch.error)
-            report.skipped(data.skipped.add(epoch, batch.skipped), data.skipped)
+            report.skipped_images(data.skipped.add(epoch, batch.skipped))
             views = device_views(batch, data.transform, proc.device, param_dtype)
             masks = parts.make_masks(step, views[0].shape[0], views[1].shape[-1], views[-1].shape[-1],
                                      len(views) - 2, proc.rank, proc.world, proc.device)
@@ -313,84 +312,6 @@ class _Checkpoints:
             write_status(self.run_dir, "finished" if step >= total else "running", step, total)
 
 
-class _Report:
-    """What the run tells: metrics rows (csv, wandb), console lines, the progress bar, the periodic monitor
-    and wandb's prototype histogram. Rank 0 writes; the metrics' all-reduce runs on every rank."""
-
-    def __init__(self, cfg: DictConfig, proc: _Process, data: _Data, parts: _Parts, logger: MetricsLogger | None,
-                 start_step: int) -> None:
-        self.cfg, self.proc, self.data, self.parts, self.logger = cfg, proc, data, parts, logger
-        self.monitor = None
-        if proc.is_main and cfg.monitor.every_steps:
-            from msn.monitor import Monitor  # deferred: evaluation pulls in scikit-learn
-
-            self.monitor = Monitor(cfg.monitor.protocol, cfg.monitor.dataset, cfg.model.img_size, cfg.data.mean,
-                                   cfg.data.std, proc.amp_dtype, cfg.monitor.crop_pct)
-        self.prototype_use = None  # targets' argmax counts since the last monitor step, for wandb's histogram
-        if logger is not None and logger.wandb_run is not None:
-            _log_views_picture(logger, cfg, start_step, proc.world)
-            self.prototype_use = torch.zeros(cfg.model.num_prototypes, dtype=torch.long, device=proc.device)
-        self.bar = tqdm(total=data.total_steps, initial=start_step, dynamic_ncols=True, desc="msn", file=sys.stderr,
-                        disable=progress_bar_disabled(cfg.logger.progress) if proc.is_main else True)
-        self.tic, self.last_logged = time.perf_counter(), start_step
-
-    def skipped(self, paths: list[str], skipped: SkippedImages) -> None:
-        """Say which undecodable images this batch replaced."""
-        for path in paths:
-            self.bar.write(f"skipped undecodable image {path} (replaced by another image; {len(skipped.paths)} so "
-                           f"far, the run stops above {skipped.limit})", file=sys.stderr)
-
-    def after_step(self, result: StepResult, step: int, epoch: int,
-                   nonfinite: NonFiniteGuard) -> dict[str, float] | None:
-        """Count the step; on logging steps (and monitor steps) return its metrics row, else None."""
-        if self.prototype_use is not None:  # on the device: no wait
-            self.prototype_use += torch.bincount(result.out.targets.argmax(dim=1), minlength=len(self.prototype_use))
-        self.bar.update(1)
-        cfg, total = self.cfg, self.data.total_steps
-        monitor_every = cfg.monitor.every_steps  # decided alike on every rank: logging all-reduces
-        monitor_due = bool(monitor_every) and (step % monitor_every == 0 or step == total)
-        if not (step % cfg.logger.log_every == 0 or step == total or monitor_due):
-            return None
-        nonfinite.check()  # reading the metrics waits for the device anyway
-        metrics = _metrics(result, self.parts.schedules, step, epoch, self.data.skipped.count(epoch))
-        images_per_s = cfg.data.batch_size * self.proc.world * (step - self.last_logged) / max(
-            time.perf_counter() - self.tic, 1e-9)
-        metrics["images_per_s"] = images_per_s
-        if self.monitor is not None and monitor_due:
-            metrics["monitor"] = self.monitor(self.parts.model.target.backbone)
-        if self.prototype_use is not None and (monitor_due or (not monitor_every and step == total)):
-            self.logger.log_prototype_use(self.prototype_use.tolist(), step)
-            self.prototype_use.zero_()
-        if self.logger is not None:
-            self.logger.log(metrics)
-            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
-                                 img_s=f"{images_per_s:.0f}", protos=int(metrics["distinct_prototypes"]))
-            every = cfg.logger.console_every
-            if every and (step // every > self.last_logged // every or step == total):
-                self.write(_console_line(metrics, total))
-        self.tic, self.last_logged = time.perf_counter(), step
-        return metrics
-
-    def write(self, line: str) -> None:
-        """A console line (stdout) that leaves the progress bar intact."""
-        self.bar.write(line, file=sys.stdout)
-
-    def close(self) -> None:
-        self.bar.close()
-        if self.logger is not None:
-            self.logger.close()
-
-
-def _log_views_picture(logger: MetricsLogger, cfg: DictConfig, step: int, world: int) -> None:
-    """The first views the run trains on (msn-viz views), to wandb once at the start."""
-    from msn.plots.views import default_cell, trainer_views, views_picture
-
-    views = trainer_views(cfg, step, min(4, cfg.data.batch_size), world)
-    picture = views_picture(views, list(cfg.data.mean), list(cfg.data.std), default_cell(cfg.data.global_size))
-    caption = f"target | anchor (dropped patches grey) | focal views, step {step}"
-    logger.log_picture("views", picture, step, caption=caption)
-
-
 def _next_steps(run_dir: Path, step: int) -> str:
     """What a finished run prints: where its weights are and the commands that use them."""
     return (f"run complete: {run_dir}/checkpoints/last.pt (step {step})\n"
@@ -408,35 +329,6 @@ def _check_last_batch(num_images: int, cfg: DictConfig, world: int) -> None:
         raise ConfigError(f"with data.drop_last=false the last batch of every epoch holds 1 image ({num_images} "
                           f"images, data.batch_size={cfg.data.batch_size}) and the head's BatchNorm needs at least 2; "
                           "set data.drop_last=true or another data.batch_size")
-
-
-def _metrics(result: StepResult, schedules: Schedules, step: int, epoch: int,
-             skipped_in_epoch: int) -> dict[str, float]:
-    """One metrics row (``msn.loggers.COLUMNS``) for the step just taken (``step`` counts finished steps).
-
-    Loss parts are means over the global batch and the epoch's skipped images a sum over processes (one
-    all-reduce; call on every rank); the prototype counts and the max target probability describe this
-    rank's batch; the encoder's gradient norm (before clipping) is the same on every rank.
-    """
-    o, i = result.out, step - 1  # i: schedule index of that step
-    parts = torch.stack([o.loss, o.ce, o.me_max, o.entropy]).detach().float()
-    totals = distributed.all_reduce_sum_(torch.cat([parts, parts.new_tensor([float(skipped_in_epoch)])]))
-    loss, ce, me_max, entropy = (totals[:4] / distributed.world_size()).tolist()
-    return {
-        "step": step, "epoch": epoch, "loss": loss, "ce": ce, "me_max": me_max, "entropy": entropy,
-        "skipped_images": int(totals[4].item()),
-        "lr": schedules.lr_at(i), "wd": schedules.wd_at(i),
-        "momentum": schedules.momentum_at(i), "sharpen_T": schedules.sharpen_T_at(i),
-        "distinct_prototypes": o.distinct_prototypes.item(), "max_target_prob": o.max_target_prob.item(),
-        "encoder_grad_norm": result.encoder_grad_norm.item(),
-    }
-
-
-def _console_line(m: dict[str, float], total: int) -> str:
-    return (f"step {int(m['step'])}/{total} epoch {int(m['epoch'])} loss {m['loss']:.4f} (ce {m['ce']:.4f} "
-            f"me-max {m['me_max']:.4f}) lr {m['lr']:.2e} protos {int(m['distinct_prototypes'])} "
-            f"{m['images_per_s']:.0f} img/s" + (f" monitor {m['monitor']:.1f} %" if "monitor" in m else "")
-            + (f" skipped {int(m['skipped_images'])} images this epoch" if m.get("skipped_images") else ""))
 
 
 def main() -> None:

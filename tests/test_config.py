@@ -147,7 +147,7 @@ def test_keys_added_with_plus_fail_too(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         "msn-pretrain: error: unknown config key optim.lrr (added with +key=value?); msn reads only the keys of "
-        "configs/ and msn/config.py: check the spelling"]
+        "configs/ and msn/config/schema.py: check the spelling"]
     assert not (tmp_path / "run").exists()  # refused before Hydra created the run directory
 
 

@@ -1,0 +1,152 @@
+"""Value checks a type cannot express (ranges, divisibility, names), and the merge onto the schema."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from msn.arch import WEIGHT_INITS
+from msn.config.schema import MSNConfig, check_crop_pct, model_arch
+from msn.errors import ConfigError
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "data.name": ("digits", "fashion_mnist", "folder", "synthetic"),
+    "device": ("auto", "cpu", "cuda"),
+    "precision": ("fp32", "bf16", "fp16"),
+    "logger.name": ("csv", "wandb"),
+    "logger.wandb.mode": ("offline", "online", "disabled"),
+    "monitor.protocol": ("knn", "lowshot"),
+    "model.weight_init": WEIGHT_INITS,
+    "optim.prototype_grad": ("sum", "mean"),
+    "data.augment_on": ("auto", "cpu", "device"),
+    "compile_mode": (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+}
+
+
+# logger.progress -> tqdm's ``disable``: None (auto: off when stderr is not a terminal, so that a SLURM or
+# nohup log gets the console lines and not a bar redrawn at every step), False (true) or True (false).
+PROGRESS_MODES: dict[str, bool | None] = {"auto": None, "true": False, "false": True}
+
+
+def progress_bar_disabled(progress: str) -> bool | None:
+    """tqdm's ``disable`` for a ``logger.progress`` value (:data:`PROGRESS_MODES`)."""
+    return PROGRESS_MODES[str(progress).lower()]
+
+
+def _get(cfg: Any, key: str) -> Any:
+    return OmegaConf.select(cfg, key)
+
+
+def validate(cfg: DictConfig | MSNConfig) -> None:
+    """Check values a type cannot express; raise :class:`ConfigError` naming the key and fix."""
+    if not isinstance(cfg, DictConfig):
+        cfg = OmegaConf.structured(cfg)
+    errors: list[str] = []
+
+    def check(ok: bool, msg: str) -> None:
+        if not ok:
+            errors.append(msg)
+
+    for key, allowed in _CHOICES.items():
+        value = _get(cfg, key)
+        names = ", ".join("null" if a is None else a for a in allowed)
+        check(value in allowed, f"{key}={value!r} is not allowed; choose one of {names}")
+    check(str(cfg.logger.progress).lower() in PROGRESS_MODES,  # true / false arrive as "True" / "False"
+          f"logger.progress={cfg.logger.progress!r} is not allowed; choose one of {', '.join(PROGRESS_MODES)}")
+    try:
+        model_arch(cfg.model)
+    except ValueError as e:
+        errors.append(str(e))
+    try:
+        check_crop_pct(cfg.monitor.crop_pct, "monitor.crop_pct")
+    except ValueError as e:
+        errors.append(str(e))
+    for key in ("model.patch_size", "model.img_size", "model.head_hidden_dim", "model.head_output_dim",
+                "model.head_layers", "model.num_prototypes", "data.batch_size", "data.global_size",
+                "data.focal_size", "data.image_size", "data.synthetic_size", "optim.epochs",
+                "logger.log_every", "loss.sinkhorn_iterations"):
+        check(_get(cfg, key) > 0, f"{key}={_get(cfg, key)} must be a positive integer")
+    for key in ("optim.lr", "optim.start_lr", "loss.tau", "loss.sharpen_T"):
+        check(_get(cfg, key) > 0, f"{key}={_get(cfg, key)} must be > 0")
+    for key in ("optim.final_lr", "optim.weight_decay", "optim.final_weight_decay", "optim.warmup_epochs",
+                "loss.me_max_weight", "loss.entropy_weight", "data.num_focal", "data.num_workers",
+                "checkpoint.every_steps", "checkpoint.last_every_steps", "model.drop_path_rate",
+                "data.max_bad_files", "data.max_bad_fraction",
+                "logger.console_every", "monitor.every_steps"):
+        check(_get(cfg, key) >= 0, f"{key}={_get(cfg, key)} must be >= 0")
+    check(not cfg.model.head_batchnorm or cfg.data.batch_size >= 2,
+          f"data.batch_size={cfg.data.batch_size}: the head's BatchNorm needs at least 2 images per batch; "
+          "use data.batch_size>=2 (or model.head_batchnorm=false)")
+    check(cfg.model.num_prototypes >= 2, f"model.num_prototypes={cfg.model.num_prototypes}: with a single "
+          "prototype every prediction is certain and the loss is 0 forever; use at least 2 (the paper: 1024)")
+    check(cfg.data.max_bad_fraction <= 1, f"data.max_bad_fraction={cfg.data.max_bad_fraction} must lie in [0, 1]")
+    check(cfg.optim.max_steps is None or cfg.optim.max_steps > 0,
+          f"optim.max_steps={cfg.optim.max_steps} must be a positive integer or null")
+    check(cfg.optim.clip_grad is None or cfg.optim.clip_grad > 0,
+          f"optim.clip_grad={cfg.optim.clip_grad} must be > 0 or null (no clipping)")
+    check(cfg.loss.final_sharpen_T is None or cfg.loss.final_sharpen_T > 0,
+          f"loss.final_sharpen_T={cfg.loss.final_sharpen_T} must be > 0 or null")
+    check(cfg.optim.schedule_stretch >= 1.0, f"optim.schedule_stretch={cfg.optim.schedule_stretch} must be >= 1")
+    for key in ("optim.ema_momentum", "optim.final_ema_momentum"):
+        check(0.0 <= _get(cfg, key) <= 1.0, f"{key}={_get(cfg, key)} must lie in [0, 1]")
+    check(0.0 <= cfg.masking.ratio < 1.0, f"masking.ratio={cfg.masking.ratio} must lie in [0, 1)")
+    for key in ("data.hflip_p", "data.color_jitter_p", "data.grayscale_p", "data.blur_p"):
+        check(0.0 <= _get(cfg, key) <= 1.0, f"{key}={_get(cfg, key)} must be a probability in [0, 1]")
+    for key in ("data.global_scale", "data.focal_scale", "data.blur_sigma", "optim.betas"):
+        value = list(_get(cfg, key))
+        check(len(value) == 2 and 0 < value[0] <= value[1],
+              f"{key}={value} must be two increasing positive numbers [low, high]")
+    check(len(cfg.data.mean) == 3 and len(cfg.data.std) == 3 and min(cfg.data.std) > 0,
+          f"data.mean / data.std must hold 3 values each (RGB), std > 0; "
+          f"got {list(cfg.data.mean)} / {list(cfg.data.std)}")
+    patch = cfg.model.patch_size
+    for key in ("model.img_size", "data.global_size", "data.focal_size"):
+        size = _get(cfg, key)
+        if key == "data.focal_size" and cfg.data.num_focal == 0:
+            continue
+        check(size % patch == 0,
+              f"{key}={size} is not divisible by model.patch_size={patch}; use a multiple of {patch}")
+    if cfg.data.name == "folder":
+        check(bool(cfg.data.root), "data.root is required for data=folder: pass data.root=/path/to/images")
+    if 0 < cfg.masking.ratio < 1:
+        for key, size in (("data.global_size", cfg.data.global_size), ("data.focal_size", cfg.data.focal_size)):
+            n = (size // patch) ** 2
+            if key == "data.focal_size" and not cfg.masking.mask_focal:
+                continue
+            check(int(n * (1 - cfg.masking.ratio)) >= 1,
+                  f"masking.ratio={cfg.masking.ratio} keeps no patch of the {size}-px views ({key}); lower it")
+    if errors:
+        raise ConfigError("invalid config: " + "; ".join(errors))
+
+
+def unknown_keys(cfg: DictConfig | dict, schema: type = MSNConfig, prefix: str = "") -> list[str]:
+    """Keys of ``cfg`` that ``schema`` (a dataclass) does not define, as dotted paths.
+
+    Hydra's struct mode rejects a misspelt ``key=value`` override, but ``+key=value`` adds the key anyway
+    and it would pass through the merge silently; this walks the config itself.
+    """
+    node = OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else cfg
+    hints = typing.get_type_hints(schema)
+    found = []
+    for key, value in node.items():
+        path = f"{prefix}{key}"
+        if key not in hints:
+            found.append(path)
+        elif dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
+            found += unknown_keys(value, hints[key], f"{path}.")
+    return found
+
+
+def to_schema(cfg: DictConfig | dict) -> DictConfig:
+    """Merge a plain config onto the schema (unknown keys, however added, and wrong types fail) and validate it."""
+    unknown = unknown_keys(cfg)
+    if unknown:
+        raise ConfigError(f"unknown config key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} (added with "
+                          "+key=value?); msn reads only the keys of configs/ and msn/config/schema.py: check the "
+                          "spelling")
+    merged = OmegaConf.merge(OmegaConf.structured(MSNConfig), cfg)
+    validate(merged)
+    return merged

@@ -1,0 +1,169 @@
+"""The config schema: one dataclass per group, registered with Hydra's ConfigStore as ``msn_schema``.
+
+``configs/config.yaml`` lists ``msn_schema`` first in its defaults, so a misspelt key or a wrongly typed
+value in any YAML file or command-line override fails during composition. The comments are the keys'
+documentation; :mod:`msn.config.checks` holds what a type cannot express.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from omegaconf import DictConfig
+
+from msn.arch import ViTArch, resolve_arch
+
+
+@dataclass
+class ModelConfig:
+    arch: str | None = "vit_pico"  # width / depth / heads preset (msn.arch.ARCHITECTURES); null: give all three
+    embed_dim: int | None = None  # null: the preset's; set to change the width (or build a ViT with arch=null)
+    depth: int | None = None  # null: the preset's number of blocks
+    num_heads: int | None = None  # null: the preset's number of attention heads
+    mlp_ratio: float | None = None  # null: the preset's (4)
+    patch_size: int = 8
+    img_size: int = 32  # native resolution: the position-embedding grid is img_size / patch_size
+    drop_path_rate: float = 0.0
+    weight_init: str = "msn"  # msn: the original code's initialisation; timm: timm's and PyTorch's defaults
+    head_hidden_dim: int = 2048
+    head_output_dim: int = 256
+    head_layers: int = 3
+    head_batchnorm: bool = True
+    sync_batchnorm: bool = True  # multi-process runs: head BN uses the global batch's statistics
+    head_per_resolution: bool = True  # one head pass (own BN statistics) per anchor resolution, as the original
+    num_prototypes: int = 1024
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"  # digits | fashion_mnist | folder | synthetic
+    root: str | None = None  # image folder for name=folder
+    list_file: str | None = None  # optional file of image paths (relative to root) to restrict to
+    batch_size: int = 64  # images per process per step
+    num_workers: int = 0
+    augment_on: str = "auto"  # cpu: the whole augmentation in the loader workers; device: colour, blur and
+    # normalisation on the training device (workers decode and crop); auto: device when training on a GPU
+    global_size: int = 224  # target and anchor crop size
+    global_scale: list[float] = field(default_factory=lambda: [0.3, 1.0])
+    num_focal: int = 10
+    focal_size: int = 96
+    focal_scale: list[float] = field(default_factory=lambda: [0.05, 0.3])
+    hflip_p: float = 0.5
+    color_jitter: float = 0.5  # strength s: brightness/contrast/saturation 0.8s, hue 0.2s
+    color_jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    blur_p: float = 0.5
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    image_size: int = 32  # digits: 8x8 images upsampled to this; synthetic: generated size
+    synthetic_size: int = 256  # number of synthetic images
+    drop_last: bool = True
+    max_bad_files: int = 20  # undecodable images are replaced and counted; more distinct ones than this stop the run
+    max_bad_fraction: float = 0.001  # ... or than this fraction of the dataset, when that is larger
+
+
+@dataclass
+class MaskingConfig:
+    ratio: float = 0.15  # fraction of patch tokens dropped from the masked anchor views
+    per_sample: bool = True  # False: one mask for the whole batch, as in the original code
+    mask_focal: bool = False  # also mask the focal views (the original does not)
+
+
+@dataclass
+class LossConfig:
+    tau: float = 0.1
+    sharpen_T: float = 0.25
+    final_sharpen_T: float | None = None  # None: constant sharpen_T
+    sinkhorn: bool = True
+    sinkhorn_iterations: int = 3
+    me_max_weight: float = 1.0
+    entropy_weight: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 100
+    max_steps: int | None = None  # optional cap on the total number of steps
+    lr: float = 1e-3
+    start_lr: float = 2e-4
+    final_lr: float = 1e-6
+    warmup_epochs: float = 15.0
+    weight_decay: float = 0.04
+    final_weight_decay: float = 0.4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    clip_grad: float | None = 3.0  # max global grad norm; None disables clipping
+    ema_momentum: float = 0.996
+    final_ema_momentum: float = 1.0
+    schedule_stretch: float = 1.0  # the original code stretches every schedule over 1.25x the run
+    prototype_grad: str = "sum"  # sum: the prototypes' gradient is summed over processes (original); mean: averaged
+
+
+@dataclass
+class WandbConfig:
+    project: str = "msn"
+    entity: str | None = None
+    name: str | None = None
+    mode: str = "offline"  # offline | online | disabled
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "csv"  # csv | wandb (the CSV log is always written)
+    log_every: int = 10  # steps between metric rows / console lines
+    progress: str = "auto"  # the progress bar: auto (on a terminal only, not in a log file) | true | false
+    console_every: int = 50  # steps between console lines (0: none); at most as often as log_every
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+DEFAULT_CROP_PCT = 224 / 256  # the paper's evaluation view: resize to 256, centre-crop 224
+
+
+def check_crop_pct(crop_pct: float, option: str) -> None:
+    """Raise ValueError naming ``option`` unless 0 < crop_pct <= 1 (the evaluation's centre-crop share)."""
+    if not 0 < crop_pct <= 1:
+        raise ValueError(f"{option}={crop_pct} must lie in (0, 1]: the share of the image the centre crop keeps "
+                         f"(the paper's {DEFAULT_CROP_PCT}; 1 for the whole image)")
+
+
+@dataclass
+class MonitorConfig:
+    every_steps: int = 0  # evaluate the target encoder every N steps (0: off); logged as metrics.csv "monitor"
+    protocol: str = "knn"  # knn (k=20, full labels) | lowshot (5 images per class, logistic regression)
+    dataset: str = "digits"  # digits, fashion_mnist, or a folder with train/ and val/ (ImageFolder layout)
+    crop_pct: float = DEFAULT_CROP_PCT  # the centre share of each image evaluated (msn-eval --crop-pct; 1: all)
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 500  # periodic checkpoints/step_XXXXXXX.pt (0: only last.pt)
+    last_every_steps: int = 100  # how often checkpoints/last.pt is refreshed
+
+
+@dataclass
+class MSNConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; bf16/fp16 need a GPU)
+    compile: bool = False  # torch.compile the online backbone and head and the target encoder
+    compile_mode: str | None = None  # null (default) | reduce-overhead (CUDA graphs) | max-autotune | ...
+    compile_backend: str = "inductor"  # any torch.compile backend (aot_eager, cudagraphs, ... for debugging)
+    tf32: bool = True  # fp32 matmuls and convolutions on GPUs may use TF32 tensor cores (as the original's PyTorch did)
+    resume: str | None = "auto"  # auto (continue RUN_DIR if it has last.pt) | RUN_DIR or .pt (continue there) | null
+    run_name: str | None = None  # the run's folder under outputs/; null: named after the overrides that change results
+    init_from: str | None = None  # start from weights: original MSN .pth.tar, HF ViTMSN folder, timm safetensors
+    run_dir: str = "."
+
+
+def model_arch(model: ModelConfig | DictConfig) -> ViTArch:
+    """Width, depth, heads and MLP ratio of the configured ViT (the preset with any field overridden)."""
+    return resolve_arch(model.arch, model.embed_dim, model.depth, model.num_heads, model.mlp_ratio)
