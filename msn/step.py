@@ -1,7 +1,8 @@
 """One MSN training step (DESIGN.md section 3), and the loss and schedules it uses, built from the config.
 
 :func:`train_step` receives everything that varies from step to step (views, masks, hyper-parameters);
-``msn-pretrain`` (:mod:`msn.train`) and ``msn-bench`` (:mod:`msn.bench`) both run it.
+``msn-pretrain`` (:mod:`msn.train`) and ``msn-bench`` (:mod:`msn.bench`) both run it. :class:`NonFiniteGuard`
+watches its results without making the host wait for the device.
 """
 
 from __future__ import annotations
