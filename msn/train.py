@@ -17,7 +17,14 @@ from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
 from msn import distributed
-from msn.checkpoint import CheckpointError, remove_stale_temporaries, rng_state, save_checkpoint
+from msn.checkpoint import (
+    CheckpointError,
+    periodic_name,
+    prune_periodic,
+    remove_stale_temporaries,
+    rng_state,
+    save_checkpoint,
+)
 from msn.config import (
     ConfigError,
     MSNConfig,
@@ -270,7 +277,7 @@ class _Checkpoints:
     def due(self, step: int) -> list[str]:
         """The checkpoints the schedule asks for after ``step`` (finished steps)."""
         every, last_every = self.cfg.checkpoint.every_steps, self.cfg.checkpoint.last_every_steps
-        names = [f"step_{step:07d}.pt"] if every and step % every == 0 else []
+        names = [periodic_name(step)] if every and step % every == 0 else []
         if step == self.data.total_steps or (last_every and step % last_every == 0):
             names.append("last.pt")
         return names
@@ -305,8 +312,11 @@ class _Checkpoints:
         state = training_state(p.model, p.optimizer, p.scaler, self.cfg, step, self.data.steps_per_epoch, world,
                                p.prototype_grad_scale, skips, skipped.epoch, rng, rng_ranks,
                                self.logger.wandb_run_id if self.logger else None)
+        folder = self.run_dir / "checkpoints"
         for name in names:
-            save_checkpoint(self.run_dir / "checkpoints" / name, state)
+            save_checkpoint(folder / name, state)
+        if self.cfg.checkpoint.keep and periodic_name(step) in names:  # only once the new one is safely written
+            prune_periodic(folder, step, self.cfg.checkpoint.keep)
         if "last.pt" in names:
             total = self.data.total_steps
             write_status(self.run_dir, "finished" if step >= total else "running", step, total)

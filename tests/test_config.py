@@ -86,6 +86,7 @@ def test_every_group_option_composes_validates_and_instantiates(group, option, t
         ("device=tpu", "device='tpu' is not allowed; choose one of auto, cpu, cuda"),
         ("precision=fp8", "precision='fp8' is not allowed; choose one of fp32, bf16, fp16"),
         ("logger.progress=sometimes", "logger.progress='sometimes' is not allowed; choose one of auto, true, false"),
+        ("checkpoint.keep=-1", "checkpoint.keep=-1 must be >= 0"),
         ("data=folder", "data.root is required for data=folder"),
         ("data.global_scale=[0.9,0.3]", "data.global_scale=[0.9, 0.3] must be two increasing positive numbers"),
     ],

@@ -78,6 +78,20 @@ def test_resume_from_path_and_truncates_rows_past_the_checkpoint(tmp_path):
     assert [int(r["step"]) for r in metrics_rows(run_dir)] == [1, 2, 3, 4, 5, 6]
 
 
+def test_checkpoint_keep_leaves_the_newest_periodic_checkpoints(tmp_path):
+    """``checkpoint.keep=2``: a new periodic checkpoint removes the older ones, never last.pt; a resumed run
+    goes on from the kept ones (the run's name ignores the option: it changes no result)."""
+    run_dir = tmp_path / "run"
+    train(_smoke(run_dir, "checkpoint.every_steps=1", "checkpoint.keep=2", "optim.max_steps=4"))
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["last.pt", "step_0000003.pt",
+                                                                             "step_0000004.pt"]
+    train(_smoke(run_dir, "checkpoint.every_steps=1", "checkpoint.keep=2",
+                 f"resume={run_dir / 'checkpoints' / 'step_0000003.pt'}"))  # to the preset's 6 steps
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["last.pt", "step_0000005.pt",
+                                                                             "step_0000006.pt"]
+    assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"] == 6
+
+
 def test_resume_errors_are_clear(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint found"):
         train(_smoke(tmp_path / "a", f"resume={tmp_path / 'missing.pt'}"))

@@ -73,7 +73,7 @@ def validate(cfg: DictConfig | MSNConfig) -> None:
         check(_get(cfg, key) > 0, f"{key}={_get(cfg, key)} must be > 0")
     for key in ("optim.final_lr", "optim.weight_decay", "optim.final_weight_decay", "optim.warmup_epochs",
                 "loss.me_max_weight", "loss.entropy_weight", "data.num_focal", "data.num_workers",
-                "checkpoint.every_steps", "checkpoint.last_every_steps", "model.drop_path_rate",
+                "checkpoint.every_steps", "checkpoint.last_every_steps", "checkpoint.keep", "model.drop_path_rate",
                 "data.max_bad_files", "data.max_bad_fraction",
                 "logger.console_every", "monitor.every_steps"):
         check(_get(cfg, key) >= 0, f"{key}={_get(cfg, key)} must be >= 0")

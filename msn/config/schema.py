@@ -139,6 +139,7 @@ class MonitorConfig:
 class CheckpointConfig:
     every_steps: int = 500  # periodic checkpoints/step_XXXXXXX.pt (0: only last.pt)
     last_every_steps: int = 100  # how often checkpoints/last.pt is refreshed
+    keep: int = 0  # keep only the newest N periodic step_XXXXXXX.pt, deleting older ones (0: keep all)
 
 
 @dataclass
