@@ -24,7 +24,7 @@ def _cosine(start: float, end: float, progress: float) -> float:
 
 @dataclass(frozen=True)
 class StepHyperParams:
-    """Everything scheduled that one training step needs (see :func:`msn.train.train_step`)."""
+    """Everything scheduled that one training step needs (see :func:`msn.step.train_step`)."""
 
     lr: float
     weight_decay: float
