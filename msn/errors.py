@@ -1,25 +1,35 @@
-"""The errors a user's input can cause. Each command answers them with one line and exit code 1.
+"""The errors a user's input can cause. Each command catches :class:`MSNError` once and answers with one
+line (``msn-xxx: error: MESSAGE``) and exit code 1; anything else is a bug and keeps its traceback.
 
 They live apart from the modules that raise them (which import torch) so that a command can catch them,
 and show ``--help`` or refuse a bad argument, before it has paid the seconds that importing torch takes.
+The subclasses stay ``ValueError``s, as they always were, so code that caught ``ValueError`` still does.
 """
 
 
-class ConfigError(ValueError):
+class MSNError(Exception):
+    """Base of every error that bad input causes; the message names the problem and the fix."""
+
+
+class ConfigError(MSNError, ValueError):
     """A config value is invalid; the message names the key and the allowed values."""
 
 
-class DataError(ValueError):
+class DataError(MSNError, ValueError):
     """The data cannot be used as configured; the message names the file or key and the fix."""
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MSNError, ValueError):
     """A checkpoint is missing, unreadable or not an msn training checkpoint."""
 
 
-class ConversionError(ValueError):
+class ConversionError(MSNError, ValueError):
     """A state dict does not have the keys or shapes the conversion expects."""
 
 
-class VizError(ValueError):
+class VizError(MSNError, ValueError):
     """A picture cannot be made from the given input; the message names it and the fix."""
+
+
+class NonFiniteError(MSNError, FloatingPointError):
+    """Training produced a NaN or infinity; the message names the step and what to change."""

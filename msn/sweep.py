@@ -1,120 +1,14 @@
-"""Sweep summaries: one table of every multirun job's overrides and final figures.
+"""Deprecated: sweep summaries moved to :mod:`msn.cli.sweep` (the Hydra target ``msn.sweep.SweepSummary`` and
+``python -m msn.sweep`` keep working). This alias goes in the next release."""
 
-``msn-pretrain -m a=1,2 b=x,y`` runs each combination in ``SWEEP_DIR/<job number>/``. When the sweep
-ends, the :class:`SweepSummary` Hydra callback (configs/config.yaml) writes ``SWEEP_DIR/summary.csv``
-and ``SWEEP_DIR/summary.json``; ``python -m msn.sweep SWEEP_DIR`` rebuilds them at any time (after a
-failed or cancelled job, or after ``msn-eval ... RUN_DIR`` wrote its ``RUN_DIR/eval_*.json`` results).
+import warnings
 
-Per job: its number and directory, each override (``key=value`` as typed), ``status`` (finished,
-stopped, or no metrics), and from the last row of its ``metrics.csv`` the step, loss, CE, ME-MAX,
-distinct prototypes and the last ``monitor`` accuracy; then ``eval/<protocol>/<setting>`` means from
-every msn-eval report found in the job directory.
-"""
+from msn.cli.sweep import SweepSummary, main, summarize_job, write_summary
 
-from __future__ import annotations
-
-import argparse
-import csv
-import json
-import sys
-from pathlib import Path
-from typing import Any
-
-import yaml
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
-
-from msn.job import process_info
-
-FINAL = ("step", "loss", "ce", "me_max", "distinct_prototypes")
-
-
-def _job_dirs(sweep_dir: Path) -> list[Path]:
-    """Job directories (those Hydra wrote ``.hydra/overrides.yaml`` into), numeric names in order."""
-    jobs = [p.parent.parent for p in sweep_dir.glob("*/.hydra/overrides.yaml")]
-    return sorted(jobs, key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name))
-
-
-def _overrides(job: Path) -> dict[str, str]:
-    """The job's command-line overrides, ``{"optim.lr": "0.001", ...}`` (Hydra's own record)."""
-    items = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) or []
-    return dict(item.split("=", 1) for item in items if "=" in item)
-
-
-def _total_steps(job: Path) -> int | None:
-    """Steps the job was set to run, from the ``run.json`` the trainer writes (None when absent)."""
-    path = job / "run.json"
-    return json.loads(path.read_text()).get("total_steps") if path.is_file() else None
-
-
-def summarize_job(job: Path) -> dict[str, Any]:
-    """One summary row for the run directory ``job``."""
-    row: dict[str, Any] = {"job": job.name, "dir": str(job), **_overrides(job)}
-    rows: list[dict[str, str]] = []
-    if (job / "metrics.csv").is_file():
-        with (job / "metrics.csv").open(newline="") as f:
-            rows = list(csv.DictReader(f))
-    if not rows:
-        row["status"] = "no metrics"
-        return row
-    last = rows[-1]
-    for key in FINAL:
-        row[f"final_{key}"] = float(last[key]) if key != "step" else int(float(last[key]))
-    monitored = [float(r["monitor"]) for r in rows if r.get("monitor") not in (None, "", "nan")]
-    if monitored:
-        row["final_monitor"] = monitored[-1]
-    total = _total_steps(job)
-    row["total_steps"] = total
-    row["status"] = "finished" if total is not None and row["final_step"] >= total else "stopped"
-    for report in sorted(job.glob("*.json")):  # msn-eval --output RUN_DIR/eval_knn.json, ...
-        try:
-            content = json.loads(report.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if isinstance(content, dict) and "protocol" in content and "results" in content:
-            for setting, result in content["results"].items():
-                row[f"eval/{content['protocol']}/{setting}"] = result["mean"]
-    return row
-
-
-def write_summary(sweep_dir: str | Path) -> list[dict[str, Any]]:
-    """Summarise every job of ``sweep_dir`` into ``summary.csv`` and ``summary.json`` there; return the rows."""
-    sweep_dir = Path(sweep_dir)
-    rows = [summarize_job(job) for job in _job_dirs(sweep_dir)]
-    columns: list[str] = []
-    for row in rows:
-        columns.extend(k for k in row if k not in columns)
-    with (sweep_dir / "summary.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    (sweep_dir / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
-    return rows
-
-
-class SweepSummary(Callback):
-    """Hydra callback: write the sweep summary when a multirun ends (rank 0 only under torchrun)."""
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        info = process_info()
-        if info is not None and info.rank != 0:
-            return
-        sweep_dir = Path(str(config.hydra.sweep.dir))
-        rows = write_summary(sweep_dir)
-        print(f"sweep summary of {len(rows)} runs: {sweep_dir / 'summary.csv'}", flush=True)
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m msn.sweep", description=__doc__.splitlines()[0])
-    p.add_argument("sweep_dir", type=Path, help="a multirun directory (holding 0/, 1/, ...)")
-    args = p.parse_args(argv)
-    if not args.sweep_dir.is_dir():
-        sys.exit(f"msn.sweep: error: {args.sweep_dir} is not a directory")
-    rows = write_summary(args.sweep_dir)
-    if not rows:
-        sys.exit(f"msn.sweep: error: no Hydra job directories (with .hydra/overrides.yaml) in {args.sweep_dir}")
-    print(f"{len(rows)} runs: {args.sweep_dir / 'summary.csv'}")
-
+__all__ = ["SweepSummary", "main", "summarize_job", "write_summary"]
 
 if __name__ == "__main__":
     main()
+else:
+    warnings.warn(f"importing from {__name__} is deprecated; import from msn.cli.sweep", FutureWarning,
+                  stacklevel=2)

@@ -5,7 +5,7 @@
 
 import sys
 
-from msn.bench import main
+from msn.cli.bench import main
 
 if __name__ == "__main__":
     sys.exit(main(["step", *sys.argv[1:]]))

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from msn.heads import ProjectionHead
+from msn.models.heads import ProjectionHead
 
 
 def _worker(rank: int, args: argparse.Namespace, port: int) -> None:
@@ -27,7 +27,7 @@ def _worker(rank: int, args: argparse.Namespace, port: int) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=args.processes)
     x = torch.randn(args.batch, args.dim)
     for sync in (False, True):
-        head = ProjectionHead(args.dim, 2048, 256, 3, batchnorm=True, sync_batchnorm=sync)
+        head = ProjectionHead(args.dim, hidden_dim=2048, out_dim=256, num_layers=3, batchnorm=True, sync_batchnorm=sync)
         times = []
         for i in range(args.warmup + args.repeats):
             dist.barrier()

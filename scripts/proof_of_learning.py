@@ -21,11 +21,11 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from msn.backbone import MaskedViT
 from msn.config import DEFAULT_CROP_PCT, check_crop_pct
-from msn.features import extract_features, load_encoder
-from msn.protocols import knn_accuracy, logistic_regression, sample_per_class
-from msn.splits import Split, digits_splits, fashion_mnist_splits
+from msn.eval.features import extract_features, load_encoder
+from msn.eval.protocols import knn_accuracy, logistic_regression, sample_per_class
+from msn.eval.splits import Split, digits_splits, fashion_mnist_splits
+from msn.models.backbone import MaskedViT
 
 
 def raw_pixels(dataset: str, train: Split, test: Split) -> list[np.ndarray]:

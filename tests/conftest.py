@@ -10,7 +10,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from msn.config import CONFIG_DIR, register_configs
+from msn.cli.hydra import register_configs
+from msn.config import CONFIG_DIR
 
 REPO = Path(__file__).resolve().parent.parent
 REFERENCE = Path(os.environ.get("MSN_REFERENCE", REPO / "tests" / "reference" / "msn_original_reference.pt"))

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from msn.arch import ARCHITECTURES
-from msn.backbone import MaskedViT, interpolate_pos_embed
+from msn.config.arch import ARCHITECTURES
+from msn.models.backbone import MaskedViT, interpolate_pos_embed
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,9 @@ import subprocess
 import pytest
 import torch
 
-from msn.bench import main
-from msn.benchmarks.step import _OurStep, compose_bench_config
+from msn.benchmarks.step import _OurStep
+from msn.cli.bench import compose_bench_config, main
+from msn.train.builder import local_process
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
 
@@ -48,7 +49,7 @@ def test_bench_bad_input_is_one_line(capsys):
 def test_step_never_waits_for_the_gpu():
     """Between logging steps nothing reads the GPU: CUDA's sync debug mode turns any wait into an error."""
     cfg = compose_bench_config(["model=vit_pico", "data.batch_size=16", "device=cuda", "precision=bf16"])
-    step = _OurStep(cfg, 16, torch.device("cuda"))
+    step = _OurStep(cfg, 16, local_process(cfg))
     step(0)  # first step: allocations, pinned-memory pool
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -110,7 +111,6 @@ def test_bench_data_on_a_jpeg_folder(tmp_path, capsys):
 
 def test_bench_data_reference_makes_the_recipes_views(tmp_path):
     from msn.benchmarks.data import ReferenceMultiCrop
-    from msn.benchmarks.step import compose_bench_config
 
     root = _jpeg_folder(tmp_path / "jpegs", 2)
     cfg = compose_bench_config(["data=folder", f"data.root={root}", *SMALL_VIEWS])

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from msn.checkpoint import periodic_name, prune_periodic
+from msn.weights.checkpoint import periodic_name, prune_periodic
 
 
 def _touch(folder: Path, *names: str) -> None:

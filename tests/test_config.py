@@ -7,7 +7,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from msn.config import CONFIG_DIR, ConfigError, to_schema, validate
-from msn.model import MSN
+from msn.models.msn import MSN
 from tests.conftest import compose_config
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
@@ -116,7 +116,7 @@ def test_typo_in_a_yaml_file_fails(tmp_path):
 def test_validate_accepts_defaults(tmp_path):
     cfg = to_schema(compose_config([f"run_dir={tmp_path}"]))
     validate(cfg)
-    # The digits default takes the original's step too (see README, Fidelity).
+    # The digits default takes the original's step too (see docs/fidelity.md).
     assert (cfg.model.head_per_resolution, cfg.model.weight_init, cfg.optim.prototype_grad) == (True, "msn", "sum")
 
 
@@ -148,7 +148,7 @@ def test_keys_added_with_plus_fail_too(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         "msn-pretrain: error: unknown config key optim.lrr (added with +key=value?); msn reads only the keys of "
-        "configs/ and msn/config/schema.py: check the spelling"]
+        "msn/configs/ and msn/config/schema.py: check the spelling"]
     assert not (tmp_path / "run").exists()  # refused before Hydra created the run directory
 
 

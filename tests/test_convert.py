@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from msn.backbone import MaskedViT
-from msn.convert import ConversionError, backbone_to_hf, check_compatible, from_original_msn, hf_to_backbone
+from msn.models.backbone import MaskedViT
+from msn.weights.convert import ConversionError, backbone_to_hf, check_compatible, from_original_msn, hf_to_backbone
 
 
 @pytest.fixture(scope="module")

@@ -45,7 +45,7 @@ from msn.data import (
     sample_boxes,
     steps_per_epoch,
 )
-from msn.seeding import stream_generator
+from msn.utils.seeding import stream_generator
 
 DIGITS = DataConfig(name="digits", image_size=32, global_size=32, focal_size=16, num_focal=6, batch_size=128)
 LARGE = DataConfig(name="synthetic", image_size=256, synthetic_size=4, global_size=224, focal_size=96, num_focal=10)
@@ -492,9 +492,10 @@ def test_random_streams_do_not_collide_across_seeds() -> None:
         return [i for _, i in sampler]
 
     assert order(1, 0) != order(0, 1)
-    from msn.masking import MaskGenerator
+    from msn.models.masking import MaskGenerator
 
-    masks = [MaskGenerator(0.5, True, False, 8, seed)(step, 4, 32).anchor_keep for seed, step in ((1, 0), (0, 1))]
+    masks = [MaskGenerator(0.5, True, False, 8, seed)(step, 4, anchor_size=32).anchor_keep
+             for seed, step in ((1, 0), (0, 1))]
     assert not torch.equal(masks[0], masks[1])
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from msn.checkpoint import load_checkpoint
-from msn.job import ProcessInfo, expand_nodelist, process_info
+from msn.utils.launcher import ProcessInfo, expand_nodelist, process_info
+from msn.weights.checkpoint import load_checkpoint
 from tests.conftest import compose_config, metrics_rows
 from tests.dist_utils import free_port, run_distributed
 
@@ -21,8 +21,8 @@ COMMON = ["experiment=cpu_smoke", "logger.progress=false", "model.head_batchnorm
 
 def _train_worker(rank: int, world: int, run_dir: str, overrides: list[str], dtype: str = "float32",
                   prototype_grad_factor: float = 1.0) -> int:
-    import msn.train
-    from msn.model import MSN
+    import msn.train.builder
+    from msn.models.msn import MSN
 
     def build(cfg):
         model = MSN(cfg)
@@ -32,7 +32,7 @@ def _train_worker(rank: int, world: int, run_dir: str, overrides: list[str], dty
             model.prototypes.register_hook(lambda g: g * prototype_grad_factor)
         return model
 
-    msn.train.MSN = build
+    msn.train.builder.MSN = build
     msn.train.train(compose_config([f"run_dir={run_dir}", *overrides]))
     return rank
 

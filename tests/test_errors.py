@@ -21,11 +21,12 @@ import pytest
 import torch
 from PIL import Image
 
-import msn.evaluate
-import msn.export
-from msn.checkpoint import CheckpointError, save_checkpoint
-from msn.train import USER_ERRORS, train
-from msn.weights import export_hf, read_source
+import msn.cli.evaluate
+import msn.cli.export
+from msn.errors import MSNError
+from msn.train import train
+from msn.weights.checkpoint import CheckpointError, save_checkpoint
+from msn.weights.formats import export_hf, read_source
 from tests.conftest import compose_config
 
 SMOKE = ["experiment=cpu_smoke", "logger.progress=false"]
@@ -147,10 +148,10 @@ def _run(tool: str, args: list[str], cwd: Path, capsys) -> tuple[int, str]:
     if tool == "msn-pretrain":
         try:
             train(compose_config([*args, f"run_dir={cwd / 'run'}"]))
-        except USER_ERRORS as e:
+        except MSNError as e:
             return 1, f"msn-pretrain: error: {e}\n"
         return 0, ""
-    module = {"msn-export": msn.export, "msn-eval": msn.evaluate}[tool]
+    module = {"msn-export": msn.cli.export, "msn-eval": msn.cli.evaluate}[tool]
     capsys.readouterr()
     old = os.getcwd()
     os.chdir(cwd)

@@ -11,13 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from msn import evaluate, features, splits
+from msn.cli import evaluate
 from msn.data import DataError
-from msn.features import extract_features, load_encoder
-from msn.protocols import knn_accuracy, linear_probe, logistic_regression, sample_fraction, sample_per_class
-from msn.splits import digits_splits, read_subset_file
-from msn.train import train
-from msn.weights import export_hf, read_source
+from msn.eval import features, splits
+from msn.eval.features import extract_features, load_encoder
+from msn.eval.protocols import knn_accuracy, linear_probe, logistic_regression, sample_fraction, sample_per_class
+from msn.eval.splits import digits_splits, read_subset_file
+from msn.train.loop import train
+from msn.weights.formats import export_hf, read_source
 from tests.conftest import compose_config
 
 

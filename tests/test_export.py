@@ -7,10 +7,10 @@ import timm
 import torch
 from transformers import AutoImageProcessor, ViTMSNForImageClassification, ViTMSNModel
 
-from msn.convert import ConversionError, backbone_to_hf, hf_to_backbone
-from msn.export import main as export_main
-from msn.model import MSN
-from msn.weights import Source, export_hf, export_msn, export_timm, hf_config, init_model_from, read_source
+from msn.cli.export import main as export_main
+from msn.models.msn import MSN
+from msn.weights.convert import ConversionError, backbone_to_hf, hf_to_backbone
+from msn.weights.formats import Source, export_hf, export_msn, export_timm, hf_config, init_model_from, read_source
 from tests.conftest import compose_config
 
 
@@ -250,7 +250,7 @@ CUSTOM = ["model.arch=null", "model.embed_dim=96", "model.depth=2", "model.num_h
 
 
 def test_architecture_given_field_by_field_exports_and_loads(tmp_path):
-    from msn.features import load_encoder
+    from msn.eval.features import load_encoder
 
     model, source = _source(tmp_path, *CUSTOM)
     out = export_hf(source, tmp_path / "hf")

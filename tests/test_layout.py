@@ -1,44 +1,196 @@
-"""The package's shape: command-line modules are thin shells that no library module imports."""
+"""The package's shape: layered subpackages without import cycles, thin command-line modules that no library
+module imports, deprecated aliases that warn, and commands that answer --help and typos before importing torch."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 import msn
 
-CLI_MODULES = {"msn.pretrain", "msn.export", "msn.evaluate", "msn.bench", "msn.viz"}  # console scripts
-# msn.train.main hands over to msn-pretrain: python -m msn.train, and scripts installed when it was the entry point.
-ENTRY_SHIMS = {"msn.train": {"msn.pretrain"}}
 PACKAGE = Path(msn.__file__).parent
+# Each layer may import the layers before it, never one after it; packages in one layer never import each other
+# (data and models are built side by side). docs/design.md explains the order.
+LAYERS = [("errors",), ("config",), ("utils",), ("data", "models"), ("weights",), ("eval",), ("plots",), ("train",),
+          ("benchmarks",), ("cli",)]
+# Entry points and deprecated aliases: each imports exactly its targets, and no module imports them.
+SHIMS = {"msn.step": {"msn.train.step", "msn.train.builder"}, "msn.checkpoint": {"msn.weights.checkpoint"},
+         "msn.sweep": {"msn.cli.sweep"}, "msn.train.__main__": {"msn.cli.pretrain"}}
+CLI_MODULES = {"msn.cli.pretrain", "msn.cli.export", "msn.cli.evaluate", "msn.cli.bench", "msn.cli.viz",
+               "msn.cli.sweep"}  # console scripts and python -m msn.sweep
 
 
-def _imports(path: Path) -> set[str]:
-    names = set()
+def _module_name(path: Path) -> str:
+    return ".".join(("msn", *path.relative_to(PACKAGE).with_suffix("").parts)).removesuffix(".__init__")
+
+
+def _is_module(name: str) -> bool:
+    rel = Path(*name.split(".")[1:])
+    return (PACKAGE / rel).with_suffix(".py").is_file() or (PACKAGE / rel / "__init__.py").is_file()
+
+
+def _msn_imports(path: Path) -> set[str]:
+    """The msn modules ``path`` imports, at module level or inside functions: ``from msn.a import b`` names
+    ``msn.a.b`` when that is a module, else ``msn.a``."""
+    found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            names.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            names.add(node.module)
-            names.update(f"{node.module}.{a.name}" for a in node.names)  # "from msn import evaluate"
-    return names
+            found.update(a.name for a in node.names if a.name.split(".")[0] == "msn")
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "msn":
+            for alias in node.names:
+                sub = f"{node.module}.{alias.name}"
+                found.add(sub if _is_module(sub) else node.module)
+    return found
 
 
-def test_no_library_module_imports_a_cli_module():
-    offenders = {}
+def import_graph() -> dict[str, set[str]]:
+    """module -> the msn modules it imports (itself left out), for every module of the package."""
+    graph = {}
     for path in sorted(PACKAGE.rglob("*.py")):
-        module = ".".join(("msn", *path.relative_to(PACKAGE).with_suffix("").parts)).removesuffix(".__init__")
-        if module in CLI_MODULES:
-            continue
-        bad = _imports(path) & (CLI_MODULES - ENTRY_SHIMS.get(module, set()))
-        if bad:
-            offenders[module] = sorted(bad)
-    assert not offenders, offenders
+        name = _module_name(path)
+        graph[name] = _msn_imports(path) - {name}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` (``[a, b, ..., a]``), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start)):
+            return cycle
+    return None
+
+
+def layer_of(module: str) -> tuple[int, str] | None:
+    """(rank, package) of a module in :data:`LAYERS`; None for ``msn`` itself and for the shims."""
+    parts = module.split(".")
+    if len(parts) < 2 or module in SHIMS:
+        return None
+    for rank, packages in enumerate(LAYERS):
+        if parts[1] in packages:
+            return rank, parts[1]
+    raise AssertionError(f"{module} belongs to no layer: add its package to LAYERS (and to docs/design.md)")
+
+
+def layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    """Every import of a later layer, or of a sibling package in the same layer."""
+    bad = []
+    for module, imports in graph.items():
+        here = layer_of(module)
+        for target in imports:
+            there = layer_of(target)
+            if here is None or there is None:
+                continue
+            if there[0] > here[0] or (there[0] == here[0] and there[1] != here[1]):
+                bad.append(f"{module} imports {target}")
+    return sorted(bad)
+
+
+def test_the_package_has_no_import_cycle():
+    graph = {m: deps for m, deps in import_graph().items() if m not in SHIMS}
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def test_no_module_imports_a_later_layer():
+    assert layer_violations(import_graph()) == []
+
+
+def test_the_checks_find_a_cycle_and_an_upward_import():
+    """The two checks above can fail: a cycle through a function-local import, and data importing models."""
+    graph = import_graph()
+    graph["msn.config.schema"] = graph["msn.config.schema"] | {"msn.config.checks"}  # checks imports schema
+    assert find_cycle(graph) is not None
+    graph = import_graph()
+    graph["msn.data.loader"] = graph["msn.data.loader"] | {"msn.models.masking"}
+    graph["msn.utils.device"] = graph["msn.utils.device"] | {"msn.train.step"}
+    assert layer_violations(graph) == ["msn.data.loader imports msn.models.masking",
+                                       "msn.utils.device imports msn.train.step"]
+
+
+def test_function_local_imports_count(tmp_path, monkeypatch):
+    source = tmp_path / "mod.py"
+    source.write_text("def f():\n    from msn.train import loop\n    import msn.cli.pretrain\n")
+    assert _msn_imports(source) == {"msn.train.loop", "msn.cli.pretrain"}
+
+
+def test_no_library_module_imports_a_cli_module_and_shims_import_only_their_target():
+    graph = import_graph()
+    for module, imports in graph.items():
+        if module in SHIMS:
+            assert imports == SHIMS[module], module
+        elif not module.startswith("msn.cli"):
+            assert not {i for i in imports if i.startswith("msn.cli")}, module
+        assert not imports & set(SHIMS), f"{module} imports a deprecated alias"
 
 
 def test_cli_modules_import_no_other_cli_module():
+    graph = import_graph()
     for module in CLI_MODULES:
-        path = PACKAGE / f"{module.removeprefix('msn.')}.py"
-        if path.is_file():
-            assert not (_imports(path) & (CLI_MODULES - {module})), module
+        assert not (graph[module] & (CLI_MODULES - {module})), module
+
+
+def test_deprecated_aliases_warn_and_reach_the_new_names():
+    """Old import paths keep working for one release, with a FutureWarning; msn.config stays in its layer
+    (its moved names are looked up only when asked for)."""
+    code = """
+import sys, warnings
+import msn.config
+assert not any(m.startswith(("msn.cli", "msn.utils")) for m in sys.modules), sorted(sys.modules)
+warnings.simplefilter("error")
+from msn.cli.hydra import CheckBeforeRun
+from msn.utils.rundir import safe_name
+for old, new in (("CheckBeforeRun", CheckBeforeRun), ("safe_name", safe_name)):
+    try:
+        getattr(msn.config, old)
+        raise SystemExit(f"no warning for msn.config.{old}")
+    except FutureWarning:
+        pass
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert getattr(msn.config, old) is new
+for module, name, target in (("msn.step", "train_step", "msn.train.step"),
+                             ("msn.checkpoint", "save_checkpoint", "msn.weights.checkpoint"),
+                             ("msn.sweep", "SweepSummary", "msn.cli.sweep")):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        alias = __import__(module, fromlist=[name])
+    assert any(issubclass(w.category, FutureWarning) and target in str(w.message) for w in caught), module
+    assert getattr(alias, name) is getattr(__import__(target, fromlist=[name]), name)
+import msn.train
+from msn.train.loop import train
+assert msn.train.train is train
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+def test_the_hydra_targets_of_earlier_configs_still_resolve():
+    """A config.yaml copied from an earlier release names msn.config.CheckBeforeRun and msn.sweep.SweepSummary."""
+    from hydra.utils import get_class
+
+    from msn.cli.hydra import CheckBeforeRun
+    from msn.cli.sweep import SweepSummary
+
+    with pytest.warns(FutureWarning):
+        assert get_class("msn.config.CheckBeforeRun") is CheckBeforeRun
+    assert get_class("msn.sweep.SweepSummary") is SweepSummary
 
 
 def test_every_help_is_plain_text_and_leads_with_our_usage(capsys):
@@ -47,15 +199,16 @@ def test_every_help_is_plain_text_and_leads_with_our_usage(capsys):
 
     import pytest
 
-    import msn.bench
-    import msn.evaluate
-    import msn.export
-    import msn.viz
+    import msn.cli.bench
+    import msn.cli.evaluate
+    import msn.cli.export
+    import msn.cli.viz
 
     markup = re.compile(r"``|:(func|class|meth|mod):`")
-    helps = [("msn-export", msn.export.main, ["--help"]), ("msn-eval", msn.evaluate.main, ["--help"])]
-    helps += [("msn-bench", msn.bench.main, a) for a in (["--help"], *([c, "-h"] for c in ("step", "data", "e2e")))]
-    helps += [("msn-viz", msn.viz.main, args) for args in (["--help"], *([kind, "-h"] for kind in msn.viz.KINDS))]
+    helps = [("msn-export", msn.cli.export.main, ["--help"]), ("msn-eval", msn.cli.evaluate.main, ["--help"])]
+    helps += [("msn-bench", msn.cli.bench.main, a) for a in (["--help"], *([c, "-h"] for c in ("step", "data", "e2e")))]
+    helps += [("msn-viz", msn.cli.viz.main, args)
+              for args in (["--help"], *([kind, "-h"] for kind in msn.cli.viz.KINDS))]
     for name, main, args in helps:
         with pytest.raises(SystemExit) as exit_:
             main(args)
@@ -75,7 +228,7 @@ _CHEAP_PATHS = r"""
 import contextlib, io, sys
 from pathlib import Path
 
-from msn import bench, evaluate, export, pretrain, viz
+from msn.cli import bench, evaluate, export, pretrain, viz
 
 done = Path("outputs/done")  # a finished run: msn-pretrain says so and stops
 done.mkdir(parents=True)

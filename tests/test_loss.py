@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from msn.loss import MSNLoss, me_max, msn_loss, prototype_probabilities, sharpen, sinkhorn
+from msn.train.loss import MSNLoss, me_max, msn_loss, prototype_probabilities, sharpen, sinkhorn
 from tests.dist_utils import run_distributed
 
 REFERENCE_CASES = ["loss_default", "loss_no_sinkhorn", "loss_with_entropy"]

@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from msn.backbone import MaskedViT
-from msn.masking import gather_tokens, keep_indices, num_kept
+from msn.models.backbone import MaskedViT
+from msn.models.masking import gather_tokens, keep_indices, num_kept
 
 
 @pytest.mark.parametrize("n,ratio", [(196, 0.15), (196, 0.3), (196, 0.7), (16, 0.15), (36, 0.5), (10, 0.0)])

@@ -3,13 +3,14 @@ import copy
 import pytest
 import torch
 
-from msn.heads import ProjectionHead
-from msn.loss import MSNLoss
-from msn.masking import ViewMasks
-from msn.model import MSN
-from msn.optim import build_optimizer, param_groups
-from msn.schedules import StepHyperParams
-from msn.step import build_mask_generator, train_step
+from msn.models.heads import ProjectionHead
+from msn.models.masking import ViewMasks
+from msn.models.msn import MSN
+from msn.train.builder import build_mask_generator
+from msn.train.loss import MSNLoss
+from msn.train.optim import build_optimizer, param_groups
+from msn.train.schedules import StepHyperParams
+from msn.train.step import train_step
 from tests.conftest import compose_config
 
 
@@ -30,7 +31,8 @@ def _hp(momentum: float = 0.9) -> StepHyperParams:
 
 def _masks(cfg, views: list[torch.Tensor], step: int = 0) -> ViewMasks:
     make = build_mask_generator(cfg)
-    return make(step, views[0].shape[0], views[1].shape[-1], views[-1].shape[-1], len(views) - 2)
+    return make(step, views[0].shape[0], anchor_size=views[1].shape[-1], focal_size=views[-1].shape[-1],
+                num_focal=len(views) - 2)
 
 
 def test_head_layout():
@@ -56,7 +58,8 @@ def test_one_step_gives_every_parameter_a_gradient_and_ema_target(cfg):
     target_before = copy.deepcopy(model.target.state_dict())
     protos_before = model.prototypes.detach().clone()
     views = _views()
-    train_step(model, MSNLoss(), optimizer, views, _masks(cfg, views), _hp(momentum=0.9), cfg.optim.clip_grad)
+    train_step(model, MSNLoss(), optimizer, views, _masks(cfg, views), hp=_hp(momentum=0.9),
+               clip_grad=cfg.optim.clip_grad)
 
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     assert any(n == "prototypes" for n, _ in trainable)
@@ -94,7 +97,7 @@ def test_focal_masking_option(cfg):
     seen = []
     hook = model.online.backbone.blocks[0].register_forward_hook(lambda m, i, o: seen.append(o.shape[1]))
     views = _views()
-    train_step(model, MSNLoss(), build_optimizer(model, cfg.optim), views, _masks(cfg, views), _hp(), None)
+    train_step(model, MSNLoss(), build_optimizer(model, cfg.optim), views, _masks(cfg, views), hp=_hp(), clip_grad=None)
     hook.remove()
     # target (unmasked, 1 + 16 tokens) is run by the target copy; online: anchor 1 + 11, focal 1 + 2
     assert seen == [1 + int(16 * 0.7), 1 + int(4 * 0.7)]
@@ -126,8 +129,9 @@ def test_clipping_covers_the_encoder_only(cfg):
     reference = copy.deepcopy(model)
     views = _views()
     masks = _masks(cfg, views)
-    clipped = train_step(model, MSNLoss(), build_optimizer(model, cfg.optim), views, masks, _hp(), clip_grad=1e-3)
-    free = train_step(reference, MSNLoss(), build_optimizer(reference, cfg.optim), views, masks, _hp(), None)
+    clipped = train_step(model, MSNLoss(), build_optimizer(model, cfg.optim), views, masks, hp=_hp(), clip_grad=1e-3)
+    free = train_step(reference, MSNLoss(), build_optimizer(reference, cfg.optim), views, masks, hp=_hp(),
+                      clip_grad=None)
     encoder_norm = torch.linalg.vector_norm(torch.stack([
         torch.linalg.vector_norm(p.grad) for p in reference.online.parameters()]))
     assert clipped.encoder_grad_norm.item() == pytest.approx(encoder_norm.item(), rel=1e-5)  # before clipping
@@ -181,6 +185,26 @@ def test_fused_adamw_takes_the_same_step(cfg):
         optimizer = build_optimizer(model, cfg.optim, fused=flag)
         assert bool(optimizer.param_groups[0]["fused"]) is flag
         for _ in range(2):
-            train_step(model, MSNLoss(), optimizer, views, masks, _hp(), cfg.optim.clip_grad)
+            train_step(model, MSNLoss(), optimizer, views, masks, hp=_hp(), clip_grad=cfg.optim.clip_grad)
     for (name, a), b in zip(plain.state_dict().items(), fused.state_dict().values(), strict=True):
         torch.testing.assert_close(b, a, atol=1e-10, rtol=0, msg=name)
+
+
+def test_building_the_model_and_probing_leave_the_callers_random_stream_alone():
+    """Library code draws from seeded streams of its own: the same initial weights for a seed, whatever the
+    caller's global generator holds, and the caller's next draw is what it would have been."""
+    from msn.eval.protocols import linear_probe
+    from msn.train.builder import build_model
+
+    cfg = compose_config(["experiment=cpu_smoke"])
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    first = build_model(cfg, device=torch.device("cpu")).state_dict()
+    x, y = torch.randn(20, 8, generator=torch.Generator().manual_seed(0)), torch.arange(20) % 2
+    accuracy = linear_probe(x, y, x, y, epochs=3, seed=1)
+    assert torch.equal(torch.rand(3), expected)
+    torch.manual_seed(999)  # another caller state: the same weights and the same probe
+    second = build_model(cfg, device=torch.device("cpu")).state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert linear_probe(x, y, x, y, epochs=3, seed=1) == accuracy

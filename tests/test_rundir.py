@@ -9,7 +9,7 @@ import socket
 import pytest
 
 from msn.errors import CheckpointError
-from msn.rundir import check_model, read_status, resolve_resume, source_file, write_status
+from msn.utils.rundir import check_model, read_status, resolve_resume, source_file, write_status
 
 
 def _run_with_checkpoint(root):

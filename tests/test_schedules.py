@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from msn.schedules import Schedules
+from msn.train.schedules import Schedules
 
 
 def _from_reference(c: dict) -> Schedules:

@@ -16,13 +16,14 @@ import pytest
 import torch
 
 from msn.config import to_schema
-from msn.convert import from_original_msn
-from msn.masking import ViewMasks
-from msn.model import MSN
-from msn.optim import build_optimizer
-from msn.schedules import StepHyperParams
-from msn.step import build_loss, train_step
-from msn.weights import init_model_from
+from msn.models.masking import ViewMasks
+from msn.models.msn import MSN
+from msn.train.builder import build_loss
+from msn.train.optim import build_optimizer
+from msn.train.schedules import StepHyperParams
+from msn.train.step import train_step
+from msn.weights.convert import from_original_msn
+from msn.weights.formats import init_model_from
 from tests.conftest import compose_config
 
 TOL = 1e-9
@@ -63,8 +64,8 @@ def _run_steps(case: dict, model: MSN, cfg, prototype_grad_scale: float = 1.0) -
         hp = StepHyperParams(lr=c["lr"][i], weight_decay=c["wd"][i], momentum=c["momentum"][i], sharpen_T=c["T"][i])
         assert (hp.lr, hp.weight_decay, hp.momentum, hp.sharpen_T) == (step["lr"], step["wd"], step["momentum"],
                                                                       step["T"])
-        results.append(train_step(model, loss_fn, optimizer, list(step["views"]), masks, hp, cfg.optim.clip_grad,
-                                  prototype_grad_scale=prototype_grad_scale))
+        results.append(train_step(model, loss_fn, optimizer, list(step["views"]), masks, hp=hp,
+                                  clip_grad=cfg.optim.clip_grad, prototype_grad_scale=prototype_grad_scale))
     return results
 
 

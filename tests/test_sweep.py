@@ -8,8 +8,9 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 
-from msn.config import CONFIG_DIR, register_configs
-from msn.sweep import main as sweep_main
+from msn.cli.hydra import register_configs
+from msn.cli.sweep import main as sweep_main
+from msn.config import CONFIG_DIR
 from tests.conftest import metrics_rows
 
 
@@ -74,4 +75,4 @@ def test_example_sweep_config_is_a_two_by_two_multirun():
         cfg = compose(config_name="config", overrides=["sweep=lr_mask"], return_hydra_config=True)
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
     assert dict(cfg.hydra.sweeper.params) == {"optim.lr": "5e-4,1e-3", "masking.ratio": "0.15,0.3"}
-    assert cfg.hydra.callbacks.sweep_summary._target_ == "msn.sweep.SweepSummary"
+    assert cfg.hydra.callbacks.sweep_summary._target_ == "msn.cli.sweep.SweepSummary"

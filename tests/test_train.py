@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from msn.checkpoint import CheckpointError, load_checkpoint
 from msn.config import ConfigError
 from msn.data import DataError
-from msn.loggers import COLUMNS
-from msn.train import train
+from msn.train.loggers import COLUMNS
+from msn.train.loop import train
+from msn.weights.checkpoint import CheckpointError, load_checkpoint
 from tests.conftest import compose_config, metrics_rows
 
 
@@ -196,7 +196,7 @@ def test_compile_with_inductor_matches_eager(tmp_path):
 
 
 def test_periodic_monitor_is_logged(tmp_path, monkeypatch):
-    from msn import monitor
+    from msn.eval import monitor
 
     crops = []
     extract = monitor.extract_features
@@ -248,7 +248,7 @@ def test_a_second_ctrl_c_stops_at_once():
     import os
     import signal
 
-    from msn.signals import StopRequest
+    from msn.train.signals import StopRequest
 
     previous = signal.getsignal(signal.SIGINT)
     stop = StopRequest()
@@ -316,7 +316,8 @@ def test_launcher_configs_compose():
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="needs the slurm extra")
     from hydra import compose, initialize_config_dir
 
-    from msn.config import CONFIG_DIR, register_configs
+    from msn.cli.hydra import register_configs
+    from msn.config import CONFIG_DIR
 
     register_configs()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
@@ -334,7 +335,7 @@ def test_stop_request_under_submitit_saves_on_sigterm_and_forwards_its_signal(mo
     import os
     import signal
 
-    from msn.signals import StopRequest
+    from msn.train.signals import StopRequest
 
     calls = []
     previous = signal.signal(signal.SIGUSR2, lambda number, frame: calls.append(number))  # stands in for submitit
@@ -395,9 +396,9 @@ def test_compile_covers_the_online_encoder_and_the_target(tmp_path):
 
 def test_a_non_finite_step_stops_the_run_and_is_never_saved(tmp_path, monkeypatch):
     """The non-finite check stays on the device between logging steps, but runs before every checkpoint."""
-    import msn.train
+    import msn.train.loop
 
-    real_step, calls = msn.train.train_step, []
+    real_step, calls = msn.train.loop.train_step, []
 
     def poisoned(model, loss_fn, optimizer, views, *args, **kwargs):
         calls.append(1)
@@ -405,7 +406,7 @@ def test_a_non_finite_step_stops_the_run_and_is_never_saved(tmp_path, monkeypatc
             views = [v * float("nan") for v in views]
         return real_step(model, loss_fn, optimizer, views, *args, **kwargs)
 
-    monkeypatch.setattr(msn.train, "train_step", poisoned)
+    monkeypatch.setattr(msn.train.loop, "train_step", poisoned)
     run_dir = tmp_path / "run"
     cfg = _smoke(run_dir, "logger.log_every=10", "checkpoint.last_every_steps=1", "checkpoint.every_steps=0")
     with pytest.raises(FloatingPointError, match="non-finite at step 4; nothing after the last checkpoint"):
@@ -549,7 +550,7 @@ def test_a_run_that_is_live_in_another_process_is_not_started_twice(tmp_path):
     finally:
         sleeper.kill()
         sleeper.wait()
-    from msn.rundir import live_elsewhere, read_status
+    from msn.utils.rundir import live_elsewhere, read_status
 
     assert live_elsewhere(read_status(run)) is None  # that process is gone: the run may start
     assert live_elsewhere({**read_status(run), "pid": os.getpid()}) is None  # this very process

@@ -11,14 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
+from msn.cli.viz import main
 from msn.data import EpochSampler, MultiCropDataset, MultiCropTransform, RunSampler, build_dataset, build_loader
-from msn.masking import MaskGenerator
+from msn.models.masking import MaskGenerator
 from msn.plots.attention import cls_attention
 from msn.plots.common import GREY, to_display
-from msn.plots.views import trainer_views
-from msn.train import train
-from msn.viz import main
-from msn.weights import export_hf, read_source
+from msn.train.loop import train
+from msn.train.views import trainer_views
+from msn.weights.formats import export_hf, read_source
 from tests.conftest import compose_config
 
 SMOKE = ["experiment=cpu_smoke", "masking.ratio=0.5", "data.batch_size=8"]
@@ -55,7 +55,8 @@ def test_views_grid_shows_the_trainers_batch_and_greys_exactly_the_dropped_patch
     sampler = RunSampler(EpochSampler(len(base), seed=cfg.seed), cfg.data.batch_size, start_step=step)
     loader = build_loader(cfg.data, MultiCropDataset(base, MultiCropTransform(cfg.data), seed=cfg.seed), sampler)
     batch = next(iter(loader)).views()
-    keep = MaskGenerator(0.5, True, False, cfg.model.patch_size, cfg.seed)(step, 8, 32).anchor_keep  # (8, K)
+    make_masks = MaskGenerator(0.5, True, False, cfg.model.patch_size, cfg.seed)
+    keep = make_masks(step, 8, anchor_size=32).anchor_keep  # (8, K)
     tv = trainer_views(cfg, step, count)
     assert all(torch.equal(a, b[:count]) for a, b in zip(tv.views, batch, strict=True))
 
@@ -83,9 +84,9 @@ def test_views_of_a_run_directory_use_its_config(run, tmp_path):
 
 
 def test_attention_of_a_checkpoint_and_of_its_hf_export_are_the_same(run, tmp_path):
-    from msn.features import load_encoder
+    from msn.eval.features import load_encoder
+    from msn.eval.splits import load_splits
     from msn.plots.attention import load_images
-    from msn.splits import load_splits
 
     checkpoint, export = load_encoder(run), load_encoder(run / "hf")
     _, test = load_splits("digits")
@@ -130,8 +131,8 @@ def test_crop_pct_sets_what_the_attention_and_prototype_pictures_see(run, tmp_pa
     test images (not the default 0.875 one), and prototypes assign with the same crop."""
     import msn.plots.attention as attention
     import msn.plots.prototypes as prototypes
-    from msn.features import load_encoder
-    from msn.splits import load_splits
+    from msn.eval.features import load_encoder
+    from msn.eval.splits import load_splits
 
     seen_images, seen_crops = [], []
     real_attention, real_use = attention.cls_attention, prototypes.prototype_use
@@ -169,8 +170,8 @@ def test_curves_of_a_run_and_of_a_sweep(run, tmp_path):
 
 
 def test_prototypes_of_a_run(run, tmp_path):
+    from msn.eval.splits import load_splits
     from msn.plots.prototypes import load_model, prototype_use
-    from msn.splits import load_splits
 
     out = tmp_path / "protos.png"
     assert main(["prototypes", str(run), "--dataset", "digits", "--limit", "60", "--show", "2",

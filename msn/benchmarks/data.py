@@ -33,7 +33,7 @@ from msn.data import (
     device_views,
     load_rgb,
 )
-from msn.device import resolve_device
+from msn.utils.device import resolve_device
 
 
 class RandomGaussianBlur:
@@ -93,7 +93,7 @@ def images_per_second(batches: Iterable[Any], batch_size: int, seconds: float, w
     return count * batch_size / (time.perf_counter() - tic)
 
 
-def bench_data(cfg: DictConfig, workers: int, seconds: float, warmup: int = 2) -> dict[str, Any]:
+def bench_data(cfg: DictConfig, *, workers: int, seconds: float, warmup: int = 2) -> dict[str, Any]:
     """Images/s of our loader and of the reference on ``cfg.data.root`` (see the module docstring)."""
     d = cfg.data
     device = resolve_device(cfg.device)

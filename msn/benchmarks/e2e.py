@@ -19,10 +19,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from msn.benchmarks.step import bench_step, compose_bench_config
+from omegaconf import DictConfig
+
+from msn.benchmarks.step import bench_step
 from msn.config import ConfigError
 from msn.data import augment_in_workers
-from msn.device import resolve_device
+from msn.utils.device import resolve_device
 
 QUIET = ["logger=csv", "logger.progress=false", "logger.console_every=0", "monitor.every_steps=0",
          "checkpoint.every_steps=0", "checkpoint.last_every_steps=0"]
@@ -56,11 +58,12 @@ def steady_images_per_s(metrics_csv: Path, warmup: int, global_batch: int) -> fl
     return images / seconds
 
 
-def bench_e2e(overrides: list[str], steps: int = 60, warmup: int = 20, step_steps: int = 10) -> dict[str, Any]:
-    """Run the trainer for ``steps`` steps and time the step alone; see the module docstring."""
+def bench_e2e(cfg: DictConfig, *, overrides: list[str], steps: int = 60, warmup: int = 20,
+              step_steps: int = 10) -> dict[str, Any]:
+    """Run the trainer (``msn-pretrain OVERRIDES``, in a process of its own) for ``steps`` steps and time the
+    step of ``cfg`` (composed from the same overrides) alone; see the module docstring."""
     if not 0 < warmup < steps:
         raise ConfigError(f"--warmup {warmup} must lie between 0 and --steps {steps}")
-    cfg = compose_bench_config(overrides)  # fails here, with one line, on a bad override
     every = log_interval(warmup, steps)
     with tempfile.TemporaryDirectory(prefix="msn-e2e-") as tmp:
         run_dir = Path(tmp) / "run"
@@ -72,7 +75,7 @@ def bench_e2e(overrides: list[str], steps: int = 60, warmup: int = 20, step_step
             raise ConfigError(f"the trainer failed: {lines[-1]}")
         global_batch = int(json.loads((run_dir / "run.json").read_text())["global_batch_size"])
         e2e = steady_images_per_s(run_dir / "metrics.csv", warmup, global_batch)
-    step = bench_step(overrides, steps=step_steps, warmup=3)
+    step = bench_step(cfg, overrides=overrides, steps=step_steps, warmup=3)
     return {
         "overrides": overrides, "device": step["device"], "device_name": step["device_name"],
         "batch": step["batch"], "steps": steps, "warmup": warmup, "num_workers": int(cfg.data.num_workers),

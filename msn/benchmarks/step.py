@@ -11,7 +11,7 @@ data.num_focal focal views at data.focal_size), already on the device: the figur
 Reported: step time, images/s, peak memory (the GPU's allocator, or the process's peak RSS on a CPU),
 FLOPs per image counted by torch's FLOP counter on one eager step, the FLOP/s of a large matmul in
 the step's precision measured in the same run, and the model FLOPs utilisation (MFU) against it.
---reference also times the original MSN step (msn.baseline: a plain re-implementation from the
+--reference also times the original MSN step (msn.benchmarks.reference: a plain re-implementation from the
 paper's description) with the same shapes, precision and device, and prints the ratio.
 --max-batch doubles data.batch_size until the GPU runs out of memory and reports the largest that fit.
 """
@@ -28,18 +28,10 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from msn.baseline import ReferenceMSN
-from msn.config import ConfigError, compose_run_config, model_arch
-from msn.device import autocast_dtype, configure_matmul, resolve_device
-from msn.model import MSN
-from msn.optim import build_optimizer
-from msn.schedules import Schedules
-from msn.step import build_loss, build_mask_generator, build_schedules, train_step
-
-
-def compose_bench_config(overrides: list[str]) -> DictConfig:
-    """The msn-pretrain config for ``overrides``; a folder dataset needs no root here (no data is read)."""
-    return compose_run_config(overrides, placeholder_root=True)
+from msn.benchmarks.reference import ReferenceMSN
+from msn.config import ConfigError, model_arch
+from msn.train.builder import Process, build_parts, build_schedules, local_process
+from msn.train.step import train_step
 
 
 def _cpu_name() -> str:
@@ -97,23 +89,23 @@ def random_views(cfg: DictConfig, batch: int, device: torch.device, dtype: torch
 
 
 class _OurStep:
-    """The trainer's step (msn.steps.train_step) on fixed random views, with its own masks and schedules."""
+    """The trainer's step (:func:`msn.train.step.train_step`) with the parts the trainer builds
+    (:func:`msn.train.builder.build_parts`: model, AdamW, fp16's scaler, loss, masks, schedules over a
+    nominal 1000-step run), on fixed random views."""
 
-    def __init__(self, cfg: DictConfig, batch: int, device: torch.device) -> None:
-        self.cfg, self.device = cfg, device
-        self.model = MSN(cfg.model).to(device).train()
-        self.optimizer = build_optimizer(self.model, cfg.optim, fused=device.type == "cuda")
-        self.loss_fn = build_loss(cfg.loss)
-        self.schedules: Schedules = build_schedules(cfg, total_steps=1000, steps_in_epoch=100)
-        self.make_masks = build_mask_generator(cfg)
-        self.views = random_views(cfg, batch, device, torch.float32)
-        self.amp_dtype = autocast_dtype(cfg.precision, device)
+    def __init__(self, cfg: DictConfig, batch: int, process: Process) -> None:
+        self.cfg, self.process = cfg, process
+        self.parts = build_parts(cfg, process=process, total_steps=1000, steps_in_epoch=100)
+        self.model = self.parts.model.train()
+        self.views = random_views(cfg, batch, process.device, torch.float32)
 
     def __call__(self, i: int) -> None:
-        d = self.cfg.data
-        masks = self.make_masks(i, len(self.views[0]), d.global_size, d.focal_size, d.num_focal, device=self.device)
-        train_step(self.model, self.loss_fn, self.optimizer, self.views, masks, self.schedules.at(i),
-                   self.cfg.optim.clip_grad, amp_dtype=self.amp_dtype)
+        d, p = self.cfg.data, self.parts
+        masks = p.make_masks(i, len(self.views[0]), anchor_size=d.global_size, focal_size=d.focal_size,
+                             num_focal=d.num_focal, device=self.process.device)
+        train_step(self.model, p.loss_fn, p.optimizer, self.views, masks, hp=p.schedules.at(i),
+                   clip_grad=self.cfg.optim.clip_grad, scaler=p.scaler, amp_dtype=self.process.amp_dtype,
+                   prototype_grad_scale=p.prototype_grad_scale)
 
 
 def count_flops(step: Callable[[int], Any]) -> int:
@@ -125,15 +117,15 @@ def count_flops(step: Callable[[int], Any]) -> int:
     return counter.get_total_flops()
 
 
-def bench_step(overrides: list[str], steps: int = 10, warmup: int = 3, reference: bool = False) -> dict[str, Any]:
-    """Time the training step of the configured model; see the module docstring for what is reported."""
-    cfg = compose_bench_config(overrides)
-    device = resolve_device(cfg.device)
-    configure_matmul(device, cfg.tf32)
-    amp_dtype = autocast_dtype(cfg.precision, device)
+def bench_step(cfg: DictConfig, *, overrides: list[str], steps: int = 10, warmup: int = 3,
+               reference: bool = False) -> dict[str, Any]:
+    """Time the training step of ``cfg`` (composed from ``overrides``, which the report repeats); see the
+    module docstring for what is reported. TF32 is the caller's choice (``msn-bench`` sets ``cfg.tf32``)."""
+    process = local_process(cfg)
+    device, amp_dtype = process.device, process.amp_dtype
     batch = int(cfg.data.batch_size)
 
-    ours = _OurStep(cfg, batch, device)
+    ours = _OurStep(cfg, batch, process)
     flops = count_flops(ours)  # eager, before any compile
     if cfg.compile:
         ours.model.compile_encoders(cfg.compile_backend, cfg.compile_mode)
@@ -153,15 +145,16 @@ def bench_step(overrides: list[str], steps: int = 10, warmup: int = 3, reference
     del ours
     if reference:
         m = cfg.model
-        ref = ReferenceMSN(model_arch(m), m.patch_size, m.img_size, m.head_hidden_dim, m.head_output_dim,
-                           m.num_prototypes, device)
+        ref = ReferenceMSN(model_arch(m), patch_size=m.patch_size, img_size=m.img_size, hidden_dim=m.head_hidden_dim,
+                           out_dim=m.head_output_dim, num_prototypes=m.num_prototypes, device=device)
         views = random_views(cfg, batch, device, torch.float32)
         schedules = build_schedules(cfg, total_steps=1000, steps_in_epoch=100)
 
         def ref_step(i: int) -> None:
             hp = schedules.at(i)
-            ref.step(views, cfg.masking.ratio, hp.lr, hp.weight_decay, hp.momentum, hp.sharpen_T, cfg.loss.tau,
-                     cfg.optim.clip_grad or float("inf"), amp_dtype)
+            ref.step(views, mask_ratio=cfg.masking.ratio, lr=hp.lr, wd=hp.weight_decay, momentum=hp.momentum,
+                     T=hp.sharpen_T, tau=cfg.loss.tau, clip_grad=cfg.optim.clip_grad or float("inf"),
+                     amp_dtype=amp_dtype)
 
         _reset_peak(device)
         ref_seconds = _seconds_per_call(ref_step, steps, warmup, device)
@@ -170,17 +163,16 @@ def bench_step(overrides: list[str], steps: int = 10, warmup: int = 3, reference
     return report
 
 
-def max_batch(overrides: list[str], start: int) -> int:
-    """The largest ``data.batch_size`` (doubling from ``start``) whose training step fits in GPU memory."""
-    fits = 0
-    batch = start
+def max_batch(cfg: DictConfig) -> int:
+    """The largest ``data.batch_size`` (doubling from ``cfg``'s) whose training step fits in GPU memory."""
+    process = local_process(cfg)
+    device = process.device
+    if device.type != "cuda":
+        raise ConfigError("--max-batch needs a GPU (device=cuda or auto on a machine with one)")
+    fits, batch = 0, int(cfg.data.batch_size)
     while True:
-        cfg = compose_bench_config([*overrides, f"data.batch_size={batch}"])
-        device = resolve_device(cfg.device)
-        if device.type != "cuda":
-            raise ConfigError("--max-batch needs a GPU (device=cuda or auto on a machine with one)")
         try:
-            step = _OurStep(cfg, batch, device)
+            step = _OurStep(cfg, batch, process)
             step(0)
             _sync(device)
         except torch.cuda.OutOfMemoryError:

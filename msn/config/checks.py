@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from msn.arch import WEIGHT_INITS
+from msn.config.arch import WEIGHT_INITS
 from msn.config.schema import MSNConfig, check_crop_pct, model_arch
 from msn.errors import ConfigError
 
@@ -145,8 +146,16 @@ def to_schema(cfg: DictConfig | dict) -> DictConfig:
     unknown = unknown_keys(cfg)
     if unknown:
         raise ConfigError(f"unknown config key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} (added with "
-                          "+key=value?); msn reads only the keys of configs/ and msn/config/schema.py: check the "
+                          "+key=value?); msn reads only the keys of msn/configs/ and msn/config/schema.py: check the "
                           "spelling")
     merged = OmegaConf.merge(OmegaConf.structured(MSNConfig), cfg)
     validate(merged)
     return merged
+
+
+def load_run_config(run_dir: Path) -> DictConfig:
+    """The validated config a run was trained with (``RUN_DIR/config.yaml``)."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} holds no config.yaml; give a run directory that msn-pretrain wrote")
+    return to_schema(OmegaConf.load(path))

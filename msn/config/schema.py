@@ -1,6 +1,6 @@
 """The config schema: one dataclass per group, registered with Hydra's ConfigStore as ``msn_schema``.
 
-``configs/config.yaml`` lists ``msn_schema`` first in its defaults, so a misspelt key or a wrongly typed
+``msn/configs/config.yaml`` lists ``msn_schema`` first in its defaults, so a misspelt key or a wrongly typed
 value in any YAML file or command-line override fails during composition. The comments are the keys'
 documentation; :mod:`msn.config.checks` holds what a type cannot express.
 """
@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 
 from omegaconf import DictConfig
 
-from msn.arch import ViTArch, resolve_arch
+from msn.config.arch import ViTArch, resolve_arch
 
 
 @dataclass
 class ModelConfig:
-    arch: str | None = "vit_pico"  # width / depth / heads preset (msn.arch.ARCHITECTURES); null: give all three
+    arch: str | None = "vit_pico"  # width / depth / heads preset (msn.config.arch.ARCHITECTURES); null: give all three
     embed_dim: int | None = None  # null: the preset's; set to change the width (or build a ViT with arch=null)
     depth: int | None = None  # null: the preset's number of blocks
     num_heads: int | None = None  # null: the preset's number of attention heads

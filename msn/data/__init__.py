@@ -1,4 +1,4 @@
-"""Images in, multi-crop views out (DESIGN.md section 3).
+"""Images in, multi-crop views out (docs/design.md, "One step").
 
     RunSampler ──[(epoch, index), ...]──> MultiCropDataset ──> base dataset[index] (PIL RGB)
                                                │

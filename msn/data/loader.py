@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from msn.config import DataConfig
 from msn.data.datasets import DataError, ImageDataset
 from msn.data.multicrop import MultiCropTransform, ViewBatch
-from msn.seeding import stream_generator
+from msn.utils.seeding import stream_generator
 
 Key = tuple[int, int]  # (epoch, index)
 
@@ -165,7 +165,7 @@ class EpochSampler(Sampler[Key]):
     """Yields ``(epoch, index)`` keys: this rank's share of an epoch, like ``DistributedSampler``.
 
     The order is ``torch.randperm(n)`` from the run's ``"order"`` stream at ``epoch``
-    (:func:`msn.seeding.stream_seed`; DistributedSampler's ``seed + epoch`` would give seed 1 the order
+    (:func:`msn.utils.seeding.stream_seed`; DistributedSampler's ``seed + epoch`` would give seed 1 the order
     seed 0 has one epoch later), so it is a pure function of (seed, epoch). Rank r takes positions
     r, r + R, r + 2R, ... of that order; with ``drop_last`` the tail that does not divide evenly among
     the R replicas is dropped, otherwise the order is padded by wrapping around.
@@ -174,8 +174,9 @@ class EpochSampler(Sampler[Key]):
     loading) them. :meth:`set_epoch` resets the start to 0, so call it first.
     """
 
-    def __init__(self, dataset_len: int, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0,
+    def __init__(self, dataset_len: int, num_replicas: int = 1, rank: int = 0, *, shuffle: bool = True, seed: int = 0,
                  drop_last: bool = True) -> None:
+        """Order ``dataset_len`` images for ``rank`` of ``num_replicas`` (as ``DistributedSampler``'s arguments)."""
         if num_replicas < 1 or not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} is not in [0, num_replicas={num_replicas})")
         self.dataset_len, self.num_replicas, self.rank = int(dataset_len), int(num_replicas), int(rank)

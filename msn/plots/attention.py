@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from msn.backbone import MaskedViT
 from msn.data import load_rgb
-from msn.features import Encoder, eval_transform
+from msn.eval.features import Encoder, eval_transform
+from msn.models.backbone import MaskedViT
 from msn.plots.common import mosaic, to_display, upscale
 
 

@@ -16,11 +16,11 @@ import torch.nn.functional as F
 
 from msn.config import DEFAULT_CROP_PCT
 from msn.errors import VizError
-from msn.features import Encoder, TransformedImages, eval_transform
-from msn.model import MSN
+from msn.eval.features import Encoder, TransformedImages, eval_transform
+from msn.models.msn import MSN
 from msn.plots.common import new_figure, to_display
-from msn.rundir import is_hf_export
-from msn.weights import read_source
+from msn.utils.rundir import is_hf_export
+from msn.weights.formats import read_source
 
 
 @dataclass
@@ -76,7 +76,7 @@ def prototype_use(model: MSN, encoder: Encoder, images, batch_size: int = 256) -
     return PrototypeUse(counts, assigned, similarity)
 
 
-def prototypes_figure(use: PrototypeUse, images, encoder: Encoder, show: int = 4, per_prototype: int = 6,
+def prototypes_figure(use: PrototypeUse, images, encoder: Encoder, *, show: int = 4, per_prototype: int = 6,
                       width: int = 1400, height: int = 700):  # -> matplotlib Figure
     """Left: prototype use sorted (how many images each is the argmax of; the share never used).
     Right: for the ``show`` most used prototypes, the ``per_prototype`` images most similar to each."""

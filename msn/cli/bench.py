@@ -1,0 +1,162 @@
+"""msn-bench: measure the training step, the input pipeline, or both together, on this machine.
+
+    msn-bench step OVERRIDES... [--steps N] [--warmup N] [--reference] [--max-batch]
+    msn-bench data --root DIR [--workers W] [--threads N] [--seconds S] [OVERRIDES...]
+    msn-bench e2e OVERRIDES... [--steps N] [--warmup N]
+
+OVERRIDES are Hydra overrides as for msn-pretrain, for example
+    msn-bench step experiment=msn_vits16 data.batch_size=128 precision=bf16 compile=true device=cuda
+    msn-bench data --root /data/train --workers 15 experiment=msn_vits16 data.batch_size=128
+    msn-bench e2e experiment=msn_vits16 data.root=/data/train data.batch_size=128 data.num_workers=15 precision=bf16
+
+step: the training step alone on random views already on the device: step time, images/s, peak memory,
+  FLOPs per image (torch's FLOP counter), a large matmul's FLOP/s in the same run and the MFU against it;
+  --reference also times the original MSN step (msn.benchmarks.reference) and prints the ratio; --max-batch doubles
+  data.batch_size until the GPU runs out of memory.
+data: images/s of the multi-crop loader on the images in DIR (the paper's views unless OVERRIDES say
+  otherwise; data.augment_on chooses where the photometric stage runs), and of a reference pipeline in
+  the same run (torchvision's PIL transforms view by view, as the original code), with the ratio.
+e2e: msn-pretrain for --steps steps; its steady images/s after --warmup steps, and the ratio to the
+  step alone on the same device.
+Each command's last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import TYPE_CHECKING, Any
+
+from hydra.errors import HydraException
+
+from msn.errors import MSNError
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+
+def _print_step(r: dict[str, Any]) -> None:
+    print(f"{' '.join(r['overrides'])}: batch {r['batch']} on {r['device_name']} ({r['precision']}, "
+          f"compile={r['compile']}, torch {r['torch']})")
+    print(f"  step {r['step_s'] * 1e3:.1f} ms, {r['img_s']:.1f} img/s, peak memory {r['peak_mem_gib']:.2f} GiB")
+    print(f"  {r['flops_per_image'] / 1e9:.2f} GFLOP per image; matmul {r['matmul_tflops']:.1f} TFLOP/s "
+          f"-> MFU {100 * r['mfu']:.1f} %")
+    if "ratio" in r:
+        print(f"  original step: {r['reference_img_s']:.1f} img/s, peak {r['reference_peak_mem_gib']:.2f} GiB, "
+              f"{r['reference_flops_per_image'] / 1e9:.2f} GFLOP per image -> ours is {r['ratio']:.2f}x")
+
+
+def _print_data(r: dict[str, Any]) -> None:
+    print(f"{r['images']} images in {r['root']}: views {r['views']}, batch {r['batch']}, {r['workers']} workers, "
+          f"{r['threads']} thread(s), photometric stage on the {r['augment_on']} ({r['device']})")
+    print(f"  ours {r['ours_images_per_s']:.1f} img/s, reference {r['reference_images_per_s']:.1f} img/s "
+          f"-> {r['ratio']:.2f}x")
+
+
+def _print_e2e(r: dict[str, Any]) -> None:
+    print(f"{' '.join(r['overrides'])}: batch {r['batch']} on {r['device_name']}, {r['num_workers']} workers, "
+          f"augment_on={r['augment_on']}")
+    print(f"  trainer {r['e2e_images_per_s']:.1f} img/s (steps {r['warmup'] + 1}-{r['steps']}), step alone "
+          f"{r['step_images_per_s']:.1f} img/s -> {r['ratio']:.2f}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="msn-bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    step = commands.add_parser("step", help="time the training step on random views",
+                               description="Time the training step; OVERRIDES as for msn-pretrain.")
+    step.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. experiment=msn_vits16 precision=bf16")
+    step.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
+    step.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    step.add_argument("--reference", action="store_true", help="also time the original step; print the ratio")
+    step.add_argument("--max-batch", action="store_true",
+                      help="instead: the largest data.batch_size (doubling) that fits in GPU memory")
+    data = commands.add_parser("data", help="images/s of the input pipeline, against a reference pipeline",
+                               description="Images/s of the multi-crop loader on the images in --root, and of "
+                                           "torchvision's PIL transforms view by view; OVERRIDES as for "
+                                           "msn-pretrain (default: data=folder, the paper's views).")
+    data.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data.batch_size=128 data.augment_on=device")
+    data.add_argument("--root", required=True, help="folder of images (ImageFolder layout or flat)")
+    data.add_argument("--workers", type=int, default=None, help="loader workers for both (default: data.num_workers)")
+    data.add_argument("--threads", type=int, default=None, help="torch threads of this process (default: torch's)")
+    data.add_argument("--seconds", type=float, default=10.0, help="timed seconds per pipeline (default 10)")
+    e2e = commands.add_parser("e2e", help="the trainer's images/s against the step alone",
+                              description="Run msn-pretrain for --steps steps and compare its steady images/s "
+                                          "with the step alone; OVERRIDES as for msn-pretrain.")
+    e2e.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. experiment=msn_vits16 data.root=/data")
+    e2e.add_argument("--steps", type=int, default=60, help="trainer steps (default 60)")
+    e2e.add_argument("--warmup", type=int, default=20, help="first steps left out (default 20)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point ``msn-bench``."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "step" and (args.steps < 1 or args.warmup < 0):
+        parser.error("--steps must be >= 1 and --warmup >= 0")
+    if args.command == "data" and (args.seconds <= 0 or (args.workers is not None and args.workers < 0)):
+        parser.error("--seconds must be > 0 and --workers >= 0")
+    try:
+        result = _run(args)
+    except (MSNError, HydraException) as e:
+        print(f"msn-bench: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 1
+    print(json.dumps(result))
+    return 0
+
+
+def compose_bench_config(overrides: list[str]) -> DictConfig:
+    """The msn-pretrain config for ``overrides``; a folder dataset needs no root here (no data is read)."""
+    from msn.cli.hydra import compose_run_config
+
+    return compose_run_config(overrides, placeholder_root=True)
+
+
+def _set_matmul(cfg: DictConfig) -> None:
+    """TF32 as the run would have it (``cfg.tf32``): process-wide, so the command sets it, not the library."""
+    from msn.utils.device import configure_matmul, resolve_device
+
+    configure_matmul(resolve_device(cfg.device), cfg.tf32)
+
+
+def _run(args: argparse.Namespace) -> dict[str, Any]:
+    """The chosen benchmark, its report printed; returns its JSON record. (Imports deferred: --help stays fast.)"""
+    if args.command == "step":
+        from msn.benchmarks.step import bench_step, max_batch
+
+        cfg = compose_bench_config(args.overrides)
+        _set_matmul(cfg)
+        if args.max_batch:
+            result = {"overrides": args.overrides, "max_batch": max_batch(cfg)}
+            print(f"largest batch that fits: {result['max_batch']}")
+            return result
+        result = bench_step(cfg, overrides=args.overrides, steps=args.steps, warmup=args.warmup,
+                            reference=args.reference)
+        _print_step(result)
+        return result
+    if args.command == "data":
+        import torch
+
+        from msn.benchmarks.data import bench_data
+
+        if args.threads is not None:
+            torch.set_num_threads(max(1, args.threads))
+        cfg = compose_bench_config(["data=folder", *args.overrides, f"data.root={args.root}"])
+        workers = int(cfg.data.num_workers) if args.workers is None else args.workers
+        result = bench_data(cfg, workers=workers, seconds=args.seconds)
+        _print_data(result)
+        return result
+    from msn.benchmarks.e2e import bench_e2e
+
+    cfg = compose_bench_config(args.overrides)  # a bad override: one line here, before the trainer starts
+    _set_matmul(cfg)
+    result = bench_e2e(cfg, overrides=args.overrides, steps=args.steps, warmup=args.warmup)
+    _print_e2e(result)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""msn-eval: measure a backbone the way the paper does, on frozen target-encoder features.
+
+    msn-eval PROTOCOL MODEL [--dataset digits|fashion_mnist|PATH] [--shots 1 2 5] [--fraction 0.01] [--splits 3] ...
+
+Protocols: lowshot (k images per class / a label fraction, L2-penalised multinomial logistic
+regression on centred, L2-normalised CLS features of a centre crop, --crop-pct), knn (cosine, k=20,
+temperature-weighted votes), linear (a linear probe trained on cached features), finetune
+(ViTMSNForImageClassification from an hf export). MODEL is a training checkpoint, a run directory,
+an original MSN .pth.tar or a Hugging Face ViTMSN folder; the target encoder is used. The encoder
+runs on a GPU when there is one (--device), in bf16 autocast there (--precision).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from msn.config import DEFAULT_CROP_PCT, check_crop_pct
+from msn.errors import CheckpointError, MSNError
+from msn.eval.evaluate import PROTOCOLS, default_output, evaluate, format_table, update_model_card
+from msn.train.loggers import import_wandb
+from msn.utils.rundir import check_model, is_hf_export
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="msn-eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("protocol", choices=PROTOCOLS)
+    p.add_argument("model", help="training checkpoint, run directory, original MSN .pth.tar or HF ViTMSN folder")
+    p.add_argument("--dataset", default="digits",
+                   help="digits; fashion_mnist (its official test split, from Debian's dataset-fashion-mnist package; "
+                        "a folder holding the four idx files works too); or a folder with train/ and val/ "
+                        "(ImageFolder)")
+    p.add_argument("--shots", type=int, nargs="+", default=[1, 2, 5], help="lowshot: images per class")
+    p.add_argument("--fraction", type=float, default=0.01, help="lowshot: label fraction (0 to skip)")
+    p.add_argument("--splits", type=int, default=3, help="fixed random splits (seeds 0..n-1)")
+    p.add_argument("--subset-file", help="lowshot: train on exactly these images (one path a line; digits: index)")
+    p.add_argument("--penalty", type=float, default=None, help="lowshot: sklearn C; default: cross-validated")
+    p.add_argument("--feature", choices=("cls", "cls_prenorm"), default="cls",
+                   help="CLS after (default) or before the final norm")
+    p.add_argument("--last-blocks", type=int, default=1, help="concatenate the CLS of the last n blocks")
+    p.add_argument("--crop-pct", type=float, default=DEFAULT_CROP_PCT,
+                   help="the centre share of each image the encoder sees: resize to size/crop_pct, crop size "
+                        "(default 0.875, the paper's 256 -> 224; 1 keeps the whole image, e.g. for 28-px datasets)")
+    p.add_argument("--k", type=int, default=20, help="knn: neighbours")
+    p.add_argument("--temperature", type=float, default=0.07, help="knn: vote temperature")
+    p.add_argument("--epochs", type=int, default=100, help="linear / finetune: epochs")
+    p.add_argument("--lr", type=float, default=1e-3, help="linear / finetune: learning rate")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers that decode and preprocess")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where the encoder runs (auto: CUDA when present)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="auto: bf16 autocast on a GPU, fp32 on the CPU")
+    p.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "msn" / "features"))
+    p.add_argument("--no-cache", action="store_true", help="always recompute features")
+    p.add_argument("--output", default=None,
+                   help="where the results JSON goes (default: MODEL's run or model folder, "
+                        "eval_PROTOCOL_DATASET.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    p.add_argument("--update-card", action="store_true", help="write the results into an hf export's README.md")
+    p.add_argument("--wandb", action="store_true", help="also log the results to wandb (offline)")
+    return p
+
+
+def evaluate_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """:func:`msn.eval.evaluate.evaluate`'s keyword arguments from msn-eval's parsed arguments."""
+    return dict(dataset=args.dataset, device=args.device, precision=args.precision, crop_pct=args.crop_pct,
+                splits=args.splits, feature=args.feature, last_blocks=args.last_blocks, batch_size=args.batch_size,
+                num_workers=args.num_workers, cache_dir=None if args.no_cache else Path(args.cache_dir),
+                shots=args.shots, fraction=args.fraction, subset_file=args.subset_file, penalty=args.penalty,
+                k=args.k, temperature=args.temperature, epochs=args.epochs, lr=args.lr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point ``msn-eval``."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.splits < 1 or args.last_blocks < 1 or args.k < 1 or not 0 <= args.fraction < 1 or any(
+            k < 1 for k in args.shots):
+        parser.error("--splits, --last-blocks, --k and --shots must be >= 1 and --fraction in [0, 1)")
+    try:
+        check_crop_pct(args.crop_pct, "--crop-pct")
+    except ValueError as e:
+        parser.error(str(e))
+    if args.update_card and not is_hf_export(args.model):
+        parser.error("--update-card needs MODEL to be an hf export folder (msn-export --format hf)")
+    try:
+        wandb = import_wandb("--wandb") if args.wandb else None  # before the work, not after it
+        output = Path(args.output) if args.output else default_output(Path(args.model), args.protocol, args.dataset)
+        if output.exists() and not args.overwrite:
+            raise CheckpointError(f"{output} exists; pass --overwrite to replace it, or --output PATH")
+        check_model(args.model)  # a typo is answered before torch is imported
+        report = evaluate(args.protocol, args.model, **evaluate_kwargs(args))
+    except MSNError as e:
+        print(f"msn-eval: error: {e}", file=sys.stderr)
+        return 1
+    print(format_table(report))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {output}")
+    if args.update_card:
+        update_model_card(Path(args.model), report)
+    if wandb is not None:
+        run = wandb.init(project="msn", job_type="eval", mode="offline", config=report["settings"])
+        run.log({f"eval/{report['protocol']}/{k}": r["mean"] for k, r in report["results"].items()})
+        run.finish()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""msn-export: hand a pretrained backbone to Hugging Face, timm or the original MSN tools.
+
+    msn-export SOURCE OUT [--format hf|timm|msn] [--encoder target|online] [--overwrite]
+
+SOURCE is a training checkpoint, a run directory (its checkpoints/last.pt) or an original MSN
+*.pth.tar. The default encoder is the EMA target, as the paper and the released weights use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from msn.errors import MSNError
+from msn.utils.rundir import source_file
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point ``msn-export``."""
+    parser = argparse.ArgumentParser(prog="msn-export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", help="training checkpoint, run directory or original MSN .pth.tar")
+    parser.add_argument("out", help="output folder (or .pth.tar file for --format msn)")
+    parser.add_argument("--format", choices=("hf", "timm", "msn"), default="hf")
+    parser.add_argument("--encoder", choices=("target", "online"), default=None,
+                        help="target: the EMA encoder (default, as the paper); online: the trained one "
+                             "(hf and timm; the msn format holds both)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the contents of an existing OUT")
+    args = parser.parse_args(argv)
+    if args.format == "msn" and args.encoder is not None:
+        parser.error("--encoder does not apply to --format msn, which writes both encoders")
+    args.encoder = args.encoder or "target"
+    try:
+        source_file(args.source)  # a typo is answered before torch is imported
+        from msn.weights.formats import export_hf, export_msn, export_timm, read_source
+
+        source = read_source(args.source)
+        out = Path(args.out)
+        if args.format == "hf":
+            written = export_hf(source, out, args.encoder, args.overwrite)
+        elif args.format == "timm":
+            written = export_timm(source, out, args.encoder, args.overwrite)
+        else:
+            written = export_msn(source, out, args.overwrite)
+    except MSNError as e:
+        print(f"msn-export: error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.format} export of the {args.encoder if args.format != 'msn' else 'full'} model to {written}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

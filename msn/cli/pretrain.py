@@ -1,0 +1,67 @@
+"""``msn-pretrain``: the Hydra command line around :func:`msn.train.train`.
+
+A thin shell that imports torch only once there is something to train: ``--help``, ``--cfg`` and a
+config refused by :class:`msn.cli.hydra.CheckBeforeRun` (an unknown key, a bad value, a run that exists)
+answer in about a second, where importing torch, torchvision and timm takes about ten on a 2-core CPU.
+``python -m msn.train`` and ``torchrun -m msn.train`` run this same entry point.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from datetime import datetime
+
+import hydra
+from omegaconf import DictConfig
+
+from msn.cli.hydra import START_TIME_ENV, register_configs
+from msn.config import CONFIG_DIR
+from msn.errors import MSNError
+from msn.utils.launcher import process_info
+
+# At import: a submitit job process imports this module to unpickle the task, and composes its config
+# (``${start_time:}``, ``${msn_run_dir:}``) before the task runs.
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
+def _hydra_main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from msn.train import train  # torch and the rest: the config passed its check
+    from msn.utils.device import configure_matmul, resolve_device
+
+    overrides = list(HydraConfig.get().overrides.task)
+    if process_info() is None:
+        command = shlex.join(["msn-pretrain", *overrides])
+    else:
+        command = "the same launch command (torchrun or srun), whose overrides are: " + shlex.join(overrides)
+    try:
+        configure_matmul(resolve_device(cfg.device), cfg.tf32)  # process-wide: the entry point's decision
+        train(cfg, command)
+    except MSNError as e:
+        sys.exit(f"msn-pretrain: error: {e}")
+
+
+def main() -> None:
+    """Console entry point ``msn-pretrain``.
+
+    Under torchrun or srun the process group is joined before Hydra starts, so that rank 0's start
+    time names the one run directory every rank uses (``${start_time:}`` in msn/configs/config.yaml).
+    """
+    if process_info() is not None:
+        from msn.utils import distributed
+
+        distributed.init_from_env()
+        os.environ[START_TIME_ENV] = distributed.broadcast_object(datetime.now().isoformat())
+    try:
+        _hydra_main()
+    except KeyboardInterrupt:
+        sys.exit("msn-pretrain: stopped at once by a second Ctrl-C; the last checkpoint written is kept, and "
+                 "resume=auto continues from it")
+
+
+if __name__ == "__main__":
+    main()

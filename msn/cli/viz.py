@@ -1,0 +1,189 @@
+"""msn-viz: pictures of what a run feeds its model and what the model learns.
+
+    msn-viz views RUN_DIR | OVERRIDES...   --out FILE.png [--step N] [--count N] [--cell PX]
+    msn-viz attention MODEL                --out FILE.png [--images FILE ...] [--dataset D] [--count N] [--cell PX]
+                                           [--crop-pct F]
+    msn-viz curves RUN_DIR|SWEEP_DIR ...   --out FILE.png [--size W H]
+    msn-viz prototypes RUN_OR_CHECKPOINT   --out FILE.png [--dataset D] [--limit N] [--show N] [--per-prototype N]
+                                           [--crop-pct F]
+
+views: the target, anchor (dropped patches grey) and focal views of the first --count images of the
+  batch the trainer draws at --step, made by the trainer's own data and mask code, for a run directory
+  (its config.yaml) or a config given as msn-pretrain overrides (e.g. experiment=cpu_smoke).
+attention: the last block's CLS-to-patch attention of the target encoder, averaged and per head, over
+  the images (files given with --images, else the first --count test images of --dataset). MODEL: a
+  run directory, a training checkpoint, an original MSN .pth.tar or a Hugging Face ViTMSN export.
+curves: loss, CE, ME-MAX, lr, wd, momentum, distinct prototypes, images/s, monitor accuracy and the
+  encoder's gradient norm against the step, from metrics.csv; a sweep directory overlays its runs,
+  labelled by their overrides.
+prototypes: how many images of --dataset each prototype is the target's argmax for (sorted; the share
+  never used), and the images nearest to the most used prototypes. Needs the prototypes: a run directory
+  or training checkpoint, not an export.
+D is digits, fashion_mnist, or a folder as for msn-eval --dataset; --crop-pct F is msn-eval's evaluation
+crop (default 0.875; 1 shows the encoder the whole image).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from hydra.errors import HydraException
+
+from msn.config import DEFAULT_CROP_PCT, check_crop_pct
+from msn.errors import MSNError, VizError
+from msn.plots import check_png_path
+from msn.utils.rundir import check_model
+
+KINDS = ("views", "attention", "curves", "prototypes")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="msn-viz", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    kinds = parser.add_subparsers(dest="kind", required=True, metavar="KIND")
+    views = kinds.add_parser("views", help="the trainer's crops and masks at a step",
+                             description="The trainer's views and anchor masks at --step (process 0).")
+    views.add_argument("source", nargs="+", metavar="SOURCE", help="a run directory, or msn-pretrain overrides")
+    views.add_argument("--step", type=int, default=0, help="training step (default 0)")
+    views.add_argument("--count", type=int, default=4, help="images of the batch, one row each (default 4)")
+    views.add_argument("--cell", type=int, default=None,
+                       help="px per view (default: the smallest multiple of data.global_size >= 96)")
+    attention = kinds.add_parser("attention", help="the target encoder's CLS attention, per head and averaged",
+                                 description="The last block's CLS-to-patch attention of the target encoder.")
+    attention.add_argument("source", metavar="MODEL", help="run directory, checkpoint, .pth.tar or hf export")
+    attention.add_argument("--images", nargs="+", default=[], help="image files (default: --dataset's test images)")
+    attention.add_argument("--dataset", default="digits", help="digits, fashion_mnist or a folder (default digits)")
+    attention.add_argument("--count", type=int, default=4, help="images from --dataset (default 4)")
+    attention.add_argument("--cell", type=int, default=96, help="px per picture (default 96)")
+    curves = kinds.add_parser("curves", help="metrics.csv against the step, runs overlaid",
+                              description="A run's (or a sweep's runs') logged metrics against the step.")
+    curves.add_argument("source", nargs="+", metavar="RUN", help="run directories and/or sweep directories")
+    curves.add_argument("--size", type=int, nargs=2, default=[1500, 1000], metavar=("W", "H"),
+                        help="picture size in px (default 1500 1000)")
+    protos = kinds.add_parser("prototypes", help="prototype use over a dataset, and their nearest images",
+                              description="Prototype use over --dataset and the nearest images of the most used.")
+    protos.add_argument("source", metavar="RUN", help="run directory or training checkpoint")
+    protos.add_argument("--dataset", default=None,
+                        help="digits, fashion_mnist or a folder (default: the run's own, when digits or fashion_mnist)")
+    protos.add_argument("--limit", type=int, default=2000, help="training-split images assigned (default 2000)")
+    protos.add_argument("--show", type=int, default=4, help="prototypes whose nearest images are shown (default 4)")
+    protos.add_argument("--per-prototype", type=int, default=6, help="images per shown prototype (default 6)")
+    protos.add_argument("--size", type=int, nargs=2, default=[1400, 700], metavar=("W", "H"),
+                        help="picture size in px (default 1400 700)")
+    for sub in (attention, protos):
+        sub.add_argument("--crop-pct", type=float, default=DEFAULT_CROP_PCT,
+                         help="the centre share of each image the encoder sees, as msn-eval's (default 0.875; "
+                              "1: the whole image)")
+    for sub in (views, attention, curves, protos):
+        sub.add_argument("--out", required=True, help="the PNG file to write")
+    return parser
+
+
+def _views(args: argparse.Namespace):
+    from msn.config import compose_run_config, load_run_config
+    from msn.plots.views import default_cell, views_picture
+    from msn.train.views import trainer_views, world_size_of
+
+    first = Path(args.source[0])
+    if first.is_dir():
+        if len(args.source) > 1:
+            raise VizError(f"views: give a run directory or overrides, not both ({' '.join(args.source[1:])})")
+        cfg, world = load_run_config(first), world_size_of(first)
+    elif "=" in args.source[0]:
+        cfg, world = compose_run_config(args.source), 1
+    else:
+        raise VizError(f"views: {first} is neither a run directory nor an override (key=value)")
+    tv = trainer_views(cfg, args.step, args.count, world)
+    cell = args.cell or default_cell(cfg.data.global_size)
+    return views_picture(tv.views, tv.dropped, mean=list(cfg.data.mean), std=list(cfg.data.std), cell=cell)
+
+
+def _attention(args: argparse.Namespace):
+    from msn.eval.features import load_encoder
+    from msn.eval.splits import load_splits
+    from msn.plots.attention import attention_picture, cls_attention, load_images
+
+    encoder = load_encoder(args.source, crop_pct=args.crop_pct)
+    if args.images:
+        missing = [p for p in args.images if not Path(p).is_file()]
+        if missing:
+            raise VizError(f"--images: {missing[0]} does not exist")
+        images = load_images(encoder, [Path(p) for p in args.images])
+    else:
+        _, test = load_splits(args.dataset)
+        images = load_images(encoder, dataset_images=[test.images[i] for i in range(min(args.count, len(test.labels)))])
+    return attention_picture(images, cls_attention(encoder.backbone, images), encoder.mean, encoder.std, args.cell)
+
+
+def _curves(args: argparse.Namespace):
+    from msn.plots.curves import curves_figure, find_runs
+
+    for source in args.source:
+        if not Path(source).is_dir():
+            raise VizError(f"{source} is not a folder; give run directories or sweep directories")
+    return curves_figure(find_runs([Path(s) for s in args.source]), *args.size)
+
+
+def _prototypes(args: argparse.Namespace):
+    import numpy as np
+    from torch.utils.data import Subset
+
+    from msn.eval.splits import load_splits
+    from msn.plots.prototypes import load_model, prototype_use, prototypes_figure
+
+    model, encoder, trained_on = load_model(Path(args.source), args.crop_pct)
+    dataset = args.dataset
+    if dataset is None:
+        dataset = trained_on
+        if dataset not in ("digits", "fashion_mnist"):
+            raise VizError(f"the run trained on {dataset or 'an unknown dataset'}: pass --dataset digits, "
+                           "fashion_mnist or a folder with train/ and val/")
+    train, _ = load_splits(dataset)
+    n = len(train.labels)
+    chosen = np.unique(np.linspace(0, n - 1, min(args.limit, n)).round().astype(int))  # spread over the split
+    images = Subset(train.images, chosen.tolist())
+    use = prototype_use(model, encoder, images)
+    return prototypes_figure(use, images, encoder, show=args.show, per_prototype=args.per_prototype,
+                             width=args.size[0], height=args.size[1])
+
+
+KIND_FUNCTIONS = {"views": _views, "attention": _attention, "curves": _curves, "prototypes": _prototypes}
+
+
+def _check(args: argparse.Namespace) -> None:
+    """Refuse bad numbers and a non-PNG output before any work."""
+    check_png_path(args.out)
+    for name in ("count", "limit", "show", "per_prototype"):
+        if getattr(args, name, 1) < 1:
+            raise VizError(f"--{name.replace('_', '-')} must be >= 1")
+    if (getattr(args, "cell", None) or 8) < 8 or min(getattr(args, "size", [100, 100])) < 100:
+        raise VizError("--cell must be >= 8 px and --size at least 100 x 100 px")
+    if args.kind in ("attention", "prototypes"):
+        check_model(args.source)  # a typo is answered before torch is imported
+    if hasattr(args, "crop_pct"):
+        try:
+            check_crop_pct(args.crop_pct, "--crop-pct")
+        except ValueError as e:
+            raise VizError(str(e)) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point ``msn-viz``."""
+    args = _parser().parse_args(argv)
+    try:
+        _check(args)
+        picture = KIND_FUNCTIONS[args.kind](args)
+        from msn.plots.common import save_png
+
+        path = save_png(picture, args.out)
+    except (MSNError, HydraException) as e:
+        print(f"msn-viz: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 1
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

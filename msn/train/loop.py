@@ -1,0 +1,174 @@
+"""MSN pretraining: :func:`train` (importable, testable); ``msn-pretrain`` (:mod:`msn.cli.pretrain`) calls it.
+
+One step (docs/design.md, "One step"): multi-crop views -> keep-indices for the anchor view -> online ViT +
+head on the anchors, EMA ViT + head on the target -> MSN loss against the prototypes -> backward ->
+clip -> AdamW step with step-indexed lr / wd -> EMA update of the target.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.nn.parallel import DistributedDataParallel
+
+from msn.config import ConfigError, MSNConfig, to_schema
+from msn.data import DataError, EpochSampler, RunSampler, build_loader, device_views
+from msn.models.msn import MSN
+from msn.train.builder import Process, TrainingData, build_data, build_parts
+from msn.train.checkpoints import CheckpointPolicy
+from msn.train.loggers import MetricsLogger
+from msn.train.report import RunReport
+from msn.train.resume import restore_training
+from msn.train.signals import StopRequest
+from msn.train.step import NonFiniteGuard, train_step
+from msn.utils import distributed
+from msn.utils.device import autocast_dtype, resolve_device
+from msn.utils.rundir import complete_message, last_checkpoint, resolve_resume, resume_null_message, write_status
+from msn.utils.seeding import seed_global_stream
+from msn.weights.checkpoint import remove_stale_temporaries
+from msn.weights.formats import init_model_from
+
+
+def train(cfg: DictConfig | MSNConfig, command: str | None = None) -> dict[str, float]:
+    """Pretrain MSN as configured; return the last logged metrics.
+
+    Writes ``RUN_DIR/config.yaml``, ``RUN_DIR/run.json`` (steps, batch per process and global batch),
+    ``RUN_DIR/metrics.csv``, ``RUN_DIR/status.json`` and ``RUN_DIR/checkpoints/{last,step_XXXXXXX}.pt``;
+    only rank 0 writes. ``command`` (the command line that started the run) is what the messages tell
+    the user to run again to continue; without it they say ``resume=RUN_DIR``.
+    """
+    cfg = to_schema(cfg if isinstance(cfg, DictConfig) else OmegaConf.structured(cfg))
+    OmegaConf.resolve(cfg)
+    run_dir = Path(cfg.run_dir)
+    proc = _start_process(cfg)
+    data = build_data(cfg, device=proc.device, world=proc.world)
+    parts = build_parts(cfg, process=proc, total_steps=data.total_steps, steps_in_epoch=data.steps_per_epoch)
+    seed_global_stream(cfg.seed, proc.rank)  # per-rank stochastic depth; a resume restores the saved state
+
+    resume_path = _resume_path(cfg, run_dir, proc.is_main)
+    start_step, wandb_run_id = 0, None
+    if resume_path is not None:
+        start_step, wandb_run_id = restore_training(
+            resume_path, model=parts.model, optimizer=parts.optimizer, scaler=parts.scaler, skipped=data.skipped,
+            batch_size=cfg.data.batch_size, seed=cfg.seed, rank=proc.rank, world=proc.world,
+            prototype_grad_scale=parts.prototype_grad_scale)
+    if start_step >= data.total_steps:  # a finished run: say so and leave it as it is
+        if proc.is_main:
+            print(complete_message(run_dir, start_step, data.total_steps), flush=True)
+        return {}
+    if cfg.init_from is not None and resume_path is None:  # a resumed run already holds its weights
+        kind = init_model_from(parts.model, cfg.init_from)
+        if proc.is_main:
+            print(f"initialised the {'backbones' if kind == 'backbone' else 'model'} from {cfg.init_from}", flush=True)
+    if cfg.compile:
+        parts.model.compile_encoders(cfg.compile_backend, cfg.compile_mode)
+
+    order = EpochSampler(len(data.base), num_replicas=proc.world, rank=proc.rank, shuffle=True, seed=cfg.seed,
+                         drop_last=cfg.data.drop_last)
+    # one loader iterator for the whole run: no drain and restart of the workers at epoch boundaries
+    sampler = RunSampler(order, cfg.data.batch_size, cfg.data.drop_last, start_step)
+    loader = build_loader(cfg.data, data.dataset, sampler, pin_memory=proc.device.type == "cuda")
+    logger = (_open_run(cfg, run_dir, proc, data, start_step=start_step, wandb_run_id=wandb_run_id)
+              if proc.is_main else None)
+    nonfinite = NonFiniteGuard(proc.device)
+    checkpoints = CheckpointPolicy(cfg, run_dir=run_dir, process=proc, data=data, parts=parts, logger=logger,
+                                   nonfinite=nonfinite)
+    step_model: MSN | DistributedDataParallel = parts.model
+    if proc.world > 1:  # the target has no trainable parameters, so DDP syncs online + prototypes only
+        device_ids = [proc.device.index] if proc.device.type == "cuda" else None
+        step_model = DistributedDataParallel(parts.model, device_ids=device_ids)
+    report = RunReport(cfg, logger=logger, target=parts.model.target.backbone, schedules=parts.schedules,
+                       skipped=data.skipped, total_steps=data.total_steps, start_step=start_step, world=proc.world,
+                       device=proc.device, amp_dtype=proc.amp_dtype)
+
+    parts.model.train()
+    param_dtype = parts.model.prototypes.dtype  # float32, unless a test builds the model in float64
+    metrics: dict[str, float] = {}
+    step, stop, stopped_early = start_step, StopRequest(), False
+    try:
+        for batch in loader:
+            if step >= data.total_steps:
+                break
+            epoch = step // data.steps_per_epoch
+            if batch.error is not None:  # raised in a loader worker: one line here, not the worker's traceback
+                raise DataError(batch.error)
+            report.skipped_images(data.skipped.add(epoch, batch.skipped))
+            views = device_views(batch, data.transform, proc.device, param_dtype)
+            masks = parts.make_masks(step, views[0].shape[0], anchor_size=views[1].shape[-1],
+                                     focal_size=views[-1].shape[-1], num_focal=len(views) - 2, rank=proc.rank,
+                                     world_size=proc.world, device=proc.device)
+            result = train_step(step_model, parts.loss_fn, parts.optimizer, views, masks,
+                                hp=parts.schedules.at(step), clip_grad=cfg.optim.clip_grad, scaler=parts.scaler,
+                                amp_dtype=proc.amp_dtype, prototype_grad_scale=parts.prototype_grad_scale)
+            nonfinite.update(result, step)
+            step += 1
+            metrics = report.after_step(result, step, epoch, nonfinite) or metrics
+            if checkpoints.after_step(step, stop, data.skipped):  # preempted: saved, now exit cleanly
+                stopped_early = True
+                if proc.is_main:
+                    write_status(run_dir, "stopped", step, data.total_steps)
+                    again = command or f"resume={run_dir}"
+                    report.write(f"received {stop.signal or 'a stop signal (on another rank)'}: wrote "
+                                 f"checkpoints/last.pt at step {step} in {run_dir}; continue with: {again}")
+                break
+    finally:
+        stop.restore()
+        report.close()
+    if stopped_early:
+        stop.forward()  # hand the signal on to a job manager's handler (submitit requeues the job here)
+    elif proc.is_main:
+        print(_next_steps(run_dir, step), flush=True)
+    return metrics
+
+
+def _start_process(cfg: DictConfig) -> Process:
+    """Join the process group when launched by torchrun / SLURM and pick this process's device and precision."""
+    device = resolve_device(cfg.device)
+    local_rank = distributed.init_from_env()
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    return Process(device, autocast_dtype(cfg.precision, device), distributed.rank(), distributed.world_size())
+
+
+def _resume_path(cfg: DictConfig, run_dir: Path, is_main: bool) -> Path | None:
+    """The checkpoint this run continues (``resume``: auto, a run directory or a file), or None for a fresh start.
+
+    ``resume=null`` over a run directory that already holds a checkpoint is refused: nothing finished is
+    overwritten by a fresh start."""
+    if is_main:  # a kill -9 during an earlier save leaves its temporary file behind
+        for tmp in remove_stale_temporaries(run_dir / "checkpoints"):
+            print(f"removed {tmp.name}, left by an interrupted checkpoint write", flush=True)
+    path = resolve_resume(cfg.resume, run_dir)
+    if path is None and cfg.resume is None and last_checkpoint(run_dir).is_file():
+        raise ConfigError(resume_null_message(run_dir))
+    return path
+
+
+def _open_run(cfg: DictConfig, run_dir: Path, proc: Process, data: TrainingData, *, start_step: int,
+              wandb_run_id: str | None) -> MetricsLogger:
+    """Rank 0: write the run's config, layout and status, open its metrics log and say where it runs."""
+    global_batch = cfg.data.batch_size * proc.world
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    write_status(run_dir, "running", start_step, data.total_steps)
+    layout = {"total_steps": data.total_steps, "steps_per_epoch": data.steps_per_epoch, "world_size": proc.world,
+              "batch_size_per_process": cfg.data.batch_size, "global_batch_size": global_batch}
+    (run_dir / "run.json").write_text(json.dumps(layout, indent=2) + "\n")
+    logger = MetricsLogger(run_dir, cfg, start_step, wandb_run_id)
+    print(f"run directory {run_dir.resolve()}: {data.total_steps} steps ({data.steps_per_epoch} an epoch), global "
+          f"batch {global_batch} = {cfg.data.batch_size} per process x {proc.world} "
+          f"process{'es' if proc.world > 1 else ''} on {proc.device}", flush=True)
+    if logger.wandb_run_id:
+        print(f"wandb run {logger.wandb_run_id} ({cfg.logger.wandb.mode})", flush=True)
+    return logger
+
+
+def _next_steps(run_dir: Path, step: int) -> str:
+    """What a finished run prints: where its weights are and the commands that use them."""
+    return (f"run complete: {run_dir}/checkpoints/last.pt (step {step})\n"
+            f"  msn-export {run_dir} {run_dir}/hf        # a Hugging Face ViTMSN folder (--format timm | msn)\n"
+            f"  msn-eval lowshot {run_dir}               # low-shot accuracy (digits; --dataset PATH for yours)")

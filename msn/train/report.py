@@ -1,0 +1,136 @@
+"""What a training run tells while it runs: metrics rows (metrics.csv, wandb), console lines, the progress
+bar, the periodic monitor, and wandb's prototype histogram and picture of the first views."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from msn.config import progress_bar_disabled
+from msn.data import SkippedImages
+from msn.models.backbone import MaskedViT
+from msn.train.loggers import MetricsLogger
+from msn.train.schedules import Schedules
+from msn.train.step import NonFiniteGuard, StepResult
+from msn.utils import distributed
+
+
+class RunReport:
+    """The run's reporting, called after every step by every rank; rank 0 (``logger`` given) writes.
+
+    Logging steps (every ``logger.log_every``, the last step and monitor steps) all-reduce the loss parts,
+    so every rank must call :meth:`after_step`. The monitor (``monitor.every_steps``) runs on rank 0
+    only, on ``target`` (the EMA backbone), in the training precision ``amp_dtype``.
+    """
+
+    def __init__(self, cfg: DictConfig, *, logger: MetricsLogger | None, target: MaskedViT, schedules: Schedules,
+                 skipped: SkippedImages, total_steps: int, start_step: int, world: int, device: torch.device,
+                 amp_dtype: torch.dtype | None) -> None:
+        self.cfg, self.logger, self.target, self.schedules, self.skipped = cfg, logger, target, schedules, skipped
+        self.total_steps, self.images_per_step = total_steps, cfg.data.batch_size * world
+        is_main = logger is not None
+        self.monitor = None
+        if is_main and cfg.monitor.every_steps:
+            from msn.eval.monitor import Monitor  # deferred: evaluation pulls in scikit-learn
+
+            self.monitor = Monitor(cfg.monitor.protocol, cfg.monitor.dataset, image_size=cfg.model.img_size,
+                                   mean=cfg.data.mean, std=cfg.data.std, amp_dtype=amp_dtype,
+                                   crop_pct=cfg.monitor.crop_pct)
+        self.prototype_use = None  # targets' argmax counts since the last monitor step, for wandb's histogram
+        if logger is not None and logger.wandb_run is not None:
+            _log_views_picture(logger, cfg, start_step, world)
+            self.prototype_use = torch.zeros(cfg.model.num_prototypes, dtype=torch.long, device=device)
+        self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, desc="msn", file=sys.stderr,
+                        disable=progress_bar_disabled(cfg.logger.progress) if is_main else True)
+        self.tic, self.last_logged = time.perf_counter(), start_step
+
+    def skipped_images(self, paths: list[str]) -> None:
+        """Say which undecodable images this batch replaced."""
+        for path in paths:
+            self.bar.write(f"skipped undecodable image {path} (replaced by another image; {len(self.skipped.paths)} "
+                           f"so far, the run stops above {self.skipped.limit})", file=sys.stderr)
+
+    def after_step(self, result: StepResult, step: int, epoch: int,
+                   nonfinite: NonFiniteGuard) -> dict[str, float] | None:
+        """Count the step (``step`` finished steps); on logging steps return its metrics row, else None."""
+        if self.prototype_use is not None:  # on the device: no wait
+            self.prototype_use += torch.bincount(result.out.targets.argmax(dim=1), minlength=len(self.prototype_use))
+        self.bar.update(1)
+        cfg, total = self.cfg, self.total_steps
+        monitor_every = cfg.monitor.every_steps  # decided alike on every rank: logging all-reduces
+        monitor_due = bool(monitor_every) and (step % monitor_every == 0 or step == total)
+        if not (step % cfg.logger.log_every == 0 or step == total or monitor_due):
+            return None
+        nonfinite.check()  # reading the metrics waits for the device anyway
+        metrics = metrics_row(result, self.schedules, step, epoch, self.skipped.count(epoch))
+        images_per_s = self.images_per_step * (step - self.last_logged) / max(time.perf_counter() - self.tic, 1e-9)
+        metrics["images_per_s"] = images_per_s
+        if self.monitor is not None and monitor_due:
+            metrics["monitor"] = self.monitor(self.target)
+        if self.prototype_use is not None and (monitor_due or (not monitor_every and step == total)):
+            self.logger.log_prototype_use(self.prototype_use.tolist(), step)
+            self.prototype_use.zero_()
+        if self.logger is not None:
+            self.logger.log(metrics)
+            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
+                                 img_s=f"{images_per_s:.0f}", protos=int(metrics["distinct_prototypes"]))
+            every = cfg.logger.console_every
+            if every and (step // every > self.last_logged // every or step == total):
+                self.write(console_line(metrics, total))
+        self.tic, self.last_logged = time.perf_counter(), step
+        return metrics
+
+    def write(self, line: str) -> None:
+        """A console line (stdout) that leaves the progress bar intact."""
+        self.bar.write(line, file=sys.stdout)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.logger is not None:
+            self.logger.close()
+
+
+def metrics_row(result: StepResult, schedules: Schedules, step: int, epoch: int,
+                skipped_in_epoch: int) -> dict[str, float]:
+    """One metrics row (``msn.train.loggers.COLUMNS``) for the step just taken (``step`` counts finished steps).
+
+    Loss parts are means over the global batch and the epoch's skipped images a sum over processes (one
+    all-reduce; call on every rank); the prototype counts and the max target probability describe this
+    rank's batch; the encoder's gradient norm (before clipping) is the same on every rank.
+    """
+    o, i = result.out, step - 1  # i: schedule index of that step
+    parts = torch.stack([o.loss, o.ce, o.me_max, o.entropy]).detach().float()
+    totals = distributed.all_reduce_sum_(torch.cat([parts, parts.new_tensor([float(skipped_in_epoch)])]))
+    loss, ce, me_max, entropy = (totals[:4] / distributed.world_size()).tolist()
+    return {
+        "step": step, "epoch": epoch, "loss": loss, "ce": ce, "me_max": me_max, "entropy": entropy,
+        "skipped_images": int(totals[4].item()),
+        "lr": schedules.lr_at(i), "wd": schedules.wd_at(i),
+        "momentum": schedules.momentum_at(i), "sharpen_T": schedules.sharpen_T_at(i),
+        "distinct_prototypes": o.distinct_prototypes.item(), "max_target_prob": o.max_target_prob.item(),
+        "encoder_grad_norm": result.encoder_grad_norm.item(),
+    }
+
+
+def console_line(m: dict[str, float], total: int) -> str:
+    """The console's line for a metrics row: step, epoch, loss parts, lr, prototypes in use, speed."""
+    return (f"step {int(m['step'])}/{total} epoch {int(m['epoch'])} loss {m['loss']:.4f} (ce {m['ce']:.4f} "
+            f"me-max {m['me_max']:.4f}) lr {m['lr']:.2e} protos {int(m['distinct_prototypes'])} "
+            f"{m['images_per_s']:.0f} img/s" + (f" monitor {m['monitor']:.1f} %" if "monitor" in m else "")
+            + (f" skipped {int(m['skipped_images'])} images this epoch" if m.get("skipped_images") else ""))
+
+
+def _log_views_picture(logger: MetricsLogger, cfg: DictConfig, step: int, world: int) -> None:
+    """The first views the run trains on (msn-viz views), to wandb once at the start."""
+    from msn.plots.views import default_cell, views_picture
+    from msn.train.views import trainer_views
+
+    tv = trainer_views(cfg, step, min(4, cfg.data.batch_size), world)
+    picture = views_picture(tv.views, tv.dropped, mean=list(cfg.data.mean), std=list(cfg.data.std),
+                            cell=default_cell(cfg.data.global_size))
+    caption = f"target | anchor (dropped patches grey) | focal views, step {step}"
+    logger.log_picture("views", picture, step, caption=caption)

@@ -1,0 +1,85 @@
+"""A training run's state: what ``last.pt`` holds, and putting it back into a new process to continue."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from msn.data import SkippedImages
+from msn.models.msn import MSN
+from msn.train.optim import rescale_adam_moments
+from msn.utils.seeding import seed_global_stream
+from msn.weights.checkpoint import CheckpointError, load_checkpoint, set_rng_state
+from msn.weights.convert import check_compatible
+
+
+def training_state(*, model: MSN, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+                   cfg: DictConfig, step: int, steps_per_epoch: int, world: int, prototype_grad_scale: float,
+                   skips: list[dict[str, Any]], skipped_epoch: int, rng: dict[str, Any],
+                   rng_ranks: list[dict[str, Any]] | None, wandb_run_id: str | None) -> dict[str, Any]:
+    """Everything a run needs to continue exactly after ``step``, as rank 0 saves it: ``rng`` its own
+    RNG states (:func:`msn.weights.checkpoint.rng_state`), ``rng_ranks`` every rank's (None for one process) and
+    ``skips`` every rank's skip record (:meth:`SkippedImages.state_dict`)."""
+    state: dict[str, Any] = {
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+        "epoch": step // steps_per_epoch, "rng": rng, "config": OmegaConf.to_yaml(cfg),
+        "wandb_run_id": wandb_run_id, "world_size": world,
+        "batch_size": cfg.data.batch_size, "global_batch_size": cfg.data.batch_size * world,
+        "prototype_grad_scale": prototype_grad_scale,
+        "skipped_images": {"paths": list(dict.fromkeys(p for s in skips for p in s["paths"])),
+                           "epoch": skipped_epoch, "in_epoch": sum(s["in_epoch"] for s in skips)},
+    }
+    if rng_ranks is not None:
+        state["rng_ranks"] = rng_ranks
+    if scaler is not None:
+        state["scaler"] = scaler.state_dict()
+    return state
+
+
+def restore_training(path: Path, *, model: MSN, optimizer: torch.optim.Optimizer,
+                     scaler: torch.amp.GradScaler | None, skipped: SkippedImages, batch_size: int, seed: int,
+                     rank: int, world: int, prototype_grad_scale: float) -> tuple[int, str | None]:
+    """Load ``path`` into the model, optimiser, scaler, skip record and RNG streams; return (step, wandb run id).
+
+    Refuses a checkpoint of another global batch (the sampler, masks and schedules would not continue) or
+    of another model (naming the differing keys); adapts what may change between sessions: the number of
+    processes (Adam's view of the summed prototype gradient, fresh per-rank streams) and fused AdamW.
+    """
+    global_batch = batch_size * world
+    state = load_checkpoint(path)
+    saved_batch = state.get("global_batch_size", global_batch)
+    if saved_batch != global_batch:
+        fix = (f"set data.batch_size={saved_batch // world}" if saved_batch % world == 0 else
+               f"use a number of processes that divides {saved_batch}")
+        raise CheckpointError(
+            f"{path} was trained with a global batch of {saved_batch} images, this run has "
+            f"{batch_size} x {world} processes = {global_batch}; {fix} so that the sampler, masks "
+            "and schedules continue where they stopped")
+    check_compatible(model.state_dict(), state["model"], f"resume={path} (resume with the config that run was "
+                     "trained with)")
+    model.load_state_dict(state["model"])
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{path}: its optimiser state does not fit this model ({e})") from None
+    for group in optimizer.param_groups:  # fused or not follows this run's device, not the checkpoint's
+        group["fused"] = optimizer.defaults["fused"]
+    saved_scale = float(state.get("prototype_grad_scale", 1.0))  # older checkpoints: DDP's average
+    if saved_scale != prototype_grad_scale:  # another number of processes: keep Adam's view of the scale
+        rescale_adam_moments(optimizer, model.prototypes, prototype_grad_scale / saved_scale)
+    if scaler is not None and "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
+    step = int(state["step"])
+    if rank == 0:  # rank 0 carries the run's skip record; the epoch's count is a sum over ranks at logging
+        skipped.load_state_dict(state.get("skipped_images", {}))
+    per_rank = state.get("rng_ranks") or [state["rng"]]
+    if len(per_rank) == world:  # same layout: every rank continues its own streams exactly
+        set_rng_state(per_rank[rank])
+    else:  # another number of processes: fresh per-rank streams (only stochastic depth uses them)
+        seed_global_stream(seed, rank, step)
+    if rank == 0:
+        print(f"resumed from {path} at step {step}", flush=True)
+    return step, state.get("wandb_run_id")

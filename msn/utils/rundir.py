@@ -1,0 +1,167 @@
+"""The files of a run directory that commands read before they train or load anything.
+
+``RUN_DIR/checkpoints/last.pt`` (the newest checkpoint) and ``RUN_DIR/status.json`` (``running``,
+``stopped`` or ``finished``). Torch-free on purpose: msn-pretrain's config check tells a finished or live run,
+and msn-eval, msn-export and msn-viz a MODEL that does not exist, in about a second, before importing torch,
+torchvision and timm (about ten seconds on a 2-core CPU).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import socket
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from msn.errors import CheckpointError
+from msn.utils.files import atomic_write_text
+
+LAST_CHECKPOINT = Path("checkpoints") / "last.pt"
+STATUS_FILE = "status.json"
+HF_CONFIG = "config.json"  # what makes a folder a Hugging Face export
+
+
+def is_hf_export(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a Hugging Face export folder (it holds ``config.json``)."""
+    return (Path(path) / HF_CONFIG).is_file()
+
+
+def run_dir_of(path: str | os.PathLike) -> Path | None:
+    """The run directory ``path`` names: itself when it is a folder, ``RUN_DIR`` for a checkpoint under
+    ``RUN_DIR/checkpoints/``, else None (a file elsewhere, such as an original ``.pth.tar``)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        return path
+    if path.parent.name == LAST_CHECKPOINT.parent.name:
+        return path.parent.parent
+    return None
+
+
+def last_checkpoint(run_dir: str | os.PathLike) -> Path:
+    """``RUN_DIR/checkpoints/last.pt`` (whether or not it exists yet)."""
+    return Path(run_dir) / LAST_CHECKPOINT
+
+
+def source_file(source: str | os.PathLike) -> Path:
+    """The checkpoint file SOURCE names: a run directory's ``checkpoints/last.pt``, else SOURCE itself.
+
+    A :class:`CheckpointError` naming the fix when there is no such file, so that a typo is answered
+    before any heavy import.
+    """
+    path = Path(source)
+    if path.is_dir():
+        last = last_checkpoint(path)
+        if not last.is_file():
+            raise CheckpointError(f"{path} is a folder without {LAST_CHECKPOINT}; give a run directory that has "
+                                  "written a checkpoint, a training checkpoint or an original MSN .pth.tar")
+        return last
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist; give a training checkpoint, a run directory or a .pth.tar")
+    return path
+
+
+def check_model(model: str | os.PathLike, hf: bool = True) -> None:
+    """Refuse a MODEL that names nothing loadable: a Hugging Face export folder (when ``hf``), a run
+    directory with a checkpoint, or a checkpoint file (what its content is, the loaders decide)."""
+    if hf and is_hf_export(model):
+        return
+    try:
+        source_file(model)
+    except CheckpointError as e:
+        if hf and Path(model).is_dir():
+            raise CheckpointError(f"{e} (or a Hugging Face ViTMSN export, which has {HF_CONFIG})") from None
+        raise
+
+
+def write_status(run_dir: str | os.PathLike, status: str, step: int, total_steps: int) -> None:
+    """``RUN_DIR/status.json``: ``running`` (at the start and each checkpoint), ``stopped`` (by a signal) or
+    ``finished``, with the step of ``checkpoints/last.pt``, the run's total, and the host and process
+    that wrote it; lets a re-run see what is left to do, and whether the run is live elsewhere."""
+    record = {"status": status, "step": int(step), "total_steps": int(total_steps),
+              "checkpoint": LAST_CHECKPOINT.as_posix(), "host": socket.gethostname(), "pid": os.getpid()}
+    atomic_write_text(Path(run_dir) / STATUS_FILE, json.dumps(record, indent=2) + "\n")
+
+
+def read_status(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """What :func:`write_status` wrote, or None (no run there yet, or an unreadable file)."""
+    try:
+        status = json.loads((Path(run_dir) / STATUS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return status if isinstance(status, dict) else None
+
+
+def live_elsewhere(status: dict[str, Any] | None) -> int | None:
+    """The pid of another live process of this host that is training the run ``status`` describes, if any.
+
+    A run that died leaves ``running`` with a pid that no longer exists, and a requeued job runs on
+    another host or in the same process: neither counts.
+    """
+    if not status or status.get("status") != "running" or status.get("host") != socket.gethostname():
+        return None
+    pid = status.get("pid")
+    if not isinstance(pid, int) or pid == os.getpid():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:  # alive, another user's
+        return pid
+    return pid
+
+
+def resolve_resume(resume: str | None, run_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint to resume from: ``None`` (fresh run), ``auto`` or a path.
+
+    ``auto`` means ``RUN_DIR/checkpoints/last.pt`` when it exists, else a fresh start.
+    """
+    if resume is None:
+        return None
+    if resume == "auto":
+        last = last_checkpoint(run_dir)
+        return last if last.is_file() else None
+    path = Path(resume)
+    if path.is_dir():  # a run directory
+        path = last_checkpoint(path)
+    if not path.is_file():
+        raise CheckpointError(f"resume={resume}: no checkpoint found at {path}")
+    return path
+
+
+def resume_null_message(run_dir: Path) -> str:
+    return (f"{run_dir} already holds checkpoints/last.pt from an earlier run and resume=null would overwrite it; "
+            "pass resume=auto to continue that run, or run_name=NEW_NAME for a new one")
+
+
+def finished_run(run_dir: Path, cfg: DictConfig) -> dict[str, Any] | None:
+    """``RUN_DIR/status.json`` if ``run_dir`` holds a finished run as long as ``cfg`` asks for, else None."""
+    status, saved = read_status(run_dir), run_dir / "config.yaml"
+    if not (status and status.get("status") == "finished" and saved.is_file()):
+        return None
+    try:
+        old = OmegaConf.load(saved)
+        same = (old.optim.epochs, old.optim.max_steps) == (cfg.optim.epochs, cfg.optim.max_steps)
+    except Exception:  # an unreadable config.yaml: let the run itself decide
+        return None
+    return status if same else None
+
+
+def complete_message(run_dir: Path, step: int, total_steps: int) -> str:
+    return (f"{run_dir} is complete (step {step} of {total_steps}): nothing to do. Its checkpoint is "
+            f"{run_dir}/checkpoints/last.pt; to train it longer pass a larger optim.epochs with resume={run_dir}, "
+            "for a new run pass run_name=NEW_NAME")
+
+
+def safe_name(name: str, limit: int = 100) -> str:
+    """A single folder name: path separators and unusual characters replaced, long names shortened with a hash."""
+    cleaned = re.sub(r"[^A-Za-z0-9._=,+\-\[\]@]", "_", str(name)).strip("._")
+    if len(cleaned) > limit:
+        digest = hashlib.sha1(cleaned.encode()).hexdigest()[:8]
+        cleaned = f"{cleaned[:limit - 9]}-{digest}"
+    return cleaned
