@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from msn.config import CONFIG_DIR
 from msn.config.checks import to_schema
 from msn.config.schema import MSNConfig
-from msn.errors import ConfigError
+from msn.errors import ConfigError, MSNError
 from msn.utils.launcher import process_info
 from msn.utils.rundir import (
     complete_message,
@@ -65,7 +65,7 @@ class CheckBeforeRun(Callback):
                 from msn.data import find_fashion_mnist
 
                 find_fashion_mnist(cfg.data.root)
-        except ValueError as e:  # ConfigError, DataError
+        except (MSNError, ValueError) as e:  # ours, and omegaconf's ValidationError for a wrongly typed value
             sys.exit(f"msn-pretrain: error: {e}")
         status = finished_run(run_dir, cfg) if cfg.resume is not None else None
         if status is not None:
