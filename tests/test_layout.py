@@ -188,9 +188,11 @@ def test_the_hydra_targets_of_earlier_configs_still_resolve():
     from msn.cli.hydra import CheckBeforeRun
     from msn.cli.sweep import SweepSummary
 
-    with pytest.warns(FutureWarning):
+    with pytest.warns(FutureWarning, match="msn.cli.hydra.CheckBeforeRun"):
         assert get_class("msn.config.CheckBeforeRun") is CheckBeforeRun
-    assert get_class("msn.sweep.SweepSummary") is SweepSummary
+    sys.modules.pop("msn.sweep", None)  # imported afresh, so that its warning shows
+    with pytest.warns(FutureWarning, match="msn.cli.sweep"):
+        assert get_class("msn.sweep.SweepSummary") is SweepSummary
 
 
 def test_every_help_is_plain_text_and_leads_with_our_usage(capsys):

@@ -82,7 +82,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _views(args: argparse.Namespace):
-    from msn.config import compose_run_config, load_run_config
+    from msn.cli.hydra import compose_run_config
+    from msn.config import load_run_config
     from msn.plots.views import default_cell, views_picture
     from msn.train.views import trainer_views, world_size_of
 
