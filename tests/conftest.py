@@ -13,6 +13,11 @@ from omegaconf import DictConfig
 from msn.cli.hydra import register_configs
 from msn.config import CONFIG_DIR
 
+# Nothing in the tests may reach the Hugging Face hub (transformers, datasets): set before either is imported,
+# since both read these once, at import.
+for _name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ[_name] = "1"
+
 REPO = Path(__file__).resolve().parent.parent
 REFERENCE = Path(os.environ.get("MSN_REFERENCE", REPO / "tests" / "reference" / "msn_original_reference.pt"))
 STEP_REFERENCE = REFERENCE.parent / "msn_original_step_reference.pt"

@@ -20,7 +20,8 @@ def test_expected_options_exist():
     models = {o for g, o in GROUP_OPTIONS if g == "model"}
     assert {"vit_pico", "vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge", "vit_base_p8", "vit_base_p4",
             "vit_large_p7"} <= models
-    assert {o for g, o in GROUP_OPTIONS if g == "data"} == {"digits", "fashion_mnist", "folder", "synthetic"}
+    assert {o for g, o in GROUP_OPTIONS if g == "data"} == {"digits", "fashion_mnist", "folder", "synthetic",
+                                                            "webdataset", "hf"}
     assert {"fmnist_cpu", "fmnist_gpu"} <= set(EXPERIMENTS)
     assert {o for g, o in GROUP_OPTIONS if g == "logger"} == {"csv", "wandb"}
 
@@ -59,6 +60,10 @@ def test_every_group_option_composes_validates_and_instantiates(group, option, t
     overrides = [f"{group}={option}", f"run_dir={tmp_path}"]
     if group == "data" and option == "folder":
         overrides.append(f"data.root={tmp_path}")
+    if group == "data" and option == "webdataset":
+        overrides.append(f"data.shards={tmp_path}/shard-000000.tar")
+    if group == "data" and option == "hf":
+        overrides.append(f"data.path={tmp_path}")
     if group == "model" and option != "vit_pico":  # 224-px presets need 224/96-px views (ViT-H/14, L/7: 98)
         overrides += ["data=folder", f"data.root={tmp_path}"]
         if 96 % OmegaConf.load(CONFIG_DIR / "model" / f"{option}.yaml").patch_size:

@@ -180,3 +180,63 @@ def test_process_info_from_each_launcher():
     assert local == ProcessInfo(1, 2, 1, "127.0.0.1", 20777, "submitit-local")
     with pytest.raises(ValueError, match="rank 4 of 4"):
         process_info({**slurm, "SLURM_PROCID": "4", "SLURM_NTASKS": "4"})
+
+
+def _read_indices(rank: int, world: int, overrides: list[str]) -> torch.Tensor:
+    """The sample indices this rank's real loader reads in the first epoch (what it decodes, in order)."""
+    from msn.config import to_schema
+    from msn.data import RunSampler, build_loader
+    from msn.train.builder import build_data, build_order
+
+    cfg = to_schema(compose_config(overrides))
+    data = build_data(cfg, device=torch.device("cpu"), world=world)
+    seen: list[int] = []
+
+    class Recording:  # the source itself, noting each index it is asked for
+        def __init__(self, base):
+            self.base = base
+
+        def __len__(self):
+            return len(self.base)
+
+        def __getitem__(self, index):
+            seen.append(int(index))
+            return self.base[index]
+
+    data.dataset.base = Recording(data.base)
+    sampler = RunSampler(build_order(cfg, data, rank=rank, world=world), cfg.data.batch_size, True)
+    for _, _ in zip(range(data.steps_per_epoch), build_loader(cfg.data, data.dataset, sampler), strict=False):
+        pass
+    return torch.tensor(seen)
+
+
+@pytest.mark.parametrize("source", ["webdataset", "hf"])
+def test_two_processes_read_disjoint_shares_of_shards_and_datasets(tmp_path, source):
+    """Each of 2 gloo processes reads its own half of every epoch of WebDataset shards or a Hugging Face
+    dataset, together all of it once; and 2 x 8 images train what 1 x 16 do, as for folders."""
+    import datasets
+
+    from msn.data.shards import write_shards
+    from tests.test_sources import _images
+
+    images = _images(tmp_path / "images")
+    if source == "webdataset":
+        written = write_shards(images, tmp_path / "shards", per_shard=10)
+        data = ["data=webdataset", f'data.shards="{written.pattern}"']
+    else:
+        files = sorted(images.rglob("*.jpg"))
+        table = datasets.Dataset.from_dict({"image": [{"bytes": p.read_bytes(), "path": None} for p in files]})
+        table.cast_column("image", datasets.Image()).save_to_disk(str(tmp_path / "saved"))
+        data = ["data=hf", f"data.path={tmp_path / 'saved'}"]
+    views = ["data.global_size=32", "data.focal_size=16", "data.num_focal=2", "data.num_workers=0"]
+    overrides = [*COMMON, *data, *views, "data.batch_size=8", "optim.epochs=3", f"run_dir={tmp_path / 'r'}"]
+    shares = run_distributed(_read_indices, world_size=2, args=(overrides,))
+    assert [len(s) for s in shares] == [16, 16]
+    assert set(shares[0].tolist()).isdisjoint(shares[1].tolist())
+    assert sorted(shares[0].tolist() + shares[1].tolist()) == list(range(32))
+
+    extra = [*data, *views, "optim.epochs=3", "optim.prototype_grad=mean"]
+    one = _final_model(tmp_path / "one", 1, 16, *extra)
+    two = _final_model(tmp_path / "two", 2, 8, *extra)
+    for name, value in one.items():
+        torch.testing.assert_close(two[name], value, atol=1e-8, rtol=0, msg=name)

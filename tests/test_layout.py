@@ -19,7 +19,7 @@ LAYERS = [("errors",), ("config",), ("utils",), ("data", "models"), ("weights",)
 SHIMS = {"msn.step": {"msn.train.step", "msn.train.builder"}, "msn.checkpoint": {"msn.weights.checkpoint"},
          "msn.sweep": {"msn.cli.sweep"}, "msn.train.__main__": {"msn.cli.pretrain"}}
 CLI_MODULES = {"msn.cli.pretrain", "msn.cli.export", "msn.cli.evaluate", "msn.cli.bench", "msn.cli.viz",
-               "msn.cli.sweep"}  # console scripts and python -m msn.sweep
+               "msn.cli.shards", "msn.cli.sweep"}  # console scripts and python -m msn.sweep
 
 
 def _module_name(path: Path) -> str:
@@ -204,10 +204,12 @@ def test_every_help_is_plain_text_and_leads_with_our_usage(capsys):
     import msn.cli.bench
     import msn.cli.evaluate
     import msn.cli.export
+    import msn.cli.shards
     import msn.cli.viz
 
     markup = re.compile(r"``|:(func|class|meth|mod):`")
-    helps = [("msn-export", msn.cli.export.main, ["--help"]), ("msn-eval", msn.cli.evaluate.main, ["--help"])]
+    helps = [("msn-export", msn.cli.export.main, ["--help"]), ("msn-eval", msn.cli.evaluate.main, ["--help"]),
+             ("msn-shards", msn.cli.shards.main, ["--help"])]
     helps += [("msn-bench", msn.cli.bench.main, a) for a in (["--help"], *([c, "-h"] for c in ("step", "data", "e2e")))]
     helps += [("msn-viz", msn.cli.viz.main, args)
               for args in (["--help"], *([kind, "-h"] for kind in msn.cli.viz.KINDS))]
@@ -230,7 +232,7 @@ _CHEAP_PATHS = r"""
 import contextlib, io, sys
 from pathlib import Path
 
-from msn.cli import bench, evaluate, export, pretrain, viz
+from msn.cli import bench, evaluate, export, pretrain, shards, viz
 
 done = Path("outputs/done")  # a finished run: msn-pretrain says so and stops
 done.mkdir(parents=True)
@@ -249,6 +251,8 @@ calls = [(export.main, ["--help"], None), (export.main, ["a", "b", "--format", "
          (viz.main, ["--help"], None), (viz.main, ["curves", "run", "--out", "curves.jpg"], None),
          (viz.main, ["attention", "no_such_run", "--out", "a.png"], "no_such_run does not exist"),
          (viz.main, ["prototypes", "no_such_run", "--out", "p.png"], "no_such_run does not exist"),
+         (shards.main, ["--help"], None), (shards.main, ["no_such_folder", "out"], "is not a folder of images"),
+         (shards.main, ["empty", "out", "--per-shard", "0"], "--per-shard 0 must be >= 1"),
          (pretrain.main, ["--help"], None), (pretrain.main, ["optim.lr=-1"], None),
          (pretrain.main, ["model.arch=vit_nano"], None),
          (pretrain.main, ["run_name=done", "optim.epochs=3"], "outputs/done is complete (step 9 of 9)")]

@@ -1,4 +1,6 @@
-"""msn-bench data: images/s of the multi-crop input pipeline on a folder of images, and of a reference.
+"""msn-bench data: images/s of the multi-crop input pipeline on a training source, and of a reference.
+
+The source is any of the trainer's (``data=folder``, ``webdataset`` or ``hf``), read as the trainer reads it.
 
 Ours is the trainer's own loader (:mod:`msn.data`) as configured: decode and crop in the workers, the
 photometric stage in the workers (``data.augment_on=cpu``) or on the training device (``device``; a
@@ -24,11 +26,11 @@ from torchvision import transforms as T
 
 from msn.data import (
     EpochSampler,
-    ImageFolderDataset,
     MultiCropDataset,
     MultiCropTransform,
     RunSampler,
     augment_in_workers,
+    build_dataset,
     build_loader,
     device_views,
     load_rgb,
@@ -63,19 +65,23 @@ def reference_view(cfg: DictConfig, size: int, scale: Sequence[float]) -> T.Comp
 
 
 class ReferenceMultiCrop(Dataset):
-    """image ``i`` -> ``[target, anchor, focal_1, ...]``, each view by its own torchvision Compose."""
+    """image ``i`` -> ``[target, anchor, focal_1, ...]``, each view by its own torchvision Compose.
 
-    def __init__(self, paths: Sequence[os.PathLike], cfg: DictConfig) -> None:
-        self.paths = list(paths)
+    ``images``: image file paths, or a dataset of PIL images (index -> image, as :func:`msn.data.build_dataset`
+    makes for every source)."""
+
+    def __init__(self, images: Sequence[os.PathLike] | Dataset, cfg: DictConfig) -> None:
+        self.images = images if isinstance(images, Dataset) else list(images)
         self.global_view = reference_view(cfg, cfg.global_size, cfg.global_scale)
         self.focal_view = reference_view(cfg, cfg.focal_size, cfg.focal_scale)
         self.num_focal = int(cfg.num_focal)
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.images)
 
     def __getitem__(self, index: int) -> list[torch.Tensor]:
-        image = load_rgb(self.paths[index])
+        item = self.images[index]
+        image = item if isinstance(item, Image.Image) else load_rgb(item)
         return [self.global_view(image) for _ in range(2)] + [self.focal_view(image) for _ in range(self.num_focal)]
 
 
@@ -94,10 +100,10 @@ def images_per_second(batches: Iterable[Any], batch_size: int, seconds: float, w
 
 
 def bench_data(cfg: DictConfig, *, workers: int, seconds: float, warmup: int = 2) -> dict[str, Any]:
-    """Images/s of our loader and of the reference on ``cfg.data.root`` (see the module docstring)."""
+    """Images/s of our loader and of the reference on ``cfg.data``'s source (see the module docstring)."""
     d = cfg.data
     device = resolve_device(cfg.device)
-    base = ImageFolderDataset(d.root, d.list_file)
+    base = build_dataset(d)
     in_workers = augment_in_workers(d.augment_on, device)
     transform = MultiCropTransform(d)
     dataset = MultiCropDataset(base, transform, seed=cfg.seed, finish=in_workers)
@@ -114,16 +120,26 @@ def bench_data(cfg: DictConfig, *, workers: int, seconds: float, warmup: int = 2
 
     ours = images_per_second(loader, d.batch_size, seconds, warmup, to_views)
     del loader
-    reference_loader = DataLoader(ReferenceMultiCrop(base.paths, d), batch_size=d.batch_size, shuffle=True,
+    reference_loader = DataLoader(ReferenceMultiCrop(base, d), batch_size=d.batch_size, shuffle=True,
                                   num_workers=workers, drop_last=True, persistent_workers=workers > 0,
                                   generator=torch.Generator().manual_seed(cfg.seed))
     reference = images_per_second(_forever(reference_loader), d.batch_size, seconds, warmup)
     return {
-        "root": str(d.root), "images": len(base), "batch": int(d.batch_size), "workers": workers,
+        "source": d.name, "root": source_description(d), "images": len(base), "batch": int(d.batch_size),
+        "workers": workers,
         "threads": torch.get_num_threads(), "device": device.type, "augment_on": "cpu" if in_workers else "device",
         "views": f"2 x {d.global_size} + {d.num_focal} x {d.focal_size}",
         "ours_images_per_s": ours, "reference_images_per_s": reference, "ratio": ours / reference,
     }
+
+
+def source_description(d: DictConfig) -> str:
+    """The data a source reads: the folder, the shard pattern or the dataset path."""
+    if d.name == "webdataset":
+        return str(d.shards if isinstance(d.shards, str) else ",".join(map(str, d.shards)))
+    if d.name == "hf":
+        return f"{d.path} [{d.split}]"
+    return str(d.root) if d.name == "folder" else d.name
 
 
 def _forever(loader: DataLoader) -> Iterable[Any]:

@@ -1,21 +1,24 @@
 """msn-bench: measure the training step, the input pipeline, or both together, on this machine.
 
     msn-bench step OVERRIDES... [--steps N] [--warmup N] [--reference] [--max-batch]
-    msn-bench data --root DIR [--workers W] [--threads N] [--seconds S] [OVERRIDES...]
+    msn-bench data [--source folder|webdataset|hf] [--root DIR] [--workers W] [--threads N] [--seconds S]
+                   [OVERRIDES...]
     msn-bench e2e OVERRIDES... [--steps N] [--warmup N]
 
 OVERRIDES are Hydra overrides as for msn-pretrain, for example
     msn-bench step experiment=msn_vits16 data.batch_size=128 precision=bf16 compile=true device=cuda
     msn-bench data --root /data/train --workers 15 experiment=msn_vits16 data.batch_size=128
+    msn-bench data --source webdataset 'data.shards="/data/shards/shard-{000000..000099}.tar"' --workers 2
     msn-bench e2e experiment=msn_vits16 data.root=/data/train data.batch_size=128 data.num_workers=15 precision=bf16
 
 step: the training step alone on random views already on the device: step time, images/s, peak memory,
   FLOPs per image (torch's FLOP counter), a large matmul's FLOP/s in the same run and the MFU against it;
   --reference also times the original MSN step (msn.benchmarks.reference) and prints the ratio; --max-batch doubles
   data.batch_size until the GPU runs out of memory.
-data: images/s of the multi-crop loader on the images in DIR (the paper's views unless OVERRIDES say
-  otherwise; data.augment_on chooses where the photometric stage runs), and of a reference pipeline in
-  the same run (torchvision's PIL transforms view by view, as the original code), with the ratio.
+data: images/s of the multi-crop loader on a source (the images in DIR; or --source webdataset / hf), with
+  the paper's views unless OVERRIDES say otherwise (data.augment_on chooses where the photometric stage
+  runs), and of a reference pipeline on the same images in the same run (torchvision's PIL transforms view
+  by view, as the original code), with the ratio.
 e2e: msn-pretrain for --steps steps; its steady images/s after --warmup steps, and the ratio to the
   step alone on the same device.
 Each command's last line is one JSON object.
@@ -48,8 +51,9 @@ def _print_step(r: dict[str, Any]) -> None:
 
 
 def _print_data(r: dict[str, Any]) -> None:
-    print(f"{r['images']} images in {r['root']}: views {r['views']}, batch {r['batch']}, {r['workers']} workers, "
-          f"{r['threads']} thread(s), photometric stage on the {r['augment_on']} ({r['device']})")
+    print(f"{r['images']} images in {r['root']} ({r['source']}): views {r['views']}, batch {r['batch']}, "
+          f"{r['workers']} workers, {r['threads']} thread(s), photometric stage on the {r['augment_on']} "
+          f"({r['device']})")
     print(f"  ours {r['ours_images_per_s']:.1f} img/s, reference {r['reference_images_per_s']:.1f} img/s "
           f"-> {r['ratio']:.2f}x")
 
@@ -74,11 +78,15 @@ def _parser() -> argparse.ArgumentParser:
     step.add_argument("--max-batch", action="store_true",
                       help="instead: the largest data.batch_size (doubling) that fits in GPU memory")
     data = commands.add_parser("data", help="images/s of the input pipeline, against a reference pipeline",
-                               description="Images/s of the multi-crop loader on the images in --root, and of "
-                                           "torchvision's PIL transforms view by view; OVERRIDES as for "
-                                           "msn-pretrain (default: data=folder, the paper's views).")
-    data.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data.batch_size=128 data.augment_on=device")
-    data.add_argument("--root", required=True, help="folder of images (ImageFolder layout or flat)")
+                               description="Images/s of the multi-crop loader on a training source (a folder, "
+                                           "WebDataset shards or a Hugging Face dataset), and of torchvision's "
+                                           "PIL transforms view by view on the same images; OVERRIDES as for "
+                                           "msn-pretrain (the paper's views by default).")
+    data.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data.batch_size=128 data.augment_on=device "
+                                                   "data.shards=... data.path=...")
+    data.add_argument("--source", choices=("folder", "webdataset", "hf"), default="folder",
+                      help="the data= source (default folder); webdataset takes data.shards=, hf data.path=")
+    data.add_argument("--root", default=None, help="folder of images for --source folder (or data.root=)")
     data.add_argument("--workers", type=int, default=None, help="loader workers for both (default: data.num_workers)")
     data.add_argument("--threads", type=int, default=None, help="torch threads of this process (default: torch's)")
     data.add_argument("--seconds", type=float, default=10.0, help="timed seconds per pipeline (default 10)")
@@ -144,7 +152,8 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
 
         if args.threads is not None:
             torch.set_num_threads(max(1, args.threads))
-        cfg = compose_bench_config(["data=folder", *args.overrides, f"data.root={args.root}"])
+        root = [f"data.root={args.root}"] if args.root is not None else []
+        cfg = compose_bench_config([f"data={args.source}", *args.overrides, *root])
         workers = int(cfg.data.num_workers) if args.workers is None else args.workers
         result = bench_data(cfg, workers=workers, seconds=args.seconds)
         _print_data(result)

@@ -65,6 +65,14 @@ class CheckBeforeRun(Callback):
                 from msn.data import find_fashion_mnist
 
                 find_fashion_mnist(cfg.data.root)
+            if cfg.data.name == "webdataset":  # ... or for a shard pattern that names nothing or a missing shard
+                from msn.data.shards import expand_shards
+
+                expand_shards(cfg.data.shards)
+            if cfg.data.name == "hf":
+                from msn.data.hf import check_hf_source
+
+                check_hf_source(cfg.data.path)
         except (MSNError, ValueError) as e:  # ours, and omegaconf's ValidationError for a wrongly typed value
             sys.exit(f"msn-pretrain: error: {e}")
         status = finished_run(run_dir, cfg) if cfg.resume is not None else None

@@ -14,7 +14,7 @@ from msn.config.schema import MSNConfig, check_crop_pct, model_arch
 from msn.errors import ConfigError
 
 _CHOICES: dict[str, tuple[str, ...]] = {
-    "data.name": ("digits", "fashion_mnist", "folder", "synthetic"),
+    "data.name": ("digits", "fashion_mnist", "folder", "synthetic", "webdataset", "hf"),
     "device": ("auto", "cpu", "cuda"),
     "precision": ("fp32", "bf16", "fp16"),
     "logger.name": ("csv", "wandb"),
@@ -112,6 +112,15 @@ def validate(cfg: DictConfig | MSNConfig) -> None:
               f"{key}={size} is not divisible by model.patch_size={patch}; use a multiple of {patch}")
     if cfg.data.name == "folder":
         check(bool(cfg.data.root), "data.root is required for data=folder: pass data.root=/path/to/images")
+    if cfg.data.name == "webdataset":
+        check(bool(cfg.data.shards), "data.shards is required for data=webdataset: pass "
+              "data.shards='/data/shard-{000000..000099}.tar' (quoted: the braces are the shell's too)")
+        check(bool(cfg.data.image_keys), "data.image_keys must name at least one extension, e.g. [jpg,png]")
+    if cfg.data.name == "hf":
+        check(bool(cfg.data.path), "data.path is required for data=hf: pass data.path=/path/to/saved_dataset "
+              "(save_to_disk), a folder of parquet / arrow files, or a hub id")
+    check(cfg.data.samples_per_epoch is None or cfg.data.samples_per_epoch >= 1,
+          f"data.samples_per_epoch={cfg.data.samples_per_epoch} must be >= 1 (or null: the whole dataset)")
     if 0 < cfg.masking.ratio < 1:
         for key, size in (("data.global_size", cfg.data.global_size), ("data.focal_size", cfg.data.focal_size)):
             n = (size // patch) ** 2

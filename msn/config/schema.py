@@ -8,6 +8,7 @@ documentation; :mod:`msn.config.checks` holds what a type cannot express.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from omegaconf import DictConfig
 
@@ -36,9 +37,19 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "digits"  # digits | fashion_mnist | folder | synthetic
+    name: str = "digits"  # digits | fashion_mnist | folder | synthetic | webdataset | hf
     root: str | None = None  # image folder for name=folder
     list_file: str | None = None  # optional file of image paths (relative to root) to restrict to
+    # name=webdataset: tar shards as a brace pattern ('/data/shard-{000000..000099}.tar'), a glob, a list, or
+    # pipe:COMMAND URLs; the members holding a sample's image; where pipe: / http(s) shards are copied
+    shards: Any = None
+    image_keys: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"])
+    shard_cache: str | None = None  # default ~/.cache/msn/shards
+    # name=hf: a save_to_disk folder, a folder of parquet / arrow files, or a hub id; its split and image column
+    path: str | None = None
+    split: str = "train"
+    image_key: str = "image"
+    samples_per_epoch: int | None = None  # an epoch of this many samples of the dataset (default: all of them)
     batch_size: int = 64  # images per process per step
     num_workers: int = 0
     augment_on: str = "auto"  # cpu: the whole augmentation in the loader workers; device: colour, blur and

@@ -26,7 +26,6 @@ from msn.data.crops import (
     to_uint8_image,
 )
 from msn.data.datasets import (
-    DATASETS,
     IMAGE_EXTENSIONS,
     DataError,
     DigitsDataset,
@@ -34,7 +33,6 @@ from msn.data.datasets import (
     ImageDataset,
     ImageFolderDataset,
     SyntheticDataset,
-    build_dataset,
     check_data_root,
     find_fashion_mnist,
     load_rgb,
@@ -49,6 +47,7 @@ from msn.data.loader import (
     SkippedImages,
     build_loader,
     collate_views,
+    epoch_length,
     samples_per_replica,
     steps_per_epoch,
 )
@@ -73,11 +72,13 @@ from msn.data.photometric import (
     grayscale,
     photometric,
 )
+from msn.data.sources import DATASETS, build_dataset
 
 __all__ = [
     "adjust_brightness", "adjust_contrast", "adjust_hue", "adjust_saturation", "augment_in_workers",
     "blur_kernel_size", "build_dataset", "build_loader", "check_data_root", "collate_views", "color_jitter",
-    "DataError", "DATASETS", "dense_resize_is_cheap", "device_views", "DigitsDataset", "EpochSampler",
+    "DataError", "DATASETS", "dense_resize_is_cheap", "device_views", "DigitsDataset", "epoch_length",
+    "EpochSampler",
     "FashionMNISTDataset", "find_fashion_mnist", "gaussian_blur", "grayscale", "IMAGE_EXTENSIONS", "ImageDataset",
     "ImageFolderDataset", "Key", "load_rgb", "MultiCropDataset", "MultiCropTransform", "photometric",
     "PhotometricParams", "read_idx", "resized_crops", "resized_crops_dense", "resized_crops_loop", "RunSampler",

@@ -10,13 +10,12 @@ from __future__ import annotations
 import gzip
 import os
 from pathlib import Path
-from typing import Protocol
+from typing import IO, Protocol
 
 import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from msn.config import DataConfig
 from msn.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -71,13 +70,19 @@ def load_rgb(path: Path) -> Image.Image:
     High-bit-depth images (16-bit grayscale PNG / TIFF: PIL modes ``I;16*``, ``I``, ``F``) are scaled to
     8 bits (:func:`to_8bit`); PIL's own ``convert("RGB")`` would clip them at 255.
     """
+    return decode_rgb(path, str(path))
+
+
+def decode_rgb(source: Path | IO[bytes], name: str) -> Image.Image:
+    """:func:`load_rgb` of a path or an open binary file (a tar member's or a dataset row's bytes); ``name``
+    says in the :class:`DataError` which image could not be read."""
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
             image.load()  # forces the decode, so a corrupt file fails here
             return to_8bit(image).convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         # PIL signals bad data with OSError (incl. UnidentifiedImageError), SyntaxError or ValueError
-        raise DataError(f"cannot read image {path}: {err}") from err
+        raise DataError(f"cannot read image {name}: {err}") from err
 
 
 def to_8bit(image: Image.Image) -> Image.Image:
@@ -301,19 +306,3 @@ class FashionMNISTDataset(Dataset):
 
     def label(self, index: int) -> int:
         return self.targets[index]
-
-
-DATASETS = ("digits", "fashion_mnist", "folder", "synthetic")
-
-
-def build_dataset(cfg: DataConfig) -> Dataset:
-    """The base dataset that ``cfg.name`` selects (digits | fashion_mnist | folder | synthetic)."""
-    if cfg.name == "digits":
-        return DigitsDataset(cfg.image_size)
-    if cfg.name == "fashion_mnist":
-        return FashionMNISTDataset(cfg.root, "train", cfg.image_size)
-    if cfg.name == "folder":
-        return ImageFolderDataset(cfg.root, cfg.list_file)
-    if cfg.name == "synthetic":
-        return SyntheticDataset(cfg.synthetic_size, cfg.image_size)
-    raise DataError(f"data.name={cfg.name!r} is unknown; choose one of {', '.join(DATASETS)}")

@@ -86,6 +86,9 @@ class MultiCropDataset(Dataset):
         return self.transform.finish(batch) if self.finish else batch
 
     def path(self, index: int) -> str:
+        """What messages call image ``index``: its file, ``SHARD#KEY``, a dataset row, or ``image N``."""
+        if hasattr(self.base, "name"):
+            return self.base.name(index)
         paths = getattr(self.base, "paths", None)
         return str(paths[index]) if paths is not None else f"image {index}"
 
@@ -168,20 +171,22 @@ class EpochSampler(Sampler[Key]):
     (:func:`msn.utils.seeding.stream_seed`; DistributedSampler's ``seed + epoch`` would give seed 1 the order
     seed 0 has one epoch later), so it is a pure function of (seed, epoch). Rank r takes positions
     r, r + R, r + 2R, ... of that order; with ``drop_last`` the tail that does not divide evenly among
-    the R replicas is dropped, otherwise the order is padded by wrapping around.
+    the R replicas is dropped, otherwise the order is padded by wrapping around. ``epoch_len`` (at most
+    ``dataset_len``; default all of it) makes an epoch the first ``epoch_len`` images of that order.
 
     Resume: :meth:`set_start` skips the first batches of the epoch without yielding (so without
     loading) them. :meth:`set_epoch` resets the start to 0, so call it first.
     """
 
     def __init__(self, dataset_len: int, num_replicas: int = 1, rank: int = 0, *, shuffle: bool = True, seed: int = 0,
-                 drop_last: bool = True) -> None:
+                 drop_last: bool = True, epoch_len: int | None = None) -> None:
         """Order ``dataset_len`` images for ``rank`` of ``num_replicas`` (as ``DistributedSampler``'s arguments)."""
         if num_replicas < 1 or not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} is not in [0, num_replicas={num_replicas})")
         self.dataset_len, self.num_replicas, self.rank = int(dataset_len), int(num_replicas), int(rank)
+        self.epoch_len = self.dataset_len if epoch_len is None else min(int(epoch_len), self.dataset_len)
         self.shuffle, self.seed, self.drop_last = shuffle, int(seed), drop_last
-        self.num_samples = samples_per_replica(self.dataset_len, self.num_replicas, drop_last)
+        self.num_samples = samples_per_replica(self.epoch_len, self.num_replicas, drop_last)
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -201,6 +206,7 @@ class EpochSampler(Sampler[Key]):
             order = torch.randperm(self.dataset_len, generator=g).tolist()
         else:
             order = list(range(self.dataset_len))
+        order = order[:self.epoch_len]
         total = self.num_samples * self.num_replicas
         if total > len(order) and order:  # pad by wrapping around (drop_last=False)
             order = (order * math.ceil(total / len(order)))[:total]
@@ -219,6 +225,17 @@ def samples_per_replica(num_images: int, num_replicas: int, drop_last: bool) -> 
     if drop_last:
         return num_images // num_replicas
     return math.ceil(num_images / num_replicas)
+
+
+def epoch_length(num_images: int, cfg: DataConfig) -> int:
+    """Images in an epoch: ``data.samples_per_epoch`` of the ``num_images`` (all of them when null)."""
+    wanted = getattr(cfg, "samples_per_epoch", None)
+    if wanted is None:
+        return num_images
+    if wanted > num_images:
+        raise DataError(f"data.samples_per_epoch={wanted} exceeds the {num_images} images of the dataset; lower it "
+                        "or set data.samples_per_epoch=null (an epoch of the whole dataset)")
+    return int(wanted)
 
 
 def steps_per_epoch(num_images: int, cfg: DataConfig, world_size: int = 1) -> int:

@@ -17,11 +17,13 @@ from omegaconf import DictConfig
 
 from msn.config import LossConfig
 from msn.data import (
+    EpochSampler,
     MultiCropDataset,
     MultiCropTransform,
     SkippedImages,
     augment_in_workers,
     build_dataset,
+    epoch_length,
     samples_per_replica,
     steps_per_epoch,
 )
@@ -53,7 +55,8 @@ class Process:
 class TrainingData:
     """The run's images and views, the record of undecodable ones, and the run's length in steps."""
 
-    base: Any  # index -> PIL image (msn.data.datasets)
+    base: Any  # index -> PIL image (msn.data.datasets, .shards, .hf)
+    epoch_len: int  # images an epoch takes from base (data.samples_per_epoch, else all)
     transform: MultiCropTransform
     dataset: MultiCropDataset
     skipped: SkippedImages
@@ -89,13 +92,20 @@ def build_data(cfg: DictConfig, *, device: torch.device, world: int) -> Training
     transform = MultiCropTransform(cfg.data)
     dataset = MultiCropDataset(base, transform, seed=cfg.seed, finish=augment_in_workers(cfg.data.augment_on, device))
     skipped = SkippedImages(max(cfg.data.max_bad_files, int(cfg.data.max_bad_fraction * len(base))))
-    steps_in_epoch = steps_per_epoch(len(base), cfg.data, world)
-    check_last_batch(len(base), batch_size=cfg.data.batch_size, world=world, drop_last=cfg.data.drop_last,
+    epoch_len = epoch_length(len(base), cfg.data)
+    steps_in_epoch = steps_per_epoch(epoch_len, cfg.data, world)
+    check_last_batch(epoch_len, batch_size=cfg.data.batch_size, world=world, drop_last=cfg.data.drop_last,
                      head_batchnorm=cfg.model.head_batchnorm, sync_batchnorm=cfg.model.sync_batchnorm)
     total_steps = cfg.optim.epochs * steps_in_epoch
     if cfg.optim.max_steps is not None:
         total_steps = min(total_steps, cfg.optim.max_steps)
-    return TrainingData(base, transform, dataset, skipped, steps_in_epoch, total_steps)
+    return TrainingData(base, epoch_len, transform, dataset, skipped, steps_in_epoch, total_steps)
+
+
+def build_order(cfg: DictConfig, data: TrainingData, *, rank: int, world: int) -> EpochSampler:
+    """This process's share of every epoch's order: a pure function of (seed, epoch), as for every source."""
+    return EpochSampler(len(data.base), num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed,
+                        drop_last=cfg.data.drop_last, epoch_len=data.epoch_len)
 
 
 def build_model(cfg: DictConfig, *, device: torch.device) -> MSN:

@@ -15,9 +15,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
 from msn.config import ConfigError, MSNConfig, to_schema
-from msn.data import DataError, EpochSampler, RunSampler, build_loader, device_views
+from msn.data import DataError, RunSampler, build_loader, device_views
 from msn.models.msn import MSN
-from msn.train.builder import Process, TrainingData, build_data, build_parts
+from msn.train.builder import Process, TrainingData, build_data, build_order, build_parts
 from msn.train.checkpoints import CheckpointPolicy
 from msn.train.loggers import MetricsLogger
 from msn.train.report import RunReport
@@ -66,8 +66,7 @@ def train(cfg: DictConfig | MSNConfig, command: str | None = None) -> dict[str, 
     if cfg.compile:
         parts.model.compile_encoders(cfg.compile_backend, cfg.compile_mode)
 
-    order = EpochSampler(len(data.base), num_replicas=proc.world, rank=proc.rank, shuffle=True, seed=cfg.seed,
-                         drop_last=cfg.data.drop_last)
+    order = build_order(cfg, data, rank=proc.rank, world=proc.world)
     # one loader iterator for the whole run: no drain and restart of the workers at epoch boundaries
     sampler = RunSampler(order, cfg.data.batch_size, cfg.data.drop_last, start_step)
     loader = build_loader(cfg.data, data.dataset, sampler, pin_memory=proc.device.type == "cuda")

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from msn.data import DataError, EpochSampler, RunSampler
+from msn.data import DataError, RunSampler
 from msn.errors import VizError
-from msn.train.builder import build_data, build_mask_generator
+from msn.train.builder import build_data, build_mask_generator, build_order
 
 
 @dataclass
@@ -54,8 +54,7 @@ def trainer_views(cfg: DictConfig, step: int, count: int, world_size: int = 1) -
     # The run's data as the trainer builds it (a DataError when the batch does not fit the dataset), with
     # every view finished on the CPU whatever data.augment_on says: the picture needs no GPU.
     data = build_data(cfg, device=torch.device("cpu"), world=world_size)
-    order = EpochSampler(len(data.base), num_replicas=world_size, rank=0, shuffle=True, seed=cfg.seed,
-                         drop_last=d.drop_last)
+    order = build_order(cfg, data, rank=0, world=world_size)
     keys = next(iter(RunSampler(order, d.batch_size, d.drop_last, start_step=step)))
     batch_size = len(keys)
     keys = keys[:count]

@@ -1,0 +1,131 @@
+"""Hugging Face datasets as a training source (``data=hf``): a folder written by ``save_to_disk``, a folder of
+parquet or arrow files, or a hub id (only when the hub is reachable). Rows are read by index, so the folder
+source's guarantees hold as they are (see :mod:`msn.data.shards`); the image column's bytes are decoded here,
+exactly as image files are (:func:`msn.data.datasets.decode_rgb`), so an undecodable row is replaced and counted.
+
+The ``datasets`` package is imported only when this source is used (it is the ``[datasets]`` extra).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from torch.utils.data import Dataset
+
+from msn.data.datasets import decode_rgb
+from msn.errors import DataError
+
+_DATA_FILES = (".parquet", ".arrow")
+
+
+def _import_datasets() -> Any:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError("data=hf needs the datasets package: pip install 'msn[datasets]' (or pip install datasets)"
+                        ) from None
+    return datasets
+
+
+def _offline() -> bool:
+    """HF_HUB_OFFLINE as it is now (the packages read it once, when first imported)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _offline_message(path: str) -> str:
+    return (f"data.path={path} is no local folder, and the Hugging Face hub is offline here (HF_HUB_OFFLINE=1); "
+            "download the dataset once elsewhere (save_to_disk) and pass its folder")
+
+
+def check_hf_source(path: str) -> None:
+    """The cheap part of :func:`load_hf_split`'s checks (before a run directory is made): the package is
+    installed, and a local path exists."""
+    import importlib.util
+
+    if importlib.util.find_spec("datasets") is None:
+        _import_datasets()
+    local = Path(path).expanduser()
+    if path.startswith(("/", ".", "~")) and not local.is_dir():
+        raise DataError(f"data.path={path} {'is not a folder' if local.exists() else 'does not exist'}; pass a "
+                        "save_to_disk folder, a folder of parquet or arrow files, or a hub id")
+    if not local.is_dir() and _offline():
+        raise DataError(_offline_message(path))
+
+
+def load_hf_split(path: str, split: str) -> Any:
+    """The ``split`` of the dataset at ``path`` (a ``datasets.Dataset``); each failure is one :class:`DataError`."""
+    datasets = _import_datasets()
+    folder = Path(path).expanduser()
+    if folder.is_dir():
+        if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
+            loaded = datasets.load_from_disk(str(folder))  # save_to_disk's folder: a DatasetDict or one Dataset
+            if isinstance(loaded, datasets.DatasetDict):
+                if split not in loaded:
+                    raise DataError(f"data.split={split}: {folder} holds the splits {', '.join(loaded)}; pass "
+                                    "data.split=NAME")
+                return loaded[split]
+            return loaded
+        if not any(p.suffix in _DATA_FILES for p in folder.rglob("*")):
+            raise DataError(f"data.path={path} holds neither a save_to_disk dataset nor parquet / arrow files")
+        try:
+            return datasets.load_dataset(str(folder), split=split)
+        except ValueError as e:  # an unknown split, files of several formats, ...
+            raise DataError(f"data.path={path}, data.split={split}: {str(e).splitlines()[0]}") from None
+    if folder.exists() or path.startswith(("/", ".", "~")):  # a local path, not a hub id (user/name)
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise DataError(f"data.path={path} {what}; pass a save_to_disk folder, a folder of parquet or arrow files, "
+                        "or a hub id")
+    if datasets.config.HF_HUB_OFFLINE or _offline():
+        raise DataError(_offline_message(path))
+    try:
+        return datasets.load_dataset(path, split=split)
+    except Exception as e:  # no network, an unknown id, a gated dataset: say which, in one line
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"data.path={path}: not a local folder, and the hub could not provide it ({reason}); pass a "
+                        "local folder, or check the id and the network") from None
+
+
+class HFImages(Dataset):
+    """index -> PIL RGB image of column ``image_key`` of a Hugging Face dataset split.
+
+    Args:
+        path: ``save_to_disk`` folder, folder of parquet / arrow files, or hub id.
+        split: the split to train on (``train``).
+        image_key: the image column: an ``Image`` feature, bytes, or a dict with ``bytes`` / ``path``.
+    """
+
+    def __init__(self, path: str, split: str = "train", image_key: str = "image") -> None:
+        datasets = _import_datasets()
+        table = load_hf_split(str(path), split)
+        if image_key not in table.column_names:
+            raise DataError(f"data.image_key={image_key}: {path} [{split}] has the columns "
+                            f"{', '.join(table.column_names)}; pass data.image_key=COLUMN")
+        if isinstance(table.features[image_key], datasets.Image):
+            table = table.cast_column(image_key, datasets.Image(decode=False))  # we decode, as for files
+        self.table = table.select_columns([image_key])
+        self.path, self.split, self.image_key = str(path), split, image_key
+        if len(self.table) == 0:
+            raise DataError(f"data.path={path} [{split}] has no rows")
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def name(self, index: int) -> str:
+        return f"{self.path} [{self.split}] row {index}"
+
+    def __getitem__(self, index: int) -> Image.Image:
+        value = self.table[int(index)][self.image_key]
+        if isinstance(value, dict):  # an Image feature left undecoded: bytes, or a path to the file
+            if value.get("bytes"):
+                return decode_rgb(io.BytesIO(value["bytes"]), self.name(index))
+            if value.get("path"):
+                return decode_rgb(Path(value["path"]), f"{self.name(index)} ({value['path']})")
+        if isinstance(value, (bytes, bytearray)):
+            return decode_rgb(io.BytesIO(bytes(value)), self.name(index))
+        if isinstance(value, Image.Image):
+            return value.convert("RGB")
+        raise DataError(f"{self.name(index)}: column {self.image_key} holds no image ({type(value).__name__})")

@@ -1,0 +1,317 @@
+"""WebDataset shards as a training source (``data=webdataset``), read by random access, and writing them.
+
+A shard is a tar file whose consecutive members sharing a key (``dir/0001.jpg``, ``dir/0001.cls``) form one
+sample (the WebDataset convention). :class:`WebDatasetImages` indexes every shard once, when the run starts
+(a scan of the tar headers, with :mod:`tarfile`), and then reads a sample's image member at its offset with
+one ``pread``. So a sample is an index like a file of a folder, and everything the folder source guarantees
+holds unchanged: the epoch order is the same function of (seed, epoch), each process reads its own share of
+every global batch, a resume at any step skips nothing it would have to read, and an undecodable sample is
+replaced and counted (:class:`msn.data.MultiCropDataset`).
+
+Shards are named by a brace pattern (``/data/in21k/shard-{000000..001023}.tar``), a glob, a list, or
+``pipe:COMMAND`` URLs (``pipe:aws s3 cp s3://bucket/shard-000000.tar -``), the way object stores are read; a
+``pipe:`` or ``http(s)://`` shard is copied once into ``data.shard_cache`` (it must be seekable), through the
+``webdataset`` package's ``gopen``. :func:`write_shards` (``msn-shards``) writes shards from a folder of
+images with the ``webdataset`` package's ``ShardWriter``.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import os
+import random
+import re
+import shutil
+import tarfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+
+from msn.data.datasets import _scan_images, check_data_root, decode_rgb
+from msn.errors import DataError
+from msn.utils.files import atomic_write
+
+DEFAULT_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+DEFAULT_CACHE = Path("~/.cache/msn/shards")
+_REMOTE = ("pipe:", "http://", "https://", "gs://", "s3://", "ais://")
+_NO_IMAGE, _CUT = -1, -2  # offsets of a sample without an image member, and of the unreadable tail of a shard
+
+
+def is_remote(url: str) -> bool:
+    """Whether ``url`` must be fetched (``pipe:``, ``http(s)://``, ...) rather than read in place."""
+    return url.startswith(_REMOTE)
+
+
+def expand_shards(spec: str | Sequence[str] | None) -> list[str]:
+    """The shard URLs ``spec`` names, in order: brace patterns expanded, local globs matched, each local file
+    checked. A pattern that names nothing or a local shard that does not exist is a :class:`DataError`."""
+    from braceexpand import braceexpand  # a dependency of webdataset
+
+    if spec is None or (isinstance(spec, str) and not spec.strip()):
+        raise DataError("data.shards is not set; pass data.shards='/data/shard-{000000..000099}.tar' "
+                        "(a brace pattern, a glob, a list, or pipe:COMMAND URLs)")
+    patterns = [spec] if isinstance(spec, str) else [str(s) for s in spec]
+    urls: list[str] = []
+    for pattern in patterns:
+        for url in braceexpand(pattern):
+            if is_remote(url):
+                urls.append(url)
+            elif glob.has_magic(url):
+                matched = sorted(glob.glob(os.path.expanduser(url)))
+                if not matched:
+                    raise DataError(f"data.shards: the pattern {url} matches no file; check the path")
+                urls.extend(matched)
+            else:
+                urls.append(os.path.expanduser(url))
+    if not urls:
+        raise DataError(f"data.shards={spec} names no shard; pass a brace pattern, a glob or a list of tar files")
+    missing = [u for u in urls if not is_remote(u) and not Path(u).is_file()]
+    if missing:
+        raise DataError(f"data.shards: {missing[0]} does not exist ({len(missing)} of the {len(urls)} shards named "
+                        "are missing); check data.shards")
+    return urls
+
+
+def fetch_shard(url: str, cache_dir: str | os.PathLike | None) -> Path:
+    """A local, seekable copy of ``url``: the file itself when it is local, else a copy in ``cache_dir``
+    (made once, atomically, through ``webdataset.gopen``; later runs reuse it)."""
+    if not is_remote(url):
+        return Path(url)
+    from webdataset.gopen import gopen
+
+    folder = Path(cache_dir or DEFAULT_CACHE).expanduser()
+    name = url.rstrip("/").split("/")[-1].split()[-1] or "shard.tar"
+    local = folder / f"{hashlib.sha1(url.encode()).hexdigest()[:16]}-{Path(name).name}"
+    if local.is_file():
+        return local
+    try:
+        stream = gopen(url, "rb")
+        try:
+            atomic_write(local, lambda f: shutil.copyfileobj(stream, f, 1 << 20), fsync=False)
+        finally:
+            stream.close()  # a pipe: command that failed raises here
+    except Exception as e:  # the command's own failure, whatever the fetcher reports it as
+        local.unlink(missing_ok=True)
+        status = re.search(r"exit (-?\d+)", str(e))
+        reason = f"the command exited with status {status.group(1)}" if status else (str(e).splitlines() or [
+            type(e).__name__])[0]
+        raise DataError(f"data.shards: could not fetch {url} ({reason}); check the command or URL, or copy the "
+                        "shards to a local folder") from None
+    return local
+
+
+def split_member(name: str) -> tuple[str, str]:
+    """WebDataset's key and extension of a member: ``a/b/0001.seg.png`` -> (``a/b/0001``, ``seg.png``)."""
+    folder, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+@dataclass
+class ShardIndex:
+    """Where each sample's image is: per sample its shard (S,), the image member's offset and size in bytes
+    (S,) (offset -1: the sample has no image member; -2: the shard's unreadable tail) and its key."""
+
+    shard: np.ndarray  # int32
+    offset: np.ndarray  # int64
+    size: np.ndarray  # int64
+    keys: list[str]
+
+
+def index_shard(path: Path, image_keys: Sequence[str]) -> tuple[list[int], list[int], list[str]]:
+    """(offsets, sizes, keys) of the samples of one shard, in order; see :class:`ShardIndex`.
+
+    Reads only the tar headers. A member whose data runs past the end of the file keeps its place (its
+    read fails later and is counted as a bad sample). A shard that ends without tar's end-of-archive blocks
+    was cut short: one ``_CUT`` sample stands for whatever followed, so that the loss is counted too.
+    """
+    wanted = {k.lower().lstrip(".") for k in image_keys}
+    offsets: list[int] = []
+    sizes: list[int] = []
+    keys: list[str] = []
+    current, end = None, 0
+    try:
+        file_size = path.stat().st_size
+        with tarfile.open(path, mode="r:") as tar:
+            for member in tar:
+                end = member.offset_data + member.size
+                if not member.isfile():
+                    continue
+                key, ext = split_member(member.name)
+                if key != current:  # a new sample starts
+                    current = key
+                    offsets.append(_NO_IMAGE)
+                    sizes.append(0)
+                    keys.append(key)
+                if ext in wanted and offsets[-1] == _NO_IMAGE:
+                    offsets[-1], sizes[-1] = member.offset_data, member.size
+            end = max(end, tar.offset)
+        complete = _ends_with_end_of_archive(path, end)
+    except tarfile.ReadError:  # not even one readable header
+        complete = False
+    except OSError as e:
+        raise DataError(f"data.shards: cannot read {path} ({e.strerror or e})") from None
+    if not complete:
+        offsets.append(_CUT)
+        sizes.append(0)
+        keys.append("(the unreadable rest of the shard)")
+    for i, (offset, size) in enumerate(zip(offsets, sizes, strict=True)):
+        if offset >= 0 and offset + size > file_size:
+            sizes[i] = max(file_size - offset, 0)  # truncated: the decode fails and the sample is counted
+    return offsets, sizes, keys
+
+
+def _ends_with_end_of_archive(path: Path, position: int) -> bool:
+    """Whether everything from ``position`` (just after the last member read) to the end of the file is the
+    zero blocks that close a tar archive; anything else, or nothing at all, means the file was cut short."""
+    with path.open("rb") as f:
+        f.seek(position)
+        rest = f.read(1 << 16)
+    return bool(rest) and not rest.strip(b"\0")
+
+
+class WebDatasetImages(Dataset):
+    """index -> PIL RGB image of WebDataset shards (``data=webdataset``), by random access.
+
+    Args:
+        shards: shard URLs (:func:`expand_shards`).
+        image_keys: the extensions that hold a sample's image, tried in order (``jpg``, ``jpeg``, ``png``,
+            ``webp``); a sample with none of them is a bad sample.
+        cache_dir: where ``pipe:`` / ``http(s)://`` shards are copied (default ``~/.cache/msn/shards``).
+
+    File descriptors are opened lazily in each process (loader workers included) and read with ``pread``,
+    so processes share no file position.
+    """
+
+    def __init__(self, shards: Sequence[str], image_keys: Sequence[str] = DEFAULT_IMAGE_KEYS,
+                 cache_dir: str | os.PathLike | None = None) -> None:
+        self.urls = list(shards)
+        self.paths = [fetch_shard(url, cache_dir) for url in self.urls]
+        parts = [index_shard(path, image_keys) for path in self.paths]
+        counts = [len(offsets) for offsets, _, _ in parts]
+        self.index = ShardIndex(
+            shard=np.repeat(np.arange(len(parts), dtype=np.int32), counts),
+            offset=np.fromiter((o for p in parts for o in p[0]), dtype=np.int64, count=sum(counts)),
+            size=np.fromiter((s for p in parts for s in p[1]), dtype=np.int64, count=sum(counts)),
+            keys=[k for p in parts for k in p[2]],
+        )
+        if not (self.index.offset >= 0).any():
+            raise DataError(f"data.shards: the {len(self.urls)} shards hold no readable image (data.image_keys="
+                            f"{','.join(image_keys)}); check that they are WebDataset tar files")
+        self._fds: dict[int, int] = {}
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return len(self.index.keys)
+
+    def name(self, index: int) -> str:
+        """``SHARD#KEY``: what a skipped-sample message calls sample ``index``."""
+        return f"{self.urls[int(self.index.shard[index])]}#{self.index.keys[index]}"
+
+    def __getitem__(self, index: int) -> Image.Image:
+        offset, size = int(self.index.offset[index]), int(self.index.size[index])
+        if offset == _NO_IMAGE:
+            raise DataError(f"sample {self.name(index)} has no image member (data.image_keys)")
+        if offset == _CUT:
+            raise DataError(f"{self.urls[int(self.index.shard[index])]} is truncated or damaged after its "
+                            f"{self._position(index)} readable samples")
+        data = os.pread(self._fd(int(self.index.shard[index])), size, offset)
+        return decode_rgb(io.BytesIO(data), self.name(index))
+
+    def _position(self, index: int) -> int:
+        shard = self.index.shard[index]
+        return int(index - np.searchsorted(self.index.shard, shard, side="left"))
+
+    def _fd(self, shard: int) -> int:
+        if self._pid != os.getpid():  # a forked loader worker: descriptors of its own
+            self._fds, self._pid = {}, os.getpid()
+        fd = self._fds.get(shard)
+        if fd is None:
+            if len(self._fds) >= 256:  # many shards: keep the number of open files bounded
+                os.close(self._fds.pop(next(iter(self._fds))))
+            try:
+                fd = self._fds[shard] = os.open(self.paths[shard], os.O_RDONLY)
+            except OSError as e:
+                raise DataError(f"cannot open shard {self.paths[shard]}: {e.strerror or e}") from None
+        return fd
+
+    def __getstate__(self) -> dict:  # to spawned workers: without descriptors
+        return {**self.__dict__, "_fds": {}}
+
+    def __del__(self) -> None:
+        if getattr(self, "_pid", None) == os.getpid():
+            for fd in getattr(self, "_fds", {}).values():
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+
+@dataclass
+class WrittenShards:
+    """What :func:`write_shards` wrote: the ``data.shards`` pattern, the shard files and the sample count."""
+
+    pattern: str
+    files: list[Path]
+    samples: int
+
+
+def write_shards(src: str | os.PathLike, out: str | os.PathLike, *, per_shard: int = 1000,
+                 shuffle_seed: int | None = None, overwrite: bool = False) -> WrittenShards:
+    """Write the images under ``src`` as WebDataset shards ``OUT/shard-000000.tar``, ... of ``per_shard``
+    samples each (the ``webdataset`` package's ``ShardWriter``).
+
+    Each sample is ``NNNNNNNNN.EXT`` with the image's own bytes (``jpg``, ``jpeg``, ``png``, ``webp``; other
+    formats are re-encoded as PNG, losslessly) and, when the image lies in a class folder of ``src``,
+    ``NNNNNNNNN.cls`` with the class index (the sorted class folders, as ImageFolder numbers them), listed in
+    ``OUT/classes.txt``. The order is the sorted paths, or a shuffle of them by ``shuffle_seed``.
+    """
+    import webdataset as wds
+
+    root = check_data_root(src)
+    out = Path(out)
+    if per_shard < 1:
+        raise DataError(f"--per-shard {per_shard} must be >= 1")
+    existing = sorted(out.glob("shard-*.tar")) if out.is_dir() else []
+    if existing and not overwrite:
+        raise DataError(f"{out} already holds {len(existing)} shards; pass --overwrite to replace them, or another OUT")
+    for old in existing:
+        old.unlink()
+    relative = _scan_images(root)
+    if shuffle_seed is not None:
+        random.Random(shuffle_seed).shuffle(relative)
+    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    class_index = {name: i for i, name in enumerate(classes)}
+    out.mkdir(parents=True, exist_ok=True)
+    with wds.ShardWriter(str(out / "shard-%06d.tar"), maxcount=per_shard, verbose=0) as sink:
+        for number, rel in enumerate(relative):
+            sink.write(_sample(root / rel, f"{number:09d}", class_index.get(Path(rel).parts[0])
+                               if len(Path(rel).parts) > 1 else None))
+    if classes:
+        (out / "classes.txt").write_text("".join(f"{i} {name}\n" for i, name in enumerate(classes)))
+    files = sorted(out.glob("shard-*.tar"))
+    last = len(files) - 1
+    pattern = str(out / ("shard-000000.tar" if last == 0 else f"shard-{{000000..{last:06d}}}.tar"))
+    return WrittenShards(pattern, files, len(relative))
+
+
+def _sample(path: Path, key: str, label: int | None) -> dict[str, bytes | str]:
+    """One WebDataset sample: the image's bytes under its extension (PNG for other formats), its class."""
+    ext = path.suffix.lower().lstrip(".")
+    if ext in DEFAULT_IMAGE_KEYS:
+        data = path.read_bytes()
+    else:
+        buffer = io.BytesIO()
+        with Image.open(path) as image:
+            image.save(buffer, format="PNG")
+        ext, data = "png", buffer.getvalue()
+    sample: dict[str, bytes | str] = {"__key__": key, ext: data}
+    if label is not None:
+        sample["cls"] = str(label)
+    return sample
