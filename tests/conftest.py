@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import csv
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,6 +20,9 @@ from msn.config import CONFIG_DIR
 # since both read these once, at import.
 for _name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ[_name] = "1"
+# Caches the code under test writes (shard indexes, fetched shards) go to a folder of the test session's.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="msn-tests-cache-")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], True)
 
 REPO = Path(__file__).resolve().parent.parent
 REFERENCE = Path(os.environ.get("MSN_REFERENCE", REPO / "tests" / "reference" / "msn_original_reference.pt"))

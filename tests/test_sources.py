@@ -278,3 +278,49 @@ def test_pipe_shards_are_fetched_once_into_the_cache(sources, tmp_path):
     assert np.array_equal(np.asarray(images[5]), np.asarray(load_rgb(sources["files"][5])))
     with pytest.raises(DataError, match="could not fetch pipe:cat /no/such.tar"):
         WebDatasetImages(["pipe:cat /no/such.tar"], cache_dir=tmp_path / "cache")
+
+
+def test_shard_indexes_are_cached_and_renewed_when_a_shard_changes(sources, tmp_path, monkeypatch):
+    import msn.data.shards as shards_module
+
+    shards = tmp_path / "shards"
+    write_shards(sources["folder"], shards, per_shard=10)
+    urls = expand_shards(str(shards / "shard-*.tar"))
+    first = WebDatasetImages(urls, cache_dir=tmp_path / "cache")
+    assert len(list((tmp_path / "cache" / "index").glob("*.json"))) == 4
+
+    def no_scan(*args):
+        raise AssertionError("indexed again")
+
+    monkeypatch.setattr(shards_module, "index_shard", no_scan)
+    again = WebDatasetImages(urls, cache_dir=tmp_path / "cache")  # every index from the cache
+    assert again.index.keys == first.index.keys and np.array_equal(again.index.offset, first.index.offset)
+    monkeypatch.undo()
+    short = shards / "shard-000003.tar"
+    short.write_bytes(short.read_bytes()[:3000])  # a changed shard is indexed anew
+    assert len(WebDatasetImages(urls, cache_dir=tmp_path / "cache")) == 32
+    assert WebDatasetImages(urls, cache_dir=tmp_path / "cache").index.keys[-1] == "(the unreadable rest of the shard)"
+
+
+@pytest.mark.parametrize("tar_format", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
+def test_the_header_scan_agrees_with_tarfile(tmp_path, tar_format):
+    """Our raw header scan finds the members, offsets and sizes Python's tarfile does: long names (PAX
+    records, GNU long-name members, the ustar prefix), non-ASCII names, folders and empty members."""
+    from msn.data.shards import tar_members
+
+    path = tmp_path / "t.tar"
+    deep = "/".join(["folder"] * (8 if tar_format == tarfile.USTAR_FORMAT else 20))  # ustar: a 155-byte prefix
+    with tarfile.open(path, "w", format=tar_format) as tar:
+        for i, (name, data) in enumerate([("a.jpg", b"x" * 700), (f"{deep}/b.jpg", b"y" * 1), ("c.cls", b""),
+                                          ("été/ü.png" if tar_format != tarfile.USTAR_FORMAT else "e/u.png", b"z")]):
+            if i == 1:
+                folder = tarfile.TarInfo(deep)
+                folder.type = tarfile.DIRTYPE
+                tar.addfile(folder)
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with tarfile.open(path) as tar:
+        expected = [(m.name, m.offset_data, m.size, m.isfile()) for m in tar]
+    members = tar_members(path)
+    assert list(members) == expected and members.complete

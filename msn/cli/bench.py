@@ -4,6 +4,7 @@
     msn-bench data [--source folder|webdataset|hf] [--root DIR] [--workers W] [--threads N] [--seconds S]
                    [OVERRIDES...]
     msn-bench e2e OVERRIDES... [--steps N] [--warmup N]
+    msn-bench jpegs N OUT
 
 OVERRIDES are Hydra overrides as for msn-pretrain, for example
     msn-bench step experiment=msn_vits16 data.batch_size=128 precision=bf16 compile=true device=cuda
@@ -21,6 +22,8 @@ data: images/s of the multi-crop loader on a source (the images in DIR; or --sou
   by view, as the original code), with the ratio.
 e2e: msn-pretrain for --steps steps; its steady images/s after --warmup steps, and the ratio to the
   step alone on the same device.
+jpegs: write N photo-like 500x375 JPEGs (quality 90, in 10 class folders) to OUT, to benchmark on when no
+  image folder is at hand.
 Each command's last line is one JSON object.
 """
 
@@ -96,6 +99,10 @@ def _parser() -> argparse.ArgumentParser:
     e2e.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. experiment=msn_vits16 data.root=/data")
     e2e.add_argument("--steps", type=int, default=60, help="trainer steps (default 60)")
     e2e.add_argument("--warmup", type=int, default=20, help="first steps left out (default 20)")
+    jpegs = commands.add_parser("jpegs", help="write photo-like 500x375 JPEGs to benchmark the loader on",
+                                description="Write N photo-like 500x375 JPEGs (quality 90) to OUT/c0 ... c9.")
+    jpegs.add_argument("count", type=int, help="how many images")
+    jpegs.add_argument("out", help="folder to write them to")
     return parser
 
 
@@ -105,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "step" and (args.steps < 1 or args.warmup < 0):
         parser.error("--steps must be >= 1 and --warmup >= 0")
+    if args.command == "jpegs" and args.count < 1:
+        parser.error("N must be >= 1")
     if args.command == "data" and (args.seconds <= 0 or (args.workers is not None and args.workers < 0)):
         parser.error("--seconds must be > 0 and --workers >= 0")
     try:
@@ -158,6 +167,12 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         result = bench_data(cfg, workers=workers, seconds=args.seconds)
         _print_data(result)
         return result
+    if args.command == "jpegs":
+        from msn.benchmarks.jpegs import write_jpegs
+
+        write_jpegs(args.count, args.out)
+        print(f"wrote {args.count} JPEGs of 500x375 px under {args.out}")
+        return {"count": args.count, "out": args.out}
     from msn.benchmarks.e2e import bench_e2e
 
     cfg = compose_bench_config(args.overrides)  # a bad override: one line here, before the trainer starts
