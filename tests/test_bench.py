@@ -10,8 +10,6 @@ from msn.benchmarks.step import _OurStep
 from msn.cli.bench import compose_bench_config, main
 from msn.train.builder import local_process
 
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
-
 
 def _bench(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["msn-bench", *args], capture_output=True, text=True, timeout=600)
@@ -45,7 +43,8 @@ def test_bench_bad_input_is_one_line(capsys):
         assert len(lines) == 1 and lines[0].startswith("msn-bench: error: ") and message in lines[0], lines
 
 
-@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
 def test_step_never_waits_for_the_gpu():
     """Between logging steps nothing reads the GPU: CUDA's sync debug mode turns any wait into an error."""
     cfg = compose_bench_config(["model=vit_pico", "data.batch_size=16", "device=cuda", "precision=bf16"])
@@ -60,7 +59,8 @@ def test_step_never_waits_for_the_gpu():
     torch.cuda.synchronize()
 
 
-@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
 def test_augmentation_on_the_gpu_never_waits_for_it():
     """data.augment_on=device: the photometric stage queues its work; nothing reads the GPU back."""
     from msn.config import DataConfig

@@ -638,6 +638,7 @@ def test_device_path_gives_the_workers_views(digits: DigitsDataset) -> None:
         [(20, 3, 32, 32)] * 2 + [(20, 3, 16, 16)] * 6
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_device_path_on_the_gpu_matches_the_cpu(digits: DigitsDataset) -> None:
     cfg = replace(LARGE, synthetic_size=8)

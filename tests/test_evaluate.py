@@ -238,7 +238,6 @@ def test_wandb_missing_is_one_line_before_any_work(tmp_path, run_dir, monkeypatc
     assert err == ["msn-eval: error: --wandb needs the wandb package, which is not installed: pip install wandb"]
 
 
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
@@ -250,7 +249,8 @@ def test_cli_device_cuda_without_a_gpu_is_one_line(tmp_path, run_dir):
         "msn-eval: error: --device=cuda but no CUDA device is available; use --device=cpu or --device=auto"]
 
 
-@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
 def test_features_on_the_gpu_in_bf16_match_the_cpu(run_dir):
     _, test = digits_splits()
     on_cpu = extract_features(load_encoder(run_dir), test, None)

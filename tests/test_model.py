@@ -208,3 +208,37 @@ def test_building_the_model_and_probing_leave_the_callers_random_stream_alone():
     second = build_model(cfg, device=torch.device("cpu")).state_dict()
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert linear_probe(x, y, x, y, epochs=3, seed=1) == accuracy
+
+
+def test_grad_checkpointing_recomputes_the_online_blocks_and_gives_identical_gradients():
+    """model.grad_checkpointing=true: every online block runs again in the backward pass (so its activations were
+    not kept), and the gradients are those of the plain step, bit for bit in float64, stochastic depth included
+    (the recomputation replays the random stream)."""
+    def grads(checkpointing: bool) -> tuple[dict[str, torch.Tensor], int]:
+        cfg = compose_config(["experiment=cpu_smoke", "model.drop_path_rate=0.2",
+                              f"model.grad_checkpointing={str(checkpointing).lower()}"])
+        torch.manual_seed(0)
+        model = MSN(cfg.model).double().train()
+        calls = []
+        for block in model.online.backbone.blocks:  # count the block's runs (checkpoint's recompute skips hooks)
+            def counted(*args, _forward=block.forward, **kwargs):
+                calls.append(1)
+                return _forward(*args, **kwargs)
+
+            block.forward = counted
+        views = [v.double() for v in _views()]
+        masks = _masks(cfg, views)
+        torch.manual_seed(1)  # the drop-path draws
+        anchors, targets = model(views[0], views[1], torch.cat(views[2:]), masks.anchor_keep, masks.focal_keep)
+        out = MSNLoss()(anchors, targets, model.prototypes)
+        out.loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, len(calls)
+
+    plain, plain_calls = grads(False)
+    checkpointed, checkpointed_calls = grads(True)
+    depth = 4  # vit_pico
+    assert plain_calls == 2 * depth  # anchors, focal views
+    assert checkpointed_calls == 2 * plain_calls  # each block once more, in the backward pass
+    assert plain.keys() == checkpointed.keys() and len(plain) > 10
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, atol=0, rtol=0, msg=name)

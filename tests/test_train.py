@@ -423,6 +423,7 @@ def test_wandb_missing_is_a_config_error(tmp_path, monkeypatch):
 
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
 def test_monitor_runs_on_the_training_gpu(tmp_path):
     run_dir = tmp_path / "run"

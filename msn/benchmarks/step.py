@@ -8,7 +8,8 @@ The views are random tensors of the configured sizes (1 target + 1 anchor at dat
 data.num_focal focal views at data.focal_size), already on the device: the figure is the step alone
 (the input pipeline: msn-bench data; both together: msn-bench e2e).
 
-Reported: step time, images/s, peak memory (the GPU's allocator, or the process's peak RSS on a CPU),
+Reported: step time, images/s, peak memory (the GPU's allocator, or the process's peak RSS on a CPU; with
+``model.grad_checkpointing=true`` also the peak of the same step without it, meaningful on a GPU),
 FLOPs per image counted by torch's FLOP counter on one eager step, the FLOP/s of a large matmul in
 the step's precision measured in the same run, and the model FLOPs utilisation (MFU) against it.
 --reference also times the original MSN step (msn.benchmarks.reference: a plain re-implementation from the
@@ -140,9 +141,17 @@ def bench_step(cfg: DictConfig, *, overrides: list[str], steps: int = 10, warmup
         "torch": torch.__version__, "precision": cfg.precision, "compile": bool(cfg.compile),
         "overrides": overrides, "batch": batch, "step_s": seconds, "img_s": batch / seconds, "peak_mem_gib": peak,
         "flops_per_image": flops / batch, "matmul_tflops": peak_flops / 1e12,
-        "mfu": flops / seconds / peak_flops,
+        "mfu": flops / seconds / peak_flops, "grad_checkpointing": bool(cfg.model.grad_checkpointing),
     }
     del ours
+    if cfg.model.grad_checkpointing:  # the same step keeping every activation, for the memory it saves
+        plain = cfg.copy()
+        plain.model.grad_checkpointing = False
+        step = _OurStep(plain, batch, process)
+        _reset_peak(device)
+        _seconds_per_call(step, 1, 1, device)
+        report["peak_mem_gib_without_checkpointing"] = _peak_gib(device)
+        del step
     if reference:
         m = cfg.model
         ref = ReferenceMSN(model_arch(m), patch_size=m.patch_size, img_size=m.img_size, hidden_dim=m.head_hidden_dim,

@@ -45,9 +45,12 @@ if TYPE_CHECKING:
 def _print_step(r: dict[str, Any]) -> None:
     print(f"{' '.join(r['overrides'])}: batch {r['batch']} on {r['device_name']} ({r['precision']}, "
           f"compile={r['compile']}, torch {r['torch']})")
-    print(f"  step {r['step_s'] * 1e3:.1f} ms, {r['img_s']:.1f} img/s, peak memory {r['peak_mem_gib']:.2f} GiB")
-    print(f"  {r['flops_per_image'] / 1e9:.2f} GFLOP per image; matmul {r['matmul_tflops']:.1f} TFLOP/s "
-          f"-> MFU {100 * r['mfu']:.1f} %")
+    print(f"  step {r['step_s'] * 1e3:.1f} ms, {r['img_s']:.1f} img/s, peak memory {r['peak_mem_gib']:.2f} GiB"
+          + (f" with activation checkpointing, {r['peak_mem_gib_without_checkpointing']:.2f} GiB without"
+             if r.get("grad_checkpointing") else ""))
+    speed = r["matmul_tflops"]  # a CPU's is a fraction of a TFLOP/s: shown in GFLOP/s, not as 0.0
+    speed_text = f"{speed:.1f} TFLOP/s" if speed >= 1 else f"{speed * 1e3:.1f} GFLOP/s"
+    print(f"  {r['flops_per_image'] / 1e9:.2f} GFLOP per image; matmul {speed_text} -> MFU {100 * r['mfu']:.1f} %")
     if "ratio" in r:
         print(f"  original step: {r['reference_img_s']:.1f} img/s, peak {r['reference_peak_mem_gib']:.2f} GiB, "
               f"{r['reference_flops_per_image'] / 1e9:.2f} GFLOP per image -> ours is {r['ratio']:.2f}x")

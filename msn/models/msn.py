@@ -42,6 +42,8 @@ class MSN(nn.Module):
         super().__init__()
         self.online = MSNEncoder(cfg)
         self.target = copy.deepcopy(self.online).requires_grad_(False)
+        # The target runs without gradients, so only the online backbone keeps activations to checkpoint.
+        self.online.backbone.set_grad_checkpointing(bool(getattr(cfg, "grad_checkpointing", False)))
         self.prototypes = init_prototypes(cfg.num_prototypes, cfg.head_output_dim)
         self.head_per_resolution = bool(cfg.head_per_resolution)
 

@@ -1,0 +1,243 @@
+"""Prove and measure the GPU paths in one prepared run: the driver behind ``scripts/gpu_check.sh``.
+
+    python scripts/gpu_check.py OUT_DIR          # on a CUDA machine, about 8 minutes on one H200
+    python scripts/gpu_check.py --smoke OUT_DIR  # the same sections on the CPU at tiny sizes, under 2 minutes
+
+Each section appends one JSON line to ``OUT_DIR/results.jsonl`` (``section``, ``status`` ok | failed | skipped,
+``seconds``, ``command`` and the command's own JSON record or the error), and ``OUT_DIR/summary.md`` gets a table of
+them with the claims they test. The exit code is 1 if any section failed, 2 if a requirement is missing.
+The sections and their commands are in :func:`sections`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import io
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+REQUIRED = ("torch", "torchvision", "timm", "hydra", "omegaconf", "sklearn", "safetensors", "PIL", "webdataset",
+            "pytest")
+
+
+@dataclass
+class Section:
+    """One measurement: a command (an msn CLI run in this process, or a process of its own) and its record."""
+
+    name: str
+    argv: list[str]
+    in_process: bool = True  # msn-bench / msn-eval: call their main() here (torch imported once)
+    timeout: float = 300.0
+    claim: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def sections(out: Path, smoke: bool, fmnist: Path | None) -> list[Section]:
+    """What the check runs, in order. ``smoke``: the same commands on the CPU at tiny sizes."""
+    jpegs = out / "jpegs"
+    if smoke:
+        dev = ["device=cpu", "precision=fp32"]
+        vits = ["model=vit_pico", "data.batch_size=8", *dev]
+        vitb = ["model=vit_pico", "masking.ratio=0.3", "data.batch_size=8", *dev]
+        vitl = ["model=vit_pico", "data.batch_size=8", *dev]
+        views = ["model=vit_pico", "data.global_size=32", "data.focal_size=16", "data.num_focal=2",
+                 "data.batch_size=4", *dev]
+        steps, compile_on = ["--steps", "2", "--warmup", "1"], ["compile=true", "compile_backend=eager"]
+        e2e_steps, workers, data_seconds, count = ["--steps", "4", "--warmup", "2"], "1", "1", 16
+        fmnist_run = ["device=cpu", "precision=fp32", "compile=false", "optim.max_steps=2", "data.batch_size=16",
+                      "data.num_workers=0"]
+    else:
+        dev = ["device=cuda", "precision=bf16"]
+        vits = ["experiment=msn_vits16", "data.batch_size=128", *dev]
+        vitb = ["experiment=msn_vitb16", "masking.ratio=0.3", "data.batch_size=128", *dev]
+        vitl = ["experiment=msn_vitl7", "data.batch_size=16", *dev]
+        views = ["experiment=msn_vits16", "data.batch_size=128", *dev]
+        steps, compile_on = ["--steps", "10", "--warmup", "3"], ["compile=true"]
+        e2e_steps, workers, data_seconds, count = ["--steps", "60", "--warmup", "20"], "15", "15", 2048
+        fmnist_run = ["optim.max_steps=1500", "monitor.every_steps=0"]  # about 3 minutes of fmnist_gpu
+    root = f"data.root={jpegs}"
+    result = [
+        Section("tests", [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "-rs"],
+                in_process=False, timeout=240, claim="every test that needs CUDA passes"),
+        Section("step_vits16", ["msn-bench", "step", *vits, *steps, "--reference"],
+                claim="ViT-S/16 step >= 2.0x the original's (ratio)"),
+        Section("step_vits16_compile", ["msn-bench", "step", *vits, *compile_on, *steps, "--reference"],
+                claim="the compiled step, against the original"),
+        Section("step_vitb16", ["msn-bench", "step", *vitb, *steps], claim="ViT-B/16 mask 0.3 MFU >= 45 %"),
+        Section("step_vitl7_checkpointing", ["msn-bench", "step", *vitl, "model.grad_checkpointing=true", *steps],
+                claim="peak memory with and without activation checkpointing"),
+    ]
+    if not smoke:  # --max-batch needs a GPU
+        result += [
+            Section("max_batch_vitl7", ["msn-bench", "step", *vitl, "--max-batch"], timeout=300,
+                    claim="largest msn_vitl7 batch without activation checkpointing"),
+            Section("max_batch_vitl7_checkpointing", ["msn-bench", "step", *vitl, "model.grad_checkpointing=true",
+                                                      "--max-batch"], timeout=300,
+                    claim="largest msn_vitl7 batch with activation checkpointing"),
+        ]
+    result += [
+        Section("jpegs", ["msn-bench", "jpegs", str(count), str(jpegs)], claim="benchmark images written"),
+        Section("data_device", ["msn-bench", "data", "--root", str(jpegs), "--workers", workers, "--seconds",
+                                data_seconds, *views, "data.augment_on=device"],
+                claim="loader >= 3x 886 img/s (ours_images_per_s)"),
+        Section("data_cpu", ["msn-bench", "data", "--root", str(jpegs), "--workers", workers, "--seconds",
+                             data_seconds, *views, "data.augment_on=cpu"], claim="the loader, photometric on CPU"),
+        Section("e2e_device", ["msn-bench", "e2e", *views, "data=folder", root, f"data.num_workers={workers}",
+                               "data.augment_on=device", *e2e_steps], timeout=420,
+                claim="end to end >= 0.9x the step alone (ratio)"),
+        Section("e2e_cpu", ["msn-bench", "e2e", *views, "data=folder", root, f"data.num_workers={workers}",
+                            "data.augment_on=cpu", *e2e_steps], timeout=420, claim="end to end, photometric on CPU"),
+    ]
+    if fmnist is None:
+        result.append(Section("fmnist", [], claim="Fashion-MNIST not found", extra={"skip": "no Fashion-MNIST idx "
+                              "files: install dataset-fashion-mnist or set MSN_FASHION_MNIST=DIR"}))
+    else:
+        run = out / "fmnist_gpu"
+        result += [
+            Section("fmnist", ["msn-pretrain", "experiment=fmnist_gpu", f"data.root={fmnist}", *fmnist_run,
+                               f"hydra.run.dir={run}", "resume=null", "logger.progress=false"],
+                    in_process=False, timeout=420, claim="a shortened fmnist_gpu trains"),
+            Section("fmnist_knn", ["msn-eval", "knn", str(run), "--dataset", str(fmnist), "--crop-pct", "1",
+                                   "--output", str(out / "fmnist_knn.json")], claim="k-NN-20 accuracy (%)"),
+            Section("fmnist_lowshot", ["msn-eval", "lowshot", str(run), "--dataset", str(fmnist), "--crop-pct", "1",
+                                       "--shots", "1", "5", "10", "--fraction", "0",
+                                       "--output", str(out / "fmnist_lowshot.json")], claim="1/5/10-shot (%)"),
+        ]
+    return result
+
+
+def run_section(section: Section, log: Path) -> dict[str, Any]:
+    """Run one section; its record for results.jsonl."""
+    record: dict[str, Any] = {"section": section.name, "command": shlex.join(section.argv), "claim": section.claim}
+    if "skip" in section.extra:
+        return {**record, "status": "skipped", "seconds": 0.0, "reason": section.extra["skip"]}
+    tic = time.perf_counter()
+    if section.in_process:
+        code, output = _in_process(section.argv)
+    else:
+        try:
+            done = subprocess.run(section.argv, capture_output=True, text=True, timeout=section.timeout, cwd=REPO)
+            code, output = done.returncode, done.stdout + done.stderr
+        except subprocess.TimeoutExpired as e:
+            code, output = 124, f"timed out after {section.timeout:.0f} s\n{e.stdout or ''}"
+    record["seconds"] = round(time.perf_counter() - tic, 1)
+    with log.open("a") as f:
+        f.write(f"$ {record['command']}\n{output}\n")
+    lines = output.strip().splitlines()
+    record["status"] = "ok" if code == 0 else "failed"
+    if code != 0:
+        record["error"] = lines[-1] if lines else f"exit code {code}"
+    if section.name == "tests":
+        record["result"] = lines[-1] if lines else ""
+        if code == 5 or "no tests ran" in record["result"]:
+            record["status"] = "failed"  # the marker selects nothing: the check itself is broken
+    else:
+        for line in reversed(lines):
+            if line.startswith("{"):
+                with contextlib.suppress(ValueError):
+                    record["result"] = json.loads(line)
+                    break
+    return record
+
+
+def _in_process(argv: list[str]) -> tuple[int, str]:
+    """``msn-bench ...`` / ``msn-eval ...`` through their main(): torch and the rest are imported once."""
+    from msn.cli import bench, evaluate
+
+    main = {"msn-bench": bench.main, "msn-eval": evaluate.main}[argv[0]]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv[1:])
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        except Exception as e:  # a bug, not bad input: recorded, and the check goes on
+            print(f"{type(e).__name__}: {e}", file=sys.stderr)
+            code = 1
+    return int(code or 0), out.getvalue() + err.getvalue()
+
+
+def missing_requirements(smoke: bool) -> list[str]:
+    missing = [name for name in REQUIRED if importlib.util.find_spec(name) is None]
+    if not missing and not smoke:
+        import torch
+
+        if not torch.cuda.is_available():
+            missing.append("a CUDA device (torch.cuda.is_available() is False; --smoke runs on the CPU)")
+    return missing
+
+
+def find_fashion_mnist() -> Path | None:
+    for candidate in (os.environ.get("MSN_FASHION_MNIST"), REPO / ".gpu-data" / "fashion-mnist",
+                      "/usr/share/datasets/fashion-mnist"):
+        if candidate and Path(candidate).is_dir() and any(Path(candidate).glob("train-images-idx3-ubyte*")):
+            return Path(candidate)
+    return None
+
+
+def summary(records: list[dict[str, Any]], smoke: bool) -> str:
+    """summary.md: the device, then one row per section with its headline figure."""
+    lines = [f"# GPU check{' (smoke, CPU)' if smoke else ''}", "", f"device: {_device_name()}", "",
+             "| section | status | s | figure | claim |", "|---|---|---|---|---|"]
+    for r in records:
+        lines.append(f"| {r['section']} | {r['status']} | {r.get('seconds', 0)} | {_figure(r)} | {r['claim']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _figure(record: dict[str, Any]) -> str:
+    r = record.get("result")
+    if not isinstance(r, dict):
+        return str(r or record.get("error") or record.get("reason") or "")[:80]
+    keys = [("img_s", "{:.0f} img/s"), ("mfu", "MFU {:.1%}"), ("ratio", "ratio {:.2f}"), ("max_batch", "batch {}"),
+            ("peak_mem_gib", "peak {:.2f} GiB"), ("peak_mem_gib_without_checkpointing", "without {:.2f} GiB"),
+            ("ours_images_per_s", "{:.0f} img/s"), ("e2e_images_per_s", "{:.0f} img/s")]
+    parts = [fmt.format(r[k]) for k, fmt in keys if isinstance(r.get(k), (int, float))]
+    if "results" in r:
+        parts += [f"{k}: {v['mean']:.1f}" for k, v in r["results"].items()]
+    return ", ".join(parts)
+
+
+def _device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    return f"CPU ({os.cpu_count()} cores), torch {torch.__version__}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", type=Path, help="folder for results.jsonl, summary.md and log.txt")
+    parser.add_argument("--smoke", action="store_true", help="the same sections on the CPU at tiny sizes")
+    args = parser.parse_args()
+    missing = missing_requirements(args.smoke)
+    if missing:
+        print(f"gpu_check: missing: {', '.join(missing)}; see the header of scripts/gpu_check.sh", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    results, log = args.out / "results.jsonl", args.out / "log.txt"
+    results.write_text("")
+    log.write_text("")
+    records = []
+    for section in sections(args.out.resolve(), args.smoke, find_fashion_mnist()):
+        record = run_section(section, log)
+        records.append(record)
+        with results.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(f"{record['section']}: {record['status']} ({record.get('seconds', 0)} s) {_figure(record)}", flush=True)
+    (args.out / "summary.md").write_text(summary(records, args.smoke))
+    return 1 if any(r["status"] == "failed" for r in records) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
