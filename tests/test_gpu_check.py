@@ -1,0 +1,51 @@
+"""scripts/gpu_check.sh --smoke: the GPU check's every section, on the CPU at tiny sizes, so that the prepared
+command cannot rot between the sessions that have a GPU."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SECTIONS = ["tests", "step_vits16", "step_vits16_compile", "step_vitb16", "step_vitl7_checkpointing", "jpegs",
+            "data_device", "data_cpu", "e2e_device", "e2e_cpu", "fmnist", "fmnist_knn", "fmnist_lowshot"]
+
+
+def test_the_smoke_check_runs_every_section_and_reports_it(tmp_path):
+    out = tmp_path / "check"
+    result = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "--smoke", str(out)], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    names = [r["section"] for r in records]
+    fmnist_missing = records[names.index("fmnist")]["status"] == "skipped"
+    assert names == (SECTIONS[:-2] if fmnist_missing else SECTIONS)
+    for r in records:
+        assert r["status"] == "ok" or (r["section"] == "fmnist" and fmnist_missing), r
+    by_name = {r["section"]: r for r in records}
+    assert "5 skipped" in by_name["tests"]["result"] or "skipped" in by_name["tests"]["result"]
+    assert by_name["step_vits16"]["result"]["reference_img_s"] > 0
+    assert by_name["step_vits16_compile"]["result"]["compile"] is True
+    checkpointing = by_name["step_vitl7_checkpointing"]["result"]
+    assert checkpointing["grad_checkpointing"] and checkpointing["peak_mem_gib_without_checkpointing"] > 0
+    assert {by_name[s]["result"]["augment_on"] for s in ("data_device", "data_cpu")} == {"device", "cpu"}
+    assert {by_name[s]["result"]["augment_on"] for s in ("e2e_device", "e2e_cpu")} == {"device", "cpu"}
+    if not fmnist_missing:
+        assert set(by_name["fmnist_lowshot"]["result"]["results"]) == {"1", "5", "10"}
+    table = (out / "summary.md").read_text()
+    assert all(f"| {name} |" in table for name in names)
+
+
+def test_a_missing_requirement_is_one_line(tmp_path):
+    """Without CUDA the full check stops at once and says what is missing."""
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the full check would run")
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_check.py"), str(tmp_path / "o")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "gpu_check: missing: a CUDA device (torch.cuda.is_available() is False; --smoke runs on the CPU); see the "
+        "header of scripts/gpu_check.sh"]
