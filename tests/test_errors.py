@@ -67,6 +67,12 @@ def _images(tmp: Path, per_class: int = 3) -> Path:
     return tmp / "data"
 
 
+def _garbled(root: Path) -> Path:
+    """``root`` with one test image replaced by noise."""
+    (root / "val" / "b" / "1.png").write_bytes(_noise(300))
+    return root
+
+
 def _file(tmp: Path, name: str, content: bytes | Callable[[Path], None]) -> Path:
     path = tmp / name
     if callable(content):
@@ -126,6 +132,9 @@ CASES: list[tuple[str, str, Callable[..., list[str]], str]] = [
     ("eval: corrupt model.safetensors", "msn-eval",
      lambda t, r, h: ["knn", str(_break(_copy_hf(h, t), "model.safetensors", _noise(300)))],
      "model.safetensors is not a readable safetensors file"),
+    ("eval: an unreadable image read by a DataLoader worker", "msn-eval",
+     lambda t, r, h: ["knn", str(h), "--dataset", str(_garbled(_images(t))), "--num-workers", "1"],
+     "cannot read image "),
     ("eval: more shots than images", "msn-eval",
      lambda t, r, h: ["lowshot", str(h), "--dataset", str(_images(t)), "--shots", "100"],
      "--shots 100: class a has only 3 training images; use --shots up to 3"),

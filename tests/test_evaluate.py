@@ -1,6 +1,7 @@
 import contextlib
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -148,9 +149,9 @@ def test_cli_crop_pct(tmp_path, run_dir, capsys):
     paper = _eval("knn", str(run_dir), cwd=tmp_path)
     assert whole["settings"]["crop_pct"] == 1.0 and paper["settings"]["crop_pct"] == 0.875
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 4  # train and test features for each crop
-    with pytest.raises(SystemExit) as exit_:
-        evaluate.main(["knn", str(run_dir), "--crop-pct", "1.5"])
-    assert exit_.value.code == 2 and "--crop-pct=1.5 must lie in (0, 1]" in capsys.readouterr().err
+    capsys.readouterr()
+    assert evaluate.main(["knn", str(run_dir), "--crop-pct", "1.5"]) == 1
+    assert capsys.readouterr().err.startswith("msn-eval: error: --crop-pct=1.5 must lie in (0, 1]")
 
 
 def test_hf_export_gives_the_same_features(tmp_path, run_dir):
@@ -330,3 +331,42 @@ def test_the_installed_fashion_mnist_is_the_official_split():
     assert (len(train.labels), len(test.labels)) == (60000, 10000)
     assert np.bincount(train.labels).tolist() == [6000] * 10 and np.bincount(test.labels).tolist() == [1000] * 10
     assert train.images[0].size == (28, 28)
+
+
+def test_an_unreadable_image_in_a_worker_is_one_line(tmp_path, run_dir, folder_dataset):
+    """The DataLoader worker's whole traceback used to be the message (torch re-raises a worker's error with
+    its traceback as the text); now it is the original's one line, from the console script itself."""
+    data = tmp_path / "data"
+    shutil.copytree(folder_dataset, data)
+    broken = data / "val" / "class_1" / "img2.png"
+    broken.write_bytes(random.Random(7).randbytes(500))
+    result = subprocess.run(["msn-eval", "knn", str(run_dir), "--dataset", str(data), "--num-workers", "1",
+                             "--no-cache", "--output", str(tmp_path / "r.json")], capture_output=True, text=True,
+                            cwd=tmp_path, timeout=600)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr[-3000:]
+    assert lines[0].startswith(f"msn-eval: error: cannot read image {broken}: ")
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_worker_error_keeps_the_type_and_the_first_line():
+    from msn.errors import CheckpointError
+    from msn.eval.evaluate import worker_error
+
+    wrapped = DataError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
+                        "last):\n  File \"x.py\", line 1, in f\nmsn.errors.DataError: cannot read image a.png: bad\n"
+                        "second line of the message\n")
+    error = worker_error(wrapped)
+    assert type(error) is DataError and str(error) == "cannot read image a.png: bad"
+    plain = CheckpointError("x.pt does not exist")
+    assert worker_error(plain) is plain
+
+
+def test_more_last_blocks_than_the_encoder_has_is_refused(tmp_path, run_dir, capsys):
+    """The encoder's 4 blocks used to be concatenated for --last-blocks 9, recorded as 9."""
+    capsys.readouterr()
+    args = ["knn", str(run_dir), "--last-blocks", "9", "--no-cache", "--output", str(tmp_path / "r.json")]
+    assert evaluate.main(args) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "msn-eval: error: --last-blocks 9: the encoder has 4 blocks; use --last-blocks up to 4"]
+    assert not (tmp_path / "r.json").exists()

@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -8,6 +9,7 @@ import torch
 from transformers import AutoImageProcessor, ViTMSNForImageClassification, ViTMSNModel
 
 from msn.cli.export import main as export_main
+from msn.errors import CheckpointError
 from msn.models.msn import MSN
 from msn.weights.convert import ConversionError, backbone_to_hf, hf_to_backbone
 from msn.weights.formats import Source, export_hf, export_msn, export_timm, hf_config, init_model_from, read_source
@@ -269,3 +271,40 @@ def test_architecture_given_field_by_field_exports_and_loads(tmp_path):
     assert original.model_cfg.embed_dim == 96 and original.model_cfg.num_heads is None
     with pytest.raises(ConversionError, match="number of attention heads cannot be read off the weights"):
         export_hf(original, tmp_path / "hf2")
+
+
+def test_every_exported_file_follows_the_umask(tmp_path):
+    """model.safetensors was 0600 (safetensors' own save_file) while the other files followed the umask."""
+    _, source = _source(tmp_path, "model=vit_pico")
+    old = os.umask(0o022)
+    try:
+        written = [export_hf(source, tmp_path / "hf"), export_timm(source, tmp_path / "timm"),
+                   export_msn(source, tmp_path / "msn"), export_msn(source, tmp_path / "vit.pth.tar")]
+    finally:
+        os.umask(old)
+    modes = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777)
+             for w in written for p in ([w] if w.is_file() else w.iterdir())}
+    assert len(modes) == 4 + 2 + 1 + 1, modes
+    assert modes == dict.fromkeys(modes, oct(0o644))
+
+
+def test_an_export_never_goes_into_a_run_or_over_its_source(tmp_path):
+    """msn-export RUN RUN --overwrite wrote an hf export into the run, which then read as an export."""
+    _, source = _source(tmp_path, "model=vit_pico")
+    run = tmp_path / "outputs" / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.pt").write_bytes(b"a checkpoint")
+    for export in (export_hf, export_timm, export_msn):
+        with pytest.raises(CheckpointError, match=f"{run} is a run directory"):
+            export(source, run, overwrite=True)
+        with pytest.raises(CheckpointError, match=f"holds the run directory {run}"):
+            export(source, run.parent, overwrite=True)
+    with pytest.raises(CheckpointError, match="is the checkpoints folder of the run"):
+        export_msn(source, run / "checkpoints" / "last.pt", overwrite=True)
+    source.path = run / "checkpoints" / "last.pt"
+    with pytest.raises(CheckpointError, match="is SOURCE itself"):
+        export_msn(source, source.path, overwrite=True)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["checkpoints", "last.pt", "outputs", "run"]
+    assert (run / "checkpoints" / "last.pt").read_bytes() == b"a checkpoint"
+    export_hf(source, run / "hf")  # a folder of its own inside the run is fine
+    assert (run / "hf" / "config.json").is_file()

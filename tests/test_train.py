@@ -531,27 +531,44 @@ def test_the_same_command_continues_a_stopped_run_in_its_directory(tmp_path):
 
 
 def test_a_run_that_is_live_in_another_process_is_not_started_twice(tmp_path):
-    """Two terminals, one command: the second refuses while the first trains, and may go once it died."""
-    import os
+    """Two terminals, one command: the second refuses while the first holds the run's lock, and may go once the
+    first died (the kernel releases a dead process's lock: a crashed run whose pid is reused does not block)."""
     import socket
 
     run = tmp_path / "run"
     run.mkdir()
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\nfrom msn.utils.runlock import acquire_run_lock\nacquire_run_lock(sys.argv[1])\n"
+        "print('locked', flush=True)\ntime.sleep(60)"), str(run)], stdout=subprocess.PIPE, text=True)
     try:
-        (run / "status.json").write_text(json.dumps({"status": "running", "step": 3, "total_steps": 6,
-                                                     "host": socket.gethostname(), "pid": sleeper.pid}))
+        assert holder.stdout.readline().strip() == "locked"
         result = subprocess.run(["msn-pretrain", "experiment=cpu_smoke", f"hydra.run.dir={run}"], cwd=tmp_path,
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode == 1
         assert result.stderr.strip() == (f"msn-pretrain: error: {run} is being trained right now by process "
-                                         f"{sleeper.pid}; wait for it to stop, or pass run_name=NEW_NAME for a "
-                                         "separate run")
-        assert sorted(p.name for p in run.iterdir()) == ["status.json"]  # nothing else written
+                                         f"{holder.pid} on {socket.gethostname()}; wait for it to stop, or pass "
+                                         "run_name=NEW_NAME for a separate run")
+        assert sorted(p.name for p in run.iterdir()) == [".msn.lock"]  # nothing else written
     finally:
-        sleeper.kill()
-        sleeper.wait()
-    from msn.utils.rundir import live_elsewhere, read_status
+        holder.kill()
+        holder.wait()
+    # The holder was killed (-9): its lock went with it, and the same command now trains the run.
+    result = subprocess.run(["msn-pretrain", "experiment=cpu_smoke", f"hydra.run.dir={run}"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert (run / "checkpoints" / "last.pt").is_file()
 
-    assert live_elsewhere(read_status(run)) is None  # that process is gone: the run may start
-    assert live_elsewhere({**read_status(run), "pid": os.getpid()}) is None  # this very process
+
+def test_two_launches_of_one_command_train_it_once(tmp_path):
+    """Both started at the same moment: exactly one trains (the lock is atomic), the other says so in one line,
+    and the run's metrics hold each step once."""
+    command = ["msn-pretrain", "experiment=cpu_smoke", "optim.max_steps=30", "optim.epochs=8",
+               f"hydra.run.dir={tmp_path / 'run'}"]
+    launches = [subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in launches]
+    assert sorted(code for code, _ in results) == [0, 1], results
+    refused = next(err for code, err in results if code == 1).strip().splitlines()
+    assert len(refused) == 1 and "is being trained right now by process" in refused[0], refused
+    steps = [int(r["step"]) for r in metrics_rows(tmp_path / "run")]
+    assert steps == list(range(1, 31))

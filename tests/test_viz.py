@@ -3,7 +3,9 @@ views grid shows the trainer's own views and masks; attention is the same for a 
 
 from __future__ import annotations
 
+import random
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -201,3 +203,32 @@ def test_bad_input_is_one_line(run, tmp_path, capsys, args, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("msn-viz: error: ") and message in err[0], err
     assert not list(tmp_path.glob("x.*"))
+
+
+def test_curves_of_a_metrics_csv_of_random_bytes_is_one_line(tmp_path):
+    """It died with a UnicodeDecodeError traceback; the console script itself now answers in one line."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.csv").write_bytes(random.Random(3).randbytes(4096))
+    result = subprocess.run(["msn-viz", "curves", str(run), "--out", str(tmp_path / "c.png")], capture_output=True,
+                            text=True, timeout=300, cwd=tmp_path)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr[-3000:]
+    assert lines[0].startswith(f"msn-viz: error: {run / 'metrics.csv'} is not a readable metrics table (not UTF-8")
+    assert not (tmp_path / "c.png").exists()
+
+
+@pytest.mark.parametrize(("content", "words"), [
+    (b"loss,lr\n5.0,0.1\n", "(line 2: no step column)"),
+    (b"step,loss\n1,5.0\nten,4.0\n", "(line 3: ValueError: invalid literal for int()"),
+])
+def test_curves_of_a_damaged_metrics_csv_is_one_line(tmp_path, capsys, content, words):
+    sweep = tmp_path / "sweep"
+    for name, text in (("0", b"step,loss\n1,5.0\n"), ("1", content)):
+        (sweep / name).mkdir(parents=True)
+        (sweep / name / "metrics.csv").write_bytes(text)
+    assert main(["curves", str(sweep), "--out", str(tmp_path / "c.png")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"msn-viz: error: {sweep / '1' / 'metrics.csv'} is not a readable "
+                                               f"metrics table {words}"), err
+    assert not (tmp_path / "c.png").exists()

@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 
 from msn.benchmarks.step import bench_step
 from msn.config import ConfigError
-from msn.data import augment_in_workers
+from msn.data import augment_in_workers, loader_workers
 from msn.utils.device import resolve_device
 
 QUIET = ["logger=csv", "logger.progress=false", "logger.console_every=0", "monitor.every_steps=0",
@@ -78,7 +78,7 @@ def bench_e2e(cfg: DictConfig, *, overrides: list[str], steps: int = 60, warmup:
     step = bench_step(cfg, overrides=overrides, steps=step_steps, warmup=3)
     return {
         "overrides": overrides, "device": step["device"], "device_name": step["device_name"],
-        "batch": step["batch"], "steps": steps, "warmup": warmup, "num_workers": int(cfg.data.num_workers),
+        "batch": step["batch"], "steps": steps, "warmup": warmup, "num_workers": loader_workers(cfg.data.num_workers),
         "augment_on": "cpu" if augment_in_workers(cfg.data.augment_on, resolve_device(cfg.device)) else "device",
         "e2e_images_per_s": e2e, "step_images_per_s": step["img_s"],
         "ratio": e2e / step["img_s"],

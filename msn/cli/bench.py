@@ -36,7 +36,8 @@ from typing import TYPE_CHECKING, Any
 
 from hydra.errors import HydraException
 
-from msn.errors import MSNError
+from msn.errors import ConfigError, MSNError
+from msn.utils.rundir import check_number, check_numbers, check_writable
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -109,17 +110,26 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Each numeric option and the values it allows (msn.utils.rundir.check_number); e2e's --warmup, below.
+NUMBERS = {"--steps": ">= 1", "--warmup": ">= 0", "--seconds": "> 0", "--workers": ">= 0", "--threads": ">= 1"}
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse bad numbers (and a jpegs OUT that could not be written) before any work."""
+    check_numbers(args, NUMBERS)
+    if args.command == "e2e" and not 0 < args.warmup < args.steps:
+        raise ConfigError(f"--warmup {args.warmup} must lie between 0 and --steps {args.steps}, both excluded: the "
+                          "steps after the warm-up are the ones timed")
+    if args.command == "jpegs":
+        check_number("N", args.count, ">= 1")
+        check_writable(args.out, args.out, "give an OUT you can write to")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point ``msn-bench``."""
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if args.command == "step" and (args.steps < 1 or args.warmup < 0):
-        parser.error("--steps must be >= 1 and --warmup >= 0")
-    if args.command == "jpegs" and args.count < 1:
-        parser.error("N must be >= 1")
-    if args.command == "data" and (args.seconds <= 0 or (args.workers is not None and args.workers < 0)):
-        parser.error("--seconds must be > 0 and --workers >= 0")
+    args = _parser().parse_args(argv)
     try:
+        check_args(args)
         result = _run(args)
     except (MSNError, HydraException) as e:
         print(f"msn-bench: error: {str(e).splitlines()[0]}", file=sys.stderr)
@@ -163,10 +173,12 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         from msn.benchmarks.data import bench_data
 
         if args.threads is not None:
-            torch.set_num_threads(max(1, args.threads))
+            torch.set_num_threads(args.threads)
         root = [f"data.root={args.root}"] if args.root is not None else []
         cfg = compose_bench_config([f"data={args.source}", *args.overrides, *root])
-        workers = int(cfg.data.num_workers) if args.workers is None else args.workers
+        from msn.data import loader_workers
+
+        workers = loader_workers(cfg.data.num_workers) if args.workers is None else args.workers
         result = bench_data(cfg, workers=workers, seconds=args.seconds)
         _print_data(result)
         return result

@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from msn.config import DEFAULT_CROP_PCT, check_crop_pct
-from msn.errors import CheckpointError, MSNError
+from msn.errors import CheckpointError, ConfigError, MSNError
 from msn.eval.evaluate import PROTOCOLS, default_output, evaluate, format_table, update_model_card
 from msn.train.loggers import import_wandb
-from msn.utils.rundir import check_model, is_hf_export
+from msn.utils.files import atomic_write_text
+from msn.utils.rundir import check_model, check_numbers, check_writable, is_hf_export
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,35 +76,60 @@ def evaluate_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 k=args.k, temperature=args.temperature, epochs=args.epochs, lr=args.lr)
 
 
+# Each numeric option and the values it allows (msn.utils.rundir.check_number), checked before any work.
+NUMBERS = {"--shots": ">= 1", "--fraction": "[0, 1)", "--splits": ">= 1", "--penalty": "> 0", "--last-blocks": ">= 1",
+           "--k": ">= 1", "--temperature": "> 0", "--epochs": ">= 1", "--lr": "> 0", "--batch-size": ">= 1",
+           "--num-workers": ">= 0"}
+
+
+def check_args(args: argparse.Namespace) -> Path:
+    """Refuse bad numbers, an output that exists (without --overwrite) or could not be written, and a MODEL
+    that names nothing, before torch is imported; returns the results file."""
+    check_numbers(args, NUMBERS)
+    try:
+        check_crop_pct(args.crop_pct, "--crop-pct")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    output = Path(args.output) if args.output else default_output(Path(args.model), args.protocol, args.dataset)
+    if output.is_dir():
+        raise ConfigError(f"--output {output} is a folder; give the file the results go to, e.g. {output}/results.json")
+    if output.exists() and not args.overwrite:
+        raise CheckpointError(f"{output} exists; pass --overwrite to replace it, or --output PATH")
+    check_model(args.model)  # a typo is answered before torch is imported
+    check_writable(output.parent, output, "pass --output PATH in a folder you can write to")
+    if not args.no_cache:
+        check_writable(args.cache_dir, args.cache_dir, "pass --cache-dir DIR you can write to, or --no-cache")
+    if args.update_card:
+        card = Path(args.model) / "README.md"
+        check_writable(card.parent, card, "leave out --update-card, or make the folder writable")
+    return output
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point ``msn-eval``."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.splits < 1 or args.last_blocks < 1 or args.k < 1 or not 0 <= args.fraction < 1 or any(
-            k < 1 for k in args.shots):
-        parser.error("--splits, --last-blocks, --k and --shots must be >= 1 and --fraction in [0, 1)")
-    try:
-        check_crop_pct(args.crop_pct, "--crop-pct")
-    except ValueError as e:
-        parser.error(str(e))
     if args.update_card and not is_hf_export(args.model):
         parser.error("--update-card needs MODEL to be an hf export folder (msn-export --format hf)")
     try:
+        output = check_args(args)
         wandb = import_wandb("--wandb") if args.wandb else None  # before the work, not after it
-        output = Path(args.output) if args.output else default_output(Path(args.model), args.protocol, args.dataset)
-        if output.exists() and not args.overwrite:
-            raise CheckpointError(f"{output} exists; pass --overwrite to replace it, or --output PATH")
-        check_model(args.model)  # a typo is answered before torch is imported
         report = evaluate(args.protocol, args.model, **evaluate_kwargs(args))
     except MSNError as e:
         print(f"msn-eval: error: {e}", file=sys.stderr)
         return 1
     print(format_table(report))
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {output}")
-    if args.update_card:
-        update_model_card(Path(args.model), report)
+    target = output
+    try:
+        atomic_write_text(output, json.dumps(report, indent=2) + "\n")
+        print(f"wrote {output}")
+        if args.update_card:
+            target = Path(args.model) / "README.md"
+            update_model_card(Path(args.model), report)
+    except OSError as e:  # a full disk, or a folder that turned read-only since the check
+        print(f"msn-eval: error: cannot write {target}: {e.strerror or e}; the results are in the table above",
+              file=sys.stderr)
+        return 1
     if wandb is not None:
         run = wandb.init(project="msn", job_type="eval", mode="offline", config=report["settings"])
         run.log({f"eval/{report['protocol']}/{k}": r["mean"] for k, r in report["results"].items()})

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from msn.errors import MSNError
-from msn.utils.rundir import source_file
+from msn.utils.rundir import check_export_out, source_file
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--encoder does not apply to --format msn, which writes both encoders")
     args.encoder = args.encoder or "target"
     try:
-        source_file(args.source)  # a typo is answered before torch is imported
+        source_file(args.source)  # a typo, or an OUT that would be refused, is answered before torch is imported
+        check_export_out(args.out, args.format, args.overwrite, args.source)
         from msn.weights.formats import export_hf, export_msn, export_timm, read_source
 
         source = read_source(args.source)
@@ -45,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
             written = export_msn(source, out, args.overwrite)
     except MSNError as e:
         print(f"msn-export: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a full disk, say: atomic writes leave no partial file behind
+        print(f"msn-export: error: cannot write to {args.out}: {e.strerror or e}", file=sys.stderr)
         return 1
     print(f"wrote {args.format} export of the {args.encoder if args.format != 'msn' else 'full'} model to {written}")
     return 0

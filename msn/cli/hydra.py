@@ -7,6 +7,7 @@ Library code never imports this module: it takes a composed, validated config (:
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import sys
@@ -27,21 +28,22 @@ from msn.utils.launcher import process_info
 from msn.utils.rundir import (
     complete_message,
     finished_run,
-    last_checkpoint,
-    live_elsewhere,
-    read_status,
+    has_checkpoints,
     resume_null_message,
     run_dir_of,
     safe_name,
 )
+from msn.utils.runlock import acquire_run_lock
 
 
 class CheckBeforeRun(Callback):
-    """Hydra callback (msn/configs/config.yaml): refuse a bad config before Hydra creates or writes the run directory.
+    """Hydra callback (msn/configs/config.yaml): refuse a bad run before Hydra creates or writes its directory.
 
     Hydra saves ``.hydra/`` in the run directory before the job starts; a run that is going to be refused
-    (an unknown key, a bad value, ``resume=null`` over an earlier run's ``last.pt``) must leave it as it
-    was. Prints one line and exits with code 1. Multirun jobs are checked by ``train`` itself.
+    must leave the folder as it was (or leave none). Checked here: the config, the data paths, the device and
+    precision, ``init_from`` and the monitor's dataset, a folder that holds someone else's files, ``resume=null``
+    over an earlier run, and a run that another process trains (whose lock this process then holds for the
+    run's life). A multirun checks every job's values before the first job starts. Prints one line, exit 1.
     """
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -50,35 +52,95 @@ class CheckBeforeRun(Callback):
         try:
             cfg = to_schema(task)
             run_dir = Path(str(OmegaConf.select(config, "hydra.run.dir")))
-            if cfg.resume is None and last_checkpoint(run_dir).is_file():
-                raise ConfigError(resume_null_message(run_dir))
-            info = process_info()  # in a multi-process job rank 0 asks (the others see rank 0 itself running)
-            pid = live_elsewhere(read_status(run_dir)) if info is None or info.rank == 0 else None
-            if pid is not None:
-                raise ConfigError(f"{run_dir} is being trained right now by process {pid}; wait for it to stop, or "
-                                  "pass run_name=NEW_NAME for a separate run")
-            if cfg.data.name == "folder":  # the cheap part of the data check: no run folder for a typo
-                from msn.data import check_data_root
-
-                check_data_root(cfg.data.root)
-            if cfg.data.name == "fashion_mnist":  # ... or for a dataset that is not installed
-                from msn.data import find_fashion_mnist
-
-                find_fashion_mnist(cfg.data.root)
-            if cfg.data.name == "webdataset":  # ... or for a shard pattern that names nothing or a missing shard
-                from msn.data.shards import expand_shards
-
-                expand_shards(cfg.data.shards)
-            if cfg.data.name == "hf":
-                from msn.data.hf import check_hf_source
-
-                check_hf_source(cfg.data.path)
+            check_before_run(cfg, run_dir)
+            status = finished_run(run_dir, cfg) if resumes_the_run(cfg.resume, run_dir) else None
+            if status is not None:
+                print(complete_message(run_dir, status["step"], status["total_steps"]), flush=True)
+                sys.exit(0)  # without touching the finished run: Hydra has not written anything yet
+            info = process_info()  # in a multi-process job rank 0 locks (the others wait for it in the group)
+            if info is None or info.rank == 0:
+                if not run_dir.exists():
+                    CREATED_RUN_DIRS.add(str(run_dir.resolve()))
+                acquire_run_lock(run_dir)
         except (MSNError, ValueError) as e:  # ours, and omegaconf's ValidationError for a wrongly typed value
             sys.exit(f"msn-pretrain: error: {e}")
-        status = finished_run(run_dir, cfg) if cfg.resume is not None else None
-        if status is not None:
-            print(complete_message(run_dir, status["step"], status["total_steps"]), flush=True)
-            sys.exit(0)  # without touching the finished run: Hydra has not written anything yet
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Every job's values, before the first job runs (a sweep must not fail at its last job)."""
+        from hydra import compose
+        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        overrides = list(config.hydra.overrides.task)
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+        for number, job in enumerate(jobs):
+            try:
+                cfg = compose("config", overrides=[*job, "run_dir=."])
+                check_before_run(to_schema({k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items()
+                                            if k != "hydra"}), None)
+            except (MSNError, ValueError) as e:
+                sys.exit(f"msn-pretrain: error: job {number} of the sweep ({' '.join(job)}): {e}; no job was run")
+
+
+CREATED_RUN_DIRS: set[str] = set()  # run directories this process created: removed again if the run is refused
+
+
+def check_before_run(cfg: DictConfig, run_dir: Path | None) -> None:
+    """Everything that can be refused before a run directory is made or written (``run_dir`` None: the values
+    only, for a sweep's jobs). Raises an :class:`MSNError` naming the fix."""
+    if run_dir is not None and cfg.resume is None and has_checkpoints(run_dir):
+        raise ConfigError(resume_null_message(run_dir))
+    if run_dir is not None:
+        foreign = foreign_files(run_dir)
+        if foreign:
+            raise ConfigError(f"{run_dir} holds {', '.join(foreign)} but no msn run (no status.json): training there "
+                              "would overwrite them; pass another hydra.run.dir or run_name=NEW_NAME")
+    if cfg.data.name == "folder":  # the cheap part of the data check: no run folder for a typo
+        from msn.data import check_data_root
+
+        check_data_root(cfg.data.root)
+    if cfg.data.name == "fashion_mnist" or (cfg.monitor.every_steps and cfg.monitor.dataset == "fashion_mnist"):
+        from msn.data import find_fashion_mnist
+
+        find_fashion_mnist(cfg.data.root if cfg.data.name == "fashion_mnist" else None)
+    if cfg.data.name == "webdataset":  # ... or for a shard pattern that names nothing or a missing shard
+        from msn.data.shards import expand_shards
+
+        expand_shards(cfg.data.shards)
+    if cfg.data.name == "hf":
+        from msn.data.hf import check_hf_source
+
+        check_hf_source(cfg.data.path)
+    if cfg.monitor.every_steps and cfg.monitor.dataset not in ("digits", "fashion_mnist"):
+        folder = Path(str(cfg.monitor.dataset)).expanduser()
+        if not ((folder / "train").is_dir() and (folder / "val").is_dir()):
+            raise ConfigError(f"monitor.dataset={cfg.monitor.dataset} is not digits, fashion_mnist or a folder with "
+                              "train/ and val/ class folders; fix it or set monitor.every_steps=0")
+    if cfg.init_from is not None and not Path(str(cfg.init_from)).expanduser().exists():
+        raise ConfigError(f"init_from={cfg.init_from} does not exist; give an original MSN checkpoint, a Hugging "
+                          "Face ViTMSN folder, a timm .safetensors file or an msn run")
+    if cfg.device == "cuda" or cfg.precision != "fp32":  # these need torch: asked only when they matter
+        from msn.utils.device import autocast_dtype, resolve_device
+
+        autocast_dtype(cfg.precision, resolve_device(cfg.device))
+
+
+def foreign_files(run_dir: Path) -> list[str]:
+    """The files of ``run_dir`` that a run would overwrite although no msn run wrote them (a user's project)."""
+    if not run_dir.is_dir() or (run_dir / "status.json").is_file():
+        return []
+    return [name for name in ("config.yaml", "run.json", "metrics.csv", "checkpoints") if (run_dir / name).exists()]
+
+
+def resumes_the_run(resume: str | None, run_dir: Path) -> bool:
+    """Whether ``resume`` continues ``run_dir``'s newest state (auto, or the folder itself), as opposed to a fresh
+    start or a checkpoint the user chose (``resume=RUN/checkpoints/step_X.pt`` rewinds even a finished run)."""
+    if resume is None:
+        return False
+    if resume == "auto":
+        return True
+    return Path(str(resume)).expanduser().resolve() == run_dir.resolve()
 
 
 START_TIME_ENV = "MSN_START_TIME"
@@ -107,9 +169,40 @@ def run_directory(root: str, run_name: str | None, overrides: str | None, resume
     if resume not in (None, "auto") and (resumed := run_dir_of(str(resume))) is not None:
         return str(resumed)
     if run_name:
-        return str(Path(root) / safe_name(run_name))
-    name = re.sub(r"(^|,)experiment=", r"\1", overrides or "")
-    return str(Path(root) / (safe_name(name) or "default"))
+        name, earlier = run_folder_name(str(run_name)), safe_name(str(run_name))
+    else:
+        pairs = dict(_override_pairs(overrides or ""))  # a key given twice: its last value, as Hydra takes it
+        parts = [value if key == "experiment" else f"{key}={_short_value(value)}" for key, value in pairs.items()]
+        name = run_folder_name(",".join(parts)) or "default"
+        earlier = safe_name(re.sub(r"(^|,)experiment=", r"\1", overrides or "")) or "default"
+    folder, before = Path(root) / name, Path(root) / earlier
+    # A folder named before names were shortened and made unique: the same command still continues its run.
+    return str(before if before != folder and before.is_dir() and not folder.exists() else folder)
+
+
+def _override_pairs(overrides: str) -> list[tuple[str, str]]:
+    """Hydra's ``override_dirname`` (``k1=v1,k2=[a,b]``) as (key, value) pairs: a comma starts a new pair only
+    where a key and ``=`` follow, so list values keep theirs."""
+    parts = re.split(r",(?=[+~]?[A-Za-z_][\w.@/]*=)", overrides) if overrides else []
+    return [tuple(part.split("=", 1)) if "=" in part else (part, "") for part in parts]  # type: ignore[misc]
+
+
+def _short_value(value: str) -> str:
+    """A path keeps its last part (``data.root=/data/x/train`` -> ``train``), with a hash of the whole value so
+    that two paths ending alike name two folders."""
+    if "/" not in value:
+        return value
+    last = value.rstrip("/").rsplit("/", 1)[-1] or "root"
+    return f"{last}-{hashlib.sha1(value.encode()).hexdigest()[:6]}"
+
+
+def run_folder_name(name: str) -> str:
+    """:func:`safe_name`, unique: when characters had to be replaced (``/``, spaces, non-ASCII letters), a hash
+    of the original keeps two different values (``猫`` and ``犬``) from naming one folder."""
+    cleaned = safe_name(name)
+    if cleaned == name:
+        return cleaned
+    return safe_name(f"{cleaned}-{hashlib.sha1(name.encode()).hexdigest()[:8]}")
 
 
 def compose_run_config(overrides: list[str], placeholder_root: bool = False) -> DictConfig:

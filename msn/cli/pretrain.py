@@ -12,14 +12,17 @@ import os
 import shlex
 import sys
 from datetime import datetime
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from msn.cli.hydra import START_TIME_ENV, register_configs
+from msn.cli.hydra import CREATED_RUN_DIRS, START_TIME_ENV, register_configs
 from msn.config import CONFIG_DIR
 from msn.errors import MSNError
 from msn.utils.launcher import process_info
+from msn.utils.rundir import has_checkpoints
+from msn.utils.runlock import release_run_lock
 
 # At import: a submitit job process imports this module to unpickle the task, and composes its config
 # (``${start_time:}``, ``${msn_run_dir:}``) before the task runs.
@@ -31,6 +34,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     from msn.train import train  # torch and the rest: the config passed its check
+    from msn.train.signals import StopRequest
     from msn.utils.device import configure_matmul, resolve_device
 
     overrides = list(HydraConfig.get().overrides.task)
@@ -38,11 +42,30 @@ def _hydra_main(cfg: DictConfig) -> None:
         command = shlex.join(["msn-pretrain", *overrides])
     else:
         command = "the same launch command (torchrun or srun), whose overrides are: " + shlex.join(overrides)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    stop = StopRequest()  # the command owns the process's signals; train() as a library leaves them alone
     try:
         configure_matmul(resolve_device(cfg.device), cfg.tf32)  # process-wide: the entry point's decision
-        train(cfg, command)
+        train(cfg, command, stop=stop)
     except MSNError as e:
+        _forget_refused_run(run_dir)
         sys.exit(f"msn-pretrain: error: {e}")
+    finally:
+        stop.restore()
+        release_run_lock(run_dir)
+
+
+def _forget_refused_run(run_dir: Path) -> None:
+    """A run refused before it trained a step leaves no folder behind, if this command created the folder."""
+    import shutil
+
+    if str(run_dir.resolve()) not in CREATED_RUN_DIRS or has_checkpoints(run_dir):
+        return
+    metrics = run_dir / "metrics.csv"
+    if metrics.is_file() and len(metrics.read_text(errors="replace").splitlines()) > 1:
+        return  # it logged steps: the record of why it stopped stays
+    release_run_lock(run_dir)
+    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def main() -> None:

@@ -15,7 +15,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from msn.errors import MSNError
+from msn.errors import DataError, MSNError
+from msn.utils.rundir import check_number, check_writable
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,11 +30,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="write the images in an order shuffled by this seed (default: sorted by path)")
     parser.add_argument("--overwrite", action="store_true", help="replace shards already in OUT")
     args = parser.parse_args(argv)
-    if args.per_shard < 1:
-        parser.error(f"--per-shard {args.per_shard} must be >= 1")
-    if not Path(args.src).is_dir():
-        parser.error(f"SRC {args.src} is not a folder of images")
     try:
+        check_number("--per-shard", args.per_shard, ">= 1")
+        if not Path(args.src).is_dir():
+            raise DataError(f"SRC {args.src} is not a folder of images")
+        check_writable(args.out, args.out, "give an OUT you can write to")
         from msn.data.shards import write_shards  # torch and webdataset: the arguments passed their checks
 
         written = write_shards(args.src, args.out, per_shard=args.per_shard, shuffle_seed=args.shuffle_seed,

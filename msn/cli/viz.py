@@ -34,7 +34,7 @@ from hydra.errors import HydraException
 from msn.config import DEFAULT_CROP_PCT, check_crop_pct
 from msn.errors import MSNError, VizError
 from msn.plots import check_png_path
-from msn.utils.rundir import check_model
+from msn.utils.rundir import check_model, check_numbers, check_writable
 
 KINDS = ("views", "attention", "curves", "prototypes")
 
@@ -153,21 +153,23 @@ def _prototypes(args: argparse.Namespace):
 KIND_FUNCTIONS = {"views": _views, "attention": _attention, "curves": _curves, "prototypes": _prototypes}
 
 
+# Each numeric option and the values it allows (msn.utils.rundir.check_number); --crop-pct as msn-eval's.
+NUMBERS = {"--step": ">= 0", "--count": ">= 1", "--limit": ">= 1", "--show": ">= 1", "--per-prototype": ">= 1",
+           "--cell": ">= 8", "--size": ">= 100"}
+
+
 def _check(args: argparse.Namespace) -> None:
-    """Refuse bad numbers and a non-PNG output before any work."""
+    """Refuse bad numbers, a non-PNG or unwritable output and a MODEL that names nothing, before any work."""
     check_png_path(args.out)
-    for name in ("count", "limit", "show", "per_prototype"):
-        if getattr(args, name, 1) < 1:
-            raise VizError(f"--{name.replace('_', '-')} must be >= 1")
-    if (getattr(args, "cell", None) or 8) < 8 or min(getattr(args, "size", [100, 100])) < 100:
-        raise VizError("--cell must be >= 8 px and --size at least 100 x 100 px")
-    if args.kind in ("attention", "prototypes"):
-        check_model(args.source)  # a typo is answered before torch is imported
+    check_numbers(args, NUMBERS)
     if hasattr(args, "crop_pct"):
         try:
             check_crop_pct(args.crop_pct, "--crop-pct")
         except ValueError as e:
             raise VizError(str(e)) from None
+    check_writable(Path(args.out).parent, args.out, "pass --out FILE.png in a folder you can write to")
+    if args.kind in ("attention", "prototypes"):
+        check_model(args.source)  # a typo is answered before torch is imported
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,7 +180,11 @@ def main(argv: list[str] | None = None) -> int:
         picture = KIND_FUNCTIONS[args.kind](args)
         from msn.plots.common import save_png
 
-        path = save_png(picture, args.out)
+        try:
+            path = save_png(picture, args.out)
+        except OSError as e:  # a full disk, or a folder that turned read-only since the check
+            raise VizError(f"cannot write {args.out}: {e.strerror or e}; pass --out FILE.png in a folder you can "
+                           "write to") from None
     except (MSNError, HydraException) as e:
         print(f"msn-viz: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 1

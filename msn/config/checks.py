@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,18 @@ PROGRESS_MODES: dict[str, bool | None] = {"auto": None, "true": False, "false": 
 def progress_bar_disabled(progress: str) -> bool | None:
     """tqdm's ``disable`` for a ``logger.progress`` value (:data:`PROGRESS_MODES`)."""
     return PROGRESS_MODES[str(progress).lower()]
+
+
+def _floats(cfg: Any, prefix: str = "") -> list[tuple[str, float]]:
+    """Every float of ``cfg`` (lists included) as (dotted key, value)."""
+    found = []
+    for key, value in (cfg.items() if hasattr(cfg, "items") else enumerate(cfg)):
+        name = f"{prefix}{key}" if not isinstance(key, int) else f"{prefix[:-1]}[{key}]"
+        if isinstance(value, float):
+            found.append((name, value))
+        elif isinstance(value, (dict, list)):
+            found += _floats(value, f"{name}.")
+    return found
 
 
 def _get(cfg: Any, key: str) -> Any:
@@ -73,11 +86,13 @@ def validate(cfg: DictConfig | MSNConfig) -> None:
     for key in ("optim.lr", "optim.start_lr", "loss.tau", "loss.sharpen_T"):
         check(_get(cfg, key) > 0, f"{key}={_get(cfg, key)} must be > 0")
     for key in ("optim.final_lr", "optim.weight_decay", "optim.final_weight_decay", "optim.warmup_epochs",
-                "loss.me_max_weight", "loss.entropy_weight", "data.num_focal", "data.num_workers",
+                "loss.me_max_weight", "loss.entropy_weight", "data.num_focal",
                 "checkpoint.every_steps", "checkpoint.last_every_steps", "checkpoint.keep", "model.drop_path_rate",
                 "data.max_bad_files", "data.max_bad_fraction",
                 "logger.console_every", "monitor.every_steps"):
         check(_get(cfg, key) >= 0, f"{key}={_get(cfg, key)} must be >= 0")
+    check(cfg.data.num_workers is None or cfg.data.num_workers >= 0,
+          f"data.num_workers={cfg.data.num_workers} must be >= 0 (or null: min(8, the CPU cores available))")
     check(not cfg.model.head_batchnorm or cfg.data.batch_size >= 2,
           f"data.batch_size={cfg.data.batch_size}: the head's BatchNorm needs at least 2 images per batch; "
           "use data.batch_size>=2 (or model.head_batchnorm=false)")
@@ -96,10 +111,21 @@ def validate(cfg: DictConfig | MSNConfig) -> None:
     check(0.0 <= cfg.masking.ratio < 1.0, f"masking.ratio={cfg.masking.ratio} must lie in [0, 1)")
     for key in ("data.hflip_p", "data.color_jitter_p", "data.grayscale_p", "data.blur_p"):
         check(0.0 <= _get(cfg, key) <= 1.0, f"{key}={_get(cfg, key)} must be a probability in [0, 1]")
-    for key in ("data.global_scale", "data.focal_scale", "data.blur_sigma", "optim.betas"):
+    for key in ("data.global_scale", "data.focal_scale"):  # shares of the image's area
         value = list(_get(cfg, key))
-        check(len(value) == 2 and 0 < value[0] <= value[1],
-              f"{key}={value} must be two increasing positive numbers [low, high]")
+        check(len(value) == 2 and 0 < value[0] <= value[1] <= 1,
+              f"{key}={value} must be two increasing shares of the image [low, high] with 0 < low <= high <= 1")
+    value = list(cfg.data.blur_sigma)
+    check(len(value) == 2 and 0 < value[0] <= value[1],
+          f"data.blur_sigma={value} must be two increasing positive numbers [low, high]")
+    value = list(cfg.optim.betas)
+    check(len(value) == 2 and all(0 <= b < 1 for b in value),
+          f"optim.betas={value} must be two numbers in [0, 1) (AdamW's beta1, beta2; the default [0.9, 0.999])")
+    check(cfg.model.drop_path_rate < 1, f"model.drop_path_rate={cfg.model.drop_path_rate} must lie in [0, 1) "
+          "(the probability of skipping a block; 0 in MSN)")
+    plain = OmegaConf.to_container(cfg, resolve=False)  # interpolations (run_dir) stay unresolved strings
+    for key, number in _floats(plain):  # NaN and infinity pass every comparison above, or fail them confusingly
+        check(math.isfinite(number), f"{key}={number} must be a finite number")
     check(len(cfg.data.mean) == 3 and len(cfg.data.std) == 3 and min(cfg.data.std) > 0,
           f"data.mean / data.std must hold 3 values each (RGB), std > 0; "
           f"got {list(cfg.data.mean)} / {list(cfg.data.std)}")

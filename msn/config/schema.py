@@ -54,7 +54,7 @@ class DataConfig:
     image_key: str = "image"
     samples_per_epoch: int | None = None  # an epoch of this many samples of the dataset (default: all of them)
     batch_size: int = 64  # images per process per step
-    num_workers: int = 0
+    num_workers: int | None = 0  # null: min(8, the CPU cores this process may use)
     augment_on: str = "auto"  # cpu: the whole augmentation in the loader workers; device: colour, blur and
     # normalisation on the training device (workers decode and crop); auto: device when training on a GPU
     global_size: int = 224  # target and anchor crop size

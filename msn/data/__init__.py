@@ -48,6 +48,7 @@ from msn.data.loader import (
     build_loader,
     collate_views,
     epoch_length,
+    loader_workers,
     samples_per_replica,
     steps_per_epoch,
 )
@@ -80,7 +81,7 @@ __all__ = [
     "DataError", "DATASETS", "dense_resize_is_cheap", "device_views", "DigitsDataset", "epoch_length",
     "EpochSampler",
     "FashionMNISTDataset", "find_fashion_mnist", "gaussian_blur", "grayscale", "IMAGE_EXTENSIONS", "ImageDataset",
-    "ImageFolderDataset", "Key", "load_rgb", "MultiCropDataset", "MultiCropTransform", "photometric",
+    "ImageFolderDataset", "Key", "load_rgb", "loader_workers", "MultiCropDataset", "MultiCropTransform", "photometric",
     "PhotometricParams", "read_idx", "resized_crops", "resized_crops_dense", "resized_crops_loop", "RunSampler",
     "sample_boxes", "samples_per_replica", "single_threaded", "SkippedImages", "steps_per_epoch",
     "SyntheticDataset", "to_8bit", "to_uint8_image", "ViewBatch", "ViewGroup", "ViewParams",

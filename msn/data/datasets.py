@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import gzip
 import os
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Protocol
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from msn.errors import DataError
@@ -33,21 +36,34 @@ class ImageFolderDataset(Dataset):
     """Images under ``root``: ImageFolder layout (``root/class/img.jpg``) or flat (``root/img.jpg``).
 
     Files are found recursively (extensions in :data:`IMAGE_EXTENSIONS`, any case) and sorted by their
-    path relative to ``root``. Classes are the sorted top-level folders of ``root`` (as torchvision's
+    path relative to ``root``; symlinked folders are followed, but each real file counts once
+    (:func:`scan_images`). Classes are the sorted top-level folders of ``root`` (as torchvision's
     ImageFolder, so a ``list_file`` subset and the full folder agree on class indices); an image directly
     under ``root`` has label -1 (unlabelled).
+
+    What the scan left out (files that are not images by their extension, symlink loops, duplicate links)
+    is in :attr:`notes`, one line each, for the caller to print once: left out silently, a symlink loop
+    multiplied a dataset and a folder of GIFs looked like a smaller dataset, and nobody knew.
 
     Args:
         root: the image folder.
         list_file: optional text file with one image path per line, relative to ``root`` (its first
             whitespace-separated token is used, so ``path label`` lines work; blank lines and lines
             starting with ``#`` are skipped). The dataset then holds exactly the listed images.
+        where: how :attr:`notes` name the folder (default ``data.root=ROOT``, the training option).
     """
 
-    def __init__(self, root: str | os.PathLike | None, list_file: str | os.PathLike | None = None) -> None:
+    def __init__(self, root: str | os.PathLike | None, list_file: str | os.PathLike | None = None, *,
+                 where: str | None = None) -> None:
         self.root = check_data_root(root)
         self.classes = sorted(entry.name for entry in os.scandir(self.root) if entry.is_dir())
-        relative = _read_list_file(self.root, Path(list_file)) if list_file else _scan_images(self.root)
+        self.notes: list[str] = []  # what the scan skipped, one line each (none for a list_file)
+        if list_file:
+            relative = _read_list_file(self.root, Path(list_file))
+        else:
+            scan = scan_images(self.root)
+            relative = scan.paths
+            self.notes = scan.notes(where or f"data.root={root}")
         self.paths = [self.root / rel for rel in relative]
         class_index = {name: i for i, name in enumerate(self.classes)}
         self.targets = [class_index.get(Path(rel).parts[0], -1) if len(Path(rel).parts) > 1 else -1
@@ -65,24 +81,45 @@ class ImageFolderDataset(Dataset):
 
 
 def load_rgb(path: Path) -> Image.Image:
-    """Decode ``path`` as an 8-bit RGB image; a missing, truncated or non-image file is a :class:`DataError`.
+    """Decode ``path`` as an 8-bit RGB image, upright; a missing, truncated or non-image file is a
+    :class:`DataError`.
 
     High-bit-depth images (16-bit grayscale PNG / TIFF: PIL modes ``I;16*``, ``I``, ``F``) are scaled to
-    8 bits (:func:`to_8bit`); PIL's own ``convert("RGB")`` would clip them at 255.
+    8 bits (:func:`to_8bit`); PIL's own ``convert("RGB")`` would clip them at 255. An EXIF orientation
+    (a phone's portrait photo is stored sideways with a tag saying so) is applied, as every image viewer
+    does, so training, evaluation and the figures all see the picture its owner sees.
     """
     return decode_rgb(path, str(path))
 
 
 def decode_rgb(source: Path | IO[bytes], name: str) -> Image.Image:
     """:func:`load_rgb` of a path or an open binary file (a tar member's or a dataset row's bytes); ``name``
-    says in the :class:`DataError` which image could not be read."""
+    says in the :class:`DataError` which image could not be read.
+
+    This is the one decoder of every image file the package reads (folders, shards, Hugging Face rows,
+    msn-eval, msn-viz), so the EXIF orientation is applied here and nowhere else.
+    """
     try:
         with Image.open(source) as image:
             image.load()  # forces the decode, so a corrupt file fails here
+            _apply_orientation(image)
             return to_8bit(image).convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         # PIL signals bad data with OSError (incl. UnidentifiedImageError), SyntaxError or ValueError
         raise DataError(f"cannot read image {name}: {err}") from err
+
+
+def _apply_orientation(image: Image.Image) -> None:
+    """Turn a decoded ``image`` upright, in memory, by its EXIF Orientation tag (none or 1: as it is).
+
+    ``in_place`` spares the copy that ``exif_transpose`` makes of every image without a tag. A malformed
+    EXIF block leaves the pixels as stored: they decoded fine, and losing the image to its metadata
+    would be worse than a sideways picture.
+    """
+    try:
+        ImageOps.exif_transpose(image, in_place=True)
+    except Exception:  # PIL's EXIF parser fails in many ways on bad metadata (struct.error, KeyError, ...)
+        pass
 
 
 def to_8bit(image: Image.Image) -> Image.Image:
@@ -115,17 +152,156 @@ def check_data_root(root: str | os.PathLike | None) -> Path:
     return path
 
 
-def _scan_images(root: Path) -> list[str]:
-    """Paths (POSIX, relative to ``root``) of every image file below ``root``, sorted."""
-    found = []
-    for folder, dirs, files in os.walk(root, followlinks=True):
-        dirs.sort()
-        rel_folder = Path(folder).relative_to(root)
-        found.extend((rel_folder / name).as_posix() for name in files if name.lower().endswith(IMAGE_EXTENSIONS))
-    if not found:
+@dataclass
+class FolderScan:
+    """What :func:`scan_images` found below a folder, and what it left out and why (examples as text)."""
+
+    paths: list[str] = field(default_factory=list)  # images: POSIX paths relative to the root, sorted
+    other_extensions: Counter[str] = field(default_factory=Counter)  # not images by their extension: ext -> count
+    loops: list[str] = field(default_factory=list)  # "a/loop -> ..": folder links into their own ancestors
+    duplicate_folders: list[str] = field(default_factory=list)  # folders already listed under another path
+    duplicate_files: list[str] = field(default_factory=list)  # image paths to a file already listed
+    unreadable: list[str] = field(default_factory=list)  # "secret: Permission denied"
+
+    def notes(self, where: str) -> list[str]:
+        """One line per kind of thing skipped, each starting with ``where`` (e.g. ``data.root=/x``); none
+        when nothing was."""
+        notes = []
+        links = [_counted(self.loops, "symlink loop"), _counted(self.duplicate_folders, "duplicate folder"),
+                 _counted(self.duplicate_files, "duplicate path to a file already listed",
+                          "duplicate paths to files already listed")]
+        links = [text for text in links if text]
+        if links:
+            joined = links[0] if len(links) == 1 else f"{', '.join(links[:-1])} and {links[-1]}"
+            notes.append(f"{where}: skipped {joined}; each file counts once")
+        skipped = sum(self.other_extensions.values())
+        if skipped:
+            counts = ", ".join(f"{n:,} {ext}" for ext, n in sorted(self.other_extensions.items(),
+                                                                    key=lambda item: (-item[1], item[0])))
+            noun = "file that is not an image by its" if skipped == 1 else "files that are not images by their"
+            images = f"{len(self.paths):,} image{'' if len(self.paths) == 1 else 's'}"
+            notes.append(f"{where}: {images}; skipped {skipped:,} {noun} extension ({counts}; images are "
+                         f"{' '.join(IMAGE_EXTENSIONS)})")
+        if self.unreadable:
+            folders = _counted(self.unreadable, "folder that cannot be read", "folders that cannot be read")
+            notes.append(f"{where}: skipped {folders}; check their permissions")
+        return notes
+
+
+def _counted(examples: list[str], singular: str, plural: str | None = None) -> str:
+    """``"2 symlink loops (a/loop -> .., b/up -> ../..)"``: a count and its first examples ("" for none)."""
+    if not examples:
+        return ""
+    shown = ", ".join(examples[:2]) + (", ..." if len(examples) > 2 else "")
+    noun = singular if len(examples) == 1 else (plural or f"{singular}s")
+    return f"{len(examples):,} {noun} ({shown})"
+
+
+def scan_images(root: Path) -> FolderScan:
+    """Every image file below ``root`` (by extension, any case), each real file once, sorted by its path.
+
+    Symlinked folders are followed (datasets are often assembled from links), but a folder is entered
+    once: a link back into one of its own ancestors (``a/loop -> ..``) is a loop, skipped, and a second
+    path to a folder already entered is a duplicate, skipped; a second path to an image already listed
+    (a file link) is skipped too. Without this a single ``loop -> ..`` made ``os.walk(followlinks=True)``
+    list every image dozens of times over, silently. Entries are visited in the order of their full
+    relative paths, so the path kept for a real file is its first in sorted order (apart from paths
+    through a loop). Identity is the real path (symlinks resolved), so hard links, which are separate
+    files as far as the user can tell, still count separately. Broken links are listed (the loader
+    reports them as undecodable, as before). No image at all is a :class:`DataError`.
+    """
+    scan = FolderScan()
+    root_real = os.path.realpath(root)
+    folders: dict[str, str] = {root_real: ""}  # real path -> the relative path it is listed under
+    files: dict[str, str] = {}  # key of a file's real path (:func:`_real_key`) -> its listed relative path
+    # Each frame: (its sorted entries, the folder's real path, the key prefix of its files, its relative path/)
+    stack = [(_sorted_entries(root, "", scan), root_real, "", "")]
+    if scan.unreadable:
+        raise DataError(f"data.root={root} cannot be read ({scan.unreadable[0]}); check its permissions")
+    while stack:
+        entries, real, key_prefix, rel = stack[-1]
+        item = next(entries, None)
+        if item is None:
+            stack.pop()
+            continue
+        entry, is_dir = item
+        path = rel + entry.name
+        link = entry.is_symlink()
+        if is_dir:
+            target = os.path.realpath(entry.path) if link else os.path.join(real, entry.name)
+            first = folders.get(target)
+            if first is None:
+                folders[target] = path
+                prefix = _real_key(target, root_real) + "/"
+                stack.append((_sorted_entries(Path(entry.path), path, scan), target, prefix, path + "/"))
+            elif first == "" or path.startswith(first + "/"):  # an ancestor of this very entry
+                scan.loops.append(_link_text(entry, path))
+            else:
+                scan.duplicate_folders.append(f"{_link_text(entry, path)}: already listed as {first}")
+            continue
+        # A plain file under a folder reached without links has the key ``path`` itself: no new string for
+        # the common case (millions of files), and no system call; a link's target is resolved.
+        key = _real_key(os.path.realpath(entry.path), root_real) if link else (
+            path if key_prefix == rel else key_prefix + entry.name)
+        first = files.setdefault(key, path)
+        is_image = entry.name.lower().endswith(IMAGE_EXTENSIONS)
+        if first is not path:  # identity, not equality: a later path to a file already seen
+            if is_image:
+                scan.duplicate_files.append(f"{_link_text(entry, path)}: already listed as {first}")
+        elif is_image:
+            scan.paths.append(path)
+        else:
+            scan.other_extensions[os.path.splitext(entry.name)[1].lower() or "without extension"] += 1
+    scan.paths.sort()  # already in this order (see above); sorting a sorted list costs one pass
+    if not scan.paths:
+        others = sum(scan.other_extensions.values())
+        held = f"; it holds {others:,} other file{'' if others == 1 else 's'}" if others else ""
         raise DataError(f"data.root={root} holds no images (searched recursively for "
-                        f"{', '.join(IMAGE_EXTENSIONS)}); pass data.root=/path/to/images")
-    return sorted(found)
+                        f"{', '.join(IMAGE_EXTENSIONS)}{held}); pass data.root=/path/to/images")
+    return scan
+
+
+def _sorted_entries(folder: Path, rel: str, scan: FolderScan) -> Iterator[tuple[os.DirEntry, bool]]:
+    """The entries of ``folder`` with whether each is a folder (links followed), sorted so that a depth-first
+    walk meets the files in the sorted order of their full relative paths: a folder sorts as ``name/``
+    (``a.b/x`` < ``a/x`` < ``a0/x``, as the full paths do). An unreadable folder is noted and has none."""
+    try:
+        with os.scandir(folder) as it:
+            entries = list(it)
+    except OSError as err:
+        scan.unreadable.append(f"{rel or '.'}: {err.strerror or err}")
+        return iter(())
+    keyed = []
+    for entry in entries:
+        try:
+            is_dir = entry.is_dir()
+        except OSError:  # a link whose target cannot be examined: left to the loader, as a file
+            is_dir = False
+        keyed.append((entry.name + "/" if is_dir else entry.name, entry, is_dir))
+    keyed.sort(key=lambda k: k[0])
+    return ((entry, is_dir) for _, entry, is_dir in keyed)
+
+
+def _real_key(real: str, root_real: str) -> str:
+    """A real path as a key: relative to the root's real path when inside it (so that it equals the listed
+    path of a file reached without links), else absolute (a leading ``/``: never equal to a relative one)."""
+    base = root_real if root_real.endswith(os.sep) else root_real + os.sep  # data.root=/ is "/" already
+    return real[len(base):].replace(os.sep, "/") if real.startswith(base) else real
+
+
+def _link_text(entry: os.DirEntry, path: str) -> str:
+    """``a/loop -> ..`` for a symlink (its target as written), ``path`` for anything else."""
+    if entry.is_symlink():
+        try:
+            return f"{path} -> {os.readlink(entry.path)}"
+        except OSError:
+            pass
+    return path
+
+
+def _scan_images(root: Path) -> list[str]:
+    """The image paths of :func:`scan_images` (for callers that only need the list: ``msn-shards``)."""
+    return scan_images(root).paths
 
 
 def _read_list_file(root: Path, list_file: Path) -> list[str]:

@@ -13,6 +13,7 @@ boundaries instead of draining and restarting at each, and a resume is an offset
 from __future__ import annotations
 
 import math
+import os
 import signal
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -296,13 +297,22 @@ def build_loader(cfg: DataConfig, dataset: MultiCropDataset, sampler: RunSampler
     batch at a time (``__getitems__``). ``pin_memory`` (for a GPU) lets the copies to the device overlap
     with compute.
     """
-    workers = int(cfg.num_workers)
+    workers = loader_workers(cfg.num_workers)
     common = dict(num_workers=workers, persistent_workers=workers > 0, pin_memory=pin_memory,
                   collate_fn=collate_views, worker_init_fn=_ignore_stop_signals)
     if isinstance(sampler, RunSampler):
         return DataLoader(dataset, batch_sampler=sampler, **common)
     return DataLoader(dataset, batch_size=int(cfg.batch_size), sampler=sampler, drop_last=bool(cfg.drop_last),
                       **common)
+
+
+def loader_workers(num_workers: int | None) -> int:
+    """``data.num_workers``, with null meaning min(8, the CPU cores this process may use): more workers than
+    cores only compete for them (PyTorch warns), and a laptop or a 2-core VM is not an 8-worker machine."""
+    if num_workers is not None:
+        return int(num_workers)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(8, cores)
 
 
 def _ignore_stop_signals(worker_id: int) -> None:

@@ -3,23 +3,57 @@ to :func:`evaluate`'s), with the report's file name, its console table and its s
 
 from __future__ import annotations
 
+import functools
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
 from msn.config import DEFAULT_CROP_PCT
-from msn.errors import DataError
+from msn.errors import ConfigError, DataError, MSNError
+from msn.utils.files import atomic_write_text
 from msn.utils.rundir import run_dir_of, safe_name
 
 if TYPE_CHECKING:
     from msn.eval.splits import Split
 
 PROTOCOLS = ("lowshot", "knn", "linear", "finetune")
+T = TypeVar("T")
 
 
+_WORKER_TRACEBACK = "Original Traceback (most recent call last):"
+
+
+def worker_error(error: MSNError) -> MSNError:
+    """``error`` as it was raised in a DataLoader worker: torch re-raises a worker's exception as one of the
+    same type whose message is the worker's whole traceback; this is a new one holding the first line of the
+    original message. Any other error is returned as it is."""
+    text = str(error)
+    if _WORKER_TRACEBACK not in text:
+        return error
+    name = re.escape(type(error).__qualname__)
+    found = re.findall(rf"^(?:[\w.]+\.)?{name}: (.*)$", text.split(_WORKER_TRACEBACK, 1)[1], re.MULTILINE)
+    return type(error)(found[-1] if found else text.splitlines()[0])
+
+
+def _worker_errors_as_one_line(function: Callable[..., T]) -> Callable[..., T]:
+    """``function``, with an :class:`MSNError` from a DataLoader worker re-raised as :func:`worker_error`."""
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        try:
+            return function(*args, **kwargs)
+        except MSNError as e:
+            unwrapped = worker_error(e)
+            if unwrapped is e:
+                raise
+            raise unwrapped from None
+    return wrapper
+
+
+@_worker_errors_as_one_line
 def evaluate(protocol: str, model: str | Path, *, dataset: str = "digits", device: str = "auto",
              precision: str = "auto", crop_pct: float = DEFAULT_CROP_PCT, splits: int = 3, feature: str = "cls",
              last_blocks: int = 1, batch_size: int = 128, num_workers: int = 0, cache_dir: Path | None = None,
@@ -35,6 +69,7 @@ def evaluate(protocol: str, model: str | Path, *, dataset: str = "digits", devic
     (``k`` neighbours, vote ``temperature``), ``linear`` or ``finetune`` (``epochs`` at ``lr``). Split ``s``
     of ``splits`` draws with seed ``s``. ``cache_dir``: where features are cached (None: recompute).
     torch and the rest are imported here, so that a command's ``--help`` and refused arguments stay fast.
+    An :class:`MSNError` raised in a DataLoader worker (an unreadable image) comes out as that error, one line.
     """
     import torch
 
@@ -55,6 +90,10 @@ def evaluate(protocol: str, model: str | Path, *, dataset: str = "digits", devic
     precision = ("bf16" if torch_device.type == "cuda" else "fp32") if precision == "auto" else precision
     amp_dtype = autocast_dtype(precision, torch_device)
     encoder = load_encoder(model, torch_device, crop_pct)
+    depth = len(encoder.backbone.blocks)
+    if protocol != "finetune" and last_blocks > depth:
+        raise ConfigError(f"--last-blocks {last_blocks}: the encoder has {depth} blocks; use --last-blocks up to "
+                          f"{depth}")
     train, test = load_splits(dataset)
     for line in coverage_warnings(train, test):
         print(f"msn-eval: {line}", file=sys.stderr)
@@ -138,4 +177,4 @@ def update_model_card(folder: Path, report: dict[str, Any]) -> None:
     rows = "\n".join(f"| {k} | {r['mean']:.2f} +- {r['std']:.2f} | {len(r['splits'])} |"
                      for k, r in report["results"].items())
     text = text.rstrip() + f"\n\n{marker}\n\n| setting | top-1 (%) | splits |\n|---|---|---|\n{rows}\n"
-    card.write_text(text)
+    atomic_write_text(card, text)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,12 +74,18 @@ def folder_splits(root: Path) -> tuple[Split, Split]:
 
     Labels follow the training split's class index (its sorted class folders) in both splits; a class
     that only ``val`` has gets a label after all of train's, which no classifier trained on train can
-    predict, so its images count as errors (see :func:`class_coverage`).
+    predict, so its images count as errors (see :func:`class_coverage`). The folders are scanned as
+    training scans ``data.root`` (:func:`msn.data.datasets.scan_images`), and what was skipped is printed
+    to stderr, one line per kind.
     """
     val = root / "val" if (root / "val").is_dir() else root / "test"
     if not (root / "train").is_dir() or not val.is_dir():
         raise DataError(f"--dataset {root}: expected {root}/train and {root}/val (ImageFolder layout)")
-    datasets = {name: ImageFolderDataset(folder) for name, folder in (("train", root / "train"), ("val", val))}
+    datasets = {name: ImageFolderDataset(folder, where=str(folder))
+                for name, folder in (("train", root / "train"), ("val", val))}
+    for ds in datasets.values():  # files left out (not images, symlink loops, duplicates): said, never silent
+        for note in ds.notes:
+            print(note, file=sys.stderr)
     classes = list(datasets["train"].classes)
     classes += [c for c in datasets["val"].classes if c not in classes]
     index = {name: i for i, name in enumerate(classes)}

@@ -27,19 +27,34 @@ class RunMetrics:
 
 
 def read_metrics(run_dir: Path, label: str) -> RunMetrics:
-    """``RUN_DIR/metrics.csv`` as series per column."""
+    """``RUN_DIR/metrics.csv`` as series per column; a file that is not such a table (damaged, not text, without
+    a ``step`` column) is a :class:`VizError` naming it."""
     path = run_dir / "metrics.csv"
     columns: dict[str, list[tuple[int, float]]] = {}
-    with path.open(newline="") as f:
-        for row in csv.DictReader(f):
-            step = int(row["step"])
-            for name, text in row.items():
-                try:
-                    value = float(text)
-                except (TypeError, ValueError):
-                    continue
-                if name != "step" and not math.isnan(value):
-                    columns.setdefault(name, []).append((step, value))
+    try:
+        f = path.open(newline="", encoding="utf-8")
+    except OSError as e:
+        raise VizError(f"cannot read {path}: {e.strerror or e}") from None
+    with f:
+        reader = csv.DictReader(f)
+        try:
+            for row in reader:
+                step = int(row["step"])
+                for name, text in row.items():
+                    try:
+                        value = float(text)
+                    except (TypeError, ValueError):
+                        continue
+                    if name != "step" and not math.isnan(value):
+                        columns.setdefault(name, []).append((step, value))
+        except (UnicodeDecodeError, csv.Error, KeyError, TypeError, ValueError) as e:
+            if isinstance(e, UnicodeDecodeError):  # decoded in chunks ahead of the csv reader: no line to tell
+                reason = "not UTF-8 text"
+            else:
+                reason = "no step column" if isinstance(e, KeyError) else f"{type(e).__name__}: {str(e)[:120]}"
+                reason = f"line {reader.line_num}: {reason}"
+            raise VizError(f"{path} is not a readable metrics table ({reason}); restore it, or leave that run "
+                           "out") from None
     return RunMetrics(label, columns)
 
 

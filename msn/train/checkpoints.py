@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 from msn.data import SkippedImages
 from msn.train.builder import Process, TrainingData, TrainingParts
 from msn.train.loggers import MetricsLogger
-from msn.train.resume import training_state
+from msn.train.resume import data_identity, training_state
 from msn.train.signals import StopRequest
 from msn.train.step import NonFiniteGuard
 from msn.utils import distributed
@@ -26,6 +26,7 @@ class CheckpointPolicy:
                  parts: TrainingParts, logger: MetricsLogger | None, nonfinite: NonFiniteGuard) -> None:
         self.cfg, self.run_dir, self.proc, self.data, self.parts = cfg, run_dir, process, data, parts
         self.logger, self.nonfinite = logger, nonfinite
+        self.last_saved: int | None = None  # the step of the last checkpoint this run wrote
 
     def due(self, step: int) -> list[str]:
         """The checkpoints the schedule asks for after ``step`` (finished steps)."""
@@ -54,8 +55,9 @@ class CheckpointPolicy:
         """Rank 0 writes ``names``; every rank must call this (the RNG states are gathered)."""
         if not names:
             return
-        self.nonfinite.check()  # a step that made a NaN is never saved
         world, p = self.proc.world, self.parts
+        self.nonfinite.check()  # a step that made a NaN is never saved ...
+        self.nonfinite.check_weights(p.model, step, self.last_saved)  # ... nor weights that became one
         rng = rng_state()
         rng_ranks = distributed.all_gather_object(rng) if world > 1 else None
         skipped = self.data.skipped
@@ -66,10 +68,12 @@ class CheckpointPolicy:
             model=p.model, optimizer=p.optimizer, scaler=p.scaler, cfg=self.cfg, step=step,
             steps_per_epoch=self.data.steps_per_epoch, world=world, prototype_grad_scale=p.prototype_grad_scale,
             skips=skips, skipped_epoch=skipped.epoch, rng=rng, rng_ranks=rng_ranks,
-            wandb_run_id=self.logger.wandb_run_id if self.logger else None)
+            wandb_run_id=self.logger.wandb_run_id if self.logger else None,
+            data_identity=data_identity(self.cfg.data, len(self.data.base), self.data.epoch_len))
         folder = self.run_dir / "checkpoints"
         for name in names:
             save_checkpoint(folder / name, state)
+        self.last_saved = step
         if self.cfg.checkpoint.keep and periodic_name(step) in names:  # only once the new one is safely written
             prune_periodic(folder, step, self.cfg.checkpoint.keep)
         if "last.pt" in names:

@@ -47,14 +47,26 @@ class MetricsLogger:
         return None if self.wandb_run is None else self.wandb_run.id
 
     def _truncate_after(self, step: int) -> None:
+        """Keep the rows up to ``step`` (the checkpoint resumed from), each step once, under one header.
+
+        Reading our own file must never stop a resume: rows that do not parse (a repeated header, a line cut
+        by a crash, another program's columns) are left out, and a step logged twice keeps its last row.
+        """
         if not self.path.exists():
             return
-        with self.path.open(newline="") as f:
-            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
+        kept: dict[int, dict[str, str]] = {}
+        with self.path.open(newline="", encoding="utf-8", errors="replace") as f:
+            for row in csv.DictReader(f):
+                try:
+                    row_step = int(row.get("step") or "")
+                except ValueError:
+                    continue
+                if row_step <= step and None not in row:  # None: more fields than columns
+                    kept[row_step] = {k: row.get(k, "") for k in COLUMNS}
         with self.path.open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=COLUMNS)
             writer.writeheader()
-            writer.writerows(rows)
+            writer.writerows(kept[s] for s in sorted(kept))
 
     def log(self, metrics: dict[str, float]) -> None:
         row = {k: metrics.get(k, math.nan) for k in COLUMNS}

@@ -21,30 +21,54 @@ from msn.train.builder import Process, TrainingData, build_data, build_order, bu
 from msn.train.checkpoints import CheckpointPolicy
 from msn.train.loggers import MetricsLogger
 from msn.train.report import RunReport
-from msn.train.resume import restore_training
+from msn.train.resume import data_identity, restore_training
 from msn.train.signals import StopRequest
 from msn.train.step import NonFiniteGuard, train_step
 from msn.utils import distributed
 from msn.utils.device import autocast_dtype, resolve_device
-from msn.utils.rundir import complete_message, last_checkpoint, resolve_resume, resume_null_message, write_status
+from msn.utils.rundir import (
+    complete_message,
+    has_checkpoints,
+    resolve_resume,
+    resume_null_message,
+    run_dir_of,
+    write_status,
+)
+from msn.utils.runlock import acquire_run_lock, holds_run_lock
 from msn.utils.seeding import seed_global_stream
-from msn.weights.checkpoint import remove_stale_temporaries
+from msn.weights.checkpoint import newest_checkpoint, remove_stale_temporaries
 from msn.weights.formats import init_model_from
 
 
-def train(cfg: DictConfig | MSNConfig, command: str | None = None) -> dict[str, float]:
+def train(cfg: DictConfig | MSNConfig, command: str | None = None, *, stop: StopRequest | None = None
+          ) -> dict[str, float]:
     """Pretrain MSN as configured; return the last logged metrics.
 
     Writes ``RUN_DIR/config.yaml``, ``RUN_DIR/run.json`` (steps, batch per process and global batch),
     ``RUN_DIR/metrics.csv``, ``RUN_DIR/status.json`` and ``RUN_DIR/checkpoints/{last,step_XXXXXXX}.pt``;
-    only rank 0 writes. ``command`` (the command line that started the run) is what the messages tell
-    the user to run again to continue; without it they say ``resume=RUN_DIR``.
+    only rank 0 writes, holding the run directory's lock (:mod:`msn.utils.runlock`) for the run's life.
+    ``command`` (the command line that started the run) is what the messages tell the user to run again to
+    continue; without it they say ``resume=RUN_DIR``. ``stop``: the stop signals' flags, from the command line
+    that installed their handlers (:class:`StopRequest`); a library call leaves its host's signals alone.
     """
     cfg = to_schema(cfg if isinstance(cfg, DictConfig) else OmegaConf.structured(cfg))
     OmegaConf.resolve(cfg)
     run_dir = Path(cfg.run_dir)
     proc = _start_process(cfg)
+    lock = acquire_run_lock(run_dir) if proc.is_main and not holds_run_lock(run_dir) else None
+    try:
+        return _train(cfg, command, proc, run_dir, stop or StopRequest(install=False))
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: DictConfig, command: str | None, proc: Process, run_dir: Path, stop: StopRequest
+           ) -> dict[str, float]:
+    """The run itself: set up the data, parts and the resume, open the run, step until done or stopped."""
     data = build_data(cfg, device=proc.device, world=proc.world)
+    for note in getattr(data.base, "notes", ()) if proc.is_main else ():  # what the data scan skipped, and why
+        print(note, flush=True)
     parts = build_parts(cfg, process=proc, total_steps=data.total_steps, steps_in_epoch=data.steps_per_epoch)
     seed_global_stream(cfg.seed, proc.rank)  # per-rank stochastic depth; a resume restores the saved state
 
@@ -54,7 +78,8 @@ def train(cfg: DictConfig | MSNConfig, command: str | None = None) -> dict[str, 
         start_step, wandb_run_id = restore_training(
             resume_path, model=parts.model, optimizer=parts.optimizer, scaler=parts.scaler, skipped=data.skipped,
             batch_size=cfg.data.batch_size, seed=cfg.seed, rank=proc.rank, world=proc.world,
-            prototype_grad_scale=parts.prototype_grad_scale)
+            prototype_grad_scale=parts.prototype_grad_scale,
+            data=data_identity(cfg.data, len(data.base), data.epoch_len))
     if start_step >= data.total_steps:  # a finished run: say so and leave it as it is
         if proc.is_main:
             print(complete_message(run_dir, start_step, data.total_steps), flush=True)
@@ -86,7 +111,7 @@ def train(cfg: DictConfig | MSNConfig, command: str | None = None) -> dict[str, 
     parts.model.train()
     param_dtype = parts.model.prototypes.dtype  # float32, unless a test builds the model in float64
     metrics: dict[str, float] = {}
-    step, stop, stopped_early = start_step, StopRequest(), False
+    step, stopped_early = start_step, False
     try:
         for batch in loader:
             if step >= data.total_steps:
@@ -114,7 +139,6 @@ def train(cfg: DictConfig | MSNConfig, command: str | None = None) -> dict[str, 
                                  f"checkpoints/last.pt at step {step} in {run_dir}; continue with: {again}")
                 break
     finally:
-        stop.restore()
         report.close()
     if stopped_early:
         stop.forward()  # hand the signal on to a job manager's handler (submitit requeues the job here)
@@ -141,9 +165,20 @@ def _resume_path(cfg: DictConfig, run_dir: Path, is_main: bool) -> Path | None:
     if is_main:  # a kill -9 during an earlier save leaves its temporary file behind
         for tmp in remove_stale_temporaries(run_dir / "checkpoints"):
             print(f"removed {tmp.name}, left by an interrupted checkpoint write", flush=True)
-    path = resolve_resume(cfg.resume, run_dir)
-    if path is None and cfg.resume is None and last_checkpoint(run_dir).is_file():
-        raise ConfigError(resume_null_message(run_dir))
+    if cfg.resume is None:
+        if has_checkpoints(run_dir):
+            raise ConfigError(resume_null_message(run_dir))
+        return None
+    folder = run_dir_of(cfg.resume) if cfg.resume != "auto" else run_dir
+    if folder is None or not Path(str(cfg.resume)).expanduser().is_dir() and cfg.resume != "auto":
+        return resolve_resume(cfg.resume, run_dir)  # one checkpoint file, named by the user
+    newest = newest_checkpoint(Path(folder) / "checkpoints")
+    if newest is None:
+        return resolve_resume(cfg.resume, run_dir)  # auto: a fresh start; a run directory: its error
+    path, step, passed_over = newest
+    if is_main and (passed_over or path.name != "last.pt"):
+        skipped = f"; passed over {', '.join(passed_over)}" if passed_over else ""
+        print(f"resuming from {path} (step {step}), the newest readable checkpoint of the run{skipped}", flush=True)
     return path
 
 
@@ -152,8 +187,8 @@ def _open_run(cfg: DictConfig, run_dir: Path, proc: Process, data: TrainingData,
     """Rank 0: write the run's config, layout and status, open its metrics log and say where it runs."""
     global_batch = cfg.data.batch_size * proc.world
     run_dir.mkdir(parents=True, exist_ok=True)
+    write_status(run_dir, "running", start_step, data.total_steps)  # first: it marks the folder as an msn run
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-    write_status(run_dir, "running", start_step, data.total_steps)
     layout = {"total_steps": data.total_steps, "steps_per_epoch": data.steps_per_epoch, "world_size": proc.world,
               "batch_size_per_process": cfg.data.batch_size, "global_batch_size": global_batch}
     (run_dir / "run.json").write_text(json.dumps(layout, indent=2) + "\n")
@@ -161,9 +196,25 @@ def _open_run(cfg: DictConfig, run_dir: Path, proc: Process, data: TrainingData,
     print(f"run directory {run_dir.resolve()}: {data.total_steps} steps ({data.steps_per_epoch} an epoch), global "
           f"batch {global_batch} = {cfg.data.batch_size} per process x {proc.world} "
           f"process{'es' if proc.world > 1 else ''} on {proc.device}", flush=True)
+    print(_what_trains(cfg, data), flush=True)
     if logger.wandb_run_id:
         print(f"wandb run {logger.wandb_run_id} ({cfg.logger.wandb.mode})", flush=True)
     return logger
+
+
+def _what_trains(cfg: DictConfig, data: TrainingData) -> str:
+    """The model, its native size and the views it trains on; a hint when they do not fit together (the default
+    32-px vit_pico on a folder's 224-px views trains at about an image a second on a CPU)."""
+    m, d = cfg.model, cfg.data
+    arch = m.arch or f"ViT {m.embed_dim} wide, {m.depth} deep"
+    focal = f" + {d.num_focal} x {d.focal_size} px" if d.num_focal else ""
+    line = (f"training {arch} (patch {m.patch_size}, native {m.img_size} px) on views of 2 x {d.global_size} px"
+            f"{focal} of {len(data.base)} {d.name} images")
+    if d.global_size > 2 * m.img_size:
+        line += (f"; note: the model's native size is {m.img_size} px and its views are {d.global_size} px: for the "
+                 "paper's ViT-S/16 at 224 px pass experiment=msn_vits16 (or model=vit_small model.patch_size=16 "
+                 "model.img_size=224)")
+    return line
 
 
 def _next_steps(run_dir: Path, step: int) -> str:

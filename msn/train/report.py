@@ -3,6 +3,7 @@ bar, the periodic monitor, and wandb's prototype histogram and picture of the fi
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -44,9 +45,13 @@ class RunReport:
         if logger is not None and logger.wandb_run is not None:
             _log_views_picture(logger, cfg, start_step, world)
             self.prototype_use = torch.zeros(cfg.model.num_prototypes, dtype=torch.long, device=device)
-        self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, desc="msn", file=sys.stderr,
+        # A pseudo-terminal that reports a size of 0 x 0 (script, some CI and container consoles) makes tqdm hide
+        # the bar (its row is "below" a 0-row screen): a fixed 100 x 24 there, the terminal's own size elsewhere.
+        sized = sys.stderr.isatty() and min(os.get_terminal_size(sys.stderr.fileno())) > 0
+        self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=sized, ncols=None if sized else 100,
+                        nrows=None if sized else 24, desc="msn", file=sys.stderr,
                         disable=progress_bar_disabled(cfg.logger.progress) if is_main else True)
-        self.tic, self.last_logged = time.perf_counter(), start_step
+        self.tic, self.last_logged, self.start_step = time.perf_counter(), start_step, start_step
 
     def skipped_images(self, paths: list[str]) -> None:
         """Say which undecodable images this batch replaced."""
@@ -61,6 +66,11 @@ class RunReport:
             self.prototype_use += torch.bincount(result.out.targets.argmax(dim=1), minlength=len(self.prototype_use))
         self.bar.update(1)
         cfg, total = self.cfg, self.total_steps
+        if step == self.start_step + 1 and self.logger is not None and cfg.logger.console_every > 1:
+            seconds = time.perf_counter() - self.tic
+            every, rows = cfg.logger.console_every, cfg.logger.log_every
+            self.write(f"first step ({step} of {total}) done in {seconds:.1f} s, start-up included; a line every "
+                       f"{every} steps (logger.console_every), metrics.csv a row every {rows}")
         monitor_every = cfg.monitor.every_steps  # decided alike on every rank: logging all-reduces
         monitor_due = bool(monitor_every) and (step % monitor_every == 0 or step == total)
         if not (step % cfg.logger.log_every == 0 or step == total or monitor_due):

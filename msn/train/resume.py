@@ -19,10 +19,12 @@ from msn.weights.convert import check_compatible
 def training_state(*, model: MSN, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
                    cfg: DictConfig, step: int, steps_per_epoch: int, world: int, prototype_grad_scale: float,
                    skips: list[dict[str, Any]], skipped_epoch: int, rng: dict[str, Any],
-                   rng_ranks: list[dict[str, Any]] | None, wandb_run_id: str | None) -> dict[str, Any]:
+                   rng_ranks: list[dict[str, Any]] | None, wandb_run_id: str | None,
+                   data_identity: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything a run needs to continue exactly after ``step``, as rank 0 saves it: ``rng`` its own
     RNG states (:func:`msn.weights.checkpoint.rng_state`), ``rng_ranks`` every rank's (None for one process) and
-    ``skips`` every rank's skip record (:meth:`SkippedImages.state_dict`)."""
+    ``skips`` every rank's skip record (:meth:`SkippedImages.state_dict`); ``data_identity`` what the run trains
+    on (:func:`data_identity`), which a resume checks."""
     state: dict[str, Any] = {
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
         "epoch": step // steps_per_epoch, "rng": rng, "config": OmegaConf.to_yaml(cfg),
@@ -34,6 +36,8 @@ def training_state(*, model: MSN, optimizer: torch.optim.Optimizer, scaler: torc
     }
     if rng_ranks is not None:
         state["rng_ranks"] = rng_ranks
+    if data_identity is not None:
+        state["data"] = data_identity
     if scaler is not None:
         state["scaler"] = scaler.state_dict()
     return state
@@ -41,7 +45,8 @@ def training_state(*, model: MSN, optimizer: torch.optim.Optimizer, scaler: torc
 
 def restore_training(path: Path, *, model: MSN, optimizer: torch.optim.Optimizer,
                      scaler: torch.amp.GradScaler | None, skipped: SkippedImages, batch_size: int, seed: int,
-                     rank: int, world: int, prototype_grad_scale: float) -> tuple[int, str | None]:
+                     rank: int, world: int, prototype_grad_scale: float,
+                     data: dict[str, Any] | None = None) -> tuple[int, str | None]:
     """Load ``path`` into the model, optimiser, scaler, skip record and RNG streams; return (step, wandb run id).
 
     Refuses a checkpoint of another global batch (the sampler, masks and schedules would not continue) or
@@ -58,6 +63,19 @@ def restore_training(path: Path, *, model: MSN, optimizer: torch.optim.Optimizer
             f"{path} was trained with a global batch of {saved_batch} images, this run has "
             f"{batch_size} x {world} processes = {global_batch}; {fix} so that the sampler, masks "
             "and schedules continue where they stopped")
+    saved_data = state.get("data")  # checkpoints of earlier versions do not say
+    # The same images may live elsewhere now (a copy on a node's local disk): a new path alone is only said;
+    # another kind of source, another number of images or another epoch length is another run.
+    compared = ("kind", "images", "samples_per_epoch", "list_file")
+    if data is not None and saved_data is not None and rank == 0 and saved_data.get("source") != data.get("source"):
+        print(f"resuming a run trained on {saved_data.get('source')} with {data.get('source')} "
+              f"({data.get('images')} images, as before)", flush=True)
+    if data is not None and saved_data is not None and any(saved_data.get(k) != data.get(k) for k in compared):
+        differs = "; ".join(f"{key}: {saved_data.get(key)!r} then, {data.get(key)!r} now"
+                            for key in compared if saved_data.get(key) != data.get(key))
+        raise CheckpointError(f"{path} belongs to a run on other data ({differs}): its sampler and schedules would not "
+                              f"continue; to train on this data from its weights start a new run with init_from={path} "
+                              "and run_name=NEW_NAME, or restore the data it was trained on")
     check_compatible(model.state_dict(), state["model"], f"resume={path} (resume with the config that run was "
                      "trained with)")
     model.load_state_dict(state["model"])
@@ -83,3 +101,20 @@ def restore_training(path: Path, *, model: MSN, optimizer: torch.optim.Optimizer
     if rank == 0:
         print(f"resumed from {path} at step {step}", flush=True)
     return step, state.get("wandb_run_id")
+
+
+def data_identity(data_cfg: DictConfig, num_images: int, epoch_len: int) -> dict[str, Any]:
+    """What a run trains on, as a resume compares it: the source (its folder, shards or dataset) and its size."""
+    if data_cfg.name == "folder":
+        source = str(Path(str(data_cfg.root)).expanduser().resolve())
+    elif data_cfg.name == "webdataset":
+        source = str(data_cfg.shards)
+    elif data_cfg.name == "hf":
+        source = f"{data_cfg.path} [{data_cfg.split}]"
+    else:
+        source = str(data_cfg.root or "")
+    identity = {"kind": data_cfg.name, "source": source, "images": int(num_images),
+                "samples_per_epoch": int(epoch_len)}
+    if data_cfg.name == "folder" and data_cfg.list_file:
+        identity["list_file"] = str(data_cfg.list_file)
+    return identity

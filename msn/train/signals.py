@@ -24,13 +24,14 @@ class StopRequest:
 
     SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")
 
-    def __init__(self) -> None:
+    def __init__(self, install: bool = True) -> None:
+        """``install``: take over the signals (the command line does); False: flags that nothing sets."""
         self.signal: str | None = None
         self.save_only = False
         self._received: int | None = None
         self._previous: dict[int, Any] = {}
         self._submitit = bool(os.environ.get("SUBMITIT_EXECUTOR"))
-        if threading.current_thread() is not threading.main_thread():
+        if not install or threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be installed from the main thread
         for name in self.SIGNALS:
             number = getattr(signal, name, None)

@@ -44,6 +44,21 @@ class NonFiniteGuard:
         bad = ~(torch.isfinite(result.out.loss) & torch.isfinite(result.encoder_grad_norm))
         self.first = torch.where(bad & (self.first < 0), step, self.first)
 
+    def check_weights(self, model: torch.nn.Module, step: int, last_saved: int | None) -> None:
+        """Refuse to save weights holding NaN or infinity, whatever made them: an lr so large that the update
+        overflows while the loss and gradient norm stay finite, bad data, too low a precision. One read back
+        from the device, at checkpoints only."""
+        tensors = {name: t for name, t in model.state_dict().items() if t.is_floating_point()}
+        if bool(torch.stack([torch.isfinite(t).all() for t in tensors.values()]).all()):
+            return
+        bad = [name for name, t in tensors.items() if not bool(torch.isfinite(t).all())]
+        kept = (f"checkpoints/last.pt stays at step {last_saved}" if last_saved is not None else
+                "no checkpoint was written")
+        raise NonFiniteError(
+            f"the model's weights hold NaN or infinity by step {step} ({len(bad)} of {len(tensors)} tensors, e.g. "
+            f"{bad[0]}) while the loss stayed finite; nothing was saved ({kept}); lower optim.lr or use "
+            "precision=fp32")
+
     def check(self) -> None:
         first = int(self.first.item())
         if first >= 0:

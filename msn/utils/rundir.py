@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import socket
@@ -18,7 +19,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from msn.errors import CheckpointError
+from msn.errors import CheckpointError, ConfigError
 from msn.utils.files import atomic_write_text
 
 LAST_CHECKPOINT = Path("checkpoints") / "last.pt"
@@ -134,8 +135,15 @@ def resolve_resume(resume: str | None, run_dir: str | os.PathLike) -> Path | Non
     return path
 
 
+def has_checkpoints(run_dir: str | os.PathLike) -> bool:
+    """Whether ``RUN_DIR/checkpoints/`` holds ``last.pt`` or a periodic ``step_XXXXXXX.pt``."""
+    folder = Path(run_dir) / LAST_CHECKPOINT.parent
+    return last_checkpoint(run_dir).is_file() or any(folder.glob("step_*.pt"))
+
+
 def resume_null_message(run_dir: Path) -> str:
-    return (f"{run_dir} already holds checkpoints/last.pt from an earlier run and resume=null would overwrite it; "
+    held = "checkpoints/last.pt" if last_checkpoint(run_dir).is_file() else "periodic checkpoints (step_*.pt)"
+    return (f"{run_dir} already holds {held} from an earlier run and resume=null would overwrite it; "
             "pass resume=auto to continue that run, or run_name=NEW_NAME for a new one")
 
 
@@ -165,3 +173,141 @@ def safe_name(name: str, limit: int = 100) -> str:
         digest = hashlib.sha1(cleaned.encode()).hexdigest()[:8]
         cleaned = f"{cleaned[:limit - 9]}-{digest}"
     return cleaned
+
+
+# What a command checks before any work (and before importing torch): its numbers, a place it can write its
+# output to, and an export target that is neither the source nor a run.
+
+_RULE = re.compile(r"(?P<op>>=|>) (?P<bound>-?\d+(?:\.\d+)?)|(?P<open>[\[(])(?P<low>-?[\d.]+), (?P<high>-?[\d.]+)"
+                   r"(?P<close>[\])])")
+
+
+def check_number(option: str, value: float | None, rule: str) -> None:
+    """Refuse ``value`` of ``option`` unless it is a finite number that ``rule`` allows: ``">= N"``, ``"> N"``,
+    or an interval such as ``"[0, 1)"`` or ``"(0, 1]"``. None (an option left out) passes.
+
+    A :class:`ConfigError` names the option, the value and the rule: ``--temperature 0 must be > 0``.
+    """
+    if value is None:
+        return
+    match = _RULE.fullmatch(rule)
+    if match is None:
+        raise ValueError(f"unknown rule {rule!r}")
+    value_text = f"{value:g}" if isinstance(value, float) else str(value)
+    rule_text = f"must be {rule}" if match["op"] else f"must lie in {rule}"
+    if not math.isfinite(value):
+        raise ConfigError(f"{option} {value_text} must be a finite number"
+                          f"{' ' + rule if match['op'] else ' in ' + rule}")
+    if match["op"]:
+        bound = float(match["bound"])
+        ok = value >= bound if match["op"] == ">=" else value > bound
+    else:
+        low, high = float(match["low"]), float(match["high"])
+        ok = (value >= low if match["open"] == "[" else value > low) and (
+            value <= high if match["close"] == "]" else value < high)
+    if not ok:
+        raise ConfigError(f"{option} {value_text} {rule_text}")
+
+
+def check_numbers(args: Any, rules: dict[str, str]) -> None:
+    """:func:`check_number` for each ``--option: rule`` of ``rules`` that the parsed ``args`` (an argparse
+    namespace) has; an option of several values (``nargs``) is checked value by value."""
+    for option, rule in rules.items():
+        value = getattr(args, option.lstrip("-").replace("-", "_"), None)
+        for v in value if isinstance(value, list | tuple) else [value]:
+            check_number(option, v, rule)
+
+
+def check_writable(folder: str | os.PathLike, target: str | os.PathLike, fix: str) -> None:
+    """Refuse, before any work, an output that could not be written: ``folder`` (which receives ``target``,
+    and may not exist yet) or else its nearest existing parent must be a folder this process may write to.
+
+    A :class:`ConfigError`: ``cannot write TARGET: FOLDER is not writable; FIX``.
+    """
+    nearest = Path(folder).expanduser().absolute()
+    while not os.path.exists(nearest) and nearest.parent != nearest:
+        nearest = nearest.parent
+    if not os.path.isdir(nearest):
+        raise ConfigError(f"cannot write {target}: {nearest} is a file, not a folder; {fix}")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write {target}: {nearest} is not writable; {fix}")
+
+
+def is_run_dir(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a run directory: a folder with ``checkpoints/`` or ``status.json``."""
+    path = Path(path)
+    return (path / LAST_CHECKPOINT.parent).is_dir() or (path / STATUS_FILE).is_file()
+
+
+def run_within(folder: str | os.PathLike, depth: int = 3, limit: int = 5000) -> Path | None:
+    """The first run directory (:func:`is_run_dir`) at ``folder`` or at most ``depth`` levels below it (a sweep's
+    runs lie two levels down), looking into ``limit`` folders at most; None when there is none. Symbolic links
+    are not followed."""
+    level, seen = [Path(folder)], 0
+    for _ in range(depth + 1):
+        below = []
+        for path in level:
+            if is_run_dir(path):
+                return path
+            seen += 1
+            if seen >= limit:
+                return None
+            try:
+                below += sorted(Path(e.path) for e in os.scandir(path) if e.is_dir(follow_symlinks=False))
+            except OSError:
+                continue
+        level = below
+    return None
+
+
+MSN_SUFFIXES = (".pth.tar", ".pth", ".pt")  # an msn-format OUT ending so is the file itself, else OUT/msn.pth.tar
+
+
+def export_path(out: str | os.PathLike, fmt: str) -> Path:
+    """What ``msn-export --format FMT`` writes for OUT: the folder OUT (hf, timm), or the file OUT (msn, when it
+    ends in .pth.tar, .pth or .pt) or OUT/msn.pth.tar."""
+    out = Path(out)
+    if fmt != "msn" or out.name.endswith(MSN_SUFFIXES):
+        return out
+    return out / "msn.pth.tar"
+
+
+def check_export_out(out: str | os.PathLike, fmt: str, overwrite: bool,
+                     source: str | os.PathLike | None = None) -> Path:
+    """Refuse an export target that would lose or confuse something, before the weights are loaded: OUT that is
+    SOURCE (or its run), a run directory or a folder holding one (the run would read as an export), a
+    non-empty folder or an existing file without ``overwrite``, a checkpoint of a run, a file where a folder
+    is needed, an unwritable place. Returns :func:`export_path`. Torch-free."""
+    out = Path(out).expanduser()
+    path = export_path(out, fmt)
+    if source is not None:
+        source = Path(source).expanduser()
+        targets = {out.resolve(), path.resolve()}
+        if source.resolve() in targets:
+            raise CheckpointError(f"OUT {out} is SOURCE itself; choose another OUT (a new folder or file)")
+        checkpoint = source if source.is_file() else last_checkpoint(source)
+        if {checkpoint.resolve(), (run_dir_of(checkpoint) or checkpoint).resolve()} & targets:
+            raise CheckpointError(f"OUT {out} is the run directory or checkpoint of SOURCE {source}; choose another "
+                                  "OUT (a new folder or file)")
+    into_folder = fmt != "msn" or path != out  # OUT names a folder (hf, timm; msn: OUT/msn.pth.tar)
+    if into_folder and out.exists() and not out.is_dir():
+        kind = "a folder" if fmt != "msn" else f"a folder or a file ending in {', '.join(MSN_SUFFIXES)}"
+        raise CheckpointError(f"{out} is a file; OUT must be {kind} for this format (choose another OUT)")
+    if into_folder and out.is_dir():
+        run = run_within(out)
+        if run == out:
+            raise CheckpointError(f"{out} is a run directory (it has checkpoints/ or status.json), which an export "
+                                  f"into it would turn into an export folder; choose another OUT, e.g. {out / fmt}")
+        if run is not None:
+            raise CheckpointError(f"{out} holds the run directory {run}; export into a folder of its own, "
+                                  f"e.g. {out / fmt}")
+    receiving = out if into_folder else out.parent
+    if receiving.name == LAST_CHECKPOINT.parent.name and is_run_dir(receiving.parent):
+        raise CheckpointError(f"{receiving} is the checkpoints folder of the run {receiving.parent}; choose another "
+                              "OUT")
+    if fmt != "msn" and out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise CheckpointError(f"{out} exists and is not empty; choose another OUT or pass --overwrite")
+    if fmt == "msn" and path.exists() and not overwrite:
+        raise CheckpointError(f"{path} exists; choose another OUT or pass --overwrite")
+    check_writable(receiving, path, "choose another OUT")
+    return path

@@ -139,6 +139,30 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return state
 
 
+def newest_checkpoint(folder: Path) -> tuple[Path, int, list[str]] | None:
+    """The checkpoint of ``folder`` (``RUN_DIR/checkpoints``) with the highest step, ``last.pt`` or periodic, its
+    step, and what was passed over (unreadable files, with the reason); None when there is none.
+
+    After a full disk, the periodic ``step_XXXXXXX.pt`` (written first) may be newer than ``last.pt``, or
+    ``last.pt`` may be missing or cut short: a resume must not start from an older state, nor from step 0.
+    """
+    candidates: list[tuple[int, int, Path]] = []  # (step, last.pt first on a tie, path)
+    passed_over = []
+    for path in [folder / "last.pt", *sorted(folder.glob("step_*.pt"))]:
+        if not path.is_file():
+            continue
+        try:
+            step = int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"])
+        except Exception as e:  # a truncated or foreign file: the next newest one is used
+            passed_over.append(f"{path.name} ({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''})")
+            continue
+        candidates.append((step, 1 if path.name == "last.pt" else 0, path))
+    if not candidates:
+        return None
+    step, _, path = max(candidates)
+    return path, step, passed_over
+
+
 REQUIRED = {"model": dict, "optimizer": dict, "step": int, "config": str}
 
 

@@ -16,11 +16,13 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 from msn.config import ModelConfig, model_arch
 from msn.config.arch import ARCHITECTURES, ViTArch, preset_name
-from msn.utils.rundir import is_hf_export, last_checkpoint, source_file
+from msn.utils.files import atomic_write, atomic_write_text
+from msn.utils.rundir import check_export_out, is_hf_export, last_checkpoint, source_file
 from msn.weights.checkpoint import CheckpointError, check_training_checkpoint, is_training_checkpoint, safe_load
 from msn.weights.convert import (
     ConversionError,
@@ -197,24 +199,33 @@ def model_card(source: Source, encoder: str) -> str:
     return "\n".join(lines)
 
 
-def _prepare_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise CheckpointError(f"{out} is a file; OUT must be a folder for this format (choose another OUT)")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise CheckpointError(f"{out} exists and is not empty; choose another OUT or pass --overwrite")
+def _prepare_out(source: Source, out: Path, fmt: str, overwrite: bool) -> None:
+    """Refuse OUT as :func:`msn.utils.rundir.check_export_out` does (SOURCE itself, a run, a non-empty folder
+    without ``overwrite``, ...), then create it."""
+    check_export_out(out, fmt, overwrite, source.path)
     out.mkdir(parents=True, exist_ok=True)
+
+
+def _write_safetensors(tensors: StateDict, path: Path) -> None:
+    """``path`` as safetensors, written atomically with the umask's usual mode (safetensors' own ``save_file``
+    leaves it readable by its owner only)."""
+    data = safetensors_bytes({k: v.contiguous() for k, v in tensors.items()}, metadata={"format": "pt"})
+    atomic_write(path, lambda f: f.write(data))
+
+
+def _write_json(path: Path, content: dict[str, Any]) -> None:
+    atomic_write_text(path, json.dumps(content, indent=2) + "\n")
 
 
 def export_hf(source: Source, out: Path, encoder: str = "target", overwrite: bool = False) -> Path:
     """Write a Hugging Face ViTMSN folder (config, safetensors, preprocessor config, model card)."""
     backbone, _ = split_encoder(source.model, f"{encoder}.")
-    _prepare_out(out, overwrite)
-    save_file({k: v.contiguous() for k, v in backbone_to_hf(backbone).items()}, out / "model.safetensors",
-              metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(hf_config(source.model_cfg), indent=2) + "\n")
-    processor = preprocessor_config(int(source.model_cfg.img_size), *source.mean_std())
-    (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
-    (out / "README.md").write_text(model_card(source, encoder))
+    _prepare_out(source, out, "hf", overwrite)
+    _write_safetensors(backbone_to_hf(backbone), out / "model.safetensors")
+    _write_json(out / "config.json", hf_config(source.model_cfg))
+    _write_json(out / "preprocessor_config.json",
+                preprocessor_config(int(source.model_cfg.img_size), *source.mean_std()))
+    atomic_write_text(out / "README.md", model_card(source, encoder))
     return out
 
 
@@ -243,20 +254,17 @@ def closest_timm_name(arch: ViTArch, patch_size: int) -> str:
 def export_timm(source: Source, out: Path, encoder: str = "target", overwrite: bool = False) -> Path:
     """Write ``model.safetensors`` (timm ViT keys) and ``timm_config.json`` (create_model arguments)."""
     backbone, _ = split_encoder(source.model, f"{encoder}.")
-    _prepare_out(out, overwrite)
-    save_file({k: v.contiguous() for k, v in backbone.items()}, out / "model.safetensors", metadata={"format": "pt"})
-    (out / "timm_config.json").write_text(json.dumps(timm_create_args(source.model_cfg), indent=2) + "\n")
+    _prepare_out(source, out, "timm", overwrite)
+    _write_safetensors(backbone, out / "model.safetensors")
+    _write_json(out / "timm_config.json", timm_create_args(source.model_cfg))
     return out
 
 
 def export_msn(source: Source, out: Path, overwrite: bool = False) -> Path:
     """Write an original-layout MSN checkpoint (``OUT`` ending in .pth.tar/.pth/.pt, else ``OUT/msn.pth.tar``)."""
-    path = out if out.name.endswith((".pth.tar", ".pth", ".pt")) else out / "msn.pth.tar"
-    if path.exists() and not overwrite:
-        raise CheckpointError(f"{path} exists; choose another OUT or pass --overwrite")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(to_original_msn(source.model, epoch=source.epoch or 0), path)
-    return path
+    path = check_export_out(out, "msn", overwrite, source.path)
+    original = to_original_msn(source.model, epoch=source.epoch or 0)
+    return atomic_write(path, lambda f: torch.save(original, f))
 
 
 def read_safetensors(path: Path) -> StateDict:
