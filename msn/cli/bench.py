@@ -35,6 +35,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
 
 from msn.errors import ConfigError, MSNError
 from msn.utils.rundir import check_number, check_numbers, check_writable
@@ -131,8 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_args(args)
         result = _run(args)
-    except (MSNError, HydraException) as e:
+    except MSNError as e:
         print(f"msn-bench: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 1
+    except (HydraException, OmegaConfBaseException) as e:  # an override Hydra cannot compose
+        from msn.cli.hydra import explain_hydra_error
+
+        print(f"msn-bench: error: {explain_hydra_error(e)}", file=sys.stderr)
         return 1
     print(json.dumps(result))
     return 0

@@ -15,9 +15,11 @@ from datetime import datetime
 from pathlib import Path
 
 import hydra
+from hydra.errors import HydraException
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
-from msn.cli.hydra import CREATED_RUN_DIRS, START_TIME_ENV, register_configs
+from msn.cli.hydra import CREATED_RUN_DIRS, START_TIME_ENV, explain_hydra_error, register_configs
 from msn.config import CONFIG_DIR
 from msn.errors import MSNError
 from msn.utils.launcher import process_info
@@ -79,8 +81,16 @@ def main() -> None:
 
         distributed.init_from_env()
         os.environ[START_TIME_ENV] = distributed.broadcast_object(datetime.now().isoformat())
+    # Hydra prints its own errors as a block that ends "Set the environment variable HYDRA_FULL_ERROR=1";
+    # with it set, they reach us and become one line. A user who set it gets Hydra's full traceback.
+    user_wants_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         _hydra_main()
+    except (HydraException, OmegaConfBaseException) as e:
+        if user_wants_traceback:
+            raise
+        sys.exit(f"msn-pretrain: error: {explain_hydra_error(e)}")
     except KeyboardInterrupt:
         sys.exit("msn-pretrain: stopped at once by a second Ctrl-C; the last checkpoint written is kept, and "
                  "resume=auto continues from it")

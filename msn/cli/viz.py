@@ -30,6 +30,7 @@ import sys
 from pathlib import Path
 
 from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
 
 from msn.config import DEFAULT_CROP_PCT, check_crop_pct
 from msn.errors import MSNError, VizError
@@ -185,8 +186,13 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as e:  # a full disk, or a folder that turned read-only since the check
             raise VizError(f"cannot write {args.out}: {e.strerror or e}; pass --out FILE.png in a folder you can "
                            "write to") from None
-    except (MSNError, HydraException) as e:
+    except MSNError as e:
         print(f"msn-viz: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 1
+    except (HydraException, OmegaConfBaseException) as e:  # an override Hydra cannot compose
+        from msn.cli.hydra import explain_hydra_error
+
+        print(f"msn-viz: error: {explain_hydra_error(e)}", file=sys.stderr)
         return 1
     print(f"wrote {path}")
     return 0

@@ -128,6 +128,11 @@ def evaluate(protocol: str, model: str | Path, *, dataset: str = "digits", devic
                     key = f"{fraction * 100:g}%"
                     results[key] = summarise([run(sample_fraction(train.labels, fraction, s))
                                               for s in range(splits)])
+                    per_class = {max(1, round(fraction * n)) for n in np.unique(train.labels, return_counts=True)[1]}
+                    if len(per_class) == 1 and (same := per_class.pop()) in shots:
+                        # e.g. digits: 1 % of ~126 images a class is 1 image, so this row repeats the "1" row
+                        results[key]["note"] = (f"{key} of the labels is {same} image{'s' if same > 1 else ''} per "
+                                                f"class here: the same setting as the '{same}' row")
         elif protocol == "knn":
             settings.update(k=k, temperature=temperature)
             results["100%"] = summarise([knn_accuracy(x_train, y_train, x_test, y_test, k=k, temperature=temperature)])
@@ -161,7 +166,8 @@ def _check_shots(shots: list[int], train: Split) -> None:
 def format_table(report: dict[str, Any]) -> str:
     lines = [f"{report['protocol']} on {report['dataset']} ({report['model']})", f"{'setting':>10}  accuracy (%)"]
     for name, r in report["results"].items():
-        lines.append(f"{name:>10}  {r['mean']:6.2f} +- {r['std']:5.2f}  ({len(r['splits'])} splits)")
+        note = f"  ({r['note']})" if r.get("note") else ""
+        lines.append(f"{name:>10}  {r['mean']:6.2f} +- {r['std']:5.2f}  ({len(r['splits'])} splits){note}")
     return "\n".join(lines)
 
 
