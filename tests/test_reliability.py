@@ -55,8 +55,10 @@ def test_weights_that_became_non_finite_are_never_saved(tmp_path, monkeypatch):
     ("optim.lr=inf", "optim.lr=inf must be a finite number"),
     ("optim.betas=[0.9,1.0]", "optim.betas=[0.9, 1.0] must be two numbers in [0, 1)"),
     ("model.drop_path_rate=1.5", "model.drop_path_rate=1.5 must lie in [0, 1)"),
-    ("data.global_scale=[0.3,1.5]", "data.global_scale=[0.3, 1.5] must be two increasing shares of the image"),
-    ("data.focal_scale=[0.3,0.05]", "data.focal_scale=[0.3, 0.05] must be two increasing shares of the image"),
+    ("data.global_scale=[0.3,1.5]", "data.global_scale=[0.3, 1.5] must be two increasing positive numbers [low, high] "
+                                    "of at most 1"),
+    ("data.focal_scale=[0.3,0.05]", "data.focal_scale=[0.3, 0.05] must be two increasing positive numbers [low, high] "
+                                    "of at most 1"),
 ])
 def test_values_that_trained_nonsense_or_crashed_late_are_refused(tmp_path, override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

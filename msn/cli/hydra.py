@@ -94,8 +94,8 @@ def check_before_run(cfg: DictConfig, run_dir: Path | None) -> None:
     if run_dir is not None:
         foreign = foreign_files(run_dir)
         if foreign:
-            raise ConfigError(f"{run_dir} holds {', '.join(foreign)} but no msn run (no status.json): training there "
-                              "would overwrite them; pass another hydra.run.dir or run_name=NEW_NAME")
+            raise ConfigError(f"{run_dir} holds {', '.join(foreign)} but no msn run (no status.json, no checkpoints): "
+                              "training there would overwrite them; pass another hydra.run.dir or run_name=NEW_NAME")
     if cfg.data.name == "folder":  # the cheap part of the data check: no run folder for a typo
         from msn.data import check_data_root
 
@@ -128,9 +128,9 @@ def check_before_run(cfg: DictConfig, run_dir: Path | None) -> None:
 
 def foreign_files(run_dir: Path) -> list[str]:
     """The files of ``run_dir`` that a run would overwrite although no msn run wrote them (a user's project)."""
-    if not run_dir.is_dir() or (run_dir / "status.json").is_file():
-        return []
-    return [name for name in ("config.yaml", "run.json", "metrics.csv", "checkpoints") if (run_dir / name).exists()]
+    if not run_dir.is_dir() or (run_dir / "status.json").is_file() or has_checkpoints(run_dir):
+        return []  # an msn run (a copied one may lack its status.json, never its checkpoints)
+    return [name for name in ("config.yaml", "run.json", "metrics.csv") if (run_dir / name).exists()]
 
 
 def resumes_the_run(resume: str | None, run_dir: Path) -> bool:

@@ -114,7 +114,8 @@ def validate(cfg: DictConfig | MSNConfig) -> None:
     for key in ("data.global_scale", "data.focal_scale"):  # shares of the image's area
         value = list(_get(cfg, key))
         check(len(value) == 2 and 0 < value[0] <= value[1] <= 1,
-              f"{key}={value} must be two increasing shares of the image [low, high] with 0 < low <= high <= 1")
+              f"{key}={value} must be two increasing positive numbers [low, high] of at most 1 (shares of the "
+              "image's area)")
     value = list(cfg.data.blur_sigma)
     check(len(value) == 2 and 0 < value[0] <= value[1],
           f"data.blur_sigma={value} must be two increasing positive numbers [low, high]")

@@ -31,7 +31,6 @@ from msn.utils.rundir import (
     has_checkpoints,
     resolve_resume,
     resume_null_message,
-    run_dir_of,
     write_status,
 )
 from msn.utils.runlock import acquire_run_lock, holds_run_lock
@@ -169,10 +168,10 @@ def _resume_path(cfg: DictConfig, run_dir: Path, is_main: bool) -> Path | None:
         if has_checkpoints(run_dir):
             raise ConfigError(resume_null_message(run_dir))
         return None
-    folder = run_dir_of(cfg.resume) if cfg.resume != "auto" else run_dir
-    if folder is None or not Path(str(cfg.resume)).expanduser().is_dir() and cfg.resume != "auto":
+    if cfg.resume != "auto" and not Path(str(cfg.resume)).expanduser().is_dir():
         return resolve_resume(cfg.resume, run_dir)  # one checkpoint file, named by the user
-    newest = newest_checkpoint(Path(folder) / "checkpoints")
+    folder = run_dir if cfg.resume == "auto" else Path(str(cfg.resume)).expanduser()
+    newest = newest_checkpoint(folder / "checkpoints")
     if newest is None:
         return resolve_resume(cfg.resume, run_dir)  # auto: a fresh start; a run directory: its error
     path, step, passed_over = newest
