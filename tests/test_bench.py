@@ -138,3 +138,15 @@ def test_e2e_steady_rate_leaves_out_the_warmup(tmp_path):
     csv.write_text("step,loss,images_per_s\n2,1,1\n4,1,100\n6,1,50\n")  # 8 images a step
     # steps 3-4: 16 images in 0.16 s; steps 5-6: 16 images in 0.32 s; the slow warm-up row is left out
     assert steady_images_per_s(csv, 2, 8) == pytest.approx(32 / 0.48)
+
+
+def test_a_cpus_matmul_speed_is_shown_in_gflops_not_as_zero(capsys):
+    from msn.cli.bench import _print_step
+
+    record = {"overrides": ["device=cpu"], "batch": 8, "device_name": "CPU", "precision": "fp32", "compile": False,
+              "torch": "2", "step_s": 0.1, "img_s": 80.0, "peak_mem_gib": 1.0, "flops_per_image": 2e8,
+              "matmul_tflops": 0.0412, "mfu": 0.3}
+    _print_step(record)
+    assert "matmul 41.2 GFLOP/s" in capsys.readouterr().out
+    _print_step({**record, "matmul_tflops": 712.0})
+    assert "matmul 712.0 TFLOP/s" in capsys.readouterr().out
