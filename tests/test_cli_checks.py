@@ -233,7 +233,7 @@ def test_export_refuses_its_source_and_runs_before_importing_torch(tmp_path):
 
 def test_the_number_rules():
     from msn.errors import ConfigError
-    from msn.utils.rundir import check_number
+    from msn.utils.arguments import check_number
 
     for value, rule in ((1, ">= 1"), (0, ">= 0"), (1e-9, "> 0"), (0.0, "[0, 1)"), (1.0, "(0, 1]"), (None, "> 0")):
         check_number("--x", value, rule)

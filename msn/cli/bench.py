@@ -38,7 +38,7 @@ from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
 from msn.errors import ConfigError, MSNError
-from msn.utils.rundir import check_number, check_numbers, check_writable
+from msn.utils.arguments import check_number, check_numbers, check_writable
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -111,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Each numeric option and the values it allows (msn.utils.rundir.check_number); e2e's --warmup, below.
+# Each numeric option and the values it allows (msn.utils.arguments.check_number); e2e's --warmup, below.
 NUMBERS = {"--steps": ">= 1", "--warmup": ">= 0", "--seconds": "> 0", "--workers": ">= 0", "--threads": ">= 1"}
 
 

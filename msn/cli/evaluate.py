@@ -22,8 +22,9 @@ from msn.config import DEFAULT_CROP_PCT, check_crop_pct
 from msn.errors import CheckpointError, ConfigError, MSNError
 from msn.eval.evaluate import PROTOCOLS, default_output, evaluate, format_table, update_model_card
 from msn.train.loggers import import_wandb
+from msn.utils.arguments import check_numbers, check_writable
 from msn.utils.files import atomic_write_text
-from msn.utils.rundir import check_model, check_numbers, check_writable, is_hf_export
+from msn.utils.rundir import check_model, is_hf_export
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,7 +77,7 @@ def evaluate_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 k=args.k, temperature=args.temperature, epochs=args.epochs, lr=args.lr)
 
 
-# Each numeric option and the values it allows (msn.utils.rundir.check_number), checked before any work.
+# Each numeric option and the values it allows (msn.utils.arguments.check_number), checked before any work.
 NUMBERS = {"--shots": ">= 1", "--fraction": "[0, 1)", "--splits": ">= 1", "--penalty": "> 0", "--last-blocks": ">= 1",
            "--k": ">= 1", "--temperature": "> 0", "--epochs": ">= 1", "--lr": "> 0", "--batch-size": ">= 1",
            "--num-workers": ">= 0"}

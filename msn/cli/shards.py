@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from msn.errors import DataError, MSNError
-from msn.utils.rundir import check_number, check_writable
+from msn.utils.arguments import check_number, check_writable
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,7 +35,8 @@ from omegaconf.errors import OmegaConfBaseException
 from msn.config import DEFAULT_CROP_PCT, check_crop_pct
 from msn.errors import MSNError, VizError
 from msn.plots import check_png_path
-from msn.utils.rundir import check_model, check_numbers, check_writable
+from msn.utils.arguments import check_numbers, check_writable
+from msn.utils.rundir import check_model
 
 KINDS = ("views", "attention", "curves", "prototypes")
 
@@ -154,7 +155,7 @@ def _prototypes(args: argparse.Namespace):
 KIND_FUNCTIONS = {"views": _views, "attention": _attention, "curves": _curves, "prototypes": _prototypes}
 
 
-# Each numeric option and the values it allows (msn.utils.rundir.check_number); --crop-pct as msn-eval's.
+# Each numeric option and the values it allows (msn.utils.arguments.check_number); --crop-pct as msn-eval's.
 NUMBERS = {"--step": ">= 0", "--count": ">= 1", "--limit": ">= 1", "--show": ">= 1", "--per-prototype": ">= 1",
            "--cell": ">= 8", "--size": ">= 100"}
 
