@@ -132,13 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_args(args)
         result = _run(args)
-    except MSNError as e:
-        print(f"msn-bench: error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 1
-    except (HydraException, OmegaConfBaseException) as e:  # an override Hydra cannot compose
-        from msn.cli.hydra import explain_hydra_error
+    except (MSNError, HydraException, OmegaConfBaseException) as e:  # bad input, or an override Hydra cannot compose
+        from msn.cli.hydra import error_line
 
-        print(f"msn-bench: error: {explain_hydra_error(e)}", file=sys.stderr)
+        print(f"msn-bench: error: {error_line(e)}", file=sys.stderr)
         return 1
     print(json.dumps(result))
     return 0

@@ -48,9 +48,8 @@ class CheckBeforeRun(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         HydraConfig.instance().set_config(config)  # what Hydra does first thing in run_job: ${hydra:...} resolves
-        task = {k: v for k, v in OmegaConf.to_container(config, resolve=False).items() if k != "hydra"}
         try:
-            cfg = to_schema(task)
+            cfg = to_schema(task_config(config))
             run_dir = Path(str(OmegaConf.select(config, "hydra.run.dir")))
             check_before_run(cfg, run_dir)
             status = finished_run(run_dir, cfg) if resumes_the_run(cfg.resume, run_dir) else None
@@ -77,10 +76,14 @@ class CheckBeforeRun(Callback):
         for number, job in enumerate(jobs):
             try:
                 cfg = compose("config", overrides=[*job, "run_dir=."])
-                check_before_run(to_schema({k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items()
-                                            if k != "hydra"}), None)
+                check_before_run(to_schema(task_config(cfg)), None)
             except (MSNError, ValueError) as e:
                 sys.exit(f"msn-pretrain: error: job {number} of the sweep ({' '.join(job)}): {e}; no job was run")
+
+
+def task_config(config: DictConfig) -> dict[str, Any]:
+    """The run's own part of a composed config (Hydra's ``hydra`` node left out), interpolations unresolved."""
+    return {k: v for k, v in OmegaConf.to_container(config, resolve=False).items() if k != "hydra"}
 
 
 CREATED_RUN_DIRS: set[str] = set()  # run directories this process created: removed again if the run is refused
@@ -226,6 +229,14 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="msn_schema", node=MSNConfig)
     OmegaConf.register_new_resolver("start_time", start_time, use_cache=True, replace=True)
     OmegaConf.register_new_resolver("msn_run_dir", run_directory, replace=True)
+
+
+def error_line(error: BaseException) -> str:
+    """The one line a command prints for ``error``: an :class:`MSNError`'s message, or a Hydra / omegaconf
+    composition error explained (:func:`explain_hydra_error`)."""
+    if isinstance(error, MSNError):
+        return str(error).splitlines()[0]
+    return explain_hydra_error(error)
 
 
 def explain_hydra_error(error: BaseException) -> str:

@@ -187,13 +187,10 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as e:  # a full disk, or a folder that turned read-only since the check
             raise VizError(f"cannot write {args.out}: {e.strerror or e}; pass --out FILE.png in a folder you can "
                            "write to") from None
-    except MSNError as e:
-        print(f"msn-viz: error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 1
-    except (HydraException, OmegaConfBaseException) as e:  # an override Hydra cannot compose
-        from msn.cli.hydra import explain_hydra_error
+    except (MSNError, HydraException, OmegaConfBaseException) as e:  # bad input, or an override Hydra cannot compose
+        from msn.cli.hydra import error_line
 
-        print(f"msn-viz: error: {explain_hydra_error(e)}", file=sys.stderr)
+        print(f"msn-viz: error: {error_line(e)}", file=sys.stderr)
         return 1
     print(f"wrote {path}")
     return 0

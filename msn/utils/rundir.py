@@ -97,26 +97,6 @@ def read_status(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     return status if isinstance(status, dict) else None
 
 
-def live_elsewhere(status: dict[str, Any] | None) -> int | None:
-    """The pid of another live process of this host that is training the run ``status`` describes, if any.
-
-    A run that died leaves ``running`` with a pid that no longer exists, and a requeued job runs on
-    another host or in the same process: neither counts.
-    """
-    if not status or status.get("status") != "running" or status.get("host") != socket.gethostname():
-        return None
-    pid = status.get("pid")
-    if not isinstance(pid, int) or pid == os.getpid():
-        return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:  # alive, another user's
-        return pid
-    return pid
-
-
 def resolve_resume(resume: str | None, run_dir: str | os.PathLike) -> Path | None:
     """The checkpoint to resume from: ``None`` (fresh run), ``auto`` or a path.
 

@@ -16,7 +16,6 @@ from msn.errors import CheckpointError
 from msn.utils.files import TMP_SUFFIX, atomic_write
 from msn.utils.rundir import (  # noqa: F401  moved to the torch-free msn.rundir; still importable from here
     STATUS_FILE,
-    live_elsewhere,
     read_status,
     resolve_resume,
     write_status,
