@@ -25,7 +25,10 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from msn.config import DataConfig
-from msn.data import MultiCropDataset, MultiCropTransform, blur_kernel_size, build_dataset
+from msn.data.loader import MultiCropDataset
+from msn.data.multicrop import MultiCropTransform
+from msn.data.photometric import blur_kernel_size
+from msn.data.registry import build_dataset
 
 SETTINGS = {
     "digits": DataConfig(name="digits", image_size=32, global_size=32, focal_size=16, num_focal=6, batch_size=128),

@@ -18,9 +18,11 @@ import tempfile
 from pathlib import Path
 
 from msn.benchmarks.data import images_per_second
-from msn.cli.hydra import compose_run_config
-from msn.data import EpochSampler, MultiCropDataset, MultiCropTransform, RunSampler, build_dataset, build_loader
-from msn.data.shards import write_shards
+from msn.data.loader import EpochSampler, MultiCropDataset, RunSampler, build_loader
+from msn.data.multicrop import MultiCropTransform
+from msn.data.registry import build_dataset
+from msn.data.shard_writer import write_shards
+from msn.utils.compose import compose_config
 
 
 def _hf_copy(folder: Path, out: Path) -> Path:
@@ -50,8 +52,8 @@ def main() -> None:
         for _ in range(args.rounds):
             for workers in args.workers:
                 for name, overrides in sources.items():
-                    cfg = compose_run_config([*overrides, f"data.batch_size={args.batch}", "data.augment_on=cpu",
-                                              f"data.num_workers={workers}", "device=cpu"])
+                    cfg = compose_config([*overrides, f"data.batch_size={args.batch}", "data.augment_on=cpu",
+                                          f"data.num_workers={workers}", "device=cpu"], run_dir=".")
                     base = build_dataset(cfg.data)
                     dataset = MultiCropDataset(base, MultiCropTransform(cfg.data), seed=cfg.seed)
                     order = EpochSampler(len(base), seed=cfg.seed, drop_last=True)

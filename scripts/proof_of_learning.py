@@ -23,7 +23,8 @@ import torch
 
 from msn.config import DEFAULT_CROP_PCT, check_crop_pct
 from msn.eval.features import extract_features, load_encoder
-from msn.eval.protocols import knn_accuracy, logistic_regression, sample_per_class
+from msn.eval.protocols.knn import knn_accuracy
+from msn.eval.protocols.lowshot import logistic_regression, sample_per_class
 from msn.eval.splits import Split, digits_splits, fashion_mnist_splits
 from msn.models.backbone import MaskedViT
 

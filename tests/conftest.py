@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import csv
+import logging
 import os
 import shutil
 import tempfile
@@ -13,8 +14,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from msn.cli.hydra import register_configs
 from msn.config import CONFIG_DIR
+from msn.utils.compose import register_configs
 
 # Nothing in the tests may reach the Hugging Face hub (transformers, datasets): set before either is imported,
 # since both read these once, at import.
@@ -27,6 +28,22 @@ atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], True)
 REPO = Path(__file__).resolve().parent.parent
 REFERENCE = Path(os.environ.get("MSN_REFERENCE", REPO / "tests" / "reference" / "msn_original_reference.pt"))
 STEP_REFERENCE = REFERENCE.parent / "msn_original_step_reference.pt"
+
+
+@pytest.fixture(autouse=True)
+def _msn_records_reach_caplog():
+    """msn's log records reach pytest's ``caplog`` at INFO, whatever a command run in-process set up before (a
+    command's console handler stops them at the ``msn`` logger); restored after each test."""
+    logger = logging.getLogger("msn")
+    saved = logger.level, logger.propagate, list(logger.handlers)
+    logger.setLevel(logging.INFO)
+    logger.propagate = True
+    for handler in [h for h in logger.handlers if not isinstance(h, logging.NullHandler)]:
+        logger.removeHandler(handler)
+    yield
+    logger.setLevel(saved[0])
+    logger.propagate = saved[1]
+    logger.handlers[:] = saved[2]
 
 
 def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:

@@ -64,7 +64,9 @@ def test_step_never_waits_for_the_gpu():
 def test_augmentation_on_the_gpu_never_waits_for_it():
     """data.augment_on=device: the photometric stage queues its work; nothing reads the GPU back."""
     from msn.config import DataConfig
-    from msn.data import MultiCropDataset, MultiCropTransform, SyntheticDataset, device_views
+    from msn.data.loader import MultiCropDataset
+    from msn.data.multicrop import MultiCropTransform, device_views
+    from msn.data.sources.synthetic import SyntheticDataset
 
     cfg = DataConfig(name="synthetic", image_size=64, global_size=32, focal_size=16, num_focal=4)
     transform = MultiCropTransform(cfg)

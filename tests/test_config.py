@@ -21,7 +21,7 @@ def test_expected_options_exist():
     assert {"vit_pico", "vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge", "vit_base_p8", "vit_base_p4",
             "vit_large_p7"} <= models
     assert {o for g, o in GROUP_OPTIONS if g == "data"} == {"digits", "fashion_mnist", "folder", "synthetic",
-                                                            "webdataset", "hf"}
+                                                            "webdataset", "hf", "custom"}
     assert {"fmnist_cpu", "fmnist_gpu"} <= set(EXPERIMENTS)
     assert {o for g, o in GROUP_OPTIONS if g == "logger"} == {"csv", "wandb"}
 
@@ -92,7 +92,6 @@ def test_every_group_option_composes_validates_and_instantiates(group, option, t
         ("precision=fp8", "precision='fp8' is not allowed; choose one of fp32, bf16, fp16"),
         ("logger.progress=sometimes", "logger.progress='sometimes' is not allowed; choose one of auto, true, false"),
         ("checkpoint.keep=-1", "checkpoint.keep=-1 must be >= 0"),
-        ("data=folder", "data.root is required for data=folder"),
         ("data.global_scale=[0.9,0.3]", "data.global_scale=[0.9, 0.3] must be two increasing positive numbers"),
     ],
 )
@@ -168,3 +167,32 @@ def test_refused_resume_null_leaves_the_run_directory_as_it_was(tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1
     assert (run / ".hydra" / "config.yaml").read_text() == "the earlier run's config\n"
     assert sorted(p.name for p in run.iterdir()) == [".hydra", "checkpoints"]
+
+
+def test_every_data_option_is_a_registered_source_and_each_source_has_one():
+    """A built-in source is one module (msn/data/sources/) and one YAML (msn/configs/data/): the two lists agree,
+    and each YAML names its own source."""
+
+    from msn.data.registry import source_names
+
+    options = {o for g, o in GROUP_OPTIONS if g == "data"}
+    assert set(source_names()) == options
+    for option in options:
+        assert compose_config([f"data={option}", "run_dir=."]).data.name == option
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("data=folder", "data.root is required for data=folder: pass data.root=/path/to/images"),
+    ("data=webdataset", "data.shards is required for data=webdataset"),
+    ("data=hf", "data.path is required for data=hf"),
+    ("data=custom", "data=custom needs data.dataset._target_"),
+    ("data.name=imagenet", "data.name='imagenet' is not a registered data source; choose one of custom, digits, "
+                           "fashion_mnist, folder, hf, synthetic, webdataset"),
+])
+def test_each_source_refuses_what_it_cannot_read_before_any_work(override, message, tmp_path):
+    from msn.data.registry import check_source
+
+    cfg = to_schema(compose_config([override, f"run_dir={tmp_path}"]))
+    with pytest.raises(ConfigError) as err:
+        check_source(cfg.data)
+    assert message in str(err.value)

@@ -14,37 +14,26 @@ from torch.utils.data import DistributedSampler
 from torchvision.transforms.v2 import functional as TF
 
 from msn.config import DataConfig
-from msn.data import (
-    DataError,
-    DigitsDataset,
-    EpochSampler,
-    ImageFolderDataset,
-    MultiCropDataset,
-    MultiCropTransform,
+from msn.data.crops import dense_resize_is_cheap, resized_crops, resized_crops_dense, resized_crops_loop, sample_boxes
+from msn.data.loader import EpochSampler, MultiCropDataset, RunSampler, build_loader, collate_views, steps_per_epoch
+from msn.data.multicrop import MultiCropTransform, ViewGroup, device_views
+from msn.data.photometric import (
     PhotometricParams,
-    RunSampler,
-    SyntheticDataset,
-    ViewGroup,
     adjust_brightness,
     adjust_contrast,
     adjust_hue,
     adjust_saturation,
     blur_kernel_size,
-    build_dataset,
-    build_loader,
-    collate_views,
     color_jitter,
-    dense_resize_is_cheap,
-    device_views,
     gaussian_blur,
     grayscale,
     photometric,
-    resized_crops,
-    resized_crops_dense,
-    resized_crops_loop,
-    sample_boxes,
-    steps_per_epoch,
 )
+from msn.data.registry import build_dataset
+from msn.data.sources.digits import DigitsDataset
+from msn.data.sources.folder import ImageFolderDataset
+from msn.data.sources.synthetic import SyntheticDataset
+from msn.errors import ConfigError, DataError
 from msn.utils.seeding import stream_generator
 
 DIGITS = DataConfig(name="digits", image_size=32, global_size=32, focal_size=16, num_focal=6, batch_size=128)
@@ -196,7 +185,7 @@ def test_synthetic_dataset_is_deterministic() -> None:
 
 def test_build_dataset_by_name() -> None:
     assert isinstance(build_dataset(SMALL), SyntheticDataset) and len(build_dataset(SMALL)) == 24
-    with pytest.raises(DataError, match="data.name='imagenet' is unknown"):
+    with pytest.raises(ConfigError, match="data.name='imagenet' is not a registered data source"):
         build_dataset(replace(SMALL, name="imagenet"))
 
 
@@ -653,7 +642,7 @@ def test_device_path_on_the_gpu_matches_the_cpu(digits: DigitsDataset) -> None:
 
 
 def test_augment_on_resolves_by_device() -> None:
-    from msn.data import augment_in_workers
+    from msn.data.multicrop import augment_in_workers
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
     assert augment_in_workers("auto", cpu) and not augment_in_workers("auto", gpu)
@@ -732,7 +721,7 @@ def tiny_fashion_mnist(root: Path, compress: bool = True, n_train: int = 20, n_t
 
 @pytest.mark.parametrize("layout", ["debian-gz", "torchvision-raw"])
 def test_fashion_mnist_reads_the_idx_files(tmp_path: Path, layout: str) -> None:
-    from msn.data import FashionMNISTDataset
+    from msn.data.sources.fashion_mnist import FashionMNISTDataset
 
     if layout == "debian-gz":
         root = tiny_fashion_mnist(tmp_path / "fmnist")
@@ -752,7 +741,7 @@ def test_fashion_mnist_reads_the_idx_files(tmp_path: Path, layout: str) -> None:
 
 
 def test_fashion_mnist_missing_or_broken_is_one_clear_error(tmp_path: Path) -> None:
-    from msn.data import FashionMNISTDataset
+    from msn.data.sources.fashion_mnist import FashionMNISTDataset
 
     with pytest.raises(DataError, match=r"Fashion-MNIST is not in data.root=.*apt-get install dataset-fashion-mnist"):
         FashionMNISTDataset(tmp_path)

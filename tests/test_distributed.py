@@ -185,7 +185,7 @@ def test_process_info_from_each_launcher():
 def _read_indices(rank: int, world: int, overrides: list[str]) -> torch.Tensor:
     """The sample indices this rank's real loader reads in the first epoch (what it decodes, in order)."""
     from msn.config import to_schema
-    from msn.data import RunSampler, build_loader
+    from msn.data.loader import RunSampler, build_loader
     from msn.train.builder import build_data, build_order
 
     cfg = to_schema(compose_config(overrides))
@@ -216,7 +216,7 @@ def test_two_processes_read_disjoint_shares_of_shards_and_datasets(tmp_path, sou
     dataset, together all of it once; and 2 x 8 images train what 1 x 16 do, as for folders."""
     import datasets
 
-    from msn.data.shards import write_shards
+    from msn.data.shard_writer import write_shards
     from tests.test_sources import _images
 
     images = _images(tmp_path / "images")

@@ -26,7 +26,8 @@ import msn.cli.export
 from msn.errors import MSNError
 from msn.train import train
 from msn.weights.checkpoint import CheckpointError, save_checkpoint
-from msn.weights.formats import export_hf, read_source
+from msn.weights.export import export_hf
+from msn.weights.read import read_source
 from tests.conftest import compose_config
 
 SMOKE = ["experiment=cpu_smoke", "logger.progress=false"]
@@ -223,7 +224,7 @@ def test_checkpoints_get_the_usual_file_mode(tmp_path):
     assert path.stat().st_mode & 0o777 == 0o666 & ~mask  # not mkstemp's owner-only 0600
 
 
-def test_temporary_files_of_an_interrupted_save_are_removed_at_start(tmp_path, capsys):
+def test_temporary_files_of_an_interrupted_save_are_removed_at_start(tmp_path, caplog):
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     stale = run / "checkpoints" / ".last.pt.k2j3h4.tmp"
@@ -232,5 +233,5 @@ def test_temporary_files_of_an_interrupted_save_are_removed_at_start(tmp_path, c
     other.write_bytes(b"")
     train(compose_config([*SMOKE, f"run_dir={run}", "optim.max_steps=1"]))
     assert not stale.exists() and other.exists()
-    assert "removed .last.pt.k2j3h4.tmp, left by an interrupted checkpoint write" in capsys.readouterr().out
+    assert "removed .last.pt.k2j3h4.tmp, left by an interrupted checkpoint write" in caplog.text
     assert json.loads((run / "run.json").read_text())["total_steps"] == 1

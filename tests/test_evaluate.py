@@ -13,13 +13,16 @@ import torch
 from PIL import Image
 
 from msn.cli import evaluate
-from msn.data import DataError
+from msn.errors import DataError
 from msn.eval import features, splits
 from msn.eval.features import extract_features, load_encoder
-from msn.eval.protocols import knn_accuracy, linear_probe, logistic_regression, sample_fraction, sample_per_class
+from msn.eval.protocols.knn import knn_accuracy
+from msn.eval.protocols.linear import linear_probe
+from msn.eval.protocols.lowshot import logistic_regression, sample_fraction, sample_per_class
 from msn.eval.splits import digits_splits, read_subset_file
 from msn.train.loop import train
-from msn.weights.formats import export_hf, read_source
+from msn.weights.export import export_hf
+from msn.weights.read import read_source
 from tests.conftest import compose_config
 
 

@@ -12,7 +12,9 @@ from msn.cli.export import main as export_main
 from msn.errors import CheckpointError
 from msn.models.msn import MSN
 from msn.weights.convert import ConversionError, backbone_to_hf, hf_to_backbone
-from msn.weights.formats import Source, export_hf, export_msn, export_timm, hf_config, init_model_from, read_source
+from msn.weights.export import export_hf, export_msn, export_timm, hf_config
+from msn.weights.read import WeightSource as Source
+from msn.weights.read import init_model_from, read_source
 from tests.conftest import compose_config
 
 

@@ -16,9 +16,13 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from msn.config import DataConfig
-from msn.data import DataError, ImageFolderDataset, MultiCropDataset, MultiCropTransform, build_dataset, load_rgb
-from msn.data import datasets as datasets_module
-from msn.data.datasets import decode_rgb
+from msn.data.images import decode_rgb, load_rgb
+from msn.data.loader import MultiCropDataset
+from msn.data.multicrop import MultiCropTransform
+from msn.data.registry import build_dataset
+from msn.data.sources import folder as datasets_module
+from msn.data.sources.folder import ImageFolderDataset
+from msn.errors import DataError
 from msn.eval import splits
 from msn.eval.features import Encoder, TransformedImages
 from msn.plots.attention import load_images
@@ -171,7 +175,7 @@ def test_files_that_are_not_images_are_counted_by_extension(tmp_path: Path) -> N
         ImageFolderDataset(only_gifs)
 
 
-def test_evaluation_folders_say_what_they_skipped(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_evaluation_folders_say_what_they_skipped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     root = tmp_path / "eval"
     for i, rel in enumerate(["train/x/1.png", "train/y/1.png", "val/x/1.png", "val/y/1.png"]):
         _image(root / rel, i)
@@ -180,7 +184,7 @@ def test_evaluation_folders_say_what_they_skipped(tmp_path: Path, capsys: pytest
 
     train, val = splits.folder_splits(root)
     assert len(train.labels) == 2 and len(val.labels) == 2
-    lines = capsys.readouterr().err.splitlines()
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name == "msn.eval.splits"]
     assert lines == [f"{root / 'train'}: 2 images; skipped 1 file that is not an image by its extension (1 .gif; "
                      f"images are {IMAGE_LIST})",
                      f"{root / 'val'}: skipped 1 symlink loop (y/loop -> ..); each file counts once"]

@@ -193,7 +193,7 @@ def test_fused_adamw_takes_the_same_step(cfg):
 def test_building_the_model_and_probing_leave_the_callers_random_stream_alone():
     """Library code draws from seeded streams of its own: the same initial weights for a seed, whatever the
     caller's global generator holds, and the caller's next draw is what it would have been."""
-    from msn.eval.protocols import linear_probe
+    from msn.eval.protocols.linear import linear_probe
     from msn.train.builder import build_model
 
     cfg = compose_config(["experiment=cpu_smoke"])

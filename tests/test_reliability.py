@@ -15,11 +15,11 @@ import torch
 from PIL import Image
 
 import msn.train.loop
-from msn.cli.hydra import run_directory
 from msn.config import ConfigError, to_schema
-from msn.data import loader_workers
+from msn.data.loader import loader_workers
 from msn.errors import CheckpointError, NonFiniteError
 from msn.train import train
+from msn.utils.runname import run_directory
 from msn.weights.checkpoint import load_checkpoint
 from tests.conftest import compose_config, metrics_rows
 
@@ -138,10 +138,12 @@ def test_run_folder_names_are_short_unique_and_stable():
     assert run_directory("o", None, "experiment=cpu_smoke,optim.lr=0.001", None) == "o/cpu_smoke,optim.lr=0.001"
 
 
-def test_a_run_named_before_names_were_shortened_is_still_continued(tmp_path):
-    earlier = tmp_path / "data.root=_tmp_newcomer_myjpegs"
-    earlier.mkdir()
-    assert run_directory(str(tmp_path), None, "data.root=/tmp/newcomer/myjpegs", None) == str(earlier)
+def test_run_folders_have_one_name_only(tmp_path):
+    """The fallback to folders named before names were shortened (an unreleased layout) is gone: such a folder is
+    not picked up; the run's folder is its short, unique name."""
+    (tmp_path / "data.root=_tmp_newcomer_myjpegs").mkdir()
+    named = run_directory(str(tmp_path), None, "data.root=/tmp/newcomer/myjpegs", None)
+    assert Path(named).name.startswith("data.root=myjpegs-") and not Path(named).exists()
 
 
 def _jpegs(folder: Path, count: int, first: int = 0) -> Path:
@@ -193,7 +195,7 @@ def test_train_as_a_library_leaves_its_hosts_signals_alone(tmp_path, monkeypatch
     assert seen and all(s == (host_handler, term_handler) for s in seen)
 
 
-def test_resume_continues_from_the_newest_checkpoint_after_a_full_disk(tmp_path, capsys):
+def test_resume_continues_from_the_newest_checkpoint_after_a_full_disk(tmp_path, caplog):
     """A full disk stopped the run after step_0000003.pt was written and before last.pt was: the same command
     continues from step 3 (it used to start again at step 0), and says so."""
     full, stopped = tmp_path / "full", tmp_path / "stopped"
@@ -201,19 +203,19 @@ def test_resume_continues_from_the_newest_checkpoint_after_a_full_disk(tmp_path,
     (stopped / "checkpoints").mkdir(parents=True)
     shutil.copy(full / "checkpoints" / "step_0000003.pt", stopped / "checkpoints" / "step_0000003.pt")
     (stopped / "status.json").write_text('{"status": "running", "step": 0, "total_steps": 6}')
-    capsys.readouterr()
+    caplog.clear()
     train(_smoke(stopped, "resume=auto"))
-    assert f"resuming from {stopped}/checkpoints/step_0000003.pt (step 3)" in capsys.readouterr().out
+    assert f"resuming from {stopped}/checkpoints/step_0000003.pt (step 3)" in caplog.text
     for name, tensor in load_checkpoint(full / "checkpoints" / "last.pt")["model"].items():
         torch.testing.assert_close(load_checkpoint(stopped / "checkpoints" / "last.pt")["model"][name], tensor,
                                    atol=0, rtol=0)
 
 
-def test_the_start_says_what_trains_and_points_to_the_paper_preset(tmp_path, capsys):
+def test_the_start_says_what_trains_and_points_to_the_paper_preset(tmp_path, caplog):
     images = _jpegs(tmp_path / "images", 4)
     train(_smoke(tmp_path / "run", "data=folder", f"data.root={images}", "data.batch_size=2", "data.num_focal=1",
                  "data.num_workers=0", "optim.max_steps=1"))
-    out = capsys.readouterr().out
+    out = caplog.text
     assert "training vit_pico (patch 8, native 32 px) on views of 2 x 224 px + 1 x 96 px of 4 folder images" in out
     assert "pass experiment=msn_vits16" in out
     assert "first step (1 of 1) done in" in out  # before the step-50 line (logger.console_every)

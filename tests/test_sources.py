@@ -19,8 +19,10 @@ import pytest
 import torch
 from PIL import Image
 
-from msn.data import DataError, load_rgb
-from msn.data.shards import WebDatasetImages, expand_shards, index_shard, write_shards
+from msn.data.images import load_rgb
+from msn.data.shard_writer import write_shards
+from msn.data.sources.webdataset import WebDatasetImages, expand_shards, index_shard
+from msn.errors import DataError
 from msn.train import train
 from msn.weights.checkpoint import load_checkpoint
 from tests.conftest import compose_config, metrics_rows
@@ -175,7 +177,7 @@ def _corrupt_member(shard: Path, member: str) -> None:
         f.write(b"\x00garbage" * ((info.size - 40) // 8))
 
 
-def test_bad_samples_are_skipped_and_counted(sources, tmp_path, capsys):
+def test_bad_samples_are_skipped_and_counted(sources, tmp_path, caplog):
     """An undecodable member, a sample without an image member, a member cut short and the samples lost with
     the end of a shard are each replaced and counted, exactly as an undecodable file of a folder is."""
     shards = tmp_path / "shards"
@@ -200,7 +202,7 @@ def test_bad_samples_are_skipped_and_counted(sources, tmp_path, capsys):
                           "data.drop_last=false", "data.batch_size=11"]))
     skipped = load_checkpoint(run_dir / "checkpoints" / "last.pt")["skipped_images"]["paths"]
     assert set(skipped) == bad
-    err = capsys.readouterr().err
+    err = "\n".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
     for name in bad:
         assert f"skipped undecodable image {name} (replaced by another image" in err
     per_epoch = {int(r["epoch"]): int(r["skipped_images"]) for r in metrics_rows(run_dir)}
@@ -243,7 +245,7 @@ def test_bad_sources_are_one_line_before_any_file_is_written(tmp_path, overrides
 
 
 def test_hf_datasets_refuse_a_wrong_split_column_or_hub_id_in_one_line(sources, tmp_path):
-    from msn.data.hf import HFImages
+    from msn.data.sources.hf import HFImages
 
     with pytest.raises(DataError, match=r"data.split=validation: .* holds the splits train, test"):
         HFImages(str(sources["saved"]), "validation")
@@ -281,7 +283,7 @@ def test_pipe_shards_are_fetched_once_into_the_cache(sources, tmp_path):
 
 
 def test_shard_indexes_are_cached_and_renewed_when_a_shard_changes(sources, tmp_path, monkeypatch):
-    import msn.data.shards as shards_module
+    import msn.data.sources.webdataset as shards_module
 
     shards = tmp_path / "shards"
     write_shards(sources["folder"], shards, per_shard=10)
@@ -306,7 +308,7 @@ def test_shard_indexes_are_cached_and_renewed_when_a_shard_changes(sources, tmp_
 def test_the_header_scan_agrees_with_tarfile(tmp_path, tar_format):
     """Our raw header scan finds the members, offsets and sizes Python's tarfile does: long names (PAX
     records, GNU long-name members, the ustar prefix), non-ASCII names, folders and empty members."""
-    from msn.data.shards import tar_members
+    from msn.data.sources.webdataset import tar_members
 
     path = tmp_path / "t.tar"
     deep = "/".join(["folder"] * (8 if tar_format == tarfile.USTAR_FORMAT else 20))  # ustar: a 155-byte prefix

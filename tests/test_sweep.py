@@ -8,9 +8,9 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 
-from msn.cli.hydra import register_configs
 from msn.cli.sweep import main as sweep_main
 from msn.config import CONFIG_DIR
+from msn.utils.compose import register_configs
 from tests.conftest import metrics_rows
 
 
@@ -50,11 +50,15 @@ def test_summary_rebuild_adds_eval_reports_and_marks_stopped_runs(tmp_path, caps
         (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"optim.lr={job}e-3"]))
         (run / "run.json").write_text(json.dumps({"total_steps": 4}))
         with (run / "metrics.csv").open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["step", "loss", "ce", "me_max", "distinct_prototypes", "monitor"])
+            # job 1 has a loss term of its own (loss.extra_terms.spread): a column between loss and lr
+            terms = ["ce", "me_max"] + (["spread"] if job == "1" else [])
+            writer = csv.DictWriter(f, fieldnames=["step", "epoch", "loss", *terms, "lr", "distinct_prototypes",
+                                                   "monitor"])
             writer.writeheader()
             for step in range(1, steps + 1):
-                writer.writerow({"step": step, "loss": 5 - step, "ce": 4, "me_max": 0.1, "distinct_prototypes": 9,
-                                 "monitor": 50.0 + step if step == 2 else "nan"})
+                writer.writerow({"step": step, "epoch": 0, "loss": 5 - step, "ce": 4, "me_max": 0.1, "lr": 1e-3,
+                                 "distinct_prototypes": 9, "monitor": 50.0 + step if step == 2 else "nan",
+                                 **({"spread": 0.25} if job == "1" else {})})
     (sweep / "0" / "eval_knn.json").write_text(json.dumps({"protocol": "knn", "results": {"100%": {"mean": 71.5}}}))
     (sweep / "10").mkdir()  # not a Hydra job directory: ignored
     sweep_main([str(sweep)])
@@ -65,8 +69,13 @@ def test_summary_rebuild_adds_eval_reports_and_marks_stopped_runs(tmp_path, caps
     assert rows[0]["eval/knn/100%"] == 71.5 and "eval/knn/100%" not in rows[1]
     assert rows[0]["final_monitor"] == rows[1]["final_monitor"] == 52.0
     assert rows[1]["optim.lr"] == "1e-3"
-    with pytest.raises(SystemExit, match="no Hydra job directories"):
+    # every term and diagnostic the loss logged, and nothing else of metrics.csv
+    assert {k for k in rows[0] if k.startswith("final_")} == {"final_step", "final_loss", "final_ce", "final_me_max",
+                                                              "final_distinct_prototypes", "final_monitor"}
+    assert rows[0]["final_ce"] == 4.0 and rows[1]["final_spread"] == 0.25 and "final_spread" not in rows[0]
+    with pytest.raises(SystemExit) as exit_:
         sweep_main([str(sweep / "10")])
+    assert exit_.value.code == 1 and "msn.sweep: error: no Hydra job directories" in capsys.readouterr().err
 
 
 def test_example_sweep_config_is_a_two_by_two_multirun():

@@ -14,13 +14,16 @@ import torch
 from PIL import Image
 
 from msn.cli.viz import main
-from msn.data import EpochSampler, MultiCropDataset, MultiCropTransform, RunSampler, build_dataset, build_loader
+from msn.data.loader import EpochSampler, MultiCropDataset, RunSampler, build_loader
+from msn.data.multicrop import MultiCropTransform
+from msn.data.registry import build_dataset
 from msn.models.masking import MaskGenerator
 from msn.plots.attention import cls_attention
 from msn.plots.common import GREY, to_display
 from msn.train.loop import train
 from msn.train.views import trainer_views
-from msn.weights.formats import export_hf, read_source
+from msn.weights.export import export_hf
+from msn.weights.read import read_source
 from tests.conftest import compose_config
 
 SMOKE = ["experiment=cpu_smoke", "masking.ratio=0.5", "data.batch_size=8"]

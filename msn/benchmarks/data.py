@@ -1,6 +1,7 @@
 """msn-bench data: images/s of the multi-crop input pipeline on a training source, and of a reference.
 
-The source is any of the trainer's (``data=folder``, ``webdataset`` or ``hf``), read as the trainer reads it.
+The source is any of the trainer's (``data=folder``, ``webdataset``, ``hf``, ``custom``, ...: every registered
+source), read as the trainer reads it.
 
 Ours is the trainer's own loader (:mod:`msn.data`) as configured: decode and crop in the workers, the
 photometric stage in the workers (``data.augment_on=cpu``) or on the training device (``device``; a
@@ -24,17 +25,10 @@ from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
-from msn.data import (
-    EpochSampler,
-    MultiCropDataset,
-    MultiCropTransform,
-    RunSampler,
-    augment_in_workers,
-    build_dataset,
-    build_loader,
-    device_views,
-    load_rgb,
-)
+from msn.data.images import load_rgb
+from msn.data.loader import EpochSampler, MultiCropDataset, RunSampler, build_loader
+from msn.data.multicrop import MultiCropTransform, augment_in_workers, device_views
+from msn.data.registry import build_dataset, describe_source
 from msn.utils.device import resolve_device
 
 
@@ -125,21 +119,12 @@ def bench_data(cfg: DictConfig, *, workers: int, seconds: float, warmup: int = 2
                                   generator=torch.Generator().manual_seed(cfg.seed))
     reference = images_per_second(_forever(reference_loader), d.batch_size, seconds, warmup)
     return {
-        "source": d.name, "root": source_description(d), "images": len(base), "batch": int(d.batch_size),
+        "source": d.name, "root": describe_source(d), "images": len(base), "batch": int(d.batch_size),
         "workers": workers,
         "threads": torch.get_num_threads(), "device": device.type, "augment_on": "cpu" if in_workers else "device",
         "views": f"2 x {d.global_size} + {d.num_focal} x {d.focal_size}",
         "ours_images_per_s": ours, "reference_images_per_s": reference, "ratio": ours / reference,
     }
-
-
-def source_description(d: DictConfig) -> str:
-    """The data a source reads: the folder, the shard pattern or the dataset path."""
-    if d.name == "webdataset":
-        return str(d.shards if isinstance(d.shards, str) else ",".join(map(str, d.shards)))
-    if d.name == "hf":
-        return f"{d.path} [{d.split}]"
-    return str(d.root) if d.name == "folder" else d.name
 
 
 def _forever(loader: DataLoader) -> Iterable[Any]:

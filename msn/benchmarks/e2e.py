@@ -23,7 +23,8 @@ from omegaconf import DictConfig
 
 from msn.benchmarks.step import bench_step
 from msn.config import ConfigError
-from msn.data import augment_in_workers, loader_workers
+from msn.data.loader import loader_workers
+from msn.data.multicrop import augment_in_workers
 from msn.utils.device import resolve_device
 
 QUIET = ["logger=csv", "logger.progress=false", "logger.console_every=0", "monitor.every_steps=0",

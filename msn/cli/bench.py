@@ -37,6 +37,8 @@ from typing import TYPE_CHECKING, Any
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
+from msn.cli.errors import fail
+from msn.cli.logs import console_logging
 from msn.errors import ConfigError, MSNError
 from msn.utils.arguments import check_number, check_numbers, check_writable
 
@@ -92,8 +94,9 @@ def _parser() -> argparse.ArgumentParser:
                                            "msn-pretrain (the paper's views by default).")
     data.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data.batch_size=128 data.augment_on=device "
                                                    "data.shards=... data.path=...")
-    data.add_argument("--source", choices=("folder", "webdataset", "hf"), default="folder",
-                      help="the data= source (default folder); webdataset takes data.shards=, hf data.path=")
+    data.add_argument("--source", default="folder",
+                      help="the data= source (default folder): any registered source (folder, webdataset, hf, custom, "
+                           "...); webdataset takes data.shards=, hf data.path=, custom data.dataset=")
     data.add_argument("--root", default=None, help="folder of images for --source folder (or data.root=)")
     data.add_argument("--workers", type=int, default=None, help="loader workers for both (default: data.num_workers)")
     data.add_argument("--threads", type=int, default=None, help="torch threads of this process (default: torch's)")
@@ -129,23 +132,21 @@ def check_args(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Console entry point ``msn-bench``."""
     args = _parser().parse_args(argv)
+    console_logging()
     try:
         check_args(args)
         result = _run(args)
     except (MSNError, HydraException, OmegaConfBaseException) as e:  # bad input, or an override Hydra cannot compose
-        from msn.cli.hydra import error_line
-
-        print(f"msn-bench: error: {error_line(e)}", file=sys.stderr)
-        return 1
+        return fail("msn-bench", e)
     print(json.dumps(result))
     return 0
 
 
 def compose_bench_config(overrides: list[str]) -> DictConfig:
     """The msn-pretrain config for ``overrides``; a folder dataset needs no root here (no data is read)."""
-    from msn.cli.hydra import compose_run_config
+    from msn.utils.compose import compose_config
 
-    return compose_run_config(overrides, placeholder_root=True)
+    return compose_config(overrides, run_dir=".", placeholder_root=True)
 
 
 def _set_matmul(cfg: DictConfig) -> None:
@@ -179,7 +180,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
             torch.set_num_threads(args.threads)
         root = [f"data.root={args.root}"] if args.root is not None else []
         cfg = compose_bench_config([f"data={args.source}", *args.overrides, *root])
-        from msn.data import loader_workers
+        from msn.data.loader import loader_workers
 
         workers = loader_workers(cfg.data.num_workers) if args.workers is None else args.workers
         result = bench_data(cfg, workers=workers, seconds=args.seconds)

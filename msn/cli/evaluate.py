@@ -5,9 +5,11 @@
 Protocols: lowshot (k images per class / a label fraction, L2-penalised multinomial logistic
 regression on centred, L2-normalised CLS features of a centre crop, --crop-pct), knn (cosine, k=20,
 temperature-weighted votes), linear (a linear probe trained on cached features), finetune
-(ViTMSNForImageClassification from an hf export). MODEL is a training checkpoint, a run directory,
-an original MSN .pth.tar or a Hugging Face ViTMSN folder; the target encoder is used. The encoder
-runs on a GPU when there is one (--device), in bf16 autocast there (--precision).
+(ViTMSNForImageClassification holding the encoder), and any protocol a plugin registers (MSN_PLUGINS=module)
+or a protocol function's import path (mypkg.protocols.fewshot); --option KEY=VALUE sets a protocol's own
+option. MODEL is a training checkpoint, a run directory, an original MSN .pth.tar, a Hugging Face ViTMSN
+folder or a timm export; the target encoder is used. The encoder runs on a GPU when there is one (--device),
+in bf16 autocast there (--precision).
 """
 
 from __future__ import annotations
@@ -18,9 +20,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from msn.cli.errors import fail
+from msn.cli.logs import console_logging
 from msn.config import DEFAULT_CROP_PCT, check_crop_pct
 from msn.errors import CheckpointError, ConfigError, MSNError
-from msn.eval.evaluate import PROTOCOLS, default_output, evaluate, format_table, update_model_card
+from msn.eval.evaluate import default_output, evaluate, format_table, update_model_card
+from msn.eval.registry import get_protocol, protocol_names
+from msn.eval.splits import check_eval_dataset
 from msn.train.loggers import import_wandb
 from msn.utils.arguments import check_numbers, check_writable
 from msn.utils.files import atomic_write_text
@@ -30,14 +38,17 @@ from msn.utils.rundir import check_model, is_hf_export
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="msn-eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("protocol", choices=PROTOCOLS)
+    p.add_argument("protocol", metavar="PROTOCOL",
+                   help=f"{', '.join(protocol_names())}, or a protocol function's import path (mypkg.module.name)")
     p.add_argument("model", help="training checkpoint, run directory, original MSN .pth.tar or HF ViTMSN folder")
     p.add_argument("--dataset", default="digits",
                    help="digits; fashion_mnist (its official test split, from Debian's dataset-fashion-mnist package; "
                         "a folder holding the four idx files works too); or a folder with train/ and val/ "
                         "(ImageFolder)")
-    p.add_argument("--shots", type=int, nargs="+", default=[1, 2, 5], help="lowshot: images per class")
-    p.add_argument("--fraction", type=float, default=0.01, help="lowshot: label fraction (0 to skip)")
+    # The protocols' own options default to None here: the protocol's signature holds the default, and an option
+    # given to a protocol that does not take it is refused, not ignored.
+    p.add_argument("--shots", type=int, nargs="+", default=None, help="lowshot: images per class (default 1 2 5)")
+    p.add_argument("--fraction", type=float, default=None, help="lowshot: label fraction (default 0.01; 0 to skip)")
     p.add_argument("--splits", type=int, default=3, help="fixed random splits (seeds 0..n-1)")
     p.add_argument("--subset-file", help="lowshot: train on exactly these images (one path a line; digits: index)")
     p.add_argument("--penalty", type=float, default=None, help="lowshot: sklearn C; default: cross-validated")
@@ -47,10 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crop-pct", type=float, default=DEFAULT_CROP_PCT,
                    help="the centre share of each image the encoder sees: resize to size/crop_pct, crop size "
                         "(default 0.875, the paper's 256 -> 224; 1 keeps the whole image, e.g. for 28-px datasets)")
-    p.add_argument("--k", type=int, default=20, help="knn: neighbours")
-    p.add_argument("--temperature", type=float, default=0.07, help="knn: vote temperature")
-    p.add_argument("--epochs", type=int, default=100, help="linear / finetune: epochs")
-    p.add_argument("--lr", type=float, default=1e-3, help="linear / finetune: learning rate")
+    p.add_argument("--k", type=int, default=None, help="knn: neighbours (default 20)")
+    p.add_argument("--temperature", type=float, default=None, help="knn: vote temperature (default 0.07)")
+    p.add_argument("--epochs", type=int, default=None, help="linear / finetune: epochs (default 100)")
+    p.add_argument("--lr", type=float, default=None, help="linear / finetune: learning rate (default 1e-3)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the protocol's own (a YAML value: --option normalise=false), repeatable")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers that decode and preprocess")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
@@ -68,13 +81,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+PROTOCOL_OPTIONS = ("shots", "fraction", "subset_file", "penalty", "k", "temperature", "epochs", "lr")  # their flags
+
+
+def protocol_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The protocol options given on the command line: the built-in protocols' flags that were given, and each
+    ``--option KEY=VALUE`` (its value read as YAML: ``3``, ``0.5``, ``[1, 2]``, ``false``, ``text``)."""
+    options = {name: getattr(args, name) for name in PROTOCOL_OPTIONS if getattr(args, name) is not None}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--option {item}: give KEY=VALUE, e.g. --option k=10")
+        try:
+            options[key.strip().replace("-", "_")] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--option {item}: the value is not readable ({str(e).splitlines()[0]})") from None
+    return options
+
+
 def evaluate_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """:func:`msn.eval.evaluate.evaluate`'s keyword arguments from msn-eval's parsed arguments."""
     return dict(dataset=args.dataset, device=args.device, precision=args.precision, crop_pct=args.crop_pct,
                 splits=args.splits, feature=args.feature, last_blocks=args.last_blocks, batch_size=args.batch_size,
                 num_workers=args.num_workers, cache_dir=None if args.no_cache else Path(args.cache_dir),
-                shots=args.shots, fraction=args.fraction, subset_file=args.subset_file, penalty=args.penalty,
-                k=args.k, temperature=args.temperature, epochs=args.epochs, lr=args.lr)
+                **protocol_options(args))
 
 
 # Each numeric option and the values it allows (msn.utils.arguments.check_number), checked before any work.
@@ -84,14 +114,18 @@ NUMBERS = {"--shots": ">= 1", "--fraction": "[0, 1)", "--splits": ">= 1", "--pen
 
 
 def check_args(args: argparse.Namespace) -> Path:
-    """Refuse bad numbers, an output that exists (without --overwrite) or could not be written, and a MODEL
-    that names nothing, before torch is imported; returns the results file."""
+    """Refuse bad numbers, a protocol that is not known or an option it does not take, an output that exists
+    (without --overwrite) or could not be written, and a MODEL that names nothing, before torch is imported;
+    returns the results file."""
     check_numbers(args, NUMBERS)
+    get_protocol(args.protocol).resolve(protocol_options(args), f"msn-eval {args.protocol}: the option")
+    check_eval_dataset(args.dataset, "--dataset")
     try:
         check_crop_pct(args.crop_pct, "--crop-pct")
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    output = Path(args.output) if args.output else default_output(Path(args.model), args.protocol, args.dataset)
+    name = get_protocol(args.protocol).name
+    output = Path(args.output) if args.output else default_output(Path(args.model), name, args.dataset)
     if output.is_dir():
         raise ConfigError(f"--output {output} is a folder; give the file the results go to, e.g. {output}/results.json")
     if output.exists() and not args.overwrite:
@@ -112,13 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.update_card and not is_hf_export(args.model):
         parser.error("--update-card needs MODEL to be an hf export folder (msn-export --format hf)")
+    console_logging({"msn.eval.evaluate": "msn-eval: "})  # its coverage warnings, as ever
     try:
         output = check_args(args)
         wandb = import_wandb("--wandb") if args.wandb else None  # before the work, not after it
         report = evaluate(args.protocol, args.model, **evaluate_kwargs(args))
     except MSNError as e:
-        print(f"msn-eval: error: {e}", file=sys.stderr)
-        return 1
+        return fail("msn-eval", e)
     print(format_table(report))
     target = output
     try:
@@ -128,9 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             target = Path(args.model) / "README.md"
             update_model_card(Path(args.model), report)
     except OSError as e:  # a full disk, or a folder that turned read-only since the check
-        print(f"msn-eval: error: cannot write {target}: {e.strerror or e}; the results are in the table above",
-              file=sys.stderr)
-        return 1
+        return fail("msn-eval", f"cannot write {target}: {e.strerror or e}; the results are in the table above")
     if wandb is not None:
         run = wandb.init(project="msn", job_type="eval", mode="offline", config=report["settings"])
         run.log({f"eval/{report['protocol']}/{k}": r["mean"] for k, r in report["results"].items()})

@@ -12,8 +12,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from msn.cli.errors import fail
+from msn.cli.logs import console_logging
 from msn.errors import MSNError
-from msn.utils.rundir import check_export_out, source_file
+from msn.utils.rundir import source_file
+from msn.weights.export import check_export_out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,10 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.format == "msn" and args.encoder is not None:
         parser.error("--encoder does not apply to --format msn, which writes both encoders")
     args.encoder = args.encoder or "target"
+    console_logging()
     try:
         source_file(args.source)  # a typo, or an OUT that would be refused, is answered before torch is imported
         check_export_out(args.out, args.format, args.overwrite, args.source)
-        from msn.weights.formats import export_hf, export_msn, export_timm, read_source
+        from msn.weights.export import export_hf, export_msn, export_timm
+        from msn.weights.read import read_source
 
         source = read_source(args.source)
         out = Path(args.out)
@@ -45,11 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             written = export_msn(source, out, args.overwrite)
     except MSNError as e:
-        print(f"msn-export: error: {e}", file=sys.stderr)
-        return 1
+        return fail("msn-export", e)
     except OSError as e:  # a full disk, say: atomic writes leave no partial file behind
-        print(f"msn-export: error: cannot write to {args.out}: {e.strerror or e}", file=sys.stderr)
-        return 1
+        return fail("msn-export", f"cannot write to {args.out}: {e.strerror or e}")
     print(f"wrote {args.format} export of the {args.encoder if args.format != 'msn' else 'full'} model to {written}")
     return 0
 

@@ -1,7 +1,7 @@
 """``msn-pretrain``: the Hydra command line around :func:`msn.train.train`.
 
 A thin shell that imports torch only once there is something to train: ``--help``, ``--cfg`` and a
-config refused by :class:`msn.cli.hydra.CheckBeforeRun` (an unknown key, a bad value, a run that exists)
+config refused by :class:`msn.cli.checks.CheckBeforeRun` (an unknown key, a bad value, a run that exists)
 answer in about a second, where importing torch, torchvision and timm takes about ten on a 2-core CPU.
 ``python -m msn.train`` and ``torchrun -m msn.train`` run this same entry point.
 """
@@ -19,12 +19,16 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from msn.cli.hydra import CREATED_RUN_DIRS, START_TIME_ENV, explain_hydra_error, register_configs
+from msn.cli.checks import CREATED_RUN_DIRS
+from msn.cli.errors import explain_hydra_error, fail
+from msn.cli.logs import console_logging
 from msn.config import CONFIG_DIR
 from msn.errors import MSNError
+from msn.utils.compose import register_configs
 from msn.utils.launcher import process_info
 from msn.utils.rundir import has_checkpoints
 from msn.utils.runlock import release_run_lock
+from msn.utils.runname import START_TIME_ENV
 
 # At import: a submitit job process imports this module to unpickle the task, and composes its config
 # (``${start_time:}``, ``${msn_run_dir:}``) before the task runs.
@@ -45,13 +49,14 @@ def _hydra_main(cfg: DictConfig) -> None:
     else:
         command = "the same launch command (torchrun or srun), whose overrides are: " + shlex.join(overrides)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    console_logging()  # the library's log lines, printed as msn-pretrain always printed them
     stop = StopRequest()  # the command owns the process's signals; train() as a library leaves them alone
     try:
         configure_matmul(resolve_device(cfg.device), cfg.tf32)  # process-wide: the entry point's decision
         train(cfg, command, stop=stop)
     except MSNError as e:
         _forget_refused_run(run_dir)
-        sys.exit(f"msn-pretrain: error: {e}")
+        sys.exit(fail("msn-pretrain", e))
     finally:
         stop.restore()
         release_run_lock(run_dir)
@@ -83,17 +88,22 @@ def main() -> None:
         os.environ[START_TIME_ENV] = distributed.broadcast_object(datetime.now().isoformat())
     # Hydra prints its own errors as a block that ends "Set the environment variable HYDRA_FULL_ERROR=1";
     # with it set, they reach us and become one line. A user who set it gets Hydra's full traceback.
-    user_wants_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    users_setting = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         _hydra_main()
     except (HydraException, OmegaConfBaseException) as e:
-        if user_wants_traceback:
+        if users_setting == "1":
             raise
-        sys.exit(f"msn-pretrain: error: {explain_hydra_error(e)}")
+        sys.exit(fail("msn-pretrain", explain_hydra_error(e)))
     except KeyboardInterrupt:
-        sys.exit("msn-pretrain: stopped at once by a second Ctrl-C; the last checkpoint written is kept, and "
-                 "resume=auto continues from it")
+        sys.exit(fail("msn-pretrain", "stopped at once by a second Ctrl-C; the last checkpoint written is kept, "
+                      "and resume=auto continues from it"))
+    finally:  # as the user had it (a second call in one process, a test, must not see ours)
+        if users_setting is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = users_setting
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from msn.cli.errors import fail
+from msn.cli.logs import console_logging
 from msn.errors import DataError, MSNError
 from msn.utils.arguments import check_number, check_writable
 
@@ -30,21 +32,20 @@ def main(argv: list[str] | None = None) -> int:
                         help="write the images in an order shuffled by this seed (default: sorted by path)")
     parser.add_argument("--overwrite", action="store_true", help="replace shards already in OUT")
     args = parser.parse_args(argv)
+    console_logging()
     try:
         check_number("--per-shard", args.per_shard, ">= 1")
         if not Path(args.src).is_dir():
             raise DataError(f"SRC {args.src} is not a folder of images")
         check_writable(args.out, args.out, "give an OUT you can write to")
-        from msn.data.shards import write_shards  # torch and webdataset: the arguments passed their checks
+        from msn.data.shard_writer import write_shards  # webdataset: the arguments passed their checks
 
         written = write_shards(args.src, args.out, per_shard=args.per_shard, shuffle_seed=args.shuffle_seed,
                                overwrite=args.overwrite)
     except MSNError as e:
-        print(f"msn-shards: error: {e}", file=sys.stderr)
-        return 1
+        return fail("msn-shards", e)
     except OSError as e:
-        print(f"msn-shards: error: cannot write to {args.out}: {e.strerror or e}", file=sys.stderr)
-        return 1
+        return fail("msn-shards", f"cannot write to {args.out}: {e.strerror or e}")
     print(f"wrote {written.samples} images in {len(written.files)} shards to {args.out}; train on them with:")
     print(f"  msn-pretrain data=webdataset {shlex.quote(f'data.shards={chr(34)}{written.pattern}{chr(34)}')}")
     return 0

@@ -6,9 +6,10 @@ and ``SWEEP_DIR/summary.json``; ``python -m msn.sweep SWEEP_DIR`` rebuilds them 
 failed or cancelled job, or after ``msn-eval ... RUN_DIR`` wrote its ``RUN_DIR/eval_*.json`` results).
 
 Per job: its number and directory, each override (``key=value`` as typed), ``status`` (finished,
-stopped, or no metrics), and from the last row of its ``metrics.csv`` the step, loss, CE, ME-MAX,
-distinct prototypes and the last ``monitor`` accuracy; then ``eval/<protocol>/<setting>`` means from
-every msn-eval report found in the job directory.
+stopped, or no metrics), and from the last row of its ``metrics.csv`` the step, the loss and every term and
+diagnostic the loss logged (ce, me_max, entropy, distinct_prototypes, ... and terms of your own), and the last
+``monitor`` accuracy; then ``eval/<protocol>/<setting>`` means from every msn-eval report found in the job
+directory.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from msn.cli.errors import fail
 from msn.utils.launcher import process_info
-
-FINAL = ("step", "loss", "ce", "me_max", "distinct_prototypes")
+from msn.utils.rundir import loss_columns
 
 
 def _job_dirs(sweep_dir: Path) -> list[Path]:
@@ -51,15 +52,18 @@ def summarize_job(job: Path) -> dict[str, Any]:
     """One summary row for the run directory ``job``."""
     row: dict[str, Any] = {"job": job.name, "dir": str(job), **_overrides(job)}
     rows: list[dict[str, str]] = []
+    header: list[str] = []
     if (job / "metrics.csv").is_file():
         with (job / "metrics.csv").open(newline="") as f:
-            rows = list(csv.DictReader(f))
+            reader = csv.DictReader(f)
+            rows, header = list(reader), list(reader.fieldnames or [])
     if not rows:
         row["status"] = "no metrics"
         return row
     last = rows[-1]
-    for key in FINAL:
-        row[f"final_{key}"] = float(last[key]) if key != "step" else int(float(last[key]))
+    row["final_step"] = int(float(last["step"]))
+    for key in ("loss", *loss_columns(header)):
+        row[f"final_{key}"] = float(last[key])
     monitored = [float(r["monitor"]) for r in rows if r.get("monitor") not in (None, "", "nan")]
     if monitored:
         row["final_monitor"] = monitored[-1]
@@ -109,10 +113,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("sweep_dir", type=Path, help="a multirun directory (holding 0/, 1/, ...)")
     args = p.parse_args(argv)
     if not args.sweep_dir.is_dir():
-        sys.exit(f"msn.sweep: error: {args.sweep_dir} is not a directory")
+        sys.exit(fail("msn.sweep", f"{args.sweep_dir} is not a directory"))
     rows = write_summary(args.sweep_dir)
     if not rows:
-        sys.exit(f"msn.sweep: error: no Hydra job directories (with .hydra/overrides.yaml) in {args.sweep_dir}")
+        sys.exit(fail("msn.sweep", f"no Hydra job directories (with .hydra/overrides.yaml) in {args.sweep_dir}"))
     print(f"{len(rows)} runs: {args.sweep_dir / 'summary.csv'}")
 
 

@@ -12,10 +12,10 @@ views: the target, anchor (dropped patches grey) and focal views of the first --
   (its config.yaml) or a config given as msn-pretrain overrides (e.g. experiment=cpu_smoke).
 attention: the last block's CLS-to-patch attention of the target encoder, averaged and per head, over
   the images (files given with --images, else the first --count test images of --dataset). MODEL: a
-  run directory, a training checkpoint, an original MSN .pth.tar or a Hugging Face ViTMSN export.
-curves: loss, CE, ME-MAX, lr, wd, momentum, distinct prototypes, images/s, monitor accuracy and the
-  encoder's gradient norm against the step, from metrics.csv; a sweep directory overlays its runs,
-  labelled by their overrides.
+  run directory, a training checkpoint, an original MSN .pth.tar, a Hugging Face ViTMSN or a timm export.
+curves: every column of metrics.csv against the step, a panel each: the loss and each of its terms (ce,
+  me_max, entropy, terms of your own), lr, wd, momentum, distinct prototypes, images/s, monitor accuracy, the
+  encoder's gradient norm, ...; a sweep directory overlays its runs, labelled by their overrides.
 prototypes: how many images of --dataset each prototype is the target's argmax for (sorted; the share
   never used), and the images nearest to the most used prototypes. Needs the prototypes: a run directory
   or training checkpoint, not an export.
@@ -32,6 +32,8 @@ from pathlib import Path
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
+from msn.cli.errors import fail
+from msn.cli.logs import console_logging
 from msn.config import DEFAULT_CROP_PCT, check_crop_pct
 from msn.errors import MSNError, VizError
 from msn.plots import check_png_path
@@ -84,10 +86,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _views(args: argparse.Namespace):
-    from msn.cli.hydra import compose_run_config
     from msn.config import load_run_config
     from msn.plots.views import default_cell, views_picture
     from msn.train.views import trainer_views, world_size_of
+    from msn.utils.compose import compose_config
 
     first = Path(args.source[0])
     if first.is_dir():
@@ -95,7 +97,7 @@ def _views(args: argparse.Namespace):
             raise VizError(f"views: give a run directory or overrides, not both ({' '.join(args.source[1:])})")
         cfg, world = load_run_config(first), world_size_of(first)
     elif "=" in args.source[0]:
-        cfg, world = compose_run_config(args.source), 1
+        cfg, world = compose_config(args.source, run_dir="."), 1
     else:
         raise VizError(f"views: {first} is neither a run directory nor an override (key=value)")
     tv = trainer_views(cfg, args.step, args.count, world)
@@ -177,6 +179,7 @@ def _check(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Console entry point ``msn-viz``."""
     args = _parser().parse_args(argv)
+    console_logging()
     try:
         _check(args)
         picture = KIND_FUNCTIONS[args.kind](args)
@@ -188,10 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             raise VizError(f"cannot write {args.out}: {e.strerror or e}; pass --out FILE.png in a folder you can "
                            "write to") from None
     except (MSNError, HydraException, OmegaConfBaseException) as e:  # bad input, or an override Hydra cannot compose
-        from msn.cli.hydra import error_line
-
-        print(f"msn-viz: error: {error_line(e)}", file=sys.stderr)
-        return 1
+        return fail("msn-viz", e)
     print(f"wrote {path}")
     return 0
 

@@ -11,18 +11,17 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from msn.config.arch import WEIGHT_INITS
-from msn.config.schema import MSNConfig, check_crop_pct, model_arch
+from msn.config.schema import PRIORS, MSNConfig, check_crop_pct, model_arch
 from msn.errors import ConfigError
 
 _CHOICES: dict[str, tuple[str, ...]] = {
-    "data.name": ("digits", "fashion_mnist", "folder", "synthetic", "webdataset", "hf"),
     "device": ("auto", "cpu", "cuda"),
     "precision": ("fp32", "bf16", "fp16"),
     "logger.name": ("csv", "wandb"),
     "logger.wandb.mode": ("offline", "online", "disabled"),
-    "monitor.protocol": ("knn", "lowshot"),
     "model.weight_init": WEIGHT_INITS,
     "optim.prototype_grad": ("sum", "mean"),
+    "loss.prior": PRIORS,
     "data.augment_on": ("auto", "cpu", "device"),
     "compile_mode": (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
 }
@@ -86,7 +85,7 @@ def validate(cfg: DictConfig | MSNConfig) -> None:
     for key in ("optim.lr", "optim.start_lr", "loss.tau", "loss.sharpen_T"):
         check(_get(cfg, key) > 0, f"{key}={_get(cfg, key)} must be > 0")
     for key in ("optim.final_lr", "optim.weight_decay", "optim.final_weight_decay", "optim.warmup_epochs",
-                "loss.me_max_weight", "loss.entropy_weight", "data.num_focal",
+                "loss.me_max_weight", "loss.entropy_weight", "loss.prior_tau", "data.num_focal",
                 "checkpoint.every_steps", "checkpoint.last_every_steps", "checkpoint.keep", "model.drop_path_rate",
                 "data.max_bad_files", "data.max_bad_fraction",
                 "logger.console_every", "monitor.every_steps"):
@@ -137,15 +136,6 @@ def validate(cfg: DictConfig | MSNConfig) -> None:
             continue
         check(size % patch == 0,
               f"{key}={size} is not divisible by model.patch_size={patch}; use a multiple of {patch}")
-    if cfg.data.name == "folder":
-        check(bool(cfg.data.root), "data.root is required for data=folder: pass data.root=/path/to/images")
-    if cfg.data.name == "webdataset":
-        check(bool(cfg.data.shards), "data.shards is required for data=webdataset: pass "
-              "data.shards='/data/shard-{000000..000099}.tar' (quoted: the braces are the shell's too)")
-        check(bool(cfg.data.image_keys), "data.image_keys must name at least one extension, e.g. [jpg,png]")
-    if cfg.data.name == "hf":
-        check(bool(cfg.data.path), "data.path is required for data=hf: pass data.path=/path/to/saved_dataset "
-              "(save_to_disk), a folder of parquet / arrow files, or a hub id")
     check(cfg.data.samples_per_epoch is None or cfg.data.samples_per_epoch >= 1,
           f"data.samples_per_epoch={cfg.data.samples_per_epoch} must be >= 1 (or null: the whole dataset)")
     if 0 < cfg.masking.ratio < 1:

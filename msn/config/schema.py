@@ -40,7 +40,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "digits"  # digits | fashion_mnist | folder | synthetic | webdataset | hf
+    name: str = "digits"  # a registered source (msn.data.registry): digits | fashion_mnist | folder | synthetic |
+    # webdataset | hf | custom (or the import path of a msn.data.Source subclass)
     root: str | None = None  # image folder for name=folder
     list_file: str | None = None  # optional file of image paths (relative to root) to restrict to
     # name=webdataset: tar shards as a brace pattern ('/data/shard-{000000..000099}.tar'), a glob, a list, or
@@ -52,6 +53,8 @@ class DataConfig:
     path: str | None = None
     split: str = "train"
     image_key: str = "image"
+    # name=custom: a Hydra _target_ node naming a map-style dataset class and its keyword arguments
+    dataset: Any = None
     samples_per_epoch: int | None = None  # an epoch of this many samples of the dataset (default: all of them)
     batch_size: int = 64  # images per process per step
     num_workers: int | None = 0  # null: min(8, the CPU cores this process may use)
@@ -84,15 +87,25 @@ class MaskingConfig:
     mask_focal: bool = False  # also mask the focal views (the original does not)
 
 
+PRIORS = ("uniform", "power_law")  # loss.prior: MSN's ME-MAX, PMSN's power law
+
+
 @dataclass
 class LossConfig:
-    tau: float = 0.1
-    sharpen_T: float = 0.25
-    final_sharpen_T: float | None = None  # None: constant sharpen_T
+    """The MSN loss's settings (msn.train.loss reads them from here, and only here)."""
+
+    tau: float = 0.1  # temperature of the cosine similarity to the prototypes
+    sharpen_T: float = 0.25  # target sharpening temperature
+    final_sharpen_T: float | None = None  # None: constant sharpen_T; else scheduled linearly to it
     sinkhorn: bool = True
     sinkhorn_iterations: int = 3
-    me_max_weight: float = 1.0
+    me_max_weight: float = 1.0  # lambda: the weight of the regulariser (ME-MAX, or PMSN's prior matching)
     entropy_weight: float = 0.0
+    # The regulariser's prior over the prototypes: uniform (MSN's ME-MAX) | power_law (PMSN, rho_k ~ k^-prior_tau)
+    prior: str = "uniform"
+    prior_tau: float = 0.25  # PMSN's power-law exponent (the paper's 0.25)
+    # Terms of your own: {name: {_target_: mypkg.terms.fn, weight: 0.1, ...}} (msn.train.terms)
+    extra_terms: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -144,9 +157,12 @@ def check_crop_pct(crop_pct: float, option: str) -> None:
 @dataclass
 class MonitorConfig:
     every_steps: int = 0  # evaluate the target encoder every N steps (0: off); logged as metrics.csv "monitor"
-    protocol: str = "knn"  # knn (k=20, full labels) | lowshot (5 images per class, logistic regression)
+    # any registered protocol (msn.eval.registry): knn (k=20, full labels) | lowshot (5 images per class,
+    # logistic regression) | linear | finetune | a plugin's, or a protocol function's import path
+    protocol: str = "knn"
     dataset: str = "digits"  # digits, fashion_mnist, or a folder with train/ and val/ (ImageFolder layout)
     crop_pct: float = DEFAULT_CROP_PCT  # the centre share of each image evaluated (msn-eval --crop-pct; 1: all)
+    options: dict[str, Any] = field(default_factory=dict)  # the protocol's options over its monitoring defaults
 
 
 @dataclass

@@ -6,83 +6,46 @@
                                                └─> finish (workers, or the training GPU): colour jitter,
                                                    grayscale, blur, normalisation
 
-Modules: :mod:`~msn.data.datasets` (base datasets), :mod:`~msn.data.crops` (RandomResizedCrop,
-batched), :mod:`~msn.data.photometric` (per-view colour and blur operations, any device),
-:mod:`~msn.data.multicrop` (the two-stage MSN transform and the batch it makes) and
-:mod:`~msn.data.loader` (keyed dataset, samplers, DataLoader).
+The base dataset comes from a registered source (:mod:`~msn.data.registry`; the built-ins in
+:mod:`~msn.data.sources`, or a dataset class of your own with ``data=custom``). Modules:
+:mod:`~msn.data.images` (decoding), :mod:`~msn.data.crops` (RandomResizedCrop, batched),
+:mod:`~msn.data.photometric` (per-view colour and blur operations, any device), :mod:`~msn.data.multicrop`
+(the two-stage MSN transform and the batch it makes), :mod:`~msn.data.loader` (keyed dataset, samplers,
+DataLoader) and :mod:`~msn.data.shard_writer` (``msn-shards``).
 
 Randomness: the augmentation of image ``index`` in ``epoch`` draws only from a private generator
 seeded by a hash of ``(seed, epoch, index)``, so a view is a pure function of that key: identical for
 any ``num_workers``, any request order, any process, on the CPU or the GPU (to float tolerance), and
 after a resume.
+
+The names below load on first use: ``import msn.data`` imports neither torch nor the sources.
 """
 
-from msn.data.crops import (
-    dense_resize_is_cheap,
-    resized_crops,
-    resized_crops_dense,
-    resized_crops_loop,
-    sample_boxes,
-    to_uint8_image,
-)
-from msn.data.datasets import (
-    IMAGE_EXTENSIONS,
-    DataError,
-    DigitsDataset,
-    FashionMNISTDataset,
-    ImageDataset,
-    ImageFolderDataset,
-    SyntheticDataset,
-    check_data_root,
-    find_fashion_mnist,
-    load_rgb,
-    read_idx,
-    to_8bit,
-)
-from msn.data.loader import (
-    EpochSampler,
-    Key,
-    MultiCropDataset,
-    RunSampler,
-    SkippedImages,
-    build_loader,
-    collate_views,
-    epoch_length,
-    loader_workers,
-    samples_per_replica,
-    steps_per_epoch,
-)
-from msn.data.multicrop import (
-    MultiCropTransform,
-    ViewBatch,
-    ViewGroup,
-    ViewParams,
-    augment_in_workers,
-    device_views,
-    single_threaded,
-)
-from msn.data.photometric import (
-    PhotometricParams,
-    adjust_brightness,
-    adjust_contrast,
-    adjust_hue,
-    adjust_saturation,
-    blur_kernel_size,
-    color_jitter,
-    gaussian_blur,
-    grayscale,
-    photometric,
-)
-from msn.data.sources import DATASETS, build_dataset
+from __future__ import annotations
 
-__all__ = [
-    "adjust_brightness", "adjust_contrast", "adjust_hue", "adjust_saturation", "augment_in_workers",
-    "blur_kernel_size", "build_dataset", "build_loader", "check_data_root", "collate_views", "color_jitter",
-    "DataError", "DATASETS", "dense_resize_is_cheap", "device_views", "DigitsDataset", "epoch_length",
-    "EpochSampler",
-    "FashionMNISTDataset", "find_fashion_mnist", "gaussian_blur", "grayscale", "IMAGE_EXTENSIONS", "ImageDataset",
-    "ImageFolderDataset", "Key", "load_rgb", "loader_workers", "MultiCropDataset", "MultiCropTransform", "photometric",
-    "PhotometricParams", "read_idx", "resized_crops", "resized_crops_dense", "resized_crops_loop", "RunSampler",
-    "sample_boxes", "samples_per_replica", "single_threaded", "SkippedImages", "steps_per_epoch",
-    "SyntheticDataset", "to_8bit", "to_uint8_image", "ViewBatch", "ViewGroup", "ViewParams",
-]
+import importlib
+from typing import Any
+
+_HOMES = {
+    "Source": "msn.data.registry", "register_source": "msn.data.registry", "get_source": "msn.data.registry",
+    "source_names": "msn.data.registry", "build_dataset": "msn.data.registry",
+    "load_rgb": "msn.data.images",
+    "ImageFolderDataset": "msn.data.sources.folder", "DigitsDataset": "msn.data.sources.digits",
+    "FashionMNISTDataset": "msn.data.sources.fashion_mnist", "SyntheticDataset": "msn.data.sources.synthetic",
+    "WebDatasetImages": "msn.data.sources.webdataset", "HFImages": "msn.data.sources.hf",
+    "MultiCropTransform": "msn.data.multicrop", "MultiCropDataset": "msn.data.loader",
+    "write_shards": "msn.data.shard_writer",
+}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HOMES:
+        value = getattr(importlib.import_module(_HOMES[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'msn.data' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

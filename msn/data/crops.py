@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from msn.data.datasets import DataError
 from msn.data.photometric import to_device
+from msn.errors import DataError
 
 RATIO_RANGE = (3.0 / 4.0, 4.0 / 3.0)  # RandomResizedCrop's default aspect-ratio range
 CROP_TRIES = 10  # RandomResizedCrop's rejection-sampling attempts before the centre-crop fallback

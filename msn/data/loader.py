@@ -23,8 +23,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from msn.config import DataConfig
-from msn.data.datasets import DataError, ImageDataset
 from msn.data.multicrop import MultiCropTransform, ViewBatch
+from msn.data.registry import ImageDataset
+from msn.errors import DataError
 from msn.utils.seeding import stream_generator
 
 Key = tuple[int, int]  # (epoch, index)

@@ -28,8 +28,8 @@ from PIL import Image
 
 from msn.config import DataConfig
 from msn.data.crops import CROP_UNIFORMS, resized_crops, sample_boxes, to_uint8_image
-from msn.data.datasets import DataError
 from msn.data.photometric import PhotometricParams, blur_kernel_size, photometric
+from msn.errors import DataError
 
 
 @dataclass

@@ -1,3 +1,29 @@
-"""Evaluation of a frozen encoder: features (:mod:`.features`), labelled splits (:mod:`.splits`), the
-protocols (:mod:`.protocols`: low-shot logistic regression, k-NN, linear probe, fine-tuning) and the
-monitor the trainer runs every few steps (:mod:`.monitor`)."""
+"""Evaluation of a frozen encoder: features (:mod:`.features`), labelled splits (:mod:`.splits`), the protocols
+by name (:mod:`.registry`; the built-ins in :mod:`.protocols`: low-shot logistic regression, k-NN, linear probe,
+fine-tuning), one protocol run as ``msn-eval`` runs it (:mod:`.evaluate`) and the monitor the trainer runs every
+few steps (:mod:`.monitor`).
+
+The names below load on first use (``import msn.eval`` imports neither torch nor the protocols).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_HOMES = {"EvalTask": "msn.eval.registry", "Protocol": "msn.eval.registry", "register_protocol": "msn.eval.registry",
+          "get_protocol": "msn.eval.registry", "protocol_names": "msn.eval.registry", "summarise": "msn.eval.registry",
+          "evaluate": "msn.eval.evaluate"}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HOMES:
+        value = getattr(importlib.import_module(_HOMES[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'msn.eval' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -19,9 +21,10 @@ from msn.eval.splits import Split
 from msn.models.backbone import MaskedViT
 from msn.utils.device import autocast
 from msn.utils.files import atomic_write
-from msn.utils.rundir import is_hf_export
-from msn.weights.convert import ConversionError, check_compatible, split_encoder
-from msn.weights.formats import infer_backbone, read_hf_folder, read_source, source_arch
+from msn.weights.convert import check_compatible
+from msn.weights.read import read_backbone
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -37,47 +40,51 @@ class Encoder:
     crop_pct: float = DEFAULT_CROP_PCT  # evaluation view: the centre crop_pct of the image (1.0: all of it)
 
 
-def _fingerprint(path: Path) -> str:
+def _weights_id(path: Path) -> str:
     stat = path.stat()
     return hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
 
 
-def load_encoder(model: str | Path, device: torch.device | str = "cpu", crop_pct: float = DEFAULT_CROP_PCT) -> Encoder:
-    """The target backbone of a checkpoint, run directory, original MSN file or HF ViTMSN folder, on ``device``,
-    evaluated on the centre ``crop_pct`` of each image (:func:`eval_transform`)."""
+def load_encoder(model: str | Path, device: torch.device | str = "cpu", crop_pct: float = DEFAULT_CROP_PCT,
+                 encoder: str = "target") -> Encoder:
+    """The backbone of a run directory, training checkpoint, original MSN file, Hugging Face or timm export
+    (:func:`msn.weights.read.read_backbone`; the EMA ``target`` encoder where there are two) on ``device``, in
+    eval mode, evaluated on the centre ``crop_pct`` of each image (:func:`eval_transform`)."""
     check_crop_pct(crop_pct, "crop_pct")
     path = Path(model)
-    if is_hf_export(path):
-        weights = path / "model.safetensors"
-        folder = read_hf_folder(path)
-        backbone_sd, arch, mean, std = folder.backbone, folder.arch, folder.mean, folder.std
-    else:
-        source = read_source(path)
-        weights = source.path
-        backbone_sd, _ = split_encoder(source.model, "target.")
-        arch = source_arch(source.model_cfg)
-        mean, std = source.mean_std()
-    sizes = infer_backbone(backbone_sd)
-    if arch.embed_dim % arch.num_heads:
-        raise ConversionError(f"{path}: {arch.num_heads} attention heads do not divide the width {arch.embed_dim}")
-    backbone = MaskedViT(arch, sizes["patch_size"], sizes["img_size"])
-    check_compatible(backbone.state_dict(), backbone_sd, f"the weights of {path}")
-    backbone.load_state_dict(backbone_sd)
-    return Encoder(backbone.to(device).eval(), sizes["img_size"], list(mean), list(std), _fingerprint(weights), path,
-                   crop_pct)
+    weights = read_backbone(path, encoder)
+    backbone = MaskedViT(weights.arch, weights.patch_size, weights.img_size)
+    check_compatible(backbone.state_dict(), weights.backbone, f"the weights of {path}")
+    backbone.load_state_dict(weights.backbone)
+    found = Encoder(backbone.to(device).eval(), weights.img_size, weights.mean, weights.std,
+                    _weights_id(weights.path), path, crop_pct)
+    backbone.pretrained_cfg = timm_pretrained_cfg(found)  # timm's convention: resolve_data_config(model=...)
+    return found
+
+
+def timm_pretrained_cfg(encoder: Encoder) -> dict[str, Any]:
+    """timm's ``pretrained_cfg`` of an encoder's preprocessing (what ``timm.data.resolve_data_config`` reads)."""
+    size = encoder.image_size
+    return {"input_size": (3, size, size), "mean": tuple(encoder.mean), "std": tuple(encoder.std),
+            "crop_pct": encoder.crop_pct, "interpolation": "bicubic", "num_classes": 0}
 
 
 def eval_transform(encoder: Encoder) -> v2.Compose:
-    """Resize the short side to ``size / crop_pct`` (bicubic), then centre-crop ``size``.
+    """The encoder's evaluation view of a PIL image (:func:`centre_crop_transform` of its size, crop and
+    normalisation): (3, size, size) float32."""
+    return centre_crop_transform(encoder.image_size, encoder.mean, encoder.std, encoder.crop_pct)
+
+
+def centre_crop_transform(size: int, mean: list[float], std: list[float],
+                          crop_pct: float = DEFAULT_CROP_PCT) -> v2.Compose:
+    """Resize the short side to ``size / crop_pct`` (bicubic), centre-crop ``size``, scale to [0, 1], normalise.
 
     ``crop_pct = 224/256`` is the paper's 256 -> 224 protocol (a 28-px model sees the middle 28 px of the
     image resized to 32); ``crop_pct = 1`` keeps the whole image, as a raw-pixel baseline sees it.
     """
-    size = encoder.image_size
-    resize = v2.Resize(int(round(size / encoder.crop_pct)), interpolation=v2.InterpolationMode.BICUBIC,
-                       antialias=True)
+    resize = v2.Resize(int(round(size / crop_pct)), interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
     return v2.Compose([v2.ToImage(), resize, v2.CenterCrop(size), v2.ToDtype(torch.float32, scale=True),
-                       v2.Normalize(encoder.mean, encoder.std)])
+                       v2.Normalize(list(mean), list(std))])
 
 
 class TransformedImages(Dataset):
@@ -137,7 +144,7 @@ def extract_features(encoder: Encoder, split: Split, cache_dir: Path | None, *, 
             reason = "it does not match"
         except Exception as e:  # truncated / corrupted file: rebuild rather than trust it
             reason = f"{type(e).__name__}"
-        print(f"feature cache {path} is unusable ({reason}); rebuilding", file=sys.stderr)
+        log.warning(f"feature cache {path} is unusable ({reason}); rebuilding")
     loader = DataLoader(TransformedImages(split.images, eval_transform(encoder)), batch_size=batch_size,
                         num_workers=num_workers, pin_memory=device.type == "cuda")
     chunks = []

@@ -3,20 +3,24 @@
 
 from __future__ import annotations
 
-import sys
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from torch.utils.data import Dataset
 
-from msn.data import DataError, DigitsDataset, FashionMNISTDataset, ImageFolderDataset, find_fashion_mnist
+from msn.data.sources.digits import DigitsDataset
+from msn.data.sources.fashion_mnist import FashionMNISTDataset, find_fashion_mnist
+from msn.data.sources.folder import ImageFolderDataset
+from msn.errors import DataError
+
+log = logging.getLogger(__name__)
 
 DIGITS_TEST_SIZE = 540  # fixed, stratified digits split: 1257 train / 540 test images (seed 0)
 
 
-class _Subset(Dataset):
+class _Subset:
     def __init__(self, base: Any, indices: np.ndarray) -> None:
         self.base, self.indices = base, indices
 
@@ -35,7 +39,7 @@ class Split:
     split's), so a label means the same class in both.
     """
 
-    images: Dataset
+    images: Any  # index -> PIL image
     labels: np.ndarray
     ident: str
     names: list[str]  # per image: path relative to the split root (folders) or the index (digits)
@@ -75,7 +79,7 @@ def folder_splits(root: Path) -> tuple[Split, Split]:
     Labels follow the training split's class index (its sorted class folders) in both splits; a class
     that only ``val`` has gets a label after all of train's, which no classifier trained on train can
     predict, so its images count as errors (see :func:`class_coverage`). The folders are scanned as
-    training scans ``data.root`` (:func:`msn.data.datasets.scan_images`), and what was skipped is printed
+    training scans ``data.root`` (:func:`msn.data.sources.folder.scan_images`), and what was skipped is printed
     to stderr, one line per kind.
     """
     val = root / "val" if (root / "val").is_dir() else root / "test"
@@ -85,7 +89,7 @@ def folder_splits(root: Path) -> tuple[Split, Split]:
                 for name, folder in (("train", root / "train"), ("val", val))}
     for ds in datasets.values():  # files left out (not images, symlink loops, duplicates): said, never silent
         for note in ds.notes:
-            print(note, file=sys.stderr)
+            log.warning(note)
     classes = list(datasets["train"].classes)
     classes += [c for c in datasets["val"].classes if c not in classes]
     index = {name: i for i, name in enumerate(classes)}
@@ -117,6 +121,26 @@ def coverage_warnings(train: Split, test: Split) -> list[str]:
         lines.append(f"warning: {len(only_train)} class(es) have no test images: "
                      f"{', '.join(only_train[:10])}{' ...' if len(only_train) > 10 else ''}")
     return lines
+
+
+def check_eval_dataset(dataset: str, option: str, fix: str = "") -> None:
+    """Refuse, cheaply, an evaluation dataset :func:`load_splits` cannot read: not ``digits``, Fashion-MNIST that
+    is not installed, or a folder without ``train/`` and ``val/`` (nor Fashion-MNIST's idx files)."""
+    if dataset == "digits":
+        return
+    if dataset == "fashion_mnist":
+        find_fashion_mnist(None)
+        return
+    folder = Path(str(dataset)).expanduser()
+    try:
+        find_fashion_mnist(folder)
+        return
+    except DataError:
+        pass
+    if not ((folder / "train").is_dir() and ((folder / "val").is_dir() or (folder / "test").is_dir())):
+        raise DataError(f"{option}={dataset} is not digits, fashion_mnist or a folder with train/ and val/ class "
+                        f"folders (expected {folder}/train and {folder}/val, ImageFolder layout)"
+                        f"{'; ' + fix if fix else ''}")
 
 
 def load_splits(dataset: str) -> tuple[Split, Split]:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from msn.data import load_rgb
+from msn.data.images import load_rgb
 from msn.eval.features import Encoder, eval_transform
 from msn.models.backbone import MaskedViT
 from msn.plots.common import mosaic, to_display, upscale

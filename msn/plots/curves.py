@@ -1,4 +1,5 @@
-"""msn-viz curves: a run's metrics.csv against the step, or several runs (a sweep) overlaid."""
+"""msn-viz curves: a run's metrics.csv against the step, or several runs (a sweep) overlaid: one panel per logged
+column, so every term the loss returned (its own and a user's) gets one."""
 
 from __future__ import annotations
 
@@ -10,12 +11,11 @@ from pathlib import Path
 from msn.errors import VizError
 from msn.plots.common import new_figure
 
-PANELS = (  # (title, columns drawn in it)
-    ("loss", ("loss", "ce")), ("ME-MAX", ("me_max",)), ("learning rate", ("lr",)), ("weight decay", ("wd",)),
-    ("EMA momentum", ("momentum",)), ("distinct prototypes", ("distinct_prototypes",)),
-    ("images/s", ("images_per_s",)), ("monitor accuracy (%)", ("monitor",)),
-    ("encoder grad norm", ("encoder_grad_norm",)),
-)
+# Panel titles of the columns every run logs; a loss term's panel is titled by its name.
+TITLES = {"lr": "learning rate", "wd": "weight decay", "momentum": "EMA momentum", "sharpen_T": "sharpening T",
+          "images_per_s": "images/s", "monitor": "monitor accuracy (%)", "encoder_grad_norm": "encoder grad norm",
+          "skipped_images": "skipped images (epoch)"}
+NOT_DRAWN = ("step", "epoch")
 
 
 @dataclass
@@ -84,27 +84,39 @@ def find_runs(sources: list[Path]) -> list[RunMetrics]:
     return runs
 
 
+def panels(runs: list[RunMetrics]) -> list[str]:
+    """The columns that get a panel: every column any run logged a number in (step and epoch left out), in the
+    order of the runs' ``metrics.csv`` headers."""
+    names: dict[str, None] = {}
+    for run in runs:
+        names.update(dict.fromkeys(name for name in run.columns if name not in NOT_DRAWN))
+    return list(names)
+
+
 def curves_figure(runs: list[RunMetrics], width: int = 1500, height: int = 1000):  # -> matplotlib Figure
-    """A 3 x 3 grid of panels (PANELS), each run one colour, ``width`` x ``height`` px at 100 dpi."""
+    """A grid with one panel per logged column (:func:`panels`), each run one colour, ``width`` x ``height`` px at
+    100 dpi."""
+    names = panels(runs)
+    if not names:
+        raise VizError("the runs' metrics.csv hold no logged numbers yet; wait for the first logged step")
+    cols = 3 if len(names) <= 9 else 4
+    rows = math.ceil(len(names) / cols)
     fig = new_figure(width, height)
-    axes = fig.subplots(3, 3)
+    axes = fig.subplots(rows, cols, squeeze=False)
     colours = [f"C{i % 10}" for i in range(len(runs))]
-    for ax, (title, names) in zip(axes.flat, PANELS, strict=True):
-        drawn = False
+    for ax, name in zip(axes.flat, names, strict=False):
         for run, colour in zip(runs, colours, strict=True):
-            for name, style in zip(names, ("-", "--"), strict=False):
-                series = run.columns.get(name, [])
-                if series:
-                    steps, values = zip(*series, strict=True)
-                    label = run.label if name == names[0] else None
-                    ax.plot(steps, values, style, color=colour, label=label, linewidth=1.2,
-                            marker="o" if len(series) < 3 else None)
-                    drawn = True
-        ax.set_title(title if len(names) == 1 else f"{title} ({names[0]} solid, {names[1]} dashed)", fontsize=9)
+            series = run.columns.get(name, [])
+            if series:
+                steps, values = zip(*series, strict=True)
+                ax.plot(steps, values, "-", color=colour, label=run.label, linewidth=1.2,
+                        marker="o" if len(series) < 3 else None)
+        ax.set_title(TITLES.get(name, name), fontsize=9)
         ax.tick_params(labelsize=7)
-        if not drawn:
-            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="grey")
-    axes.flat[-3].set_xlabel("step")
+    for ax in axes.flat[len(names):]:
+        ax.set_visible(False)
+    for ax in axes[-1]:
+        ax.set_xlabel("step", fontsize=8)
     handles, labels = axes.flat[0].get_legend_handles_labels()
     if len(runs) > 1 and handles:
         fig.legend(handles, labels, loc="lower center", ncol=min(len(runs), 4), fontsize=7)

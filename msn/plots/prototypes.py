@@ -20,7 +20,7 @@ from msn.eval.features import Encoder, TransformedImages, eval_transform
 from msn.models.msn import MSN
 from msn.plots.common import new_figure, to_display
 from msn.utils.rundir import is_hf_export
-from msn.weights.formats import read_source
+from msn.weights.read import read_source
 
 
 @dataclass

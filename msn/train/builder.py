@@ -16,17 +16,16 @@ import torch
 from omegaconf import DictConfig
 
 from msn.config import LossConfig
-from msn.data import (
+from msn.data.loader import (
     EpochSampler,
     MultiCropDataset,
-    MultiCropTransform,
     SkippedImages,
-    augment_in_workers,
-    build_dataset,
     epoch_length,
     samples_per_replica,
     steps_per_epoch,
 )
+from msn.data.multicrop import MultiCropTransform, augment_in_workers
+from msn.data.registry import ImageDataset, build_dataset, data_identity
 from msn.errors import ConfigError
 from msn.models.masking import MaskGenerator
 from msn.models.msn import MSN
@@ -55,13 +54,14 @@ class Process:
 class TrainingData:
     """The run's images and views, the record of undecodable ones, and the run's length in steps."""
 
-    base: Any  # index -> PIL image (msn.data.datasets, .shards, .hf)
+    base: ImageDataset  # index -> PIL image, from the data.name source (msn.data.sources)
     epoch_len: int  # images an epoch takes from base (data.samples_per_epoch, else all)
     transform: MultiCropTransform
     dataset: MultiCropDataset
     skipped: SkippedImages
     steps_per_epoch: int
     total_steps: int
+    identity: dict[str, Any]  # what the run trains on, as a resume compares it (msn.data.registry.data_identity)
 
 
 @dataclass
@@ -99,7 +99,8 @@ def build_data(cfg: DictConfig, *, device: torch.device, world: int) -> Training
     total_steps = cfg.optim.epochs * steps_in_epoch
     if cfg.optim.max_steps is not None:
         total_steps = min(total_steps, cfg.optim.max_steps)
-    return TrainingData(base, epoch_len, transform, dataset, skipped, steps_in_epoch, total_steps)
+    return TrainingData(base, epoch_len, transform, dataset, skipped, steps_in_epoch, total_steps,
+                        data_identity(cfg.data, len(base), epoch_len))
 
 
 def build_order(cfg: DictConfig, data: TrainingData, *, rank: int, world: int) -> EpochSampler:
@@ -146,10 +147,8 @@ def build_schedules(cfg: DictConfig, total_steps: int, steps_in_epoch: int) -> S
 
 
 def build_loss(loss: DictConfig | LossConfig) -> MSNLoss:
-    """The MSN loss with the ``loss.*`` settings."""
-    return MSNLoss(tau=loss.tau, T=loss.sharpen_T, use_sinkhorn=loss.sinkhorn,
-                   sinkhorn_iterations=loss.sinkhorn_iterations, me_max_weight=loss.me_max_weight,
-                   entropy_weight=loss.entropy_weight)
+    """The MSN loss with the ``loss.*`` settings (its user terms, ``loss.extra_terms``, built)."""
+    return MSNLoss(loss)
 
 
 def build_mask_generator(cfg: DictConfig) -> MaskGenerator:

@@ -7,10 +7,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from msn.data import SkippedImages
+from msn.data.loader import SkippedImages
 from msn.train.builder import Process, TrainingData, TrainingParts
 from msn.train.loggers import MetricsLogger
-from msn.train.resume import data_identity, training_state
+from msn.train.resume import training_state
 from msn.train.signals import StopRequest
 from msn.train.step import NonFiniteGuard
 from msn.utils import distributed
@@ -69,7 +69,7 @@ class CheckpointPolicy:
             steps_per_epoch=self.data.steps_per_epoch, world=world, prototype_grad_scale=p.prototype_grad_scale,
             skips=skips, skipped_epoch=skipped.epoch, rng=rng, rng_ranks=rng_ranks,
             wandb_run_id=self.logger.wandb_run_id if self.logger else None,
-            data_identity=data_identity(self.cfg.data, len(self.data.base), self.data.epoch_len))
+            data_identity=self.data.identity)
         folder = self.run_dir / "checkpoints"
         for name in names:
             save_checkpoint(folder / name, state)

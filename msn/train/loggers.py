@@ -11,11 +11,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from msn.config import ConfigError
 
-COLUMNS = (
-    "step", "epoch", "loss", "ce", "me_max", "entropy", "lr", "wd", "momentum", "sharpen_T",
-    "distinct_prototypes", "max_target_prob", "encoder_grad_norm", "images_per_s", "monitor", "skipped_images",
-)
-
 
 class MetricsLogger:
     """Appends one row per logged step to ``RUN_DIR/metrics.csv`` and mirrors it to wandb.
@@ -26,16 +21,19 @@ class MetricsLogger:
     Args:
         run_dir: the run directory.
         cfg: the full (resolved) config; ``cfg.logger`` picks the sinks.
+        columns: the file's columns (:func:`msn.utils.rundir.metrics_columns` of the loss's terms).
         start_step: global step the run starts (or resumes) from.
         wandb_run_id: id of the wandb run to continue, when resuming.
     """
 
-    def __init__(self, run_dir: Path, cfg: DictConfig, start_step: int = 0, wandb_run_id: str | None = None) -> None:
+    def __init__(self, run_dir: Path, cfg: DictConfig, columns: list[str], start_step: int = 0,
+                 wandb_run_id: str | None = None) -> None:
         self.path = Path(run_dir) / "metrics.csv"
+        self.columns = list(columns)
         self._truncate_after(start_step)
         new_file = not self.path.exists()
         self._file = self.path.open("a", newline="")
-        self._writer = csv.DictWriter(self._file, fieldnames=COLUMNS)
+        self._writer = csv.DictWriter(self._file, fieldnames=self.columns)
         if new_file:
             self._writer.writeheader()
         self.wandb_run = None
@@ -62,14 +60,14 @@ class MetricsLogger:
                 except ValueError:
                     continue
                 if row_step <= step and None not in row:  # None: more fields than columns
-                    kept[row_step] = {k: row.get(k, "") for k in COLUMNS}
+                    kept[row_step] = {k: row.get(k, "") for k in self.columns}
         with self.path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            writer = csv.DictWriter(f, fieldnames=self.columns)
             writer.writeheader()
             writer.writerows(kept[s] for s in sorted(kept))
 
     def log(self, metrics: dict[str, float]) -> None:
-        row = {k: metrics.get(k, math.nan) for k in COLUMNS}
+        row = {k: metrics.get(k, math.nan) for k in self.columns}
         self._writer.writerow(row)
         self._file.flush()
         if self.wandb_run is not None:

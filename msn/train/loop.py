@@ -8,27 +8,32 @@ clip -> AdamW step with step-indexed lr / wd -> EMA update of the target.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
-from msn.config import ConfigError, MSNConfig, to_schema
-from msn.data import DataError, RunSampler, build_loader, device_views
+from msn.config import MSNConfig, to_schema
+from msn.data.loader import RunSampler, build_loader
+from msn.data.multicrop import device_views
+from msn.errors import ConfigError, DataError
 from msn.models.msn import MSN
 from msn.train.builder import Process, TrainingData, build_data, build_order, build_parts
 from msn.train.checkpoints import CheckpointPolicy
 from msn.train.loggers import MetricsLogger
 from msn.train.report import RunReport
-from msn.train.resume import data_identity, restore_training
+from msn.train.resume import restore_training
 from msn.train.signals import StopRequest
 from msn.train.step import NonFiniteGuard, train_step
 from msn.utils import distributed
+from msn.utils.compose import compose_config
 from msn.utils.device import autocast_dtype, resolve_device
 from msn.utils.rundir import (
     complete_message,
     has_checkpoints,
+    metrics_columns,
     resolve_resume,
     resume_null_message,
     write_status,
@@ -36,12 +41,19 @@ from msn.utils.rundir import (
 from msn.utils.runlock import acquire_run_lock, holds_run_lock
 from msn.utils.seeding import seed_global_stream
 from msn.weights.checkpoint import newest_checkpoint, remove_stale_temporaries
-from msn.weights.formats import init_model_from
+from msn.weights.read import init_model_from
+
+log = logging.getLogger(__name__)
 
 
-def train(cfg: DictConfig | MSNConfig, command: str | None = None, *, stop: StopRequest | None = None
-          ) -> dict[str, float]:
+def train(cfg: DictConfig | MSNConfig | list[str] | tuple[str, ...], command: str | None = None, *,
+          stop: StopRequest | None = None) -> dict[str, float]:
     """Pretrain MSN as configured; return the last logged metrics.
+
+    ``cfg``: a composed config (:class:`~msn.config.MSNConfig`, or the DictConfig Hydra composes), or
+    msn-pretrain's overrides (``["experiment=cpu_smoke", "optim.lr=5e-4"]``), composed as the command would
+    (:func:`msn.utils.compose.compose_config`): the run writes where ``msn-pretrain OVERRIDES`` would, and either
+    continues the other's run.
 
     Writes ``RUN_DIR/config.yaml``, ``RUN_DIR/run.json`` (steps, batch per process and global batch),
     ``RUN_DIR/metrics.csv``, ``RUN_DIR/status.json`` and ``RUN_DIR/checkpoints/{last,step_XXXXXXX}.pt``;
@@ -50,6 +62,8 @@ def train(cfg: DictConfig | MSNConfig, command: str | None = None, *, stop: Stop
     continue; without it they say ``resume=RUN_DIR``. ``stop``: the stop signals' flags, from the command line
     that installed their handlers (:class:`StopRequest`); a library call leaves its host's signals alone.
     """
+    if isinstance(cfg, list | tuple):
+        cfg = compose_config(list(cfg))
     cfg = to_schema(cfg if isinstance(cfg, DictConfig) else OmegaConf.structured(cfg))
     OmegaConf.resolve(cfg)
     run_dir = Path(cfg.run_dir)
@@ -67,7 +81,7 @@ def _train(cfg: DictConfig, command: str | None, proc: Process, run_dir: Path, s
     """The run itself: set up the data, parts and the resume, open the run, step until done or stopped."""
     data = build_data(cfg, device=proc.device, world=proc.world)
     for note in getattr(data.base, "notes", ()) if proc.is_main else ():  # what the data scan skipped, and why
-        print(note, flush=True)
+        log.info(note)
     parts = build_parts(cfg, process=proc, total_steps=data.total_steps, steps_in_epoch=data.steps_per_epoch)
     seed_global_stream(cfg.seed, proc.rank)  # per-rank stochastic depth; a resume restores the saved state
 
@@ -78,15 +92,15 @@ def _train(cfg: DictConfig, command: str | None, proc: Process, run_dir: Path, s
             resume_path, model=parts.model, optimizer=parts.optimizer, scaler=parts.scaler, skipped=data.skipped,
             batch_size=cfg.data.batch_size, seed=cfg.seed, rank=proc.rank, world=proc.world,
             prototype_grad_scale=parts.prototype_grad_scale,
-            data=data_identity(cfg.data, len(data.base), data.epoch_len))
+            data=data.identity)
     if start_step >= data.total_steps:  # a finished run: say so and leave it as it is
         if proc.is_main:
-            print(complete_message(run_dir, start_step, data.total_steps), flush=True)
+            log.info(complete_message(run_dir, start_step, data.total_steps))
         return {}
     if cfg.init_from is not None and resume_path is None:  # a resumed run already holds its weights
         kind = init_model_from(parts.model, cfg.init_from)
         if proc.is_main:
-            print(f"initialised the {'backbones' if kind == 'backbone' else 'model'} from {cfg.init_from}", flush=True)
+            log.info(f"initialised the {'backbones' if kind == 'backbone' else 'model'} from {cfg.init_from}")
     if cfg.compile:
         parts.model.compile_encoders(cfg.compile_backend, cfg.compile_mode)
 
@@ -94,7 +108,8 @@ def _train(cfg: DictConfig, command: str | None, proc: Process, run_dir: Path, s
     # one loader iterator for the whole run: no drain and restart of the workers at epoch boundaries
     sampler = RunSampler(order, cfg.data.batch_size, cfg.data.drop_last, start_step)
     loader = build_loader(cfg.data, data.dataset, sampler, pin_memory=proc.device.type == "cuda")
-    logger = (_open_run(cfg, run_dir, proc, data, start_step=start_step, wandb_run_id=wandb_run_id)
+    columns = metrics_columns(parts.loss_fn.term_names, parts.loss_fn.diagnostic_names)
+    logger = (_open_run(cfg, run_dir, proc, data, columns=columns, start_step=start_step, wandb_run_id=wandb_run_id)
               if proc.is_main else None)
     nonfinite = NonFiniteGuard(proc.device)
     checkpoints = CheckpointPolicy(cfg, run_dir=run_dir, process=proc, data=data, parts=parts, logger=logger,
@@ -142,7 +157,7 @@ def _train(cfg: DictConfig, command: str | None, proc: Process, run_dir: Path, s
     if stopped_early:
         stop.forward()  # hand the signal on to a job manager's handler (submitit requeues the job here)
     elif proc.is_main:
-        print(_next_steps(run_dir, step), flush=True)
+        log.info(_next_steps(run_dir, step))
     return metrics
 
 
@@ -163,7 +178,7 @@ def _resume_path(cfg: DictConfig, run_dir: Path, is_main: bool) -> Path | None:
     overwritten by a fresh start."""
     if is_main:  # a kill -9 during an earlier save leaves its temporary file behind
         for tmp in remove_stale_temporaries(run_dir / "checkpoints"):
-            print(f"removed {tmp.name}, left by an interrupted checkpoint write", flush=True)
+            log.info(f"removed {tmp.name}, left by an interrupted checkpoint write")
     if cfg.resume is None:
         if has_checkpoints(run_dir):
             raise ConfigError(resume_null_message(run_dir))
@@ -177,12 +192,12 @@ def _resume_path(cfg: DictConfig, run_dir: Path, is_main: bool) -> Path | None:
     path, step, passed_over = newest
     if is_main and (passed_over or path.name != "last.pt"):
         skipped = f"; passed over {', '.join(passed_over)}" if passed_over else ""
-        print(f"resuming from {path} (step {step}), the newest readable checkpoint of the run{skipped}", flush=True)
+        log.info(f"resuming from {path} (step {step}), the newest readable checkpoint of the run{skipped}")
     return path
 
 
-def _open_run(cfg: DictConfig, run_dir: Path, proc: Process, data: TrainingData, *, start_step: int,
-              wandb_run_id: str | None) -> MetricsLogger:
+def _open_run(cfg: DictConfig, run_dir: Path, proc: Process, data: TrainingData, *, columns: list[str],
+              start_step: int, wandb_run_id: str | None) -> MetricsLogger:
     """Rank 0: write the run's config, layout and status, open its metrics log and say where it runs."""
     global_batch = cfg.data.batch_size * proc.world
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -191,13 +206,13 @@ def _open_run(cfg: DictConfig, run_dir: Path, proc: Process, data: TrainingData,
     layout = {"total_steps": data.total_steps, "steps_per_epoch": data.steps_per_epoch, "world_size": proc.world,
               "batch_size_per_process": cfg.data.batch_size, "global_batch_size": global_batch}
     (run_dir / "run.json").write_text(json.dumps(layout, indent=2) + "\n")
-    logger = MetricsLogger(run_dir, cfg, start_step, wandb_run_id)
-    print(f"run directory {run_dir.resolve()}: {data.total_steps} steps ({data.steps_per_epoch} an epoch), global "
+    logger = MetricsLogger(run_dir, cfg, columns, start_step, wandb_run_id)
+    log.info(f"run directory {run_dir.resolve()}: {data.total_steps} steps ({data.steps_per_epoch} an epoch), global "
           f"batch {global_batch} = {cfg.data.batch_size} per process x {proc.world} "
-          f"process{'es' if proc.world > 1 else ''} on {proc.device}", flush=True)
-    print(_what_trains(cfg, data), flush=True)
+             f"process{'es' if proc.world > 1 else ''} on {proc.device}")
+    log.info(_what_trains(cfg, data))
     if logger.wandb_run_id:
-        print(f"wandb run {logger.wandb_run_id} ({cfg.logger.wandb.mode})", flush=True)
+        log.info(f"wandb run {logger.wandb_run_id} ({cfg.logger.wandb.mode})")
     return logger
 
 

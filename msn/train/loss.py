@@ -1,25 +1,39 @@
-"""The MSN loss as small pure functions plus a thin module.
+"""The MSN loss as small pure functions plus a thin module, returning its terms by name.
 
 Notation: ``B`` images per process, ``V`` anchor views per image, ``D`` representation size,
 ``K`` prototypes. Anchors are stacked **view-major**: rows ``v*B ... v*B+B-1`` are view ``v``.
 
     p(x)      = softmax( cos(x, prototypes) / tau )                                  (K,)
     t         = sinkhorn( sharpen(p(target), T) )          (no gradient)             (K,)
-    CE        = mean over the B*V anchors of  - sum_k t_k log p_k(anchor)
-    ME-MAX    = log K - H( mean over all anchors of all processes of p(anchor) )
+    ce        = mean over the B*V anchors of  - sum_k t_k log p_k(anchor)
+    p_mean    = mean over all anchors of all processes of p(anchor)                  (K,)
+    me_max    = KL(p_mean || uniform) = log K - H(p_mean)          (loss.prior=uniform: MSN's ME-MAX)
+    prior_kl  = KL(p_mean || rho),  rho_k ∝ k^(-prior_tau)          (loss.prior=power_law: PMSN)
     entropy   = mean over anchors of H(p(anchor))
-    loss      = CE + lambda_me_max * ME-MAX + lambda_ent * entropy
+    loss      = ce + me_max_weight * (me_max or prior_kl) + entropy_weight * entropy
+                   + sum over loss.extra_terms of weight * term
+
+:class:`LossOutput` holds each term by name (unweighted) and the diagnostics; the trainer logs whatever it holds
+(``metrics.csv``, the console, wandb, ``msn-viz curves``), so a term added here or in ``loss.extra_terms``
+(:mod:`msn.train.terms`) is a column without a name written anywhere else. PMSN: Assran et al., "The hidden uniform
+cluster prior in self-supervised learning", ICLR 2023.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig
 from torch import nn
 
+from msn.config import LossConfig
+from msn.config.schema import PRIORS
+from msn.errors import ConfigError
+from msn.train.terms import LossInputs, WeightedTerm, build_extra_terms
 from msn.utils import distributed
 
 
@@ -71,9 +85,24 @@ def cross_entropy(targets: torch.Tensor, log_probs: torch.Tensor) -> torch.Tenso
 
 
 def me_max(mean_probs: torch.Tensor) -> torch.Tensor:
-    """``log K - H(mean_probs)``: 0 for a uniform mean prediction, ``log K`` for a one-hot. (K,) -> ()."""
+    """``log K - H(mean_probs)`` = KL(mean_probs || uniform): 0 for a uniform mean prediction, ``log K`` for a
+    one-hot. (K,) -> ()."""
     entropy = -(mean_probs * torch.log(mean_probs)).sum()
     return math.log(mean_probs.numel()) - entropy
+
+
+def power_law_prior(num_prototypes: int, exponent: float, *, like: torch.Tensor) -> torch.Tensor:
+    """PMSN's prior over the prototypes: ``rho_k ∝ k^(-exponent)`` for k = 1..K, normalised; (K,) with ``like``'s
+    dtype and device. Exponent 0 is the uniform prior."""
+    k = torch.arange(1, num_prototypes + 1, dtype=like.dtype, device=like.device)
+    rho = k ** (-exponent)
+    return rho / rho.sum()
+
+
+def prior_kl(mean_probs: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+    """``KL(mean_probs || prior) = sum_k p_k (log p_k - log rho_k)``: (K,), (K,) -> (). With the uniform prior it
+    is :func:`me_max`, which is how PMSN generalises MSN's regulariser."""
+    return (mean_probs * (torch.log(mean_probs) - torch.log(prior))).sum()
 
 
 def mean_entropy(probs: torch.Tensor, log_probs: torch.Tensor) -> torch.Tensor:
@@ -82,97 +111,110 @@ def mean_entropy(probs: torch.Tensor, log_probs: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class MSNLossOutput:
-    """Total loss, its parts and monitoring figures (all 0-d tensors)."""
+class LossOutput:
+    """What the loss returns: the total, each term by name, and diagnostics (0-d tensors).
+
+    Attributes:
+        loss: ``sum_name weights[name] * terms[name]``, what the step differentiates.
+        terms: each term's unweighted value (``ce``, ``me_max`` or ``prior_kl``, ``entropy``, the user's terms).
+        weights: each term's factor in ``loss``.
+        diagnostics: figures without gradient (``distinct_prototypes``: distinct argmax prototypes among the
+            targets; ``max_target_prob``: the mean over targets of ``max_k t_k``).
+        targets: (B, K) the sharpened (and balanced) targets, no gradient.
+    """
 
     loss: torch.Tensor
-    ce: torch.Tensor
-    me_max: torch.Tensor
-    entropy: torch.Tensor
-    targets: torch.Tensor  # (B, K) sharpened (and balanced) targets, no gradient
-    distinct_prototypes: torch.Tensor  # number of distinct argmax prototypes among the targets
-    max_target_prob: torch.Tensor  # mean over targets of max_k t_k
+    terms: dict[str, torch.Tensor]
+    weights: dict[str, float]
+    diagnostics: dict[str, torch.Tensor] = field(default_factory=dict)
+    targets: torch.Tensor | None = None
 
 
-def msn_loss(
-    anchors: torch.Tensor,
-    targets: torch.Tensor,
-    prototypes: torch.Tensor,
-    *,
-    tau: float = 0.1,
-    T: float = 0.25,
-    use_sinkhorn: bool = True,
-    sinkhorn_iterations: int = 3,
-    me_max_weight: float = 1.0,
-    entropy_weight: float = 0.0,
-) -> MSNLossOutput:
-    """MSN loss of view-major anchors against target views (formula in the module docstring).
+def msn_loss(anchors: torch.Tensor, targets: torch.Tensor, prototypes: torch.Tensor,
+             cfg: LossConfig | DictConfig | None = None, *, T: float | None = None,
+             extra_terms: Mapping[str, WeightedTerm] | None = None) -> LossOutput:
+    """MSN (or PMSN) loss of view-major anchors against target views (formula in the module docstring).
 
     Args:
         anchors: (B*V, D) anchor representations, view-major.
         targets: (B, D) target-view representations; detached here (the target gets no gradient).
         prototypes: (K, D) learnable prototypes.
-        tau: similarity temperature.
-        T: sharpening temperature of the targets.
-        use_sinkhorn: balance the sharpened targets with Sinkhorn-Knopp over the global batch.
-        sinkhorn_iterations: Sinkhorn rounds.
-        me_max_weight: weight of the ME-MAX regulariser (0 turns it off).
-        entropy_weight: weight of the mean anchor entropy (0 turns it off).
+        cfg: the ``loss.*`` settings (:class:`~msn.config.LossConfig`: tau, sharpen_T, sinkhorn,
+            sinkhorn_iterations, me_max_weight, entropy_weight, prior, prior_tau); the defaults when None.
+        T: the sharpening temperature of this step (a schedule), else ``cfg.sharpen_T``.
+        extra_terms: built user terms (:func:`msn.train.terms.build_extra_terms`), added by name.
     """
+    cfg = cfg if cfg is not None else LossConfig()
+    T = cfg.sharpen_T if T is None else T
     batch = targets.shape[0]
     if anchors.shape[0] % batch:
         raise ValueError(f"anchors ({anchors.shape[0]} rows) is not a multiple of targets ({batch} rows)")
     num_views = anchors.shape[0] // batch
 
-    log_probs = prototype_logits(anchors, prototypes, tau).log_softmax(dim=1)  # (B*V, K)
+    log_probs = prototype_logits(anchors, prototypes, cfg.tau).log_softmax(dim=1)  # (B*V, K)
     probs = log_probs.exp()
     with torch.no_grad():
-        t = sharpen(prototype_probabilities(targets.detach(), prototypes.detach(), tau), T)
-        if use_sinkhorn:
-            t = sinkhorn(t, sinkhorn_iterations)
+        t = sharpen(prototype_probabilities(targets.detach(), prototypes.detach(), cfg.tau), T)
+        if cfg.sinkhorn:
+            t = sinkhorn(t, cfg.sinkhorn_iterations)
 
     ce = cross_entropy(t.repeat(num_views, 1), log_probs)  # view-major repeat matches anchor order
     zero = ce.new_zeros(())
-    reg = me_max(distributed.all_reduce_mean(probs.mean(dim=0))) if me_max_weight else zero
-    ent = mean_entropy(probs, log_probs) if entropy_weight else zero
-    loss = ce + me_max_weight * reg + entropy_weight * ent
+    mean_probs = distributed.all_reduce_mean(probs.mean(dim=0)) if cfg.me_max_weight else None
+    if cfg.prior == "power_law":
+        prior = power_law_prior(probs.shape[1], cfg.prior_tau, like=probs)
+        regulariser = ("prior_kl", prior_kl(mean_probs, prior) if mean_probs is not None else zero)
+    else:
+        regulariser = ("me_max", me_max(mean_probs) if mean_probs is not None else zero)
+    terms = {"ce": ce, regulariser[0]: regulariser[1],
+             "entropy": mean_entropy(probs, log_probs) if cfg.entropy_weight else zero}
+    weights = {"ce": 1.0, regulariser[0]: float(cfg.me_max_weight), "entropy": float(cfg.entropy_weight)}
+    if extra_terms:
+        inputs = LossInputs(anchors, targets.detach(), prototypes, log_probs, probs, t, float(cfg.tau), float(T))
+        for name, term in extra_terms.items():
+            terms[name], weights[name] = term.fn(inputs), term.weight
+    loss = ce
+    for name, value in terms.items():
+        if name != "ce":
+            loss = loss + weights[name] * value
     with torch.no_grad():
         # Distinct argmax prototypes, counted on the device (``unique()`` would wait for it every step).
         distinct = t.new_zeros(t.shape[1]).index_fill_(0, t.argmax(dim=1), 1.0).sum()
-        max_prob = t.max(dim=1).values.mean()
-    return MSNLossOutput(loss, ce, reg, ent, t, distinct, max_prob)
+        diagnostics = {"distinct_prototypes": distinct, "max_target_prob": t.max(dim=1).values.mean()}
+    return LossOutput(loss, terms, weights, diagnostics, t)
 
 
 class MSNLoss(nn.Module):
-    """Module wrapper holding the loss hyper-parameters; ``T`` may be given per call (schedules)."""
+    """The loss of the ``loss.*`` settings, its user terms built once; ``T`` may be given per call (schedules).
 
-    def __init__(
-        self,
-        *,
-        tau: float = 0.1,
-        T: float = 0.25,
-        use_sinkhorn: bool = True,
-        sinkhorn_iterations: int = 3,
-        me_max_weight: float = 1.0,
-        entropy_weight: float = 0.0,
-    ) -> None:
-        """Hold the keyword arguments of :func:`msn_loss` (``T`` is the default sharpening temperature)."""
+    Args:
+        cfg: :class:`~msn.config.LossConfig` (or the composed ``loss`` node); the defaults when None. Its
+            ``extra_terms`` are built here (:func:`msn.train.terms.build_extra_terms`).
+    """
+
+    def __init__(self, cfg: LossConfig | DictConfig | None = None) -> None:
         super().__init__()
-        self.tau, self.T = tau, T
-        self.use_sinkhorn, self.sinkhorn_iterations = use_sinkhorn, sinkhorn_iterations
-        self.me_max_weight, self.entropy_weight = me_max_weight, entropy_weight
+        self.cfg = cfg if cfg is not None else LossConfig()
+        if self.cfg.prior not in PRIORS:
+            raise ConfigError(f"loss.prior={self.cfg.prior!r} is not allowed; choose one of {', '.join(PRIORS)}")
+        self.extra_terms = build_extra_terms(getattr(self.cfg, "extra_terms", None))
+        clash = set(self.extra_terms) & {*self.term_names[:3], *self.diagnostic_names}
+        if clash:
+            raise ConfigError(f"loss.extra_terms: {', '.join(sorted(clash))} is a term of the MSN loss itself; name "
+                              "yours otherwise")
 
-    def forward(
-        self, anchors: torch.Tensor, targets: torch.Tensor, prototypes: torch.Tensor, T: float | None = None
-    ) -> MSNLossOutput:
-        return msn_loss(
-            anchors,
-            targets,
-            prototypes,
-            tau=self.tau,
-            T=self.T if T is None else T,
-            use_sinkhorn=self.use_sinkhorn,
-            sinkhorn_iterations=self.sinkhorn_iterations,
-            me_max_weight=self.me_max_weight,
-            entropy_weight=self.entropy_weight,
-        )
+    @property
+    def term_names(self) -> list[str]:
+        """The names of the terms :meth:`forward` returns, in order (the metrics columns after ``loss``)."""
+        regulariser = "prior_kl" if self.cfg.prior == "power_law" else "me_max"
+        return ["ce", regulariser, "entropy", *self.extra_terms]
+
+    @property
+    def diagnostic_names(self) -> list[str]:
+        """The names of the diagnostics :meth:`forward` returns."""
+        return ["distinct_prototypes", "max_target_prob"]
+
+    def forward(self, anchors: torch.Tensor, targets: torch.Tensor, prototypes: torch.Tensor,
+                T: float | None = None) -> LossOutput:
+        """:func:`msn_loss` with these settings and terms: (B*V, D), (B, D), (K, D) -> :class:`LossOutput`."""
+        return msn_loss(anchors, targets, prototypes, self.cfg, T=T, extra_terms=self.extra_terms)

@@ -3,6 +3,7 @@ bar, the periodic monitor, and wandb's prototype histogram and picture of the fi
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -12,12 +13,14 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from msn.config import progress_bar_disabled
-from msn.data import SkippedImages
+from msn.data.loader import SkippedImages
 from msn.models.backbone import MaskedViT
 from msn.train.loggers import MetricsLogger
 from msn.train.schedules import Schedules
 from msn.train.step import NonFiniteGuard, StepResult
 from msn.utils import distributed
+
+log = logging.getLogger(__name__)
 
 
 class RunReport:
@@ -40,7 +43,7 @@ class RunReport:
 
             self.monitor = Monitor(cfg.monitor.protocol, cfg.monitor.dataset, image_size=cfg.model.img_size,
                                    mean=cfg.data.mean, std=cfg.data.std, amp_dtype=amp_dtype,
-                                   crop_pct=cfg.monitor.crop_pct)
+                                   crop_pct=cfg.monitor.crop_pct, options=cfg.monitor.options)
         self.prototype_use = None  # targets' argmax counts since the last monitor step, for wandb's histogram
         if logger is not None and logger.wandb_run is not None:
             _log_views_picture(logger, cfg, start_step, world)
@@ -56,8 +59,8 @@ class RunReport:
     def skipped_images(self, paths: list[str]) -> None:
         """Say which undecodable images this batch replaced."""
         for path in paths:
-            self.bar.write(f"skipped undecodable image {path} (replaced by another image; {len(self.skipped.paths)} "
-                           f"so far, the run stops above {self.skipped.limit})", file=sys.stderr)
+            log.warning(f"skipped undecodable image {path} (replaced by another image; {len(self.skipped.paths)} "
+                        f"so far, the run stops above {self.skipped.limit})")
 
     def after_step(self, result: StepResult, step: int, epoch: int,
                    nonfinite: NonFiniteGuard) -> dict[str, float] | None:
@@ -86,17 +89,19 @@ class RunReport:
             self.prototype_use.zero_()
         if self.logger is not None:
             self.logger.log(metrics)
-            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
-                                 img_s=f"{images_per_s:.0f}", protos=int(metrics["distinct_prototypes"]))
+            shown = {"loss": metrics["loss"], **{name: metrics[name] for name in active_terms(result)}}
+            self.bar.set_postfix({**{k: f"{v:.4f}" for k, v in shown.items()}, "lr": f"{metrics['lr']:.2e}",
+                                  "img_s": f"{images_per_s:.0f}",
+                                  **{k: f"{metrics[k]:.4g}" for k in result.out.diagnostics}})
             every = cfg.logger.console_every
             if every and (step // every > self.last_logged // every or step == total):
-                self.write(console_line(metrics, total))
+                self.write(console_line(metrics, total, active_terms(result), list(result.out.diagnostics)))
         self.tic, self.last_logged = time.perf_counter(), step
         return metrics
 
     def write(self, line: str) -> None:
-        """A console line (stdout) that leaves the progress bar intact."""
-        self.bar.write(line, file=sys.stdout)
+        """A line of the run's log (``msn.train.report``, INFO): the commands print it above the progress bar."""
+        log.info(line)
 
     def close(self) -> None:
         self.bar.close()
@@ -106,31 +111,39 @@ class RunReport:
 
 def metrics_row(result: StepResult, schedules: Schedules, step: int, epoch: int,
                 skipped_in_epoch: int) -> dict[str, float]:
-    """One metrics row (``msn.train.loggers.COLUMNS``) for the step just taken (``step`` counts finished steps).
+    """One metrics row (:func:`msn.utils.rundir.metrics_columns`) for the step just taken (``step`` counts finished
+    steps): the loss and every term it returned, the schedules, its diagnostics, the encoder's gradient norm.
 
-    Loss parts are means over the global batch and the epoch's skipped images a sum over processes (one
-    all-reduce; call on every rank); the prototype counts and the max target probability describe this
-    rank's batch; the encoder's gradient norm (before clipping) is the same on every rank.
+    The loss and its terms are means over the global batch and the epoch's skipped images a sum over processes
+    (one all-reduce; call on every rank); the diagnostics (distinct prototypes, max target probability) describe
+    this rank's batch; the encoder's gradient norm (before clipping) is the same on every rank.
     """
     o, i = result.out, step - 1  # i: schedule index of that step
-    parts = torch.stack([o.loss, o.ce, o.me_max, o.entropy]).detach().float()
+    names = list(o.terms)
+    parts = torch.stack([o.loss, *(o.terms[n] for n in names)]).detach().float()
     totals = distributed.all_reduce_sum_(torch.cat([parts, parts.new_tensor([float(skipped_in_epoch)])]))
-    loss, ce, me_max, entropy = (totals[:4] / distributed.world_size()).tolist()
+    means = (totals[:-1] / distributed.world_size()).tolist()
     return {
-        "step": step, "epoch": epoch, "loss": loss, "ce": ce, "me_max": me_max, "entropy": entropy,
-        "skipped_images": int(totals[4].item()),
+        "step": step, "epoch": epoch, "loss": means[0], **dict(zip(names, means[1:], strict=True)),
         "lr": schedules.lr_at(i), "wd": schedules.wd_at(i),
         "momentum": schedules.momentum_at(i), "sharpen_T": schedules.sharpen_T_at(i),
-        "distinct_prototypes": o.distinct_prototypes.item(), "max_target_prob": o.max_target_prob.item(),
-        "encoder_grad_norm": result.encoder_grad_norm.item(),
+        **{name: value.item() for name, value in o.diagnostics.items()},
+        "encoder_grad_norm": result.encoder_grad_norm.item(), "skipped_images": int(totals[-1].item()),
     }
 
 
-def console_line(m: dict[str, float], total: int) -> str:
-    """The console's line for a metrics row: step, epoch, loss parts, lr, prototypes in use, speed."""
-    return (f"step {int(m['step'])}/{total} epoch {int(m['epoch'])} loss {m['loss']:.4f} (ce {m['ce']:.4f} "
-            f"me-max {m['me_max']:.4f}) lr {m['lr']:.2e} protos {int(m['distinct_prototypes'])} "
-            f"{m['images_per_s']:.0f} img/s" + (f" monitor {m['monitor']:.1f} %" if "monitor" in m else "")
+def active_terms(result: StepResult) -> list[str]:
+    """The terms that count in the loss (a non-zero weight), in order: what the console and the bar show."""
+    return [name for name in result.out.terms if result.out.weights.get(name, 0.0) != 0.0]
+
+
+def console_line(m: dict[str, float], total: int, terms: list[str], diagnostics: list[str]) -> str:
+    """The console's line for a metrics row: step, epoch, the loss and its ``terms``, lr, the ``diagnostics``
+    (distinct prototypes, ...), speed."""
+    shown = " ".join(f"{name} {m[name]:.4f}" for name in terms)
+    figures = " ".join(f"{name} {m[name]:.4g}" for name in diagnostics)
+    return (f"step {int(m['step'])}/{total} epoch {int(m['epoch'])} loss {m['loss']:.4f} ({shown}) lr {m['lr']:.2e} "
+            f"{figures} {m['images_per_s']:.0f} img/s" + (f" monitor {m['monitor']:.1f} %" if "monitor" in m else "")
             + (f" skipped {int(m['skipped_images'])} images this epoch" if m.get("skipped_images") else ""))
 
 

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from msn.data import SkippedImages
+from msn.data.loader import SkippedImages
+from msn.errors import CheckpointError
 from msn.models.msn import MSN
 from msn.train.optim import rescale_adam_moments
 from msn.utils.seeding import seed_global_stream
-from msn.weights.checkpoint import CheckpointError, load_checkpoint, set_rng_state
+from msn.weights.checkpoint import load_checkpoint, set_rng_state
 from msn.weights.convert import check_compatible
+
+log = logging.getLogger(__name__)
 
 
 def training_state(*, model: MSN, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
@@ -24,7 +28,7 @@ def training_state(*, model: MSN, optimizer: torch.optim.Optimizer, scaler: torc
     """Everything a run needs to continue exactly after ``step``, as rank 0 saves it: ``rng`` its own
     RNG states (:func:`msn.weights.checkpoint.rng_state`), ``rng_ranks`` every rank's (None for one process) and
     ``skips`` every rank's skip record (:meth:`SkippedImages.state_dict`); ``data_identity`` what the run trains
-    on (:func:`data_identity`), which a resume checks."""
+    on (:func:`msn.data.registry.data_identity`), which a resume checks."""
     state: dict[str, Any] = {
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
         "epoch": step // steps_per_epoch, "rng": rng, "config": OmegaConf.to_yaml(cfg),
@@ -68,8 +72,8 @@ def restore_training(path: Path, *, model: MSN, optimizer: torch.optim.Optimizer
     # another kind of source, another number of images or another epoch length is another run.
     compared = ("kind", "images", "samples_per_epoch", "list_file")
     if data is not None and saved_data is not None and rank == 0 and saved_data.get("source") != data.get("source"):
-        print(f"resuming a run trained on {saved_data.get('source')} with {data.get('source')} "
-              f"({data.get('images')} images, as before)", flush=True)
+        log.info(f"resuming a run trained on {saved_data.get('source')} with {data.get('source')} "
+                 f"({data.get('images')} images, as before)")
     if data is not None and saved_data is not None and any(saved_data.get(k) != data.get(k) for k in compared):
         differs = "; ".join(f"{key}: {saved_data.get(key)!r} then, {data.get(key)!r} now"
                             for key in compared if saved_data.get(key) != data.get(key))
@@ -99,22 +103,5 @@ def restore_training(path: Path, *, model: MSN, optimizer: torch.optim.Optimizer
     else:  # another number of processes: fresh per-rank streams (only stochastic depth uses them)
         seed_global_stream(seed, rank, step)
     if rank == 0:
-        print(f"resumed from {path} at step {step}", flush=True)
+        log.info(f"resumed from {path} at step {step}")
     return step, state.get("wandb_run_id")
-
-
-def data_identity(data_cfg: DictConfig, num_images: int, epoch_len: int) -> dict[str, Any]:
-    """What a run trains on, as a resume compares it: the source (its folder, shards or dataset) and its size."""
-    if data_cfg.name == "folder":
-        source = str(Path(str(data_cfg.root)).expanduser().resolve())
-    elif data_cfg.name == "webdataset":
-        source = str(data_cfg.shards)
-    elif data_cfg.name == "hf":
-        source = f"{data_cfg.path} [{data_cfg.split}]"
-    else:
-        source = str(data_cfg.root or "")
-    identity = {"kind": data_cfg.name, "source": source, "images": int(num_images),
-                "samples_per_epoch": int(epoch_len)}
-    if data_cfg.name == "folder" and data_cfg.list_file:
-        identity["list_file"] = str(data_cfg.list_file)
-    return identity

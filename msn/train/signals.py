@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
-import sys
 import threading
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 class StopRequest:
@@ -46,8 +48,7 @@ class StopRequest:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt
         if number == signal.SIGINT:
-            print("\nCtrl-C: stopping after this step with a checkpoint (press again to stop at once)",
-                  file=sys.stderr, flush=True)
+            log.warning("\nCtrl-C: stopping after this step with a checkpoint (press again to stop at once)")
         self.signal, self._received = signal.Signals(number).name, number
 
     def restore(self) -> None:

@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from msn.errors import NonFiniteError
 from msn.models.masking import ViewMasks
 from msn.models.msn import MSN
-from msn.train.loss import MSNLoss, MSNLossOutput
+from msn.train.loss import LossOutput, MSNLoss
 from msn.train.optim import set_lr_wd
 from msn.train.schedules import StepHyperParams
 from msn.utils.device import autocast
@@ -24,9 +24,10 @@ from msn.utils.device import autocast
 
 @dataclass
 class StepResult:
-    """What one step reports: the loss parts and the online encoder's gradient norm before clipping."""
+    """What one step reports: the loss, its terms and diagnostics, and the online encoder's gradient norm before
+    clipping."""
 
-    out: MSNLossOutput
+    out: LossOutput
     encoder_grad_norm: torch.Tensor  # 0-dim, on the training device: reading it waits for the step to finish
 
 

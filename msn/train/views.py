@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from msn.data import DataError, RunSampler
-from msn.errors import VizError
+from msn.data.loader import RunSampler
+from msn.errors import DataError, VizError
 from msn.train.builder import build_data, build_mask_generator, build_order
 
 

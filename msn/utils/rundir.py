@@ -19,12 +19,29 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from msn.errors import CheckpointError
-from msn.utils.arguments import check_writable
 from msn.utils.files import atomic_write_text
 
 LAST_CHECKPOINT = Path("checkpoints") / "last.pt"
 STATUS_FILE = "status.json"
 HF_CONFIG = "config.json"  # what makes a folder a Hugging Face export
+TIMM_CONFIG = "timm_config.json"  # ... and a timm export (msn-export --format timm)
+
+# RUN_DIR/metrics.csv: these columns, with the loss's own terms after "loss" and its diagnostics after the
+# schedules (msn.train.loss: whatever terms the loss returns, ce, me_max, ... for MSN).
+METRICS_HEAD = ("step", "epoch", "loss")
+METRICS_SCHEDULES = ("lr", "wd", "momentum", "sharpen_T")
+METRICS_TAIL = ("encoder_grad_norm", "images_per_s", "monitor", "skipped_images")
+METRICS_FIXED_COLUMNS = (*METRICS_HEAD, *METRICS_SCHEDULES, *METRICS_TAIL)
+
+
+def metrics_columns(terms: list[str] | tuple[str, ...], diagnostics: list[str] | tuple[str, ...]) -> list[str]:
+    """The columns of ``metrics.csv`` for a loss with these terms and diagnostics, in order."""
+    return [*METRICS_HEAD, *terms, *METRICS_SCHEDULES, *diagnostics, *METRICS_TAIL]
+
+
+def loss_columns(header: list[str] | tuple[str, ...]) -> list[str]:
+    """The columns of a ``metrics.csv`` header that the loss wrote (its terms and diagnostics), in order."""
+    return [name for name in header if name not in METRICS_FIXED_COLUMNS]
 
 
 def is_hf_export(path: str | os.PathLike) -> bool:
@@ -67,15 +84,17 @@ def source_file(source: str | os.PathLike) -> Path:
 
 
 def check_model(model: str | os.PathLike, hf: bool = True) -> None:
-    """Refuse a MODEL that names nothing loadable: a Hugging Face export folder (when ``hf``), a run
-    directory with a checkpoint, or a checkpoint file (what its content is, the loaders decide)."""
-    if hf and is_hf_export(model):
+    """Refuse a MODEL that names nothing loadable: a Hugging Face or timm export folder (when ``hf``: exports
+    hold a backbone only), a run directory with a checkpoint, or a file (what its content is, the loaders
+    decide)."""
+    if hf and (is_hf_export(model) or (Path(model) / TIMM_CONFIG).is_file()):
         return
     try:
         source_file(model)
     except CheckpointError as e:
         if hf and Path(model).is_dir():
-            raise CheckpointError(f"{e} (or a Hugging Face ViTMSN export, which has {HF_CONFIG})") from None
+            raise CheckpointError(f"{e} (or a Hugging Face ViTMSN export, which has {HF_CONFIG}, or a timm export, "
+                                  f"which has {TIMM_CONFIG})") from None
         raise
 
 
@@ -153,85 +172,3 @@ def safe_name(name: str, limit: int = 100) -> str:
         digest = hashlib.sha1(cleaned.encode()).hexdigest()[:8]
         cleaned = f"{cleaned[:limit - 9]}-{digest}"
     return cleaned
-
-
-# An export target checked before any work (and before importing torch): neither the source nor a run.
-
-def is_run_dir(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a run directory: a folder with ``checkpoints/`` or ``status.json``."""
-    path = Path(path)
-    return (path / LAST_CHECKPOINT.parent).is_dir() or (path / STATUS_FILE).is_file()
-
-
-def run_within(folder: str | os.PathLike, depth: int = 3, limit: int = 5000) -> Path | None:
-    """The first run directory (:func:`is_run_dir`) at ``folder`` or at most ``depth`` levels below it (a sweep's
-    runs lie two levels down), looking into ``limit`` folders at most; None when there is none. Symbolic links
-    are not followed."""
-    level, seen = [Path(folder)], 0
-    for _ in range(depth + 1):
-        below = []
-        for path in level:
-            if is_run_dir(path):
-                return path
-            seen += 1
-            if seen >= limit:
-                return None
-            try:
-                below += sorted(Path(e.path) for e in os.scandir(path) if e.is_dir(follow_symlinks=False))
-            except OSError:
-                continue
-        level = below
-    return None
-
-
-MSN_SUFFIXES = (".pth.tar", ".pth", ".pt")  # an msn-format OUT ending so is the file itself, else OUT/msn.pth.tar
-
-
-def export_path(out: str | os.PathLike, fmt: str) -> Path:
-    """What ``msn-export --format FMT`` writes for OUT: the folder OUT (hf, timm), or the file OUT (msn, when it
-    ends in .pth.tar, .pth or .pt) or OUT/msn.pth.tar."""
-    out = Path(out)
-    if fmt != "msn" or out.name.endswith(MSN_SUFFIXES):
-        return out
-    return out / "msn.pth.tar"
-
-
-def check_export_out(out: str | os.PathLike, fmt: str, overwrite: bool,
-                     source: str | os.PathLike | None = None) -> Path:
-    """Refuse an export target that would lose or confuse something, before the weights are loaded: OUT that is
-    SOURCE (or its run), a run directory or a folder holding one (the run would read as an export), a
-    non-empty folder or an existing file without ``overwrite``, a checkpoint of a run, a file where a folder
-    is needed, an unwritable place. Returns :func:`export_path`. Torch-free."""
-    out = Path(out).expanduser()
-    path = export_path(out, fmt)
-    if source is not None:
-        source = Path(source).expanduser()
-        targets = {out.resolve(), path.resolve()}
-        if source.resolve() in targets:
-            raise CheckpointError(f"OUT {out} is SOURCE itself; choose another OUT (a new folder or file)")
-        checkpoint = source if source.is_file() else last_checkpoint(source)
-        if {checkpoint.resolve(), (run_dir_of(checkpoint) or checkpoint).resolve()} & targets:
-            raise CheckpointError(f"OUT {out} is the run directory or checkpoint of SOURCE {source}; choose another "
-                                  "OUT (a new folder or file)")
-    into_folder = fmt != "msn" or path != out  # OUT names a folder (hf, timm; msn: OUT/msn.pth.tar)
-    if into_folder and out.exists() and not out.is_dir():
-        kind = "a folder" if fmt != "msn" else f"a folder or a file ending in {', '.join(MSN_SUFFIXES)}"
-        raise CheckpointError(f"{out} is a file; OUT must be {kind} for this format (choose another OUT)")
-    if into_folder and out.is_dir():
-        run = run_within(out)
-        if run == out:
-            raise CheckpointError(f"{out} is a run directory (it has checkpoints/ or status.json), which an export "
-                                  f"into it would turn into an export folder; choose another OUT, e.g. {out / fmt}")
-        if run is not None:
-            raise CheckpointError(f"{out} holds the run directory {run}; export into a folder of its own, "
-                                  f"e.g. {out / fmt}")
-    receiving = out if into_folder else out.parent
-    if receiving.name == LAST_CHECKPOINT.parent.name and is_run_dir(receiving.parent):
-        raise CheckpointError(f"{receiving} is the checkpoints folder of the run {receiving.parent}; choose another "
-                              "OUT")
-    if fmt != "msn" and out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise CheckpointError(f"{out} exists and is not empty; choose another OUT or pass --overwrite")
-    if fmt == "msn" and path.exists() and not overwrite:
-        raise CheckpointError(f"{path} exists; choose another OUT or pass --overwrite")
-    check_writable(receiving, path, "choose another OUT")
-    return path

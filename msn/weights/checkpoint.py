@@ -14,12 +14,6 @@ import torch
 
 from msn.errors import CheckpointError
 from msn.utils.files import TMP_SUFFIX, atomic_write
-from msn.utils.rundir import (  # noqa: F401  moved to the torch-free msn.rundir; still importable from here
-    STATUS_FILE,
-    read_status,
-    resolve_resume,
-    write_status,
-)
 
 FORMAT = "msn-train-v1"
 

@@ -1,9 +1,10 @@
-"""Hugging Face datasets as a training source (``data=hf``): a folder written by ``save_to_disk``, a folder of
+"""``data=hf``: a Hugging Face dataset as a training source: a folder written by ``save_to_disk``, a folder of
 parquet or arrow files, or a hub id (only when the hub is reachable). Rows are read by index, so the folder
-source's guarantees hold as they are (see :mod:`msn.data.shards`); the image column's bytes are decoded here,
-exactly as image files are (:func:`msn.data.datasets.decode_rgb`), so an undecodable row is replaced and counted.
+source's guarantees hold as they are (see :mod:`msn.data.sources.webdataset`); the image column's bytes are
+decoded here, exactly as image files are (:func:`msn.data.images.decode_rgb`), so an undecodable row is replaced
+and counted.
 
-The ``datasets`` package is imported only when this source is used (it is the ``[datasets]`` extra).
+The ``datasets`` package is imported only when this source is used (it is the ``[datasets]`` extra). Torch-free.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+from omegaconf import DictConfig
 from PIL import Image
-from torch.utils.data import Dataset
 
-from msn.data.datasets import decode_rgb
+from msn.config import DataConfig
+from msn.data.images import decode_rgb
+from msn.data.registry import Source, register_source, require
 from msn.errors import DataError
 
 _DATA_FILES = (".parquet", ".arrow")
@@ -89,7 +92,7 @@ def load_hf_split(path: str, split: str) -> Any:
                         "local folder, or check the id and the network") from None
 
 
-class HFImages(Dataset):
+class HFImages:
     """index -> PIL RGB image of column ``image_key`` of a Hugging Face dataset split.
 
     Args:
@@ -129,3 +132,21 @@ class HFImages(Dataset):
         if isinstance(value, Image.Image):
             return value.convert("RGB")
         raise DataError(f"{self.name(index)}: column {self.image_key} holds no image ({type(value).__name__})")
+
+
+@register_source
+class HFSource(Source):
+    """``data=hf``: column ``data.image_key`` of split ``data.split`` of ``data.path`` (:class:`HFImages`)."""
+
+    name = "hf"
+    summary = "a Hugging Face dataset: data.path=DIR (save_to_disk, parquet / arrow files) or a hub id; data.split"
+
+    def check(self, cfg: DataConfig | DictConfig) -> None:
+        check_hf_source(require(cfg, "path", "data.path=/path/to/saved_dataset (save_to_disk), a folder of parquet "
+                                "/ arrow files, or a hub id"))
+
+    def build(self, cfg: DataConfig | DictConfig) -> HFImages:
+        return HFImages(cfg.path, cfg.split, cfg.image_key)
+
+    def where(self, cfg: DataConfig | DictConfig) -> str:
+        return f"{cfg.path} [{cfg.split}]"

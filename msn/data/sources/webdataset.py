@@ -1,4 +1,4 @@
-"""WebDataset shards as a training source (``data=webdataset``), read by random access, and writing them.
+"""``data=webdataset``: WebDataset tar shards, read by random access through an index of their tar headers.
 
 A shard is a tar file whose consecutive members sharing a key (``dir/0001.jpg``, ``dir/0001.cls``) form one
 sample (the WebDataset convention). :class:`WebDatasetImages` indexes every shard once, when the run starts
@@ -11,9 +11,10 @@ read, and an undecodable sample is replaced and counted (:class:`msn.data.MultiC
 Shards are named by a brace pattern (``/data/in21k/shard-{000000..001023}.tar``), a glob, a list, or
 ``pipe:COMMAND`` URLs (``pipe:aws s3 cp s3://bucket/shard-000000.tar -``), the way object stores are read; a
 ``pipe:`` or ``http(s)://`` shard is copied once into ``data.shard_cache`` (it must be seekable), through the
-``webdataset`` package's ``gopen``. :func:`write_shards` (``msn-shards``) writes shards from a folder of
-images with the ``webdataset`` package's ``ShardWriter``.
+``webdataset`` package's ``gopen``. :func:`msn.data.shard_writer.write_shards` (``msn-shards``) writes shards
+from a folder of images. Torch-free.
 """
+
 
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ import hashlib
 import io
 import json
 import os
-import random
 import re
 import shutil
 from collections.abc import Sequence
@@ -30,11 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from omegaconf import DictConfig
 from PIL import Image
-from torch.utils.data import Dataset
 
-from msn.data.datasets import _scan_images, check_data_root, decode_rgb
-from msn.errors import DataError
+from msn.config import DataConfig
+from msn.data.images import decode_rgb
+from msn.data.registry import Source, register_source, require
+from msn.errors import ConfigError, DataError
 from msn.utils.files import atomic_write
 
 DEFAULT_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -270,7 +272,7 @@ def cached_index(path: Path, image_keys: Sequence[str], cache_dir: str | os.Path
     return offsets, sizes, keys
 
 
-class WebDatasetImages(Dataset):
+class WebDatasetImages:
     """index -> PIL RGB image of WebDataset shards (``data=webdataset``), by random access.
 
     Args:
@@ -347,65 +349,27 @@ class WebDatasetImages(Dataset):
                     pass
 
 
-@dataclass
-class WrittenShards:
-    """What :func:`write_shards` wrote: the ``data.shards`` pattern, the shard files and the sample count."""
+@register_source
+class WebDatasetSource(Source):
+    """``data=webdataset``: ``data.shards`` read by :class:`WebDatasetImages` (``data.image_keys``,
+    ``data.shard_cache``)."""
 
-    pattern: str
-    files: list[Path]
-    samples: int
+    name = "webdataset"
+    summary = "WebDataset tar shards: data.shards='/data/shard-{000000..000099}.tar' (a brace pattern, glob, list)"
 
+    def check(self, cfg: DataConfig | DictConfig) -> None:
+        shards = require(cfg, "shards", "data.shards='/data/shard-{000000..000099}.tar' (quoted: the braces are the "
+                         "shell's too)")
+        if not cfg.image_keys:
+            raise ConfigError("data.image_keys must name at least one extension, e.g. [jpg,png]")
+        expand_shards(shards)
 
-def write_shards(src: str | os.PathLike, out: str | os.PathLike, *, per_shard: int = 1000,
-                 shuffle_seed: int | None = None, overwrite: bool = False) -> WrittenShards:
-    """Write the images under ``src`` as WebDataset shards ``OUT/shard-000000.tar``, ... of ``per_shard``
-    samples each (the ``webdataset`` package's ``ShardWriter``).
+    def build(self, cfg: DataConfig | DictConfig) -> WebDatasetImages:
+        return WebDatasetImages(expand_shards(cfg.shards), list(cfg.image_keys), cfg.shard_cache)
 
-    Each sample is ``NNNNNNNNN.EXT`` with the image's own bytes (``jpg``, ``jpeg``, ``png``, ``webp``; other
-    formats are re-encoded as PNG, losslessly) and, when the image lies in a class folder of ``src``,
-    ``NNNNNNNNN.cls`` with the class index (the sorted class folders, as ImageFolder numbers them), listed in
-    ``OUT/classes.txt``. The order is the sorted paths, or a shuffle of them by ``shuffle_seed``.
-    """
-    import webdataset as wds
+    def where(self, cfg: DataConfig | DictConfig) -> str:
+        shards = cfg.shards
+        return str(shards) if isinstance(shards, str) else ",".join(map(str, shards))
 
-    root = check_data_root(src)
-    out = Path(out)
-    if per_shard < 1:
-        raise DataError(f"--per-shard {per_shard} must be >= 1")
-    existing = sorted(out.glob("shard-*.tar")) if out.is_dir() else []
-    if existing and not overwrite:
-        raise DataError(f"{out} already holds {len(existing)} shards; pass --overwrite to replace them, or another OUT")
-    for old in existing:
-        old.unlink()
-    relative = _scan_images(root)
-    if shuffle_seed is not None:
-        random.Random(shuffle_seed).shuffle(relative)
-    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
-    class_index = {name: i for i, name in enumerate(classes)}
-    out.mkdir(parents=True, exist_ok=True)
-    with wds.ShardWriter(str(out / "shard-%06d.tar"), maxcount=per_shard, verbose=0) as sink:
-        for number, rel in enumerate(relative):
-            sink.write(_sample(root / rel, f"{number:09d}", class_index.get(Path(rel).parts[0])
-                               if len(Path(rel).parts) > 1 else None))
-    if classes:
-        (out / "classes.txt").write_text("".join(f"{i} {name}\n" for i, name in enumerate(classes)))
-    files = sorted(out.glob("shard-*.tar"))
-    last = len(files) - 1
-    pattern = str(out / ("shard-000000.tar" if last == 0 else f"shard-{{000000..{last:06d}}}.tar"))
-    return WrittenShards(pattern, files, len(relative))
-
-
-def _sample(path: Path, key: str, label: int | None) -> dict[str, bytes | str]:
-    """One WebDataset sample: the image's bytes under its extension (PNG for other formats), its class."""
-    ext = path.suffix.lower().lstrip(".")
-    if ext in DEFAULT_IMAGE_KEYS:
-        data = path.read_bytes()
-    else:
-        buffer = io.BytesIO()
-        with Image.open(path) as image:
-            image.save(buffer, format="PNG")
-        ext, data = "png", buffer.getvalue()
-    sample: dict[str, bytes | str] = {"__key__": key, ext: data}
-    if label is not None:
-        sample["cls"] = str(label)
-    return sample
+    def identity(self, cfg: DataConfig | DictConfig) -> dict[str, str]:
+        return {"source": str(cfg.shards)}  # as earlier checkpoints recorded it
