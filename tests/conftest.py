@@ -7,6 +7,7 @@ import csv
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -26,6 +27,11 @@ os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="msn-tests-cache-")
 atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], True)
 
 REPO = Path(__file__).resolve().parent.parent
+# A researcher's own package (tests/plugin/msnplugin): a dataset, a source, a loss term and a protocol, importable in
+# this process as from an installed package; subprocesses get it through PYTHONPATH (plugin_env).
+PLUGIN = REPO / "tests" / "plugin"
+if str(PLUGIN) not in sys.path:
+    sys.path.insert(0, str(PLUGIN))
 REFERENCE = Path(os.environ.get("MSN_REFERENCE", REPO / "tests" / "reference" / "msn_original_reference.pt"))
 STEP_REFERENCE = REFERENCE.parent / "msn_original_step_reference.pt"
 
@@ -51,6 +57,12 @@ def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     register_configs()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides))
+
+
+def plugin_env(**extra: str) -> dict[str, str]:
+    """The environment of a command that uses the plugin package: it is on PYTHONPATH, as if installed."""
+    path = os.pathsep.join(p for p in (str(PLUGIN), str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}
 
 
 def metrics_rows(run_dir: Path) -> list[dict[str, str]]:

@@ -210,10 +210,11 @@ def _read_indices(rank: int, world: int, overrides: list[str]) -> torch.Tensor:
     return torch.tensor(seen)
 
 
-@pytest.mark.parametrize("source", ["webdataset", "hf"])
+@pytest.mark.parametrize("source", ["webdataset", "hf", "custom"])
 def test_two_processes_read_disjoint_shares_of_shards_and_datasets(tmp_path, source):
-    """Each of 2 gloo processes reads its own half of every epoch of WebDataset shards or a Hugging Face
-    dataset, together all of it once; and 2 x 8 images train what 1 x 16 do, as for folders."""
+    """Each of 2 gloo processes reads its own half of every epoch of WebDataset shards, a Hugging Face dataset or a
+    dataset class of the user's own, together all of it once; and 2 x 8 images train what 1 x 16 do, as for
+    folders."""
     import datasets
 
     from msn.data.shard_writer import write_shards
@@ -223,6 +224,8 @@ def test_two_processes_read_disjoint_shares_of_shards_and_datasets(tmp_path, sou
     if source == "webdataset":
         written = write_shards(images, tmp_path / "shards", per_shard=10)
         data = ["data=webdataset", f'data.shards="{written.pattern}"']
+    elif source == "custom":  # tests/plugin/msnplugin: the user's class reading the same files
+        data = ["data=custom", f"data.dataset={{_target_:msnplugin.datasets.ImageFiles,root:{images}}}"]
     else:
         files = sorted(images.rglob("*.jpg"))
         table = datasets.Dataset.from_dict({"image": [{"bytes": p.read_bytes(), "path": None} for p in files]})

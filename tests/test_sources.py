@@ -1,5 +1,6 @@
-"""Training sources past a folder: WebDataset shards (``data=webdataset``, written by ``msn-shards``) and
-Hugging Face datasets (``data=hf``), on real tar files and real ``datasets`` folders written here.
+"""Training sources past a folder: WebDataset shards (``data=webdataset``, written by ``msn-shards``), Hugging Face
+datasets (``data=hf``) and a dataset class of the user's own (``data=custom``), on real tar files, real
+``datasets`` folders and real image files written here.
 
 They must keep the folder source's promises: the same images in the same order (so the same run), exact
 resume after kill -9 with any number of loader workers, disjoint shares across processes, bad samples
@@ -25,7 +26,7 @@ from msn.data.sources.webdataset import WebDatasetImages, expand_shards, index_s
 from msn.errors import DataError
 from msn.train import train
 from msn.weights.checkpoint import load_checkpoint
-from tests.conftest import compose_config, metrics_rows
+from tests.conftest import compose_config, metrics_rows, plugin_env
 
 SMALL = ["experiment=cpu_smoke", "logger.progress=false", "data.global_size=32", "data.focal_size=16",
          "data.num_focal=2", "data.batch_size=8", "data.num_workers=0", "optim.max_steps=null",
@@ -74,6 +75,8 @@ def sources(tmp_path_factory):
 
 def _source(sources, name: str) -> list[str]:
     return {"folder": ["data=folder", f"data.root={sources['folder']}"],
+            # a dataset class of the user's own (tests/plugin/msnplugin) reading the same files
+            "custom": ["data=custom", f"data.dataset={{_target_:msnplugin.datasets.ImageFiles,root:{sources['folder']}}}"],
             "webdataset": ["data=webdataset", f'data.shards="{sources["pattern"]}"'],  # quoted: Hydra's braces
             "hf": ["data=hf", f"data.path={sources['saved']}"],
             "parquet": ["data=hf", f"data.path={sources['parquet']}"]}[name]
@@ -121,12 +124,12 @@ def test_every_source_trains_the_same_run_as_the_folder(sources, tmp_path):
     """The same images in the same order give bit-identical weights: the readers return the same pixels and
     the epoch order, views and masks are the same functions of (seed, epoch, index) for every source."""
     runs = {}
-    for name in ("folder", "webdataset", "hf", "parquet"):
+    for name in ("folder", "webdataset", "hf", "parquet", "custom"):
         run_dir = tmp_path / name
         train(compose_config([*SMALL, *_source(sources, name), f"run_dir={run_dir}"]))
         runs[name] = _weights(run_dir)
         assert [int(r["step"]) for r in metrics_rows(run_dir)] == list(range(1, 9))
-    for name in ("webdataset", "hf", "parquet"):
+    for name in ("webdataset", "hf", "parquet", "custom"):
         for key, tensor in runs["folder"].items():
             torch.testing.assert_close(runs[name][key], tensor, atol=0, rtol=0, msg=f"{name}: {key}")
 
@@ -149,7 +152,7 @@ main()
 """
 
 
-@pytest.mark.parametrize("source", ["webdataset", "hf"])
+@pytest.mark.parametrize("source", ["webdataset", "hf", "custom"])
 def test_kill_9_and_resume_is_bit_identical_with_0_and_2_workers(sources, tmp_path, source):
     overrides = [*SMALL, *_source(sources, source), "checkpoint.last_every_steps=1", "checkpoint.every_steps=0"]
     full = tmp_path / "full"
@@ -158,7 +161,7 @@ def test_kill_9_and_resume_is_bit_identical_with_0_and_2_workers(sources, tmp_pa
         run_dir = tmp_path / f"killed_{workers}"
         command = [*overrides, f"data.num_workers={workers}", f"hydra.run.dir={run_dir}"]
         killed = subprocess.run([sys.executable, "-c", _KILLED_AFTER, *command], capture_output=True, text=True,
-                                timeout=300, cwd=tmp_path)
+                                timeout=300, cwd=tmp_path, env=plugin_env())
         assert killed.returncode == -9, killed.stderr[-2000:]
         assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"] == 5
         train(compose_config([*overrides, f"data.num_workers={workers}", "resume=auto", f"run_dir={run_dir}"]))

@@ -28,7 +28,7 @@ from torchvision import transforms as T
 from msn.data.images import load_rgb
 from msn.data.loader import EpochSampler, MultiCropDataset, RunSampler, build_loader
 from msn.data.multicrop import MultiCropTransform, augment_in_workers, device_views
-from msn.data.registry import build_dataset, describe_source
+from msn.data.registry import ImageDataset, build_dataset, describe_source
 from msn.utils.device import resolve_device
 
 
@@ -61,11 +61,11 @@ def reference_view(cfg: DictConfig, size: int, scale: Sequence[float]) -> T.Comp
 class ReferenceMultiCrop(Dataset):
     """image ``i`` -> ``[target, anchor, focal_1, ...]``, each view by its own torchvision Compose.
 
-    ``images``: image file paths, or a dataset of PIL images (index -> image, as :func:`msn.data.build_dataset`
-    makes for every source)."""
+    ``images``: a list of image file paths, or a dataset of PIL images (index -> image, as
+    :func:`msn.data.build_dataset` makes for every source)."""
 
-    def __init__(self, images: Sequence[os.PathLike] | Dataset, cfg: DictConfig) -> None:
-        self.images = images if isinstance(images, Dataset) else list(images)
+    def __init__(self, images: Sequence[os.PathLike] | ImageDataset, cfg: DictConfig) -> None:
+        self.images = images
         self.global_view = reference_view(cfg, cfg.global_size, cfg.global_scale)
         self.focal_view = reference_view(cfg, cfg.focal_size, cfg.focal_scale)
         self.num_focal = int(cfg.num_focal)

@@ -179,7 +179,12 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         if args.threads is not None:
             torch.set_num_threads(args.threads)
         root = [f"data.root={args.root}"] if args.root is not None else []
-        cfg = compose_bench_config([f"data={args.source}", *args.overrides, *root])
+        from msn.config import CONFIG_DIR
+
+        # a built-in source has its own config file; a plugin's source takes data=folder's views, under its name
+        source = ([f"data={args.source}"] if (CONFIG_DIR / "data" / f"{args.source}.yaml").is_file() else
+                  ["data=folder", f"data.name={args.source}"])
+        cfg = compose_bench_config([*source, *args.overrides, *root])
         from msn.data.loader import loader_workers
 
         workers = loader_workers(cfg.data.num_workers) if args.workers is None else args.workers

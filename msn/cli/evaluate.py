@@ -142,7 +142,10 @@ def check_args(args: argparse.Namespace) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point ``msn-eval``."""
-    parser = build_parser()
+    try:
+        parser = build_parser()  # lists the registered protocols: a plugin that cannot be imported is one line
+    except MSNError as e:
+        return fail("msn-eval", e)
     args = parser.parse_args(argv)
     if args.update_card and not is_hf_export(args.model):
         parser.error("--update-card needs MODEL to be an hf export folder (msn-export --format hf)")

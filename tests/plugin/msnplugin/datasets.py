@@ -34,6 +34,13 @@ class Discs:
         return Image.fromarray(pixels), label
 
 
+class DiscImages(Discs):
+    """The discs as a base dataset: a source's items are the images alone."""
+
+    def __getitem__(self, index: int) -> Image.Image:
+        return super().__getitem__(index)[0]
+
+
 @register_source
 class DiscsSource(Source):
     """``data.name=discs``: the discs as a registered source (its size from data.synthetic_size)."""
@@ -41,8 +48,26 @@ class DiscsSource(Source):
     name = "discs"
     summary = "coloured discs (msnplugin)"
 
-    def build(self, cfg: DataConfig) -> Discs:
-        return Discs(cfg.synthetic_size, cfg.image_size, broken=None)
+    def build(self, cfg: DataConfig) -> DiscImages:
+        return DiscImages(cfg.synthetic_size, cfg.image_size, broken=None)
 
     def where(self, cfg: DataConfig) -> str:
         return f"{cfg.synthetic_size} discs"
+
+
+class ImageFiles:
+    """The images under ``root`` in the order data=folder lists them (sorted paths), opened with PIL: the same
+    pictures as data.root=ROOT, through a class of the user's own."""
+
+    def __init__(self, root: str) -> None:
+        from pathlib import Path
+
+        self.files = sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in (".jpg", ".png"))
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> Image.Image:
+        with Image.open(self.files[index]) as image:
+            image.load()
+            return image
