@@ -40,6 +40,7 @@ def test_the_wheel_ships_every_config(tmp_path):
     shipped = {f"msn/configs/{p.relative_to(CONFIG_DIR).as_posix()}" for p in CONFIG_DIR.rglob("*.yaml")}
     assert len(shipped) >= 30 and "msn/configs/experiment/cpu_smoke.yaml" in shipped
     assert shipped <= names, sorted(shipped - names)
+    assert "msn/py.typed" in names  # PEP 561: type checkers read the package's annotations
 
 
 def test_a_users_experiment_file_outside_the_package(tmp_path):
