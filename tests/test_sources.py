@@ -76,7 +76,8 @@ def sources(tmp_path_factory):
 def _source(sources, name: str) -> list[str]:
     return {"folder": ["data=folder", f"data.root={sources['folder']}"],
             # a dataset class of the user's own (tests/plugin/msnplugin) reading the same files
-            "custom": ["data=custom", f"data.dataset={{_target_:msnplugin.datasets.ImageFiles,root:{sources['folder']}}}"],
+            "custom": ["data=custom",
+                       f"data.dataset={{_target_:msnplugin.datasets.ImageFiles,root:{sources['folder']}}}"],
             "webdataset": ["data=webdataset", f'data.shards="{sources["pattern"]}"'],  # quoted: Hydra's braces
             "hf": ["data=hf", f"data.path={sources['saved']}"],
             "parquet": ["data=hf", f"data.path={sources['parquet']}"]}[name]
