@@ -20,6 +20,8 @@ import importlib
 import logging
 from typing import Any
 
+from msn.utils.lazy import lazy_names
+
 __version__ = "0.1.0"
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())  # silent unless the application configures logging
@@ -28,17 +30,10 @@ _API = {"load_backbone": "msn.api", "extract_features": "msn.api", "create_backb
         "compose_config": "msn.utils.compose", "register_source": "msn.data.registry",
         "register_protocol": "msn.eval.registry"}
 __all__ = ["__version__", "train", *sorted(_API)]
+_names, __dir__ = lazy_names(__name__, _API)
 
 
 def __getattr__(name: str) -> Any:
     if name == "train":  # the msn.train package, which is callable: msn.train(...) is msn.train.loop.train
         return importlib.import_module("msn.train")
-    if name in _API:
-        value = getattr(importlib.import_module(_API[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'msn' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    return _names(name)

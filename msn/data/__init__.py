@@ -23,8 +23,7 @@ The names below load on first use: ``import msn.data`` imports neither torch nor
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from msn.utils.lazy import lazy_names
 
 _HOMES = {
     "Source": "msn.data.registry", "register_source": "msn.data.registry", "get_source": "msn.data.registry",
@@ -37,15 +36,4 @@ _HOMES = {
     "write_shards": "msn.data.shard_writer",
 }
 __all__ = sorted(_HOMES)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _HOMES:
-        value = getattr(importlib.import_module(_HOMES[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'msn.data' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_names(__name__, _HOMES)

@@ -8,22 +8,10 @@ The names below load on first use (``import msn.eval`` imports neither torch nor
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from msn.utils.lazy import lazy_names
 
 _HOMES = {"EvalTask": "msn.eval.registry", "Protocol": "msn.eval.registry", "register_protocol": "msn.eval.registry",
           "get_protocol": "msn.eval.registry", "protocol_names": "msn.eval.registry", "summarise": "msn.eval.registry",
           "evaluate": "msn.eval.evaluate"}
 __all__ = sorted(_HOMES)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _HOMES:
-        value = getattr(importlib.import_module(_HOMES[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'msn.eval' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_names(__name__, _HOMES)

@@ -48,6 +48,3 @@ class DigitsSource(Source):
 
     def build(self, cfg: DataConfig | DictConfig) -> DigitsDataset:
         return DigitsDataset(cfg.image_size)
-
-    def identity(self, cfg: DataConfig | DictConfig) -> dict[str, str]:
-        return {"source": str(cfg.root or "")}  # what earlier checkpoints recorded: a resume compares it

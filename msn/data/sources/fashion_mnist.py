@@ -116,6 +116,3 @@ class FashionMNISTSource(Source):
 
     def where(self, cfg: DataConfig | DictConfig) -> str:
         return str(cfg.root or FASHION_MNIST_DIR)
-
-    def identity(self, cfg: DataConfig | DictConfig) -> dict[str, str]:
-        return {"source": str(cfg.root or "")}  # what earlier checkpoints recorded: a resume compares it

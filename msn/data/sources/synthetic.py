@@ -69,6 +69,3 @@ class SyntheticSource(Source):
 
     def build(self, cfg: DataConfig | DictConfig) -> SyntheticDataset:
         return SyntheticDataset(cfg.synthetic_size, cfg.image_size)
-
-    def identity(self, cfg: DataConfig | DictConfig) -> dict[str, str]:
-        return {"source": str(cfg.root or "")}  # what earlier checkpoints recorded: a resume compares it
