@@ -153,23 +153,28 @@ main()
 """
 
 
-@pytest.mark.parametrize("source", ["webdataset", "hf", "custom"])
-def test_kill_9_and_resume_is_bit_identical_with_0_and_2_workers(sources, tmp_path, source):
+# Each source with 0 and 2 loader workers; the default suite runs one of the two per source (both kinds of loader
+# are covered), -m slow the others.
+@pytest.mark.parametrize(("source", "workers"), [
+    ("webdataset", 0), pytest.param("webdataset", 2, marks=pytest.mark.slow),
+    ("hf", 2), pytest.param("hf", 0, marks=pytest.mark.slow),
+    ("custom", 2), pytest.param("custom", 0, marks=pytest.mark.slow),
+])
+def test_kill_9_and_resume_is_bit_identical(sources, tmp_path, source, workers):
     overrides = [*SMALL, *_source(sources, source), "checkpoint.last_every_steps=1", "checkpoint.every_steps=0"]
     full = tmp_path / "full"
     train(compose_config([*overrides, "data.num_workers=0", f"run_dir={full}"]))
-    for workers in (0, 2):
-        run_dir = tmp_path / f"killed_{workers}"
-        command = [*overrides, f"data.num_workers={workers}", f"hydra.run.dir={run_dir}"]
-        killed = subprocess.run([sys.executable, "-c", _KILLED_AFTER, *command], capture_output=True, text=True,
-                                timeout=300, cwd=tmp_path, env=plugin_env())
-        assert killed.returncode == -9, killed.stderr[-2000:]
-        assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"] == 5
-        train(compose_config([*overrides, f"data.num_workers={workers}", "resume=auto", f"run_dir={run_dir}"]))
-        resumed = _weights(run_dir)
-        for key, tensor in _weights(full).items():
-            torch.testing.assert_close(resumed[key], tensor, atol=0, rtol=0, msg=f"{workers} workers: {key}")
-        assert [r["loss"] for r in metrics_rows(run_dir)] == [r["loss"] for r in metrics_rows(full)]
+    run_dir = tmp_path / f"killed_{workers}"
+    command = [*overrides, f"data.num_workers={workers}", f"hydra.run.dir={run_dir}"]
+    killed = subprocess.run([sys.executable, "-c", _KILLED_AFTER, *command], capture_output=True, text=True,
+                            timeout=300, cwd=tmp_path, env=plugin_env())
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"] == 5
+    train(compose_config([*overrides, f"data.num_workers={workers}", "resume=auto", f"run_dir={run_dir}"]))
+    resumed = _weights(run_dir)
+    for key, tensor in _weights(full).items():
+        torch.testing.assert_close(resumed[key], tensor, atol=0, rtol=0, msg=f"{workers} workers: {key}")
+    assert [r["loss"] for r in metrics_rows(run_dir)] == [r["loss"] for r in metrics_rows(full)]
 
 
 def _corrupt_member(shard: Path, member: str) -> None:
