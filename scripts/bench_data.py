@@ -9,7 +9,7 @@ For each it reports images/s and views/s of
   dataset:   MultiCropDataset.__getitems__ (base dataset + augmentation: what one DataLoader worker does);
   per-view torchvision.transforms.v2 (optional, --baseline): the naive Compose applied view by view.
 
-The pipeline runs on one thread whatever torch's setting (msn.data.single_threaded); the baseline is
+The pipeline runs on one thread whatever torch's setting (msn.data.multicrop.single_threaded); the baseline is
 timed on one thread too. Usage: python scripts/bench_data.py [--batches 5] [--baseline] [--setting digits]
 """
 

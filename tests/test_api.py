@@ -97,3 +97,17 @@ def test_the_timm_export_gives_timm_the_preprocessing(trained):
     vit = timm.create_model(args["model_name"], pretrained=False, **args["kwargs"])
     config = timm.data.resolve_data_config({}, model=vit)
     assert tuple(config["mean"]) == (0.3, 0.4, 0.5) and tuple(config["input_size"]) == (3, 32, 32)
+
+
+def test_compose_config_inside_an_application_of_the_callers_own_hydra(tmp_path):
+    """A user's own Hydra app (initialised with its own config folder) composes msn's config through msn and finds
+    its own Hydra state as it was."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    (tmp_path / "app.yaml").write_text("mine: 1\n")
+    with initialize_config_dir(config_dir=str(tmp_path), version_base="1.3"):
+        cfg = msn.compose_config(["experiment=cpu_smoke", "optim.lr=0.01"])
+        assert cfg.run_dir == "outputs/cpu_smoke,optim.lr=0.01" and cfg.optim.lr == 0.01
+        assert GlobalHydra.instance().is_initialized()
+        assert compose("app").mine == 1  # the caller's config folder, still in place

@@ -1,4 +1,4 @@
-"""msn.checkpoint's file handling that the training runs do not reach on their own."""
+"""msn.weights.checkpoint's file handling that the training runs do not reach on their own."""
 
 from pathlib import Path
 

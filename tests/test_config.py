@@ -188,6 +188,8 @@ def test_every_data_option_is_a_registered_source_and_each_source_has_one():
     ("data=custom", "data=custom needs data.dataset._target_"),
     ("data.name=imagenet", "data.name='imagenet' is not a registered data source; choose one of custom, digits, "
                            "fashion_mnist, folder, hf, synthetic, webdataset"),
+    ("data.dataset={_target_:mypkg.X}", "data.dataset is set, but data=digits reads its own images and would "
+                                        "ignore it; pass data=custom"),
 ])
 def test_each_source_refuses_what_it_cannot_read_before_any_work(override, message, tmp_path):
     from msn.data.registry import check_source

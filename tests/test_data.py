@@ -751,3 +751,27 @@ def test_fashion_mnist_missing_or_broken_is_one_clear_error(tmp_path: Path) -> N
         FashionMNISTDataset(root)
     with pytest.raises(DataError, match="split 'val'"):
         FashionMNISTDataset(root, "val")
+
+
+def test_a_users_source_registered_before_the_first_lookup_overrides_a_builtin():
+    """The built-ins register when the first entry does, so a user's module imported first still wins (a fresh
+    interpreter: nothing has read the registry yet, as in a user's script)."""
+    import subprocess
+    import sys
+
+    code = """
+from msn.data import Source, get_source, register_source, source_names
+
+@register_source
+class Mine(Source):
+    name = "synthetic"
+
+    def build(self, cfg):
+        return []
+
+assert type(get_source("synthetic")) is Mine, type(get_source("synthetic"))
+assert "digits" in source_names()
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]

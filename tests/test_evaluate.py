@@ -373,3 +373,23 @@ def test_more_last_blocks_than_the_encoder_has_is_refused(tmp_path, run_dir, cap
     assert capsys.readouterr().err.strip().splitlines() == [
         "msn-eval: error: --last-blocks 9: the encoder has 4 blocks; use --last-blocks up to 4"]
     assert not (tmp_path / "r.json").exists()
+
+
+def test_the_monitors_lowshot_takes_fewer_images_where_a_class_has_fewer():
+    """msn-eval refuses shots that a class cannot give (its table would claim them); the training monitor
+    (allow_fewer, its registered default) uses what a class has, as it always did, rather than stop a run."""
+    import torch
+
+    from msn.eval.registry import EvalTask, get_protocol
+    from msn.eval.splits import Split
+
+    labels = np.array([0] * 8 + [1] * 3)
+    features = torch.from_numpy(np.concatenate([np.eye(2)[labels] + 0.01 * np.arange(11)[:, None]])).float()
+    split = Split(list(range(11)), labels, "toy", [str(i) for i in range(11)], ["a", "b"])
+    task = EvalTask(None, split, split, splits=1, extract=lambda s: features)
+    lowshot = get_protocol("lowshot")
+    with pytest.raises(DataError, match="--shots 5: class b has only 3 training images"):
+        lowshot.run(task, {"shots": [5], "fraction": 0})
+    assert lowshot.monitor["allow_fewer"] is True
+    results = lowshot.run(task, lowshot.monitor)
+    assert list(results) == ["5"] and results["5"]["mean"] == 100.0

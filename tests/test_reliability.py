@@ -154,6 +154,35 @@ def _jpegs(folder: Path, count: int, first: int = 0) -> Path:
     return folder
 
 
+def test_keys_under_a_node_that_names_no_run_do_not_name_it_either():
+    """Hydra leaves ``monitor.options`` out of a run's name (exclude_keys) but not ``+monitor.options.k``: the same
+    command with another monitor option must continue the same run, not start another."""
+    from msn.utils.compose import compose_config as compose_run
+
+    plain = compose_run(["experiment=cpu_smoke", "optim.lr=0.01"]).run_dir
+    assert plain == "outputs/cpu_smoke,optim.lr=0.01"
+    assert compose_run(["experiment=cpu_smoke", "optim.lr=0.01", "+monitor.options.k=10"]).run_dir == plain
+    assert compose_run(["experiment=cpu_smoke", "optim.lr=0.01", "monitor.options={k:10}"]).run_dir == plain
+    assert run_directory("out", None, "+monitor.options.k=10,optim.lr=0.01", None, ["monitor.options"]) == \
+        "out/optim.lr=0.01"
+
+
+def test_an_earlier_checkpoint_of_a_bundled_set_resumes_without_a_moved_data_note(tmp_path, caplog):
+    """Checkpoints of digits / synthetic / Fashion-MNIST runs written before sources named themselves recorded an
+    empty source: a resume of one is no move of the data."""
+    from msn.weights.checkpoint import save_checkpoint
+
+    run = tmp_path / "run"
+    train(_smoke(run, "optim.max_steps=2", "checkpoint.last_every_steps=2"))
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert state["data"]["source"] == "synthetic"
+    state["data"]["source"] = ""
+    save_checkpoint(run / "checkpoints" / "last.pt", {k: v for k, v in state.items() if k != "format"})
+    caplog.clear()
+    train(_smoke(run, "optim.max_steps=3", "resume=auto"))
+    assert "resumed from" in caplog.text and "resuming a run trained on" not in caplog.text
+
+
 def test_a_resume_on_changed_data_says_what_changed(tmp_path):
     images = _jpegs(tmp_path / "images", 16)
     overrides = ["data=folder", f"data.root={images}", "data.global_size=32", "data.focal_size=16",

@@ -4,7 +4,7 @@ The reference holds the original's initial weights (its own key layout), the vie
 patches, each step's lr / wd / momentum / temperature, and, computed by the original in float64: the
 losses, the encoder's gradient norm before clipping and every final tensor (online and target encoders
 with BatchNorm statistics, prototypes). We load the weights through our original-checkpoint import
-and run :func:`msn.step.train_step`, the function ``msn-pretrain`` runs, with those masks and
+and run :func:`msn.train.step.train_step`, the function ``msn-pretrain`` runs, with those masks and
 hyper-parameters.
 """
 

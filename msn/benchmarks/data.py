@@ -62,7 +62,7 @@ class ReferenceMultiCrop(Dataset):
     """image ``i`` -> ``[target, anchor, focal_1, ...]``, each view by its own torchvision Compose.
 
     ``images``: a list of image file paths, or a dataset of PIL images (index -> image, as
-    :func:`msn.data.build_dataset` makes for every source)."""
+    :func:`msn.data.registry.build_dataset` makes for every source)."""
 
     def __init__(self, images: Sequence[os.PathLike] | ImageDataset, cfg: DictConfig) -> None:
         self.images = images

@@ -12,9 +12,11 @@ from omegaconf import DictConfig, OmegaConf
 from msn.config import CONFIG_DIR, MSNConfig
 from msn.errors import MSNError
 
-# Config nodes that hold keys of the user's own (a _target_ and its arguments): Hydra adds a key there only
-# with +, or takes the whole node as a value.
-OPEN_NODES = ("data.dataset", "loss.extra_terms", "monitor.options")
+# Config nodes that hold keys of the user's own: Hydra adds a key there only with +, or takes the whole node.
+OPEN_NODE_EXAMPLES = {"data.dataset": "{_target_:mypkg.module.MyDataset,root:/data}",
+                      "loss.extra_terms": "{name:{_target_:mypkg.terms.fn,weight:0.1}}",
+                      "monitor.options": "{k:10}"}
+OPEN_NODES = tuple(OPEN_NODE_EXAMPLES)
 
 
 def fail(prog: str, error: BaseException | str) -> int:
@@ -56,10 +58,11 @@ def explain_hydra_error(error: BaseException) -> str:
     override = re.search(r"Could not override '([^']+)'", text)
     if override or (key and "not in" in cause):
         name = override.group(1) if override else key.group(1)
-        node = next((n for n in OPEN_NODES if name.startswith(n + ".")), None)
+        node = next((n for n in OPEN_NODES if name == n or name.startswith(n + ".")), None)
         if node is not None:
-            return (f"{name}: {node} holds keys of your own, which Hydra adds with a + (+{name}=...) or as the whole "
-                    f"node ('{node}={{_target_:mypkg.module.Name,key:value}}')")
+            example = OPEN_NODE_EXAMPLES[node]
+            return (f"{name}: {node} holds keys of your own, which Hydra adds with a + ('+{name}=...') or takes as "
+                    f"the whole node ('{node}={example}')")
         keys = schema_keys()
         near = difflib.get_close_matches(name, keys, n=1, cutoff=0.6)
         hint = f"did you mean {near[0]}?" if near else "msn/config/schema.py lists the keys"

@@ -105,7 +105,8 @@ class LossConfig:
     prior: str = "uniform"
     prior_tau: float = 0.25  # PMSN's power-law exponent (the paper's 0.25)
     # Terms of your own: {name: {_target_: mypkg.terms.fn, weight: 0.1, ...}} (msn.train.terms)
-    extra_terms: dict[str, Any] = field(default_factory=dict)
+    # (null, and untyped, so that the command line may also give the whole node: 'loss.extra_terms={name:{...}}')
+    extra_terms: Any = None
 
 
 @dataclass
@@ -162,7 +163,7 @@ class MonitorConfig:
     protocol: str = "knn"
     dataset: str = "digits"  # digits, fashion_mnist, or a folder with train/ and val/ (ImageFolder layout)
     crop_pct: float = DEFAULT_CROP_PCT  # the centre share of each image evaluated (msn-eval --crop-pct; 1: all)
-    options: dict[str, Any] = field(default_factory=dict)  # the protocol's options over its monitoring defaults
+    options: Any = None  # the protocol's options over its monitoring defaults: {k: 10}, 'monitor.options={k:10}'
 
 
 @dataclass

@@ -9,7 +9,7 @@ resume, bad-image replacement and the processes' shares are the same for every s
 
 The built-in sources live one module each in :mod:`msn.data.sources`; a new one is a module there and a YAML file
 in ``msn/configs/data/``. A dataset class of your own needs neither: ``data=custom`` with
-``data.dataset._target_=mypkg.MyDataset`` (:mod:`msn.data.sources.custom`). Torch-free.
+``data.dataset={_target_:mypkg.MyDataset,...}`` (:mod:`msn.data.sources.custom`). Torch-free.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ class Source:
 
     name: str = ""
     summary: str = ""  # one line for listings and --help
+    reads_dataset_node: bool = False  # whether the source reads data.dataset (else a set one is refused, not ignored)
 
     def check(self, cfg: DataConfig | DictConfig) -> None:
         """Refuse a config this source cannot read, cheaply (no decoding, no torch): raise
@@ -79,7 +80,7 @@ def _as_source(obj: Any) -> type[Source]:
     if isinstance(obj, type) and issubclass(obj, Source):
         return obj
     raise TypeError(f"{obj!r} is not a subclass of msn.data.Source (for a dataset class of your own use data=custom "
-                    "with data.dataset._target_=...)")
+                    "with data.dataset={_target_:...})")
 
 
 def get_source(name: str) -> Source:
@@ -93,15 +94,19 @@ def source_names() -> list[str]:
 
 
 def check_source(cfg: DataConfig | DictConfig) -> None:
-    """The cheap checks of ``cfg.name``'s source (an unknown name is a :class:`ConfigError` listing the sources)."""
-    get_source(cfg.name).check(cfg)
+    """The cheap checks of ``cfg.name``'s source (an unknown name is a :class:`ConfigError` listing the sources;
+    ``data.dataset`` given to a source that does not read it, one naming ``data=custom``)."""
+    source = get_source(cfg.name)
+    if getattr(cfg, "dataset", None) is not None and not source.reads_dataset_node:
+        raise ConfigError(f"data.dataset is set, but data={cfg.name} reads its own images and would ignore it; pass "
+                          "data=custom to train on your dataset class")
+    source.check(cfg)
 
 
 def build_dataset(cfg: DataConfig | DictConfig) -> ImageDataset:
-    """The base dataset that ``cfg.name`` selects, checked first (:meth:`Source.check`)."""
-    source = get_source(cfg.name)
-    source.check(cfg)
-    return source.build(cfg)
+    """The base dataset that ``cfg.name`` selects, checked first (:func:`check_source`)."""
+    check_source(cfg)
+    return get_source(cfg.name).build(cfg)
 
 
 def describe_source(cfg: DataConfig | DictConfig) -> str:

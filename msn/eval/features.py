@@ -57,7 +57,7 @@ def load_encoder(model: str | Path, device: torch.device | str = "cpu", crop_pct
     check_compatible(backbone.state_dict(), weights.backbone, f"the weights of {path}")
     backbone.load_state_dict(weights.backbone)
     found = Encoder(backbone.to(device).eval(), weights.img_size, weights.mean, weights.std,
-                    _weights_id(weights.path), path, crop_pct)
+                    f"{_weights_id(weights.path)}-{encoder}", path, crop_pct)
     backbone.pretrained_cfg = timm_pretrained_cfg(found)  # timm's convention: resolve_data_config(model=...)
     return found
 

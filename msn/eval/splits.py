@@ -63,7 +63,7 @@ def digits_splits() -> tuple[Split, Split]:
 
 def fashion_mnist_splits(root: Path | None = None) -> tuple[Split, Split]:
     """Fashion-MNIST's official split: 60,000 training and 10,000 test images at 28 px (``root``: see
-    :func:`msn.data.find_fashion_mnist`; None for Debian's folder)."""
+    :func:`msn.data.sources.fashion_mnist.find_fashion_mnist`; None for Debian's folder)."""
     where = find_fashion_mnist(root)["train-images-idx3-ubyte"].parent.resolve()
     splits = []
     for name in ("train", "test"):

@@ -71,7 +71,9 @@ def restore_training(path: Path, *, model: MSN, optimizer: torch.optim.Optimizer
     # The same images may live elsewhere now (a copy on a node's local disk): a new path alone is only said;
     # another kind of source, another number of images or another epoch length is another run.
     compared = ("kind", "images", "samples_per_epoch", "list_file")
-    if data is not None and saved_data is not None and rank == 0 and saved_data.get("source") != data.get("source"):
+    # (checkpoints of the bundled sets recorded an empty source before sources named themselves: not a move)
+    moved = bool(saved_data and saved_data.get("source")) and saved_data.get("source") != (data or {}).get("source")
+    if data is not None and rank == 0 and moved:
         log.info(f"resuming a run trained on {saved_data.get('source')} with {data.get('source')} "
                  f"({data.get('images')} images, as before)")
     if data is not None and saved_data is not None and any(saved_data.get(k) != data.get(k) for k in compared):

@@ -1,8 +1,8 @@
 """The crops and masks the trainer feeds at a given step, exactly as it makes them (``msn-viz views`` and the
 run's first wandb picture draw them with :func:`msn.plots.views.views_picture`).
 
-The batch is the one the trainer draws at ``step`` (its :class:`~msn.data.RunSampler` keys, views by
-:class:`~msn.data.MultiCropDataset`, masks by the run's :class:`~msn.models.masking.MaskGenerator`, all from
+The batch is the one the trainer draws at ``step`` (its :class:`~msn.data.loader.RunSampler` keys, views by
+:class:`~msn.data.loader.MultiCropDataset`, masks by the run's :class:`~msn.models.masking.MaskGenerator`, all from
 :mod:`msn.train.builder`), for process 0 of the run's processes.
 """
 

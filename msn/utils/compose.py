@@ -28,10 +28,11 @@ def compose_config(overrides: list[str] | tuple[str, ...] = (), *, run_dir: str 
     """The validated msn-pretrain config for ``overrides`` (``["experiment=cpu_smoke", "optim.lr=5e-4"]``).
 
     ``run_dir``: where the run writes; None: the folder ``msn-pretrain OVERRIDES`` would use
-    (``outputs/cpu_smoke,optim.lr=0.0005``, relative to the current folder), so that a run started from Python
-    and from the command line continue each other. ``placeholder_root``: a folder dataset without ``data.root``
-    gets ``.`` (for tools that read no images). A bad override is Hydra's or omegaconf's exception; a bad value
-    a :class:`~msn.errors.ConfigError`.
+    (``outputs/cpu_smoke,optim.lr=5e-4``: the overrides as typed, relative to the current folder), so that a run
+    started from Python and from the command line continue each other. ``placeholder_root``: a folder dataset
+    without ``data.root`` gets ``.`` (for tools that read no images). A bad override is Hydra's or omegaconf's
+    exception; a bad value a :class:`~msn.errors.ConfigError`. Hydra's global state (an application of the
+    caller's own that uses Hydra) is as it was afterwards.
     """
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -39,14 +40,23 @@ def compose_config(overrides: list[str] | tuple[str, ...] = (), *, run_dir: str 
 
     register_configs()
     given = [*overrides, *([f"run_dir={run_dir}"] if run_dir is not None else [])]
-    if GlobalHydra.instance().is_initialized():  # inside a Hydra app or an earlier compose: leave it as it was
-        cfg = compose("config", overrides=given, return_hydra_config=True)
-    else:
+    callers_hydra = GlobalHydra.instance().hydra  # an application's own Hydra, set aside while msn's composes
+    GlobalHydra.instance().clear()
+    try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             cfg = compose("config", overrides=given, return_hydra_config=True)
+    finally:
+        if callers_hydra is not None:
+            GlobalHydra.instance().clear()
+            GlobalHydra.instance().initialize(callers_hydra)
     if run_dir is None:
-        HydraConfig.instance().set_config(cfg)  # what Hydra does before a job: ${hydra:...} then resolves
-        cfg.run_dir = str(OmegaConf.select(cfg, "hydra.run.dir"))
+        hydra_config = HydraConfig.instance()
+        callers = hydra_config.cfg
+        hydra_config.set_config(cfg)  # what Hydra does before a job: ${hydra:...} then resolves
+        try:
+            cfg.run_dir = str(OmegaConf.select(cfg, "hydra.run.dir"))
+        finally:
+            hydra_config.cfg = callers
     task = {k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items() if k != "hydra"}
     task_cfg = OmegaConf.create(task)
     if placeholder_root and task_cfg.data.name == "folder" and not task_cfg.data.root:

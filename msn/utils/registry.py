@@ -41,7 +41,13 @@ def load_plugins() -> None:
     from importlib.metadata import entry_points
 
     for entry in entry_points(group=ENTRY_POINT_GROUP):
-        entry.load()
+        try:
+            entry.load()
+        except Exception as e:  # a broken installed plugin: one line naming it, in every command
+            package = entry.dist.name if entry.dist else "a package"
+            raise ConfigError(f"the installed plugin {entry.value} ({ENTRY_POINT_GROUP} entry point {entry.name} of "
+                              f"{package}) cannot be imported ({type(e).__name__}: {e}); fix or uninstall that "
+                              "package") from None
 
 
 def import_object(path: str) -> Any:
@@ -73,17 +79,22 @@ class Registry(Generic[T]):
         self._builtins_loaded = False
 
     def register(self, name: str, entry: T) -> T:
-        """Add ``entry`` under ``name`` (a second registration of a name replaces the first: a plugin may
-        override a built-in)."""
+        """Add ``entry`` under ``name``. A later registration of a name replaces the earlier one, so a plugin or a
+        user's module may override a built-in: the built-ins are registered first, whenever the first other entry
+        is."""
         if not name or not isinstance(name, str) or "." in name or ":" in name:
             raise ValueError(f"a {self.kind} name must be a non-empty string without '.' or ':'; got {name!r}")
+        self._load_builtins()
         self._entries[name] = entry
         return entry
 
-    def _load(self) -> None:
+    def _load_builtins(self) -> None:
         if not self._builtins_loaded:
-            self._builtins_loaded = True
+            self._builtins_loaded = True  # first: the built-in modules register while they are imported
             importlib.import_module(self.builtins)
+
+    def _load(self) -> None:
+        self._load_builtins()
         load_plugins()
 
     def names(self) -> list[str]:

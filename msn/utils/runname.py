@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
@@ -26,20 +27,25 @@ def start_time(pattern: str) -> str:
     return (datetime.fromisoformat(stamp) if stamp else datetime.now()).strftime(pattern)
 
 
-def run_directory(root: str, run_name: str | None, overrides: str | None, resume: str | None) -> str:
+def run_directory(root: str, run_name: str | None, overrides: str | None, resume: str | None,
+                  excluded: Sequence[str] = ()) -> str:
     """``hydra.run.dir``: one stable folder per run, so that the same command continues the same run.
 
     ``resume=RUN_DIR`` (or a checkpoint under ``RUN_DIR/checkpoints/``) continues in RUN_DIR. Otherwise
     the folder is ``ROOT/RUN_NAME``, where the name is ``run_name`` or, by default, Hydra's
     ``override_dirname``: the command line's overrides that change the result (msn/configs/config.yaml lists
     those that do not, such as ``resume``, ``device`` or ``logger.*``), ``experiment=`` left out, for
-    example ``outputs/cpu_smoke,optim.lr=0.001``; ``outputs/default`` without any.
+    example ``outputs/cpu_smoke,optim.lr=1e-3``; ``outputs/default`` without any. ``excluded``: the keys that do
+    not name a run (Hydra's ``exclude_keys``, which leaves out the keys themselves), whose sub-keys
+    (``+monitor.options.k=10``) are left out here.
     """
     if resume not in (None, "auto") and (resumed := run_dir_of(str(resume))) is not None:
         return str(resumed)
     if run_name:
         return str(Path(root) / run_folder_name(str(run_name)))
     pairs = dict(_override_pairs(overrides or ""))  # a key given twice: its last value, as Hydra takes it
+    pairs = {key: value for key, value in pairs.items()
+             if not any(key.lstrip("+~").startswith(f"{node}.") for node in excluded)}
     parts = [value if key == "experiment" else f"{key}={_short_value(value)}" for key, value in pairs.items()]
     return str(Path(root) / (run_folder_name(",".join(parts)) or "default"))
 

@@ -79,11 +79,25 @@ class CustomImages:
             raise
         except _ITEM_ERRORS as e:
             raise DataError(f"cannot read {self.name(index)}: {type(e).__name__}: {e}") from e
-        image = item[0] if isinstance(item, (tuple, list)) and item else item
-        if not isinstance(image, Image.Image):
-            raise DataError(f"{self.name(index)} is a {type(image).__name__}, not a PIL image (or a tuple whose first "
-                            "element is one); return PIL.Image.fromarray(array) from __getitem__")
+        image = image_of(item)
+        if image is None:
+            raise DataError(f"{self.name(index)} is {_kind(item)}; {_WANTED}")
         return to_8bit(image).convert("RGB")
+
+
+_WANTED = ("msn needs a PIL image (or a tuple whose first element is one) from __getitem__; return "
+           "PIL.Image.fromarray(array) for an array")
+
+
+def image_of(item: Any) -> Image.Image | None:
+    """The PIL image an item holds (itself, or a tuple's first element), or None when it holds none."""
+    image = item[0] if isinstance(item, (tuple, list)) and item else item
+    return image if isinstance(image, Image.Image) else None
+
+
+def _kind(item: Any) -> str:
+    inner = f" of {type(item[0]).__name__}" if isinstance(item, (tuple, list)) and item else ""
+    return f"a {type(item).__name__}{inner}"
 
 
 @register_source
@@ -91,7 +105,8 @@ class CustomSource(Source):
     """``data=custom``: the dataset ``data.dataset`` names (a Hydra ``_target_`` node), as :class:`CustomImages`."""
 
     name = "custom"
-    summary = "your own map-style dataset class: data.dataset._target_=mypkg.MyDataset (+ its keyword arguments)"
+    summary = "your own map-style dataset class: data.dataset={_target_:mypkg.MyDataset,...its keyword arguments}"
+    reads_dataset_node = True
 
     def check(self, cfg: DataConfig | DictConfig) -> None:
         target = _node(cfg)["_target_"]
@@ -119,6 +134,12 @@ class CustomSource(Source):
                               "length; msn needs a map-style dataset (__len__ and __getitem__)") from None
         if size == 0:
             raise DataError(f"data.dataset._target_={node['_target_']} holds no items")
+        try:  # a dataset of the wrong kind is one line now, not one bad item per image later
+            first = dataset[0]
+        except Exception:  # an unreadable first item is the loader's to replace and count
+            first = None
+        if first is not None and image_of(first) is None:
+            raise ConfigError(f"data.dataset._target_={node['_target_']}: item 0 is {_kind(first)}; {_WANTED}")
         return CustomImages(dataset, str(node["_target_"]))
 
     def where(self, cfg: DataConfig | DictConfig) -> str:

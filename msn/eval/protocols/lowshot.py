@@ -71,16 +71,18 @@ def check_shots(shots: Sequence[int], labels: np.ndarray, classes: Sequence[str]
                         f"--shots up to {counts[fewest]}")
 
 
-@register_protocol("lowshot", monitor={"shots": [5], "fraction": 0.0, "penalty": 1.0})
+@register_protocol("lowshot", monitor={"shots": [5], "fraction": 0.0, "penalty": 1.0, "allow_fewer": True})
 def lowshot(task: EvalTask, *, shots: Sequence[int] = (1, 2, 5), fraction: float = 0.01,
-            penalty: float | None = None, subset_file: str | None = None) -> Results:
+            penalty: float | None = None, subset_file: str | None = None, allow_fewer: bool = False) -> Results:
     """Low-shot logistic regression: ``shots`` images per class and a ``fraction`` of the labels (0: skipped), or
     exactly the images a ``subset_file`` lists (the original MSN format: a path a line; digits: an index);
-    ``penalty`` is sklearn's C (None: cross-validated on the training shots). Settings: "1", "2", "5", "1%"."""
+    ``penalty`` is sklearn's C (None: cross-validated on the training shots). A class with fewer training images
+    than the shots is refused (the table would claim shots it did not use), or with ``allow_fewer`` (the training
+    monitor's setting) gives the images it has. Settings: "1", "2", "5", "1%"."""
     from msn.eval.splits import read_subset_file
 
     train, test = task.train, task.test
-    if not subset_file:
+    if not subset_file and not allow_fewer:
         check_shots(shots, train.labels, train.classes)
     xtr, xte = task.features(train).numpy(), task.features(test).numpy()
 
