@@ -1,6 +1,6 @@
-"""The built-in evaluation protocols, one module each; importing this package registers them
-(:func:`msn.eval.registry.register_protocol`). Each imports torch and scikit-learn when it runs, so that a
-command's ``--help`` and its checks stay fast.
+"""The built-in evaluation protocols, one module each; importing this package imports every module in it, which
+registers them (:func:`msn.eval.registry.register_protocol`): a new built-in protocol is a module here. Each imports
+torch and scikit-learn when it runs, so that a command's ``--help`` and its checks stay fast.
 
 - :mod:`.lowshot`: the paper's low-shot logistic regression (k images per class, a fraction of the labels);
 - :mod:`.knn`: cosine k-nearest neighbours on the whole training split;
@@ -8,4 +8,8 @@ command's ``--help`` and its checks stay fast.
 - :mod:`.finetune`: fine-tuning the whole ViT (transformers' ``ViTMSNForImageClassification``).
 """
 
-from msn.eval.protocols import finetune, knn, linear, lowshot  # noqa: F401
+import importlib
+import pkgutil
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
