@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from msn.config import DEFAULT_CROP_PCT
 from msn.config.arch import resolve_arch
 from msn.data.images import load_rgb
-from msn.eval.features import Encoder, centre_crop_transform, cls_features, load_encoder, timm_pretrained_cfg
+from msn.eval.features import centre_crop_transform, cls_features, load_encoder, timm_pretrained_cfg
 from msn.models.backbone import MaskedViT
 from msn.weights.convert import check_compatible
 from msn.weights.read import IMAGENET_MEAN, IMAGENET_STD, read_backbone
@@ -71,7 +71,7 @@ def create_backbone(arch: str | None = "vit_small", *, patch_size: int = 16, img
         check_compatible(backbone.state_dict(), found.backbone, f"weights={weights}")
         backbone.load_state_dict(found.backbone)
         mean, std = found.mean, found.std
-    backbone.pretrained_cfg = timm_pretrained_cfg(Encoder(backbone, img_size, mean, std, "", Path(".")))
+    backbone.pretrained_cfg = timm_pretrained_cfg(img_size, mean, std)
     return backbone
 
 

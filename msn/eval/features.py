@@ -58,15 +58,16 @@ def load_encoder(model: str | Path, device: torch.device | str = "cpu", crop_pct
     backbone.load_state_dict(weights.backbone)
     found = Encoder(backbone.to(device).eval(), weights.img_size, weights.mean, weights.std,
                     f"{_weights_id(weights.path)}-{encoder}", path, crop_pct)
-    backbone.pretrained_cfg = timm_pretrained_cfg(found)  # timm's convention: resolve_data_config(model=...)
+    # timm's convention: timm.data.resolve_data_config(model=backbone) reads the preprocessing from here
+    backbone.pretrained_cfg = timm_pretrained_cfg(weights.img_size, weights.mean, weights.std, crop_pct)
     return found
 
 
-def timm_pretrained_cfg(encoder: Encoder) -> dict[str, Any]:
-    """timm's ``pretrained_cfg`` of an encoder's preprocessing (what ``timm.data.resolve_data_config`` reads)."""
-    size = encoder.image_size
-    return {"input_size": (3, size, size), "mean": tuple(encoder.mean), "std": tuple(encoder.std),
-            "crop_pct": encoder.crop_pct, "interpolation": "bicubic", "num_classes": 0}
+def timm_pretrained_cfg(size: int, mean: list[float], std: list[float],
+                        crop_pct: float = DEFAULT_CROP_PCT) -> dict[str, Any]:
+    """timm's ``pretrained_cfg`` of a preprocessing (what ``timm.data.resolve_data_config`` reads)."""
+    return {"input_size": (3, size, size), "mean": tuple(mean), "std": tuple(std), "crop_pct": crop_pct,
+            "interpolation": "bicubic", "num_classes": 0}
 
 
 def eval_transform(encoder: Encoder) -> v2.Compose:
