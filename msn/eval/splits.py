@@ -123,39 +123,42 @@ def coverage_warnings(train: Split, test: Split) -> list[str]:
     return lines
 
 
-def check_eval_dataset(dataset: str, option: str, fix: str = "") -> None:
-    """Refuse, cheaply, an evaluation dataset :func:`load_splits` cannot read: not ``digits``, Fashion-MNIST that
-    is not installed, or a folder without ``train/`` and ``val/`` (nor Fashion-MNIST's idx files)."""
+def _eval_reader(dataset: str, option: str = "--dataset", fix: str = "") -> tuple[str, Path | None]:
+    """Which splits ``dataset`` names, cheaply: ``("digits", None)``, ``("fashion_mnist", ROOT or None)`` or
+    ``("folder", ROOT)``; anything else is a :class:`DataError` naming ``option`` (and ``fix``)."""
     if dataset == "digits":
-        return
+        return "digits", None
     if dataset == "fashion_mnist":
         find_fashion_mnist(None)
-        return
+        return "fashion_mnist", None
     folder = Path(str(dataset)).expanduser()
     try:
         find_fashion_mnist(folder)
-        return
+        return "fashion_mnist", folder
     except DataError:
         pass
     if not ((folder / "train").is_dir() and ((folder / "val").is_dir() or (folder / "test").is_dir())):
         raise DataError(f"{option}={dataset} is not digits, fashion_mnist or a folder with train/ and val/ class "
                         f"folders (expected {folder}/train and {folder}/val, ImageFolder layout)"
                         f"{'; ' + fix if fix else ''}")
+    return "folder", folder
+
+
+def check_eval_dataset(dataset: str, option: str, fix: str = "") -> None:
+    """Refuse, cheaply, an evaluation dataset :func:`load_splits` cannot read: not ``digits``, Fashion-MNIST that
+    is not installed, or a folder without ``train/`` and ``val/`` (nor Fashion-MNIST's idx files)."""
+    _eval_reader(dataset, option, fix)
 
 
 def load_splits(dataset: str) -> tuple[Split, Split]:
     """``digits``, ``fashion_mnist`` (Debian's folder), a folder holding Fashion-MNIST's idx files, or a folder
-    with ``train/`` and ``val/`` in ImageFolder layout."""
-    if dataset == "digits":
+    with ``train/`` and ``val/`` in ImageFolder layout (the choice :func:`check_eval_dataset` makes)."""
+    reader, root = _eval_reader(dataset)
+    if reader == "digits":
         return digits_splits()
-    if dataset == "fashion_mnist":
-        return fashion_mnist_splits()
-    root = Path(dataset)
-    try:
-        find_fashion_mnist(root)
-    except DataError:
-        return folder_splits(root)
-    return fashion_mnist_splits(root)
+    if reader == "fashion_mnist":
+        return fashion_mnist_splits(root)
+    return folder_splits(root)
 
 
 def read_subset_file(path: Path, train: Split) -> np.ndarray:
