@@ -33,3 +33,8 @@ class VizError(MSNError, ValueError):
 
 class NonFiniteError(MSNError, FloatingPointError):
     """Training produced a NaN or infinity; the message names the step and what to change."""
+
+
+class JobError(MSNError, RuntimeError):
+    """A multi-process job cannot go on (another process died or was cut off); the message says which rank saw
+    it, where the last checkpoint is and how to continue."""

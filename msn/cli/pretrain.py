@@ -50,7 +50,8 @@ def _hydra_main(cfg: DictConfig) -> None:
         command = "the same launch command (torchrun or srun), whose overrides are: " + shlex.join(overrides)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     console_logging()  # the library's log lines, printed as msn-pretrain always printed them
-    stop = StopRequest()  # the command owns the process's signals; train() as a library leaves them alone
+    # the command owns the process's signals (train() as a library leaves them alone) and says why a job ends
+    stop = StopRequest(report=lambda line: fail("msn-pretrain", line))
     try:
         configure_matmul(resolve_device(cfg.device), cfg.tf32)  # process-wide: the entry point's decision
         train(cfg, command, stop=stop)

@@ -25,6 +25,7 @@ from msn.config.schema import (
     PRIORS,
     CheckpointConfig,
     DataConfig,
+    DistConfig,
     LoggerConfig,
     LossConfig,
     MaskingConfig,
@@ -42,7 +43,7 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"  # the shipped H
 
 __all__ = [
     "CONFIG_DIR", "DEFAULT_CROP_PCT", "PRIORS", "PROGRESS_MODES", "CheckpointConfig", "ConfigError", "DataConfig",
-    "LoggerConfig", "LossConfig", "MSNConfig", "MaskingConfig", "ModelConfig", "MonitorConfig", "OptimConfig",
-    "WandbConfig", "check_crop_pct", "load_run_config", "model_arch", "progress_bar_disabled", "to_schema",
-    "unknown_keys", "validate",
+    "DistConfig", "LoggerConfig", "LossConfig", "MSNConfig", "MaskingConfig", "ModelConfig", "MonitorConfig",
+    "OptimConfig", "WandbConfig", "check_crop_pct", "load_run_config", "model_arch", "progress_bar_disabled",
+    "to_schema", "unknown_keys", "validate",
 ]

@@ -88,7 +88,7 @@ def validate(cfg: DictConfig | MSNConfig) -> None:
                 "loss.me_max_weight", "loss.entropy_weight", "loss.prior_tau", "data.num_focal",
                 "checkpoint.every_steps", "checkpoint.last_every_steps", "checkpoint.keep", "model.drop_path_rate",
                 "data.max_bad_files", "data.max_bad_fraction",
-                "logger.console_every", "monitor.every_steps"):
+                "logger.console_every", "monitor.every_steps", "dist.timeout_s"):
         check(_get(cfg, key) >= 0, f"{key}={_get(cfg, key)} must be >= 0")
     check(cfg.data.num_workers is None or cfg.data.num_workers >= 0,
           f"data.num_workers={cfg.data.num_workers} must be >= 0 (or null: min(8, the CPU cores available))")

@@ -174,6 +174,14 @@ class CheckpointConfig:
 
 
 @dataclass
+class DistConfig:
+    # A rank that stops making progress (frozen, or waiting for its data) ends the whole job after this many
+    # seconds, with one line naming the rank and host (msn.utils.watchdog); 0: never (wait as long as the
+    # collectives' own 30-minute timeout). A rank that is alive and busy (an evaluation, a save) is waited for.
+    timeout_s: float = 300.0
+
+
+@dataclass
 class MSNConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -183,6 +191,7 @@ class MSNConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; bf16/fp16 need a GPU)

@@ -15,6 +15,7 @@ from msn.train.signals import StopRequest
 from msn.train.step import NonFiniteGuard
 from msn.utils import distributed
 from msn.utils.rundir import write_status
+from msn.utils.runlock import current_run_lock
 from msn.weights.checkpoint import periodic_name, prune_periodic, rng_state, save_checkpoint
 
 
@@ -63,7 +64,11 @@ class CheckpointPolicy:
         skipped = self.data.skipped
         skips = distributed.all_gather_object(skipped.state_dict()) if world > 1 else [skipped.state_dict()]
         if not self.proc.is_main:
+            self.last_saved = step  # (what rank 0 writes now: every rank can say where the last checkpoint is)
             return
+        lock = current_run_lock(self.run_dir)
+        if lock is not None:  # the folder is still this run's (not removed, not taken over by a second launch)
+            lock.verify()
         state = training_state(
             model=p.model, optimizer=p.optimizer, scaler=p.scaler, cfg=self.cfg, step=step,
             steps_per_epoch=self.data.steps_per_epoch, world=world, prototype_grad_scale=p.prototype_grad_scale,

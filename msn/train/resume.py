@@ -47,6 +47,18 @@ def training_state(*, model: MSN, optimizer: torch.optim.Optimizer, scaler: torc
     return state
 
 
+def _layout_change(saved_world: int, world: int, batch_size: int, *, rescaled: bool) -> str:
+    """What a resume on another number of processes (same global batch) says it changed, and what it did not."""
+    global_batch = batch_size * world
+    line = (f"continuing a run of {saved_world} process{'es' if saved_world > 1 else ''} x "
+            f"{global_batch // saved_world} images on {world} process{'es' if world > 1 else ''} x {batch_size} "
+            f"images (the global batch, {global_batch}, as before): the data order, views and masks belong to the "
+            "global batch and continue unchanged; the per-process random streams (stochastic depth only) start afresh")
+    if rescaled:
+        line += "; Adam's moments of the prototypes were rescaled to their summed gradient's new scale"
+    return line
+
+
 def restore_training(path: Path, *, model: MSN, optimizer: torch.optim.Optimizer,
                      scaler: torch.amp.GradScaler | None, skipped: SkippedImages, batch_size: int, seed: int,
                      rank: int, world: int, prototype_grad_scale: float,
@@ -94,6 +106,9 @@ def restore_training(path: Path, *, model: MSN, optimizer: torch.optim.Optimizer
     saved_scale = float(state.get("prototype_grad_scale", 1.0))  # older checkpoints: DDP's average
     if saved_scale != prototype_grad_scale:  # another number of processes: keep Adam's view of the scale
         rescale_adam_moments(optimizer, model.prototypes, prototype_grad_scale / saved_scale)
+    saved_world = int(state.get("world_size", world))
+    if saved_world != world and rank == 0:
+        log.info(_layout_change(saved_world, world, batch_size, rescaled=saved_scale != prototype_grad_scale))
     if scaler is not None and "scaler" in state:
         scaler.load_state_dict(state["scaler"])
     step = int(state["step"])

@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -26,8 +28,10 @@ class StopRequest:
 
     SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")
 
-    def __init__(self, install: bool = True) -> None:
-        """``install``: take over the signals (the command line does); False: flags that nothing sets."""
+    def __init__(self, install: bool = True, report: Callable[[str], Any] | None = None) -> None:
+        """``install``: take over the signals (the command line does); False: flags that nothing sets.
+        ``report``: how :meth:`abort` says why the process ends (the command's one error line; default: the log)."""
+        self.report = report
         self.signal: str | None = None
         self.save_only = False
         self._received: int | None = None
@@ -50,6 +54,18 @@ class StopRequest:
         if number == signal.SIGINT:
             log.warning("\nCtrl-C: stopping after this step with a checkpoint (press again to stop at once)")
         self.signal, self._received = signal.Signals(number).name, number
+
+    def abort(self, line: str | None) -> None:
+        """End this process now with exit code 1, after saying ``line`` (None: another process says why).
+
+        For a job that cannot go on (a stuck rank, :mod:`msn.utils.watchdog`): callable from any thread, while the
+        main thread waits in a collective that would never return. Nothing is cleaned up; the kernel releases the
+        run's lock, loader workers leave when they notice, and the last checkpoint is where it was."""
+        if line is not None:
+            (self.report or log.error)(line)
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(1)
 
     def restore(self) -> None:
         for number, handler in self._previous.items():
