@@ -12,6 +12,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
+def clean_env() -> dict[str, str]:
+    """This environment without any variable that describes a multi-process job (for a launcher's children)."""
+    prefixes = ("SLURM_", "SUBMITIT_", "TORCHELASTIC_", "MSN_START_TIME")
+    names = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}
+    return {k: v for k, v in os.environ.items() if k not in names and not k.startswith(prefixes)}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -1,6 +1,5 @@
 """Data-parallel training with real gloo process groups on the CPU."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +10,7 @@ import torch
 from msn.utils.launcher import ProcessInfo, expand_nodelist, process_info
 from msn.weights.checkpoint import load_checkpoint
 from tests.conftest import compose_config, metrics_rows
-from tests.dist_utils import free_port, run_distributed
+from tests.dist_utils import clean_env, free_port, run_distributed
 
 # Head BN (global statistics), masking of anchor and focal views and the augmentations all on: one
 # process with batch 2b and two processes with batch b must see exactly the same computation.
@@ -106,19 +105,12 @@ def _only_run_dir(cwd: Path) -> Path:
     return runs[0]
 
 
-def _clean_env() -> dict[str, str]:
-    """This environment without any variable that describes a multi-process job."""
-    prefixes = ("SLURM_", "SUBMITIT_", "TORCHELASTIC_", "MSN_START_TIME")
-    names = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}
-    return {k: v for k, v in os.environ.items() if k not in names and not k.startswith(prefixes)}
-
-
 def test_torchrun_and_slurm_variables_form_the_same_two_process_job(tmp_path):
     a, b = tmp_path / "torchrun", tmp_path / "slurm"
     a.mkdir(), b.mkdir()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            "-m", "msn.train", *SMOKE]
-    result = subprocess.run([*cmd, RUN_DIR], capture_output=True, text=True, timeout=300, cwd=a, env=_clean_env())
+    result = subprocess.run([*cmd, RUN_DIR], capture_output=True, text=True, timeout=300, cwd=a, env=clean_env())
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("run directory") == 1  # only rank 0 reports and writes
     assert "global batch 32 = 16 per process x 2 processes" in result.stdout
@@ -129,7 +121,7 @@ def test_torchrun_and_slurm_variables_form_the_same_two_process_job(tmp_path):
     # SLURM's variables, set by hand as srun would for 2 tasks on one node (no torchrun).
     port, procs = str(free_port()), []
     for rank in range(2):
-        env = {**_clean_env(), "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "2", "SLURM_PROCID": str(rank),
+        env = {**clean_env(), "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "2", "SLURM_PROCID": str(rank),
                "SLURM_LOCALID": str(rank), "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "localhost",
                "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}  # as torchrun sets it
         procs.append(subprocess.Popen([sys.executable, "-m", "msn.train", *SMOKE, RUN_DIR], cwd=b, env=env,
@@ -147,7 +139,7 @@ def test_torchrun_and_slurm_variables_form_the_same_two_process_job(tmp_path):
     # Resume the torchrun run in its directory (resume=auto is the default) for one more epoch.
     cmd[4] = f"--master_port={free_port()}"  # a fresh port: the first job's may still linger
     resumed = subprocess.run([*cmd, f"hydra.run.dir={run_a}", "optim.epochs=3", "optim.max_steps=null"],
-                             capture_output=True, text=True, timeout=300, cwd=a, env=_clean_env())
+                             capture_output=True, text=True, timeout=300, cwd=a, env=clean_env())
     assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-12000:]
     assert "resumed from" in resumed.stdout
     assert load_checkpoint(run_a / "checkpoints" / "last.pt")["step"] == 6

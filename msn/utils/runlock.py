@@ -103,25 +103,28 @@ class RunLock:
             self._fd = -1
 
 
-def acquire_run_lock(run_dir: str | os.PathLike) -> RunLock:
+def acquire_run_lock(run_dir: str | os.PathLike, *, on_file: bool = False) -> RunLock:
     """Lock ``run_dir`` (created if needed) for this process, or raise a :class:`ConfigError` naming the process
     that trains it, or what stops the lock from being taken (a read-only file system, a missing permission). A
-    second call in the same process returns the lock it already holds."""
+    second call in the same process returns the lock it already holds. ``on_file``: lock ``.msn.lock`` from the
+    start, as a file system that cannot lock a folder gets it."""
     run_dir = Path(run_dir)
     key = str(run_dir.resolve())
     if key in _HELD and _HELD[key].held:
         return _HELD[key]
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        fd, on_file = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY), False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if isinstance(e, BlockingIOError) or e.errno not in _NO_DIRECTORY_LOCK:
+        if not on_file:
+            fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
                 os.close(fd)
-                raise
-            os.close(fd)  # this file system locks files only
-            fd, on_file = _open_lock_file(run_dir), True
+                if isinstance(e, BlockingIOError) or e.errno not in _NO_DIRECTORY_LOCK:
+                    raise
+                on_file = True  # this file system locks files only
+        if on_file:
+            fd = _open_lock_file(run_dir)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:

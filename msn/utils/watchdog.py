@@ -84,6 +84,7 @@ class Watchdog:
         self._seen: dict[int, _Seen] = {}
         self._store_lost_since: float | None = None
         self._tick = 0
+        self.fired = False  # on_stuck was called
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._me = {"rank": rank, "host": socket.gethostname(), "pid": os.getpid(), "start": _start_ticks(os.getpid())}
@@ -123,7 +124,10 @@ class Watchdog:
         return now - self._last_progress
 
     def check(self, now: float) -> None:
-        """One round: publish this rank's record; when idle long enough, observe the others and act on a culprit."""
+        """One round: publish this rank's record; when idle long enough, observe the others and act on a culprit
+        (once: ``on_stuck`` is called at most once)."""
+        if self.fired:
+            return
         self._tick += 1
         record = {**self._me, "tick": self._tick, "phase": self.phase, "step": self.step,
                   "idle_s": round(self.idle(now), 1)}
@@ -180,6 +184,7 @@ class Watchdog:
             line = describe_stuck(culprits, self._seen, now, step=self.step + 1, waited=self.idle(now),
                                   timeout=self.timeout, killed=killed, last_checkpoint=self.last_checkpoint(),
                                   store=_store_address())
+        self.fired = True
         self._stop.set()
         self.on_stuck(line)
 
@@ -192,7 +197,7 @@ class Watchdog:
             if why != "frozen" or record.get("host") != self._me["host"] or record.get("start") is None:
                 continue
             pid = int(record["pid"])
-            if _start_ticks(pid) == record["start"]:
+            if pid != os.getpid() and _start_ticks(pid) == record["start"]:
                 try:
                     os.kill(pid, signal.SIGKILL)
                     killed.append(rank)
