@@ -47,8 +47,9 @@ def _assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], wh
 
 
 def _launch(cmd: list[str], cwd: Path, log: str, fault: str | None = None, **env: str) -> subprocess.Popen:
-    """Start ``cmd`` with its output in ``cwd/log.out`` and ``cwd/log.err`` (files, not pipes)."""
-    environ = {**clean_env(), **env}
+    """Start ``cmd`` with its output in ``cwd/log.out`` and ``cwd/log.err`` (files, not pipes); tests/faults.py
+    notes its fault and first steps in ``cwd/events``."""
+    environ = {**clean_env(), "MSN_TEST_FAULT_LOG": str(cwd / "events"), **env}
     if fault:
         environ["MSN_TEST_FAULT"] = fault
     with open(cwd / f"{log}.out", "w") as out, open(cwd / f"{log}.err", "w") as err:
@@ -57,6 +58,15 @@ def _launch(cmd: list[str], cwd: Path, log: str, fault: str | None = None, **env
 
 def _errors(cwd: Path, log: str) -> list[str]:
     return [line for line in (cwd / f"{log}.err").read_text().splitlines() if line.startswith("msn-pretrain: ")]
+
+
+def _since_fault(cwd: Path, event: str | None = "first-step 0") -> float:
+    """Seconds from the fault tests/faults.py noted to the first ``event`` after it (None: to now)."""
+    events = [line.rsplit(" ", 1) for line in (cwd / "events").read_text().splitlines()]
+    fault = next(float(t) for what, t in events if what == "fault")
+    if event is None:
+        return time.time() - fault
+    return min(float(t) for what, t in events if what == event and float(t) > fault) - fault
 
 
 def _processes_mentioning(text: str) -> list[int]:
@@ -91,8 +101,9 @@ def test_kill_9_then_the_same_command_resumes_at_once_while_loader_workers_linge
     killed = _launch([sys.executable, str(FAULTS), *args], tmp_path, "killed", fault="0:6:KILL")
     assert killed.wait(timeout=300) == -9, (tmp_path / "killed.err").read_text()[-2000:]
     lingering = _processes_mentioning(str(run_dir))  # the dead trainer's loader workers, reparented
-    again = _launch(["msn-pretrain", *args], tmp_path, "again")
+    again = _launch([sys.executable, str(FAULTS), *args], tmp_path, "again")  # msn-pretrain, no fault this time
     assert again.wait(timeout=300) == 0, (tmp_path / "again.err").read_text()[-2000:]
+    print(f"\nkill -9 -> the same command training again: {_since_fault(tmp_path):.1f} s")
     assert lingering, "the killed trainer's loader workers were gone before the rerun: nothing was tested"
     assert "resumed from" in (tmp_path / "again.out").read_text()
     _assert_identical(_weights(full), _weights(run_dir), "killed and resumed")
@@ -112,8 +123,10 @@ def test_a_deleted_lock_file_still_excludes_a_second_launch(tmp_path):
             assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "first.err").read_text()
             time.sleep(0.2)
         (run_dir / LOCK_FILE).unlink()
+        started = time.monotonic()
         second = _launch(["msn-pretrain", *args], tmp_path, "second")
         assert second.wait(timeout=120) == 1
+        print(f"\nlock file deleted: the second launch refused in {time.monotonic() - started:.1f} s")
         errors = _errors(tmp_path, "second")
         assert len(errors) == 1 and f"{run_dir} is being trained right now by another process" in errors[0], errors
         assert not (run_dir / LOCK_FILE).exists()  # the refused launch wrote nothing
@@ -218,6 +231,7 @@ def test_torchrun_restarts_a_group_whose_worker_was_killed_and_it_ends_bit_ident
     assert len(errors) == 1 and re.search(r"rank 0 of 2 on \S+ lost the process group at step 4 \(.*\): another "
                                           r"process of the job died", errors[0]), errors
     assert "resumed from" in (tmp_path / "job.out").read_text()
+    print(f"\ntorchrun --max-restarts=1, a worker killed -> the group training again: {_since_fault(tmp_path):.1f} s")
     _assert_identical(_weights(uninterrupted), _weights(run_dir), "restarted by torchrun")
     assert [int(r["step"]) for r in metrics_rows(run_dir)] == list(range(1, 13))  # each step once
 
@@ -248,10 +262,9 @@ def test_a_frozen_rank_ends_the_job_within_the_timeout(tmp_path):
     command continues from it."""
     run_dir = tmp_path / "run"
     args = [*EVERY_STEP, "dist.timeout_s=6", f"hydra.run.dir={run_dir}"]
-    started = time.monotonic()
     job = _launch(_torchrun(*args), tmp_path, "job", fault="1:4:STOP")
     assert job.wait(timeout=180) != 0
-    took = time.monotonic() - started
+    print(f"\na rank frozen -> the whole job ended: {_since_fault(tmp_path, None):.1f} s (dist.timeout_s=6)")
     errors = _errors(tmp_path, "job")
     assert len(errors) == 1, (tmp_path / "job.err").read_text()[-3000:]
     assert re.match(rf"msn-pretrain: error: rank 1 on {re.escape(socket.gethostname())} \(process \d+\) stopped "
@@ -261,7 +274,6 @@ def test_a_frozen_rank_ends_the_job_within_the_timeout(tmp_path):
     pid = int(re.search(r"\(process (\d+)\)", errors[0]).group(1))
     assert _state(pid) in ("?", "Z")  # killed, not left stopped
     assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"] == 3
-    print(f"frozen rank: the job ended {took:.1f} s after its start")
 
     again = _launch(_torchrun(*args), tmp_path, "again")
     assert again.wait(timeout=300) == 0, (tmp_path / "again.err").read_text()[-3000:]

@@ -143,5 +143,25 @@ def init_from_env(timeout_min: float = 30.0) -> int:
         os.environ.update(MASTER_ADDR=info.master_addr, MASTER_PORT=str(info.master_port), RANK=str(info.rank),
                           WORLD_SIZE=str(info.world_size), LOCAL_RANK=str(info.local_rank))
         backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend, init_method="env://", timeout=datetime.timedelta(minutes=timeout_min))
+        timeout = datetime.timedelta(minutes=timeout_min)
+        store = _attempt_store(info.master_addr, info.master_port, timeout)
+        if store is None:
+            dist.init_process_group(backend, init_method="env://", timeout=timeout)
+        else:
+            dist.init_process_group(backend, store=store, rank=info.rank, world_size=info.world_size, timeout=timeout)
     return info.local_rank
+
+
+def _attempt_store(host: str, port: int, timeout: datetime.timedelta) -> dist.Store | None:
+    """Under torchrun, the agent's store seen under a prefix of this attempt (``TORCHELASTIC_RESTART_COUNT``); None
+    elsewhere (env:// as usual).
+
+    The agent keeps one store for all the attempts of ``--max-restarts``: the group a restart starts would find the
+    dead group's addresses under the same keys, and a rank that reads one before its peer has overwritten it
+    connects to a process that no longer exists (gloo: "connectFullMesh failed ... Connection refused"). A prefix
+    per attempt gives every attempt keys of its own."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    client = dist.TCPStore(host, port, is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"msn/attempt_{attempt}/", client)
