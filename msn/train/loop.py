@@ -131,8 +131,9 @@ def _train(cfg: DictConfig, command: str | None, proc: Process, run_dir: Path, s
     metrics: dict[str, float] = {}
     step, stopped_early, batches = start_step, False, None
     try:
+        batches = iter(loader)  # forks the loader's workers: before the watchdog's thread exists
         watchdog.beat("data", step)
-        batches = iter(loader)
+        watchdog.start()
         for batch in batches:
             if step >= data.total_steps:
                 break
@@ -187,17 +188,14 @@ def _start_process(cfg: DictConfig) -> Process:
 
 def _watchdog(cfg: DictConfig, proc: Process, run_dir: Path, checkpoints: CheckpointPolicy, stop: StopRequest,
               start_step: int) -> Watchdog:
-    """This rank's progress, watched by every other (:mod:`msn.utils.watchdog`): started in a job of several
-    processes with ``dist.timeout_s`` > 0; ending the process through ``stop.abort`` when a rank is stuck."""
+    """This rank's progress, watched by every other (:mod:`msn.utils.watchdog`; its thread runs in a job of several
+    processes with ``dist.timeout_s`` > 0), ending the process through ``stop.abort`` when a rank is stuck."""
     def last_checkpoint() -> str:
         step = checkpoints.last_saved or start_step
         return f"step {step} ({run_dir}/checkpoints)" if step else "none yet (a rerun starts at step 0)"
 
-    watchdog = Watchdog(rank=proc.rank, world=proc.world, timeout_s=cfg.dist.timeout_s, on_stuck=stop.abort,
-                        last_checkpoint=last_checkpoint)
-    if proc.world > 1 and cfg.dist.timeout_s > 0:
-        watchdog.start()
-    return watchdog
+    return Watchdog(rank=proc.rank, world=proc.world, timeout_s=cfg.dist.timeout_s, on_stuck=stop.abort,
+                    last_checkpoint=last_checkpoint)
 
 
 def _collective_failure(error: RuntimeError) -> bool:

@@ -100,7 +100,11 @@ class Watchdog:
         self._last_progress = time.monotonic()
 
     def start(self) -> Watchdog:
-        """Start the thread (a daemon: it never keeps a finished process alive)."""
+        """Start the thread (a daemon: it never keeps a finished process alive), in a job of several processes with
+        a timeout; otherwise :meth:`beat` is all there is. Start it after forking (the DataLoader's workers): a
+        child forked while a thread runs inherits that thread's locks, never the thread."""
+        if self.world < 2 or self.timeout <= 0 or self._thread is not None:
+            return self
         if self._store is None:
             self._store = _store_client(self.period)
         self._thread = threading.Thread(target=self._run, name="msn-watchdog", daemon=True)
