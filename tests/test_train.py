@@ -553,6 +553,8 @@ def test_a_run_that_is_live_in_another_process_is_not_started_twice(tmp_path):
     first died (the kernel releases a dead process's lock: a crashed run whose pid is reused does not block)."""
     import socket
 
+    from msn.utils.runlock import acquire_run_lock
+
     run = tmp_path / "run"
     run.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", (
@@ -570,11 +572,9 @@ def test_a_run_that_is_live_in_another_process_is_not_started_twice(tmp_path):
     finally:
         holder.kill()
         holder.wait()
-    # The holder was killed (-9): its lock went with it, and the same command now trains the run.
-    result = subprocess.run(["msn-pretrain", "experiment=cpu_smoke", f"hydra.run.dir={run}"], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert (run / "checkpoints" / "last.pt").is_file()
+    # The holder was killed (-9): its lock went with it, and the same process can take it now (a rerun of the
+    # command after kill -9, with the dead trainer's loader workers still alive: tests/test_cluster.py).
+    acquire_run_lock(run).release()
 
 
 def test_two_launches_of_one_command_train_it_once(tmp_path):

@@ -16,10 +16,11 @@ the culprit:
   stopped answering).
 
 A rank that is alive and busy (a long monitor evaluation on rank 0, a checkpoint on a slow disk, the first step's
-compilation) is never a culprit, however long the others wait for it. With a culprit found, the lowest healthy rank
-reports it in one line (:func:`describe_stuck`) and every waiting rank ends its process (``on_stuck``): the launcher
-(torchrun, srun with ``--kill-on-bad-exit=1``) then ends the job, and a frozen rank on the reporter's own host is
-killed by the reporter, since a stopped process waits for nobody's SIGTERM. Clocks are never compared across hosts:
+compilation) is never a culprit, however long the others wait for it. With a culprit found, one line says which
+(:func:`describe_stuck`): a rank stuck on its data says it itself, a frozen rank is named by the lowest healthy
+rank, which also kills it when it runs on its own host (a stopped process waits for nobody's SIGTERM); every
+waiting rank ends its process (``on_stuck``), and the launcher (torchrun, srun with ``--kill-on-bad-exit=1``) ends
+the job. Clocks are never compared across hosts:
 every age is measured by the observer's own monotonic clock.
 """
 
@@ -67,8 +68,8 @@ class Watchdog:
         timeout_s: how long a rank may wait for another before the job ends (``dist.timeout_s``).
         store: the key-value store to publish in (``torch.distributed.Store``), or None: a client of the store at
             ``MASTER_ADDR:MASTER_PORT`` is opened (with a timeout of its own).
-        on_stuck: called with the report line (the reporter) or None (another rank reports) when the job must end;
-            it ends the process (``StopRequest.abort``).
+        on_stuck: called with the report line, or None (another rank reports), when the job must end; it ends the
+            process (``StopRequest.abort``).
         last_checkpoint: what the report says about the last checkpoint (``"step 40 in RUN_DIR/checkpoints"``).
         period: seconds between two records (default: ``timeout_s / 10`` within [0.2, 5]).
     """
@@ -177,15 +178,22 @@ class Watchdog:
         return found
 
     def _act(self, now: float) -> None:
+        """End this rank when a culprit holds the job up. Who says why: a rank stuck on its data speaks for itself
+        (it is alive, and the first to give up); the frozen ones, which cannot, are named by the lowest healthy rank,
+        which also kills those on its own host. Every other rank leaves without a word."""
         culprits = self.culprits(now)
         if not culprits:
             return  # every rank is alive and busy: waiting for it is not a hang
         healthy = [r for r in range(self.world) if r not in culprits and r in self._seen]
-        reporter = healthy[0] if healthy else self.rank
+        speak_for = {}
+        if self.rank in culprits:
+            speak_for = {self.rank: culprits[self.rank]}
+        elif healthy and healthy[0] == self.rank:
+            speak_for = {r: why for r, why in culprits.items() if why == "frozen"}
         line = None
-        if reporter == self.rank:
-            killed = self._kill_frozen_neighbours(culprits)
-            line = describe_stuck(culprits, self._seen, now, step=self.step + 1, waited=self.idle(now),
+        if speak_for:
+            killed = self._kill_frozen_neighbours(speak_for)
+            line = describe_stuck(speak_for, self._seen, now, step=self.step + 1, waited=self.idle(now),
                                   timeout=self.timeout, killed=killed, last_checkpoint=self.last_checkpoint(),
                                   store=_store_address())
         self.fired = True
