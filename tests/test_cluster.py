@@ -325,6 +325,40 @@ def test_the_watchdog_waits_for_a_busy_rank_and_names_a_frozen_one_or_one_stuck_
                     dict(ended)[0]), dict(ended)[0]  # (its own process: not killed)
 
 
+def test_the_watchdog_names_a_store_that_stopped_answering(tmp_path):
+    """The job's store served by a process that then freezes (SIGSTOP; under SLURM without torchrun rank 0 serves
+    it): the watchdog's calls time out instead of hanging, and after ``dist.timeout_s`` rank 1 says so and ends."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from msn.utils.watchdog import Watchdog
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time, torch.distributed as dist\n"
+        "store = dist.TCPStore('127.0.0.1', int(sys.argv[1]), is_master=True, wait_for_workers=False)\n"
+        "print('serving', flush=True)\ntime.sleep(120)"), str(port)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout.readline().strip() == "serving"
+        client = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=0.5),
+                               wait_for_workers=False)
+        ended: list[str | None] = []
+        dog = Watchdog(rank=1, world=2, timeout_s=2, period=0.2, store=client, on_stuck=ended.append,
+                       last_checkpoint=lambda: "step 3 (RUN)")
+        dog.beat("step", 3)
+        start = time.monotonic()
+        dog.check(start)
+        os.kill(server.pid, signal.SIGSTOP)
+        for later in (1.1, 1.6, 2.2):
+            dog.check(start + later)
+        assert len(ended) == 1 and re.match(r"the job's store at \S+ \(served by rank 0 or by torchrun's agent\) "
+                                            r"stopped answering in step 4, while the other ranks waited", ended[0])
+    finally:
+        server.kill()
+        server.wait()
+
+
 # --------------------------------------------------------------------------------- another number of processes
 def test_a_run_continued_on_fewer_processes_says_so_and_continues_as_the_new_count_does(tmp_path, caplog,
                                                                                          monkeypatch):

@@ -84,6 +84,7 @@ class Watchdog:
         self._last_progress = time.monotonic()
         self._seen: dict[int, _Seen] = {}
         self._store_lost_since: float | None = None
+        self._stuck_call: threading.Thread | None = None
         self._tick = 0
         self.fired = False  # on_stuck was called
         self._stop = threading.Event()
@@ -136,22 +137,25 @@ class Watchdog:
         self._tick += 1
         record = {**self._me, "tick": self._tick, "phase": self.phase, "step": self.step,
                   "idle_s": round(self.idle(now), 1)}
-        reachable = self._set(self.rank, record)
+        self._set(self.rank, record)  # (a set may be buffered and "succeed" on a store that no longer answers)
         if self.idle(now) < self.timeout / 2:
             self._seen.clear()
             self._store_lost_since = None
             return
-        if reachable:
+        if self._observe(now):
             self._store_lost_since = None
-            self._observe(now)
         elif self._store_lost_since is None:
             self._store_lost_since = now
         if self.idle(now) >= self.timeout:
             self._act(now)
 
-    def _observe(self, now: float) -> None:
+    def _observe(self, now: float) -> bool:
+        """Read every rank's record; False when the store did not answer."""
         for rank in range(self.world):
-            record = self._get(rank)
+            try:
+                record = self._get(rank)
+            except TimeoutError:
+                return False
             if record is None:
                 continue
             seen = self._seen.get(rank)
@@ -159,6 +163,7 @@ class Watchdog:
                 self._seen[rank] = _Seen(record["tick"], now, record)
             else:
                 seen.record = record
+        return True
 
     def culprits(self, now: float) -> dict[int | str, str]:
         """The ranks that hold the job up (frozen or stuck loading data), with what each is doing; ``"store"`` when
@@ -186,7 +191,9 @@ class Watchdog:
             return  # every rank is alive and busy: waiting for it is not a hang
         healthy = [r for r in range(self.world) if r not in culprits and r in self._seen]
         speak_for = {}
-        if self.rank in culprits:
+        if "store" in culprits:  # nobody can read anybody: rank 1, the lowest rank that does not serve it, says so
+            speak_for = culprits if self.rank == 1 else {}
+        elif self.rank in culprits:
             speak_for = {self.rank: culprits[self.rank]}
         elif healthy and healthy[0] == self.rank:
             speak_for = {r: why for r, why in culprits.items() if why == "frozen"}
@@ -219,19 +226,48 @@ class Watchdog:
 
     def _set(self, rank: int, record: dict[str, Any]) -> bool:
         try:
-            self._store.set(self._prefix + str(rank), json.dumps(record))
+            self._call("set", self._prefix + str(rank), json.dumps(record))
             return True
         except Exception:  # a timeout: the store's host does not answer
             return False
 
     def _get(self, rank: int) -> dict[str, Any] | None:
+        """``rank``'s record, None when it has none (yet); a TimeoutError when the store does not answer."""
         key = self._prefix + str(rank)
         try:
-            if not self._store.check([key]):
+            if not self._call("check", [key]):
                 return None
-            return json.loads(self._store.get(key))
-        except Exception:
-            return None
+            return json.loads(self._call("get", key))
+        except TimeoutError:
+            raise
+        except Exception:  # a refused connection, a broken record: no answer either
+            raise TimeoutError(f"no record of rank {rank} could be read") from None
+
+    def _call(self, method: str, *args: Any) -> Any:
+        """``store.method(*args)``, or a TimeoutError after ``2 * period`` seconds (at least 0.5).
+
+        A store whose host froze never answers some calls (``check`` waits forever, whatever the client's
+        timeout), so each call runs in a helper thread that this one stops waiting for; while a call is still
+        stuck, the next ones fail at once."""
+        if self._stuck_call is not None and self._stuck_call.is_alive():
+            raise TimeoutError("an earlier call to the store has not returned")
+        box: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                box["value"] = getattr(self._store, method)(*args)
+            except Exception as e:
+                box["error"] = e
+
+        helper = threading.Thread(target=run, name="msn-watchdog-store", daemon=True)
+        helper.start()
+        helper.join(max(0.5, 2 * self.period))
+        if helper.is_alive():
+            self._stuck_call = helper
+            raise TimeoutError(f"the store did not answer {method}")
+        if "error" in box:
+            raise box["error"]
+        return box.get("value")
 
 
 def describe_stuck(culprits: dict[int | str, str], seen: dict[int, _Seen], now: float, *, step: int, waited: float,
