@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
-import socket
 from pathlib import Path
 
 import torch
@@ -24,6 +22,7 @@ from msn.errors import ConfigError, DataError, JobError
 from msn.models.msn import MSN
 from msn.train.builder import Process, TrainingData, build_data, build_order, build_parts
 from msn.train.checkpoints import CheckpointPolicy
+from msn.train.failures import collective_failure, lost_peer_message, stop_workers, watchdog_for
 from msn.train.loggers import MetricsLogger
 from msn.train.report import RunReport
 from msn.train.resume import restore_training
@@ -42,7 +41,6 @@ from msn.utils.rundir import (
 )
 from msn.utils.runlock import acquire_run_lock, holds_run_lock
 from msn.utils.seeding import seed_global_stream
-from msn.utils.watchdog import Watchdog
 from msn.weights.checkpoint import newest_checkpoint, remove_stale_temporaries
 from msn.weights.read import init_model_from
 
@@ -124,7 +122,7 @@ def _train(cfg: DictConfig, command: str | None, proc: Process, run_dir: Path, s
     report = RunReport(cfg, logger=logger, target=parts.model.target.backbone, schedules=parts.schedules,
                        skipped=data.skipped, total_steps=data.total_steps, start_step=start_step, world=proc.world,
                        device=proc.device, amp_dtype=proc.amp_dtype)
-    watchdog = _watchdog(cfg, proc, run_dir, checkpoints, stop, start_step)
+    watchdog = watchdog_for(cfg, proc, run_dir, checkpoints, stop, start_step)
 
     parts.model.train()
     param_dtype = parts.model.prototypes.dtype  # float32, unless a test builds the model in float64
@@ -162,13 +160,13 @@ def _train(cfg: DictConfig, command: str | None, proc: Process, run_dir: Path, s
                 break
             watchdog.beat("data", step)
     except RuntimeError as e:  # another rank died or its connection broke: one line, not a trace
-        if proc.world == 1 or not _collective_failure(e):
+        if proc.world == 1 or not collective_failure(e):
             raise
-        raise JobError(_lost_peer_message(e, proc, step, checkpoints.last_saved or start_step, run_dir)) from None
+        raise JobError(lost_peer_message(e, proc, step, checkpoints.last_saved or start_step, run_dir)) from None
     finally:
         watchdog.stop()
         report.close()
-        _stop_workers(batches)
+        stop_workers(batches)
     if stopped_early:
         stop.forward()  # hand the signal on to a job manager's handler (submitit requeues the job here)
     elif proc.is_main:
@@ -184,46 +182,6 @@ def _start_process(cfg: DictConfig) -> Process:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     return Process(device, autocast_dtype(cfg.precision, device), distributed.rank(), distributed.world_size())
-
-
-def _watchdog(cfg: DictConfig, proc: Process, run_dir: Path, checkpoints: CheckpointPolicy, stop: StopRequest,
-              start_step: int) -> Watchdog:
-    """This rank's progress, watched by every other (:mod:`msn.utils.watchdog`; its thread runs in a job of several
-    processes with ``dist.timeout_s`` > 0), ending the process through ``stop.abort`` when a rank is stuck."""
-    def last_checkpoint() -> str:
-        step = checkpoints.last_saved or start_step
-        return f"step {step} ({run_dir}/checkpoints)" if step else "none yet (a rerun starts at step 0)"
-
-    return Watchdog(rank=proc.rank, world=proc.world, timeout_s=cfg.dist.timeout_s, on_stuck=stop.abort,
-                    last_checkpoint=last_checkpoint)
-
-
-def _collective_failure(error: RuntimeError) -> bool:
-    """Whether ``error`` is the process group failing (gloo raises plain RuntimeErrors naming its transport)."""
-    text = str(error)
-    return isinstance(error, torch.distributed.DistError) or any(
-        mark in text for mark in ("gloo", "NCCL", "Connection reset", "Connection closed", "Broken pipe"))
-
-
-def _stop_workers(batches: object) -> None:
-    """Shut the loader's workers down now, as a finished loop would. After an exception its traceback keeps the
-    iterator alive until the interpreter exits, and multiprocessing's exit handler would then wait forever for
-    workers that ignore the SIGTERM it sends them (they leave stop signals to this process)."""
-    shutdown = getattr(batches, "_shutdown_workers", None)
-    if callable(shutdown):
-        shutdown()
-
-
-def _lost_peer_message(error: Exception, proc: Process, step: int, last: int, run_dir: Path) -> str:
-    """What a rank says when the process group fails under it (a peer killed or lost): its place, the error's
-    first line and how to continue."""
-    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    first = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". This is typically")[0][:200]  # gloo's source position
-    saved = f"step {last} ({run_dir}/checkpoints)" if last else "none yet"
-    return (f"rank {proc.rank} of {proc.world} on {socket.gethostname()} lost the process group at step {step + 1} "
-            f"({first}): another process of the job died or was cut off, and its own output says why; the last "
-            f"checkpoint is {saved}: run the same command again to continue (torchrun --max-restarts=N does so by "
-            "itself)")
 
 
 def _resume_path(cfg: DictConfig, run_dir: Path, is_main: bool) -> Path | None:
