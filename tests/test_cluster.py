@@ -400,3 +400,37 @@ def test_a_run_continued_on_fewer_processes_says_so_and_continues_as_the_new_cou
 
     with pytest.raises(CheckpointError, match=r"global batch of 32 images.*16 x 1 processes = 16.*data.batch_size=32"):
         train(compose_config([*EVERY_STEP, "data.batch_size=16", f"resume={middle}", f"run_dir={tmp_path / 'x'}"]))
+
+
+def _train_and_say(rank: int, world: int, run_dir: str, overrides: list[str]) -> str:
+    """Train in a gloo group; return what this rank logged."""
+    import io
+    import logging
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logger = logging.getLogger("msn")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        train(compose_config([f"run_dir={run_dir}", *overrides]))
+    finally:
+        logger.removeHandler(handler)
+    return stream.getvalue()
+
+
+@pytest.mark.slow
+def test_a_run_continued_on_more_processes_says_so_and_trains_on_the_same_data(tmp_path):
+    """The other direction: a 1-process run's step-6 checkpoint continued by 2 processes of 16 images each."""
+    one = tmp_path / "one"
+    train(compose_config([*EVERY_STEP, "data.batch_size=32", "checkpoint.every_steps=6", f"run_dir={one}"]))
+    middle = one / "checkpoints" / "step_0000006.pt"
+    said = run_distributed(_train_and_say, world_size=2, args=(str(tmp_path / "two"), [*EVERY_STEP,
+                                                                                        f"resume={middle}"]))
+    assert ("continuing a run of 1 process x 32 images on 2 processes x 16 images (the global batch, 32, as before)"
+            in said[0]) and "continuing" not in said[1]  # rank 0 says it
+    logged = {int(r["step"]): float(r["loss"]) for r in metrics_rows(one)}
+    continued = {int(r["step"]): float(r["loss"]) for r in metrics_rows(tmp_path / "two")}
+    assert sorted(continued) == list(range(7, 13))
+    for step, loss in continued.items():
+        assert loss == pytest.approx(logged[step], abs=2e-4), step
