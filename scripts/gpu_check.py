@@ -42,6 +42,14 @@ class Section:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def gpu_test_files() -> list[str]:
+    """The test files that mark a test ``gpu`` (the smoke run collects only these: collecting the whole suite costs
+    seconds of imports on a small CPU); all of ``tests/`` when none is found."""
+    tests = Path(__file__).resolve().parents[1] / "tests"
+    marked = sorted(str(p) for p in tests.glob("test_*.py") if "mark.gpu" in p.read_text())
+    return marked or [str(tests)]
+
+
 def sections(out: Path, smoke: bool, fmnist: Path | None) -> list[Section]:
     """What the check runs, in order. ``smoke``: the same commands on the CPU at tiny sizes."""
     jpegs = out / "jpegs"
@@ -53,7 +61,7 @@ def sections(out: Path, smoke: bool, fmnist: Path | None) -> list[Section]:
         views = ["model=vit_pico", "data.global_size=32", "data.focal_size=16", "data.num_focal=2",
                  "data.batch_size=4", *dev]
         steps, compile_on = ["--steps", "2", "--warmup", "1"], ["compile=true", "compile_backend=eager"]
-        e2e_steps, workers, data_seconds, count = ["--steps", "4", "--warmup", "2"], "1", "1", 16
+        e2e_steps, workers, data_seconds, count = ["--steps", "2", "--warmup", "1"], "1", "1", 16
         fmnist_run = ["device=cpu", "precision=fp32", "compile=false", "optim.max_steps=2", "data.batch_size=16",
                       "data.num_workers=0"]
     else:
@@ -67,7 +75,8 @@ def sections(out: Path, smoke: bool, fmnist: Path | None) -> list[Section]:
         fmnist_run = ["optim.max_steps=1000", "monitor.every_steps=0"]  # a few minutes of fmnist_gpu at most
     root = f"data.root={jpegs}"
     result = [
-        Section("tests", [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "-rs"],
+        Section("tests", [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "-rs",
+                          *(gpu_test_files() if smoke else [])],
                 in_process=False, timeout=240, claim="every test that needs CUDA passes"),
         Section("step_vits16", ["msn-bench", "step", *vits, *steps, "--reference"],
                 claim="ViT-S/16 step >= 2.0x the original's (ratio)"),

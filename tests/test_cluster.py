@@ -31,8 +31,8 @@ from tests.dist_utils import clean_env, free_port, run_distributed
 
 FAULTS = Path(__file__).with_name("faults.py")
 SMOKE = ["experiment=cpu_smoke", "logger.progress=false"]
-# 12 steps with last.pt after every one: a fault at any step leaves the step before it on disk.
-EVERY_STEP = [*SMOKE, "optim.max_steps=12", "optim.epochs=10", "checkpoint.last_every_steps=1",
+# 8 steps with last.pt after every one: a fault at any step leaves the step before it on disk.
+EVERY_STEP = [*SMOKE, "optim.max_steps=8", "optim.epochs=10", "checkpoint.last_every_steps=1",
               "checkpoint.every_steps=0"]
 
 
@@ -133,8 +133,33 @@ def test_a_deleted_lock_file_still_excludes_a_second_launch(tmp_path):
     finally:
         os.kill(first.pid, signal.SIGCONT)
     assert first.wait(timeout=240) == 0, (tmp_path / "first.err").read_text()[-2000:]
-    assert [int(r["step"]) for r in metrics_rows(run_dir)] == list(range(1, 13))
+    assert [int(r["step"]) for r in metrics_rows(run_dir)] == list(range(1, 9))
     assert (run_dir / LOCK_FILE).read_text().startswith(f"process {first.pid} on {socket.gethostname()}")
+
+
+def test_a_run_folder_moved_away_under_its_trainer_is_left_alone(tmp_path):
+    """The run folder moved away while its trainer is stopped, a new folder of the user's in its place: the trainer
+    stops at its next checkpoint in one line, writing nothing into the new folder and removing nothing from it;
+    the moved folder keeps what was trained."""
+    run_dir, moved = tmp_path / "run", tmp_path / "moved"
+    trainer = _launch([sys.executable, str(FAULTS), *EVERY_STEP, f"hydra.run.dir={run_dir}"], tmp_path, "trainer",
+                      fault="0:4:STOP")
+    try:
+        deadline = time.monotonic() + 240
+        while _state(trainer.pid) != "T":
+            assert trainer.poll() is None and time.monotonic() < deadline, (tmp_path / "trainer.err").read_text()
+            time.sleep(0.2)
+        run_dir.rename(moved)
+        run_dir.mkdir()
+        (run_dir / "notes.txt").write_text("mine")
+    finally:
+        os.kill(trainer.pid, signal.SIGCONT)
+    assert trainer.wait(timeout=120) == 1
+    errors = _errors(tmp_path, "trainer")
+    assert errors == [f"msn-pretrain: error: {run_dir} was removed or replaced while this run trained it; stopped "
+                      "without writing into it (its last checkpoint is wherever the folder went)"], errors
+    assert sorted(p.name for p in run_dir.iterdir()) == ["notes.txt"]
+    assert load_checkpoint(moved / "checkpoints" / "last.pt")["step"] == 3
 
 
 def _state(pid: int) -> str:
@@ -236,7 +261,7 @@ def test_torchrun_restarts_a_group_whose_worker_was_killed_and_it_ends_bit_ident
     assert "resumed from" in (tmp_path / "job.out").read_text()
     print(f"\ntorchrun --max-restarts=1, a worker killed -> the group training again: {_since_fault(tmp_path):.1f} s")
     _assert_identical(_weights(uninterrupted), _weights(run_dir), "restarted by torchrun")
-    assert [int(r["step"]) for r in metrics_rows(run_dir)] == list(range(1, 13))  # each step once
+    assert [int(r["step"]) for r in metrics_rows(run_dir)] == list(range(1, 9))  # each step once
 
 
 def test_two_torchrun_agents_with_nnodes_2_train_one_run(tmp_path, uninterrupted):
@@ -265,15 +290,15 @@ def test_a_frozen_rank_ends_the_job_within_the_timeout(tmp_path, rerun):
     and process in one line, kills it (same host) and the job ends; the last checkpoint is step 3 (-m slow: and the
     same command continues from it)."""
     run_dir = tmp_path / "run"
-    args = [*EVERY_STEP, "dist.timeout_s=6", f"hydra.run.dir={run_dir}"]
+    args = [*EVERY_STEP, "dist.timeout_s=4", f"hydra.run.dir={run_dir}"]
     job = _launch(_torchrun(*args), tmp_path, "job", fault="1:4:STOP")
     assert job.wait(timeout=180) != 0
-    print(f"\na rank frozen -> the whole job ended: {_since_fault(tmp_path, None):.1f} s (dist.timeout_s=6)")
+    print(f"\na rank frozen -> the whole job ended: {_since_fault(tmp_path, None):.1f} s (dist.timeout_s=4)")
     errors = _errors(tmp_path, "job")
     assert len(errors) == 1, (tmp_path / "job.err").read_text()[-3000:]
     assert re.match(rf"msn-pretrain: error: rank 1 on {re.escape(socket.gethostname())} \(process \d+\) stopped "
                     r"responding in step 4 \(no sign of life for \d+ s; killed\), while the other ranks waited for it "
-                    r"for \d+ s \(dist.timeout_s=6\): the job ends here; the last checkpoint is step 3 ", errors[0]), \
+                    r"for \d+ s \(dist.timeout_s=4\): the job ends here; the last checkpoint is step 3 ", errors[0]), \
         errors[0]
     pid = int(re.search(r"\(process (\d+)\)", errors[0]).group(1))
     assert _state(pid) in ("?", "Z")  # killed, not left stopped
@@ -282,7 +307,7 @@ def test_a_frozen_rank_ends_the_job_within_the_timeout(tmp_path, rerun):
         return
     again = _launch(_torchrun(*args), tmp_path, "again")
     assert again.wait(timeout=300) == 0, (tmp_path / "again.err").read_text()[-3000:]
-    assert [int(r["step"]) for r in metrics_rows(run_dir)] == list(range(1, 13))
+    assert [int(r["step"]) for r in metrics_rows(run_dir)] == list(range(1, 9))
 
 
 def test_the_watchdog_waits_for_a_busy_rank_and_names_a_frozen_one_or_one_stuck_on_its_data():
@@ -362,15 +387,15 @@ def test_the_watchdog_names_a_store_that_stopped_answering(tmp_path):
 # --------------------------------------------------------------------------------- another number of processes
 def test_a_run_continued_on_fewer_processes_says_so_and_continues_as_the_new_count_does(tmp_path, caplog,
                                                                                          monkeypatch):
-    """A 2-process run's step-6 checkpoint continued by 1 process with the same global batch (data.batch_size 32):
+    """A 2-process run's step-4 checkpoint continued by 1 process with the same global batch (data.batch_size 32):
     the resume says what changed; it continues exactly as a 1-process run does from that state (an interruption at
-    step 9 and a rerun give the same weights bit for bit), on the same data as the 2-process run (its losses follow
+    step 6 and a rerun give the same weights bit for bit), on the same data as the 2-process run (its losses follow
     the 2-process run's to rounding); another global batch is refused."""
     import msn.train.checkpoints as checkpoints
 
     two = tmp_path / "two"
-    run_distributed(_train_worker, world_size=2, args=(str(two), [*EVERY_STEP, "checkpoint.every_steps=6"]))
-    middle = two / "checkpoints" / "step_0000006.pt"
+    run_distributed(_train_worker, world_size=2, args=(str(two), [*EVERY_STEP, "checkpoint.every_steps=4"]))
+    middle = two / "checkpoints" / "step_0000004.pt"
     one = [*EVERY_STEP, "data.batch_size=32", f"resume={middle}"]
 
     straight = tmp_path / "straight"
@@ -382,8 +407,8 @@ def test_a_run_continued_on_fewer_processes_says_so_and_continues_as_the_new_cou
 
     def save_then_fail(path, state):
         real(path, state)
-        if state["step"] == 9:
-            raise KeyboardInterrupt("interrupted after the checkpoint of step 9")
+        if state["step"] == 6:
+            raise KeyboardInterrupt("interrupted after the checkpoint of step 6")
 
     monkeypatch.setattr(checkpoints, "save_checkpoint", save_then_fail)
     with pytest.raises(KeyboardInterrupt):
@@ -394,7 +419,7 @@ def test_a_run_continued_on_fewer_processes_says_so_and_continues_as_the_new_cou
 
     logged = {int(r["step"]): float(r["loss"]) for r in metrics_rows(two)}
     continued = {int(r["step"]): float(r["loss"]) for r in metrics_rows(straight)}
-    assert sorted(continued) == list(range(7, 13))
+    assert sorted(continued) == list(range(5, 9))
     for step, loss in continued.items():  # the same images, views and masks: rounding apart, the same losses
         assert loss == pytest.approx(logged[step], abs=2e-4), step
 
@@ -421,16 +446,16 @@ def _train_and_say(rank: int, world: int, run_dir: str, overrides: list[str]) ->
 
 @pytest.mark.slow
 def test_a_run_continued_on_more_processes_says_so_and_trains_on_the_same_data(tmp_path):
-    """The other direction: a 1-process run's step-6 checkpoint continued by 2 processes of 16 images each."""
+    """The other direction: a 1-process run's step-4 checkpoint continued by 2 processes of 16 images each."""
     one = tmp_path / "one"
-    train(compose_config([*EVERY_STEP, "data.batch_size=32", "checkpoint.every_steps=6", f"run_dir={one}"]))
-    middle = one / "checkpoints" / "step_0000006.pt"
+    train(compose_config([*EVERY_STEP, "data.batch_size=32", "checkpoint.every_steps=4", f"run_dir={one}"]))
+    middle = one / "checkpoints" / "step_0000004.pt"
     said = run_distributed(_train_and_say, world_size=2, args=(str(tmp_path / "two"), [*EVERY_STEP,
                                                                                         f"resume={middle}"]))
     assert ("continuing a run of 1 process x 32 images on 2 processes x 16 images (the global batch, 32, as before)"
             in said[0]) and "continuing" not in said[1]  # rank 0 says it
     logged = {int(r["step"]): float(r["loss"]) for r in metrics_rows(one)}
     continued = {int(r["step"]): float(r["loss"]) for r in metrics_rows(tmp_path / "two")}
-    assert sorted(continued) == list(range(7, 13))
+    assert sorted(continued) == list(range(5, 9))
     for step, loss in continued.items():
         assert loss == pytest.approx(logged[step], abs=2e-4), step

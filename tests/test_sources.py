@@ -153,12 +153,11 @@ main()
 """
 
 
-# Each source with 0 and 2 loader workers; the default suite runs one of the two for shards and for a Hugging Face
-# dataset (both kinds of loader are covered; a folder's: tests/test_cluster.py, through the command line), -m slow
-# the others.
+# Each source with 0 and 2 loader workers; the default suite runs shards without workers (with 2 workers: a folder,
+# through the command line, in tests/test_cluster.py), -m slow the others.
 @pytest.mark.parametrize(("source", "workers"), [
     ("webdataset", 0), pytest.param("webdataset", 2, marks=pytest.mark.slow),
-    ("hf", 2), pytest.param("hf", 0, marks=pytest.mark.slow),
+    pytest.param("hf", 2, marks=pytest.mark.slow), pytest.param("hf", 0, marks=pytest.mark.slow),
     pytest.param("custom", 2, marks=pytest.mark.slow), pytest.param("custom", 0, marks=pytest.mark.slow),
 ])
 def test_kill_9_and_resume_is_bit_identical(sources, tmp_path, source, workers):

@@ -580,7 +580,7 @@ def test_a_run_that_is_live_in_another_process_is_not_started_twice(tmp_path):
 def test_two_launches_of_one_command_train_it_once(tmp_path):
     """Both started at the same moment: exactly one trains (the lock is atomic), the other says so in one line,
     and the run's metrics hold each step once."""
-    command = ["msn-pretrain", "experiment=cpu_smoke", "optim.max_steps=30", "optim.epochs=8",
+    command = ["msn-pretrain", "experiment=cpu_smoke", "optim.max_steps=15", "optim.epochs=8",
                f"hydra.run.dir={tmp_path / 'run'}"]
     launches = [subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                 for _ in range(2)]
@@ -589,4 +589,4 @@ def test_two_launches_of_one_command_train_it_once(tmp_path):
     refused = next(err for code, err in results if code == 1).strip().splitlines()
     assert len(refused) == 1 and "is being trained right now by process" in refused[0], refused
     steps = [int(r["step"]) for r in metrics_rows(tmp_path / "run")]
-    assert steps == list(range(1, 31))
+    assert steps == list(range(1, 16))

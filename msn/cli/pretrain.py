@@ -27,7 +27,7 @@ from msn.errors import MSNError
 from msn.utils.compose import register_configs
 from msn.utils.launcher import process_info
 from msn.utils.rundir import has_checkpoints
-from msn.utils.runlock import release_run_lock
+from msn.utils.runlock import LockLost, release_run_lock
 from msn.utils.runname import START_TIME_ENV
 
 # At import: a submitit job process imports this module to unpickle the task, and composes its config
@@ -56,7 +56,8 @@ def _hydra_main(cfg: DictConfig) -> None:
         configure_matmul(resolve_device(cfg.device), cfg.tf32)  # process-wide: the entry point's decision
         train(cfg, command, stop=stop)
     except MSNError as e:
-        _forget_refused_run(run_dir)
+        if not isinstance(e, LockLost):  # a folder that is no longer this run's is left alone
+            _forget_refused_run(run_dir)
         sys.exit(fail("msn-pretrain", e))
     finally:
         stop.restore()

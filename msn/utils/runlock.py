@@ -34,6 +34,11 @@ _HELD: dict[str, RunLock] = {}  # real path of the run directory -> this process
 _NO_DIRECTORY_LOCK = {errno.EBADF, errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL}
 
 
+class LockLost(ConfigError):
+    """The run folder stopped being this run's while it trained (moved, replaced, or taken by another process):
+    nothing may be written into it, nor removed from it."""
+
+
 class RunLock:
     """This process's exclusive lock on a run directory (see the module docstring).
 
@@ -49,7 +54,7 @@ class RunLock:
         return self._fd >= 0
 
     def verify(self) -> None:
-        """Check that the lock still guards the run directory; raise a :class:`ConfigError` when it does not.
+        """Check that the lock still guards the run directory; raise :class:`LockLost` when it does not.
 
         The directory lock: the folder on disk must be the locked one (not removed, not replaced). The file lock:
         a removed ``.msn.lock`` is created and locked again; one that another process locked stops this run.
@@ -66,7 +71,7 @@ class RunLock:
             self._relock_file()
         elif not self.on_file and (on_disk is None or (on_disk.st_dev, on_disk.st_ino)
                                    != (locked.st_dev, locked.st_ino)):
-            raise ConfigError(f"{self.run_dir} was removed or replaced while this run trained it; stopped without "
+            raise LockLost(f"{self.run_dir} was removed or replaced while this run trained it; stopped without "
                               "writing into it (its last checkpoint is wherever the folder went)")
         if not self.on_file and not (self.run_dir / LOCK_FILE).exists():
             _write_note(self.run_dir, self.holder)
@@ -79,10 +84,10 @@ class RunLock:
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            raise ConfigError(f"{self.run_dir}/{LOCK_FILE} was removed while this run trained and {holder} has "
+            raise LockLost(f"{self.run_dir}/{LOCK_FILE} was removed while this run trained and {holder} has "
                               "started training the folder since; stopped without writing into it") from None
         except OSError as e:
-            raise ConfigError(f"{self.run_dir}/{LOCK_FILE} was removed while this run trained and cannot be locked "
+            raise LockLost(f"{self.run_dir}/{LOCK_FILE} was removed while this run trained and cannot be locked "
                               f"again ({e.strerror or e}); stopped without writing into the folder") from None
         os.close(self._fd)
         self._fd = fd
