@@ -110,6 +110,7 @@ def test_kill_9_then_the_same_command_resumes_at_once_while_loader_workers_linge
     assert [r["loss"] for r in metrics_rows(run_dir)] == [r["loss"] for r in metrics_rows(full)]
 
 
+@pytest.mark.slow  # the default suite deletes the lock file in the test below, with the same trainer
 def test_a_deleted_lock_file_still_excludes_a_second_launch(tmp_path):
     """The lock is on the run folder: deleting ``.msn.lock`` (a clean-up of dot-files, rsync --delete) under a
     trainer leaves it locked; a second launch of the same command is refused in one line; the trainer writes its
@@ -137,18 +138,28 @@ def test_a_deleted_lock_file_still_excludes_a_second_launch(tmp_path):
     assert (run_dir / LOCK_FILE).read_text().startswith(f"process {first.pid} on {socket.gethostname()}")
 
 
-def test_a_run_folder_moved_away_under_its_trainer_is_left_alone(tmp_path):
-    """The run folder moved away while its trainer is stopped, a new folder of the user's in its place: the trainer
-    stops at its next checkpoint in one line, writing nothing into the new folder and removing nothing from it;
-    the moved folder keeps what was trained."""
+def test_a_deleted_lock_file_excludes_a_second_launch_and_a_moved_folder_is_left_alone(tmp_path):
+    """A trainer stopped in step 4: its ``.msn.lock`` deleted, a second launch of the same command is refused in one
+    line and writes nothing (the lock is the folder's). Then the folder is moved away and a new folder of the user's
+    put in its place: the trainer, continued, stops before its next checkpoint in one line, writing nothing into the
+    new folder and removing nothing from it; the moved folder keeps what was trained, each step logged once."""
     run_dir, moved = tmp_path / "run", tmp_path / "moved"
-    trainer = _launch([sys.executable, str(FAULTS), *EVERY_STEP, f"hydra.run.dir={run_dir}"], tmp_path, "trainer",
-                      fault="0:4:STOP")
+    args = [*EVERY_STEP, f"hydra.run.dir={run_dir}"]
+    trainer = _launch([sys.executable, str(FAULTS), *args], tmp_path, "trainer", fault="0:4:STOP")
     try:
         deadline = time.monotonic() + 240
         while _state(trainer.pid) != "T":
             assert trainer.poll() is None and time.monotonic() < deadline, (tmp_path / "trainer.err").read_text()
             time.sleep(0.2)
+        (run_dir / LOCK_FILE).unlink()
+        started = time.monotonic()
+        second = _launch(["msn-pretrain", *args], tmp_path, "second")
+        assert second.wait(timeout=120) == 1
+        print(f"\nlock file deleted: the second launch refused in {time.monotonic() - started:.1f} s")
+        errors = _errors(tmp_path, "second")
+        assert errors == [f"msn-pretrain: error: {run_dir} is being trained right now by another process; wait for "
+                          "it to stop, or pass run_name=NEW_NAME for a separate run"], errors
+        assert not (run_dir / LOCK_FILE).exists()  # the refused launch wrote nothing
         run_dir.rename(moved)
         run_dir.mkdir()
         (run_dir / "notes.txt").write_text("mine")
@@ -160,6 +171,7 @@ def test_a_run_folder_moved_away_under_its_trainer_is_left_alone(tmp_path):
                       "without writing into it (its last checkpoint is wherever the folder went)"], errors
     assert sorted(p.name for p in run_dir.iterdir()) == ["notes.txt"]
     assert load_checkpoint(moved / "checkpoints" / "last.pt")["step"] == 3
+    assert [int(r["step"]) for r in metrics_rows(moved)] == [1, 2, 3, 4]  # step 4 ran (logged; its save refused)
 
 
 def _state(pid: int) -> str:

@@ -108,7 +108,7 @@ def test_hydras_errors_are_one_line_naming_the_fix(tmp_path, args, message):
 
 def test_a_chosen_checkpoint_of_a_finished_run_is_resumed_not_called_complete(tmp_path):
     run = tmp_path / "run"
-    assert _cli("experiment=cpu_smoke", f"hydra.run.dir={run}", cwd=tmp_path).returncode == 0
+    train(compose_config(["experiment=cpu_smoke", "logger.progress=false", f"run_dir={run}"]))  # finished
     rewind = _cli("experiment=cpu_smoke", f"hydra.run.dir={run}", f"resume={run}/checkpoints/step_0000003.pt",
                   cwd=tmp_path)
     assert rewind.returncode == 0, rewind.stderr[-2000:]

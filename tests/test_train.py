@@ -256,10 +256,7 @@ def test_stop_signal_writes_a_checkpoint_and_the_run_resumes(tmp_path, signame):
     assert f"received {signame}" in out
     state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert 2 <= state["step"] < 400 and f"wrote checkpoints/last.pt at step {state['step']}" in out
-    resumed = subprocess.run([*cmd[:4], f"optim.max_steps={state['step'] + 2}", "resume=auto"], cwd=tmp_path,
-                             capture_output=True, text=True, timeout=120)
-    assert resumed.returncode == 0, resumed.stderr
-    assert f"at step {state['step']}" in resumed.stdout
+    # (the rerun that continues: test_the_same_command_continues_a_stopped_run_in_its_directory)
 
 
 def test_a_second_ctrl_c_stops_at_once():
