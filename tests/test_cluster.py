@@ -10,6 +10,7 @@ user's shell does not.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -17,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -110,41 +112,12 @@ def test_kill_9_then_the_same_command_resumes_at_once_while_loader_workers_linge
     assert [r["loss"] for r in metrics_rows(run_dir)] == [r["loss"] for r in metrics_rows(full)]
 
 
-@pytest.mark.slow  # the default suite deletes the lock file in the test below, with the same trainer
-def test_a_deleted_lock_file_still_excludes_a_second_launch(tmp_path):
-    """The lock is on the run folder: deleting ``.msn.lock`` (a clean-up of dot-files, rsync --delete) under a
-    trainer leaves it locked; a second launch of the same command is refused in one line; the trainer writes its
-    note again at its next checkpoint and finishes with every step logged once."""
-    run_dir = tmp_path / "run"
-    args = [*EVERY_STEP, f"hydra.run.dir={run_dir}"]
-    first = _launch([sys.executable, str(FAULTS), *args], tmp_path, "first", fault="0:4:STOP")  # stops in step 4
-    try:
-        deadline = time.monotonic() + 240
-        while not (run_dir / "checkpoints" / "last.pt").exists() or _state(first.pid) != "T":
-            assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "first.err").read_text()
-            time.sleep(0.2)
-        (run_dir / LOCK_FILE).unlink()
-        started = time.monotonic()
-        second = _launch(["msn-pretrain", *args], tmp_path, "second")
-        assert second.wait(timeout=120) == 1
-        print(f"\nlock file deleted: the second launch refused in {time.monotonic() - started:.1f} s")
-        errors = _errors(tmp_path, "second")
-        assert len(errors) == 1 and f"{run_dir} is being trained right now by another process" in errors[0], errors
-        assert not (run_dir / LOCK_FILE).exists()  # the refused launch wrote nothing
-    finally:
-        os.kill(first.pid, signal.SIGCONT)
-    assert first.wait(timeout=240) == 0, (tmp_path / "first.err").read_text()[-2000:]
-    assert [int(r["step"]) for r in metrics_rows(run_dir)] == list(range(1, 9))
-    assert (run_dir / LOCK_FILE).read_text().startswith(f"process {first.pid} on {socket.gethostname()}")
-
-
-def test_a_deleted_lock_file_excludes_a_second_launch_and_a_moved_folder_is_left_alone(tmp_path):
-    """A trainer stopped in step 4: its ``.msn.lock`` deleted, a second launch of the same command is refused in one
-    line and writes nothing (the lock is the folder's). Then the folder is moved away and a new folder of the user's
-    put in its place: the trainer, continued, stops before its next checkpoint in one line, writing nothing into the
-    new folder and removing nothing from it; the moved folder keeps what was trained, each step logged once."""
-    run_dir, moved = tmp_path / "run", tmp_path / "moved"
-    args = [*EVERY_STEP, f"hydra.run.dir={run_dir}"]
+@contextlib.contextmanager
+def _trainer_stopped_with_its_lock_file_deleted(tmp_path: Path, args: list[str]) -> Iterator[subprocess.Popen]:
+    """A trainer of ``args`` that stops itself (SIGSTOP) in step 4, after the checkpoint of step 3; its ``.msn.lock``
+    is deleted and a second launch of the same command must be refused in one line, writing nothing (the lock is the
+    folder's). Yields the stopped trainer; continues it (SIGCONT) on the way out."""
+    run_dir = Path(args[-1].split("=", 1)[1])
     trainer = _launch([sys.executable, str(FAULTS), *args], tmp_path, "trainer", fault="0:4:STOP")
     try:
         deadline = time.monotonic() + 240
@@ -160,11 +133,34 @@ def test_a_deleted_lock_file_excludes_a_second_launch_and_a_moved_folder_is_left
         assert errors == [f"msn-pretrain: error: {run_dir} is being trained right now by another process; wait for "
                           "it to stop, or pass run_name=NEW_NAME for a separate run"], errors
         assert not (run_dir / LOCK_FILE).exists()  # the refused launch wrote nothing
+        yield trainer
+    finally:
+        os.kill(trainer.pid, signal.SIGCONT)
+
+
+@pytest.mark.slow  # the default suite deletes the lock file in the test below, with the same trainer
+def test_a_deleted_lock_file_still_excludes_a_second_launch(tmp_path):
+    """The lock is on the run folder: deleting ``.msn.lock`` (a clean-up of dot-files, rsync --delete) under a
+    trainer leaves it locked; a second launch of the same command is refused in one line; the trainer writes its
+    note again at its next checkpoint and finishes with every step logged once."""
+    run_dir = tmp_path / "run"
+    with _trainer_stopped_with_its_lock_file_deleted(tmp_path, [*EVERY_STEP, f"hydra.run.dir={run_dir}"]) as trainer:
+        pass
+    assert trainer.wait(timeout=240) == 0, (tmp_path / "trainer.err").read_text()[-2000:]
+    assert [int(r["step"]) for r in metrics_rows(run_dir)] == list(range(1, 9))
+    assert (run_dir / LOCK_FILE).read_text().startswith(f"process {trainer.pid} on {socket.gethostname()}")
+
+
+def test_a_deleted_lock_file_excludes_a_second_launch_and_a_moved_folder_is_left_alone(tmp_path):
+    """A trainer stopped in step 4: its ``.msn.lock`` deleted, a second launch of the same command is refused in one
+    line and writes nothing (the lock is the folder's). Then the folder is moved away and a new folder of the user's
+    put in its place: the trainer, continued, stops before its next checkpoint in one line, writing nothing into the
+    new folder and removing nothing from it; the moved folder keeps what was trained, each step logged once."""
+    run_dir, moved = tmp_path / "run", tmp_path / "moved"
+    with _trainer_stopped_with_its_lock_file_deleted(tmp_path, [*EVERY_STEP, f"hydra.run.dir={run_dir}"]) as trainer:
         run_dir.rename(moved)
         run_dir.mkdir()
         (run_dir / "notes.txt").write_text("mine")
-    finally:
-        os.kill(trainer.pid, signal.SIGCONT)
     assert trainer.wait(timeout=120) == 1
     errors = _errors(tmp_path, "trainer")
     assert errors == [f"msn-pretrain: error: {run_dir} was removed or replaced while this run trained it; stopped "

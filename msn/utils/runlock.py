@@ -67,10 +67,10 @@ class RunLock:
             on_disk = os.stat(path)
         except FileNotFoundError:
             on_disk = None
-        if self.on_file and (on_disk is None or (on_disk.st_dev, on_disk.st_ino) != (locked.st_dev, locked.st_ino)):
+        replaced = on_disk is None or (on_disk.st_dev, on_disk.st_ino) != (locked.st_dev, locked.st_ino)
+        if replaced and self.on_file:
             self._relock_file()
-        elif not self.on_file and (on_disk is None or (on_disk.st_dev, on_disk.st_ino)
-                                   != (locked.st_dev, locked.st_ino)):
+        elif replaced:
             raise LockLost(f"{self.run_dir} was removed or replaced while this run trained it; stopped without "
                               "writing into it (its last checkpoint is wherever the folder went)")
         if not self.on_file and not (self.run_dir / LOCK_FILE).exists():
