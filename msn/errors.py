@@ -19,6 +19,25 @@ class DataError(MSNError, ValueError):
     """The data cannot be used as configured; the message names the file or key and the fix."""
 
 
+class DataGone(DataError):
+    """A file the run reads was removed or changed while it ran: not a bad sample to replace, a stop (the run
+    continues from its last checkpoint once the data is back)."""
+
+
+class WriteStopped(DataError):
+    """A write was asked to stop (a signal) before it was complete: nothing was written, what it would have
+    replaced is unchanged."""
+
+
+class BadSample(DataError):
+    """One sample cannot be used (replaced and counted by the loader); ``what`` names the kind, as the run's
+    warning says it: ``undecodable image``, ``sample without an image member``, ..."""
+
+    def __init__(self, message: str, what: str = "undecodable image") -> None:
+        super().__init__(message)
+        self.what = what
+
+
 class CheckpointError(MSNError, ValueError):
     """A checkpoint is missing, unreadable or not an msn training checkpoint."""
 

@@ -244,7 +244,7 @@ calls = [(export.main, ["--help"], None), (export.main, ["a", "b", "--format", "
          (viz.main, ["--help"], None), (viz.main, ["curves", "run", "--out", "curves.jpg"], None),
          (viz.main, ["attention", "no_such_run", "--out", "a.png"], "no_such_run does not exist"),
          (viz.main, ["prototypes", "no_such_run", "--out", "p.png"], "no_such_run does not exist"),
-         (shards.main, ["--help"], None), (shards.main, ["no_such_folder", "out"], "is not a folder of images"),
+         (shards.main, ["--help"], None), (shards.main, ["no_such_folder", "out"], "SRC no_such_folder does not exist"),
          (shards.main, ["empty", "out", "--per-shard", "0"], "--per-shard 0 must be >= 1"),
          (pretrain.main, ["--help"], None), (pretrain.main, ["optim.lr=-1"], None),
          (pretrain.main, ["model.arch=vit_nano"], None),

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from msn.config import DataConfig
 from msn.data.multicrop import MultiCropTransform, ViewBatch
 from msn.data.registry import ImageDataset
-from msn.errors import DataError
+from msn.errors import BadSample, DataError, DataGone
 from msn.utils.seeding import stream_generator
 
 Key = tuple[int, int]  # (epoch, index)
@@ -75,16 +75,16 @@ class MultiCropDataset(Dataset):
         user as one line from the main process instead of as a DataLoader worker's traceback.
         """
         keys = [_check_key(key) for key in keys]
-        images, skipped = [], []
+        images, skipped, kinds = [], [], {}
         try:
             for epoch, index in keys:
-                image, bad = self._load(epoch, index)
+                image, bad = self._load(epoch, index, kinds)
                 images.append(image)
                 skipped += bad
             batch = self.transform.crop(images, [self.transform.draw(self.generator(key)) for key in keys])
         except DataError as err:
-            return ViewBatch(skipped=skipped, error=str(err))
-        batch.skipped = skipped
+            return ViewBatch(skipped=skipped, error=str(err), skip_kinds=kinds)
+        batch.skipped, batch.skip_kinds = skipped, kinds
         return self.transform.finish(batch) if self.finish else batch
 
     def path(self, index: int) -> str:
@@ -94,14 +94,20 @@ class MultiCropDataset(Dataset):
         paths = getattr(self.base, "paths", None)
         return str(paths[index]) if paths is not None else f"image {index}"
 
-    def _load(self, epoch: int, index: int) -> tuple[Image.Image, list[str]]:
-        """Image ``index``, or a deterministic replacement when it cannot be decoded; the paths that failed."""
+    def _load(self, epoch: int, index: int, kinds: dict[str, str]) -> tuple[Image.Image, list[str]]:
+        """Image ``index``, or a deterministic replacement when it cannot be decoded; the paths that failed (and
+        into ``kinds``, what those that are not plain undecodable images are). Data that disappeared under the
+        run (:class:`DataGone`) is not replaced: it stops the run."""
         bad, candidate = [], index
         for attempt in range(self.max_replacements + 1):
             try:
                 return self.base[candidate], bad
-            except DataError:
+            except DataGone:
+                raise
+            except DataError as err:
                 bad.append(self.path(candidate))
+                if isinstance(err, BadSample) and err.what != "undecodable image":
+                    kinds[bad[-1]] = err.what
                 g = stream_generator(self.seed, "replace", epoch, index, attempt)
                 candidate = int(torch.randint(len(self.base), (1,), generator=g))
         raise DataError(f"could not decode {self.path(index)} nor {self.max_replacements} replacement images "

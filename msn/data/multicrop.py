@@ -91,15 +91,17 @@ class ViewBatch:
         counts: views per group (2 global, then the focal views).
         params: per group, the photometric parameters still to apply, or None once applied.
         skipped: paths of undecodable images that were replaced in this batch.
+        skip_kinds: for those of them that are not plainly undecodable images, what they are (path ->
+            ``sample without an image member ...``; :class:`msn.errors.BadSample`).
         error: a data error met in a loader worker (the batch is then empty), reported by the trainer.
     """
 
     def __init__(self, groups: Sequence[torch.Tensor] = (), counts: Sequence[int] = (),
                  params: Sequence[PhotometricParams] | None = None, skipped: Sequence[str] = (),
-                 error: str | None = None) -> None:
+                 error: str | None = None, skip_kinds: dict[str, str] | None = None) -> None:
         self.groups, self.counts = list(groups), list(counts)
         self.params = None if params is None else list(params)
-        self.skipped, self.error = list(skipped), error
+        self.skipped, self.error, self.skip_kinds = list(skipped), error, dict(skip_kinds or {})
 
     @property
     def batch_size(self) -> int:
@@ -120,7 +122,7 @@ class ViewBatch:
         return [[view[b] for view in views] for b in range(self.batch_size)]
 
     def replace(self, groups: Sequence[torch.Tensor], params: Sequence[PhotometricParams] | None) -> ViewBatch:
-        return ViewBatch(groups, self.counts, params, self.skipped, self.error)
+        return ViewBatch(groups, self.counts, params, self.skipped, self.error, self.skip_kinds)
 
     def to(self, device: torch.device, non_blocking: bool = False) -> ViewBatch:
         return self.replace([g.to(device, non_blocking=non_blocking) for g in self.groups], self.params)

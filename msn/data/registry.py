@@ -114,11 +114,15 @@ def describe_source(cfg: DataConfig | DictConfig) -> str:
     return get_source(cfg.name).where(cfg)
 
 
-def data_identity(cfg: DataConfig | DictConfig, num_images: int, epoch_len: int) -> dict[str, Any]:
+def data_identity(cfg: DataConfig | DictConfig, num_images: int, epoch_len: int,
+                  fingerprint: str | None = None) -> dict[str, Any]:
     """What a run trains on, as a resume compares it: the kind of source, :meth:`Source.identity`, the number of
-    images and the epoch length."""
+    images and the epoch length, and the dataset's ``fingerprint`` when it has one (shards: their samples and
+    order, :mod:`msn.data.shard_set`)."""
     identity = {"kind": str(cfg.name), **get_source(cfg.name).identity(cfg), "images": int(num_images),
                 "samples_per_epoch": int(epoch_len)}
+    if fingerprint is not None:
+        identity["fingerprint"] = str(fingerprint)
     return identity
 
 

@@ -100,7 +100,7 @@ def build_data(cfg: DictConfig, *, device: torch.device, world: int) -> Training
     if cfg.optim.max_steps is not None:
         total_steps = min(total_steps, cfg.optim.max_steps)
     return TrainingData(base, epoch_len, transform, dataset, skipped, steps_in_epoch, total_steps,
-                        data_identity(cfg.data, len(base), epoch_len))
+                        data_identity(cfg.data, len(base), epoch_len, getattr(base, "fingerprint", None)))
 
 
 def build_order(cfg: DictConfig, data: TrainingData, *, rank: int, world: int) -> EpochSampler:

@@ -94,6 +94,12 @@ def restore_training(path: Path, *, model: MSN, optimizer: torch.optim.Optimizer
         raise CheckpointError(f"{path} belongs to a run on other data ({differs}): its sampler and schedules would not "
                               f"continue; to train on this data from its weights start a new run with init_from={path} "
                               "and run_name=NEW_NAME, or restore the data it was trained on")
+    if data is not None and saved_data is not None and None not in (saved_data.get("fingerprint"), data.get(
+            "fingerprint")) and saved_data["fingerprint"] != data["fingerprint"]:  # (older checkpoints: not recorded)
+        raise CheckpointError(f"{path} belongs to a run on other shards: {data.get('source')} holds other samples, or "
+                              "the same in another order, than when it was saved (the sampler would not continue the "
+                              "run); resume with the shards it trained on, or start a new run with "
+                              f"init_from={path} and run_name=NEW_NAME")
     check_compatible(model.state_dict(), state["model"], f"resume={path} (resume with the config that run was "
                      "trained with)")
     model.load_state_dict(state["model"])

@@ -123,7 +123,8 @@ def _counted(examples: list[str], singular: str, plural: str | None = None) -> s
     return f"{len(examples):,} {noun} ({shown})"
 
 
-def scan_images(root: Path) -> FolderScan:
+def scan_images(root: Path, *, where: str | None = None, fix: str = "pass data.root=/path/to/images"
+                ) -> FolderScan:
     """Every image file below ``root`` (by extension, any case), each real file once, sorted by its path.
 
     Symlinked folders are followed (datasets are often assembled from links), but a folder is entered
@@ -134,7 +135,8 @@ def scan_images(root: Path) -> FolderScan:
     relative paths, so the path kept for a real file is its first in sorted order (apart from paths
     through a loop). Identity is the real path (symlinks resolved), so hard links, which are separate
     files as far as the user can tell, still count separately. Broken links are listed (the loader
-    reports them as undecodable, as before). No image at all is a :class:`DataError`.
+    reports them as undecodable, as before). No image at all is a :class:`DataError` that names the folder as
+    ``where`` (default ``data.root=ROOT``) and ends with ``fix``.
     """
     scan = FolderScan()
     root_real = os.path.realpath(root)
@@ -143,7 +145,7 @@ def scan_images(root: Path) -> FolderScan:
     # Each frame: (its sorted entries, the folder's real path, the key prefix of its files, its relative path/)
     stack = [(_sorted_entries(root, "", scan), root_real, "", "")]
     if scan.unreadable:
-        raise DataError(f"data.root={root} cannot be read ({scan.unreadable[0]}); check its permissions")
+        raise DataError(f"{where or f'data.root={root}'} cannot be read ({scan.unreadable[0]}); check its permissions")
     while stack:
         entries, real, key_prefix, rel = stack[-1]
         item = next(entries, None)
@@ -182,8 +184,8 @@ def scan_images(root: Path) -> FolderScan:
     if not scan.paths:
         others = sum(scan.other_extensions.values())
         held = f"; it holds {others:,} other file{'' if others == 1 else 's'}" if others else ""
-        raise DataError(f"data.root={root} holds no images (searched recursively for "
-                        f"{', '.join(IMAGE_EXTENSIONS)}{held}); pass data.root=/path/to/images")
+        raise DataError(f"{where or f'data.root={root}'} holds no images (searched recursively for "
+                        f"{', '.join(IMAGE_EXTENSIONS)}{held}); {fix}")
     return scan
 
 

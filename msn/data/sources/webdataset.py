@@ -28,6 +28,7 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from omegaconf import DictConfig
@@ -36,7 +37,8 @@ from PIL import Image
 from msn.config import DataConfig
 from msn.data.images import decode_rgb
 from msn.data.registry import Source, register_source, require
-from msn.errors import ConfigError, DataError
+from msn.data.shard_set import check_shard_set, fingerprint_of_set, fingerprint_of_shard
+from msn.errors import BadSample, ConfigError, DataError, DataGone
 from msn.utils.files import atomic_write
 
 DEFAULT_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -93,9 +95,7 @@ def fetch_shard(url: str, cache_dir: str | os.PathLike | None) -> Path:
         return Path(url)
     from webdataset.gopen import gopen
 
-    folder = shard_cache(cache_dir)
-    name = url.rstrip("/").split("/")[-1].split()[-1] or "shard.tar"
-    local = folder / f"{hashlib.sha1(url.encode()).hexdigest()[:16]}-{Path(name).name}"
+    local = cached_copy(url, cache_dir)
     if local.is_file():
         return local
     try:
@@ -112,6 +112,12 @@ def fetch_shard(url: str, cache_dir: str | os.PathLike | None) -> Path:
         raise DataError(f"data.shards: could not fetch {url} ({reason}); check the command or URL, or copy the "
                         "shards to a local folder") from None
     return local
+
+
+def cached_copy(url: str, cache_dir: str | os.PathLike | None) -> Path:
+    """Where :func:`fetch_shard` keeps its copy of the remote shard ``url`` (it may not exist yet)."""
+    name = url.rstrip("/").split("/")[-1].split()[-1] or "shard.tar"
+    return shard_cache(cache_dir) / f"{hashlib.sha1(url.encode()).hexdigest()[:16]}-{Path(name).name}"
 
 
 def split_member(name: str) -> tuple[str, str]:
@@ -132,8 +138,20 @@ class ShardIndex:
     keys: list[str]
 
 
-def index_shard(path: Path, image_keys: Sequence[str]) -> tuple[list[int], list[int], list[str]]:
-    """(offsets, sizes, keys) of the samples of one shard, in order; see :class:`ShardIndex`.
+class ShardScan(NamedTuple):
+    """:func:`index_shard`'s answer for one shard: per sample (in order) its image member's offset and size and
+    its key (see :class:`ShardIndex`), and the image members left unread because their sample already had one
+    (``KEY.EXT``: WebDataset gives a sample one member per extension)."""
+
+    offsets: list[int]
+    sizes: list[int]
+    keys: list[str]
+    unread: list[str]
+    probes: str  # 8 bytes from the middle of each image member, in hex: a content check a start can afford
+
+
+def index_shard(path: Path, image_keys: Sequence[str]) -> ShardScan:
+    """The samples of one shard, in order; see :class:`ShardScan`.
 
     Reads only the tar headers (:func:`tar_members`). A member whose data runs past the end of the file keeps
     its place (its read fails later and is counted as a bad sample). A shard that ends without tar's
@@ -144,6 +162,7 @@ def index_shard(path: Path, image_keys: Sequence[str]) -> tuple[list[int], list[
     offsets: list[int] = []
     sizes: list[int] = []
     keys: list[str] = []
+    unread: list[str] = []
     current = None
     try:
         file_size = path.stat().st_size
@@ -157,8 +176,11 @@ def index_shard(path: Path, image_keys: Sequence[str]) -> tuple[list[int], list[
                 offsets.append(_NO_IMAGE)
                 sizes.append(0)
                 keys.append(key)
-            if ext in wanted and offsets[-1] == _NO_IMAGE:
-                offsets[-1], sizes[-1] = offset, size
+            if ext in wanted:
+                if offsets[-1] == _NO_IMAGE:
+                    offsets[-1], sizes[-1] = offset, size
+                else:  # a second image under one key (a duplicate key): said at the start, not read
+                    unread.append(name)
         complete = members.complete
     except OSError as e:
         raise DataError(f"data.shards: cannot read {path} ({e.strerror or e})") from None
@@ -169,7 +191,18 @@ def index_shard(path: Path, image_keys: Sequence[str]) -> tuple[list[int], list[
     for i, (offset, size) in enumerate(zip(offsets, sizes, strict=True)):
         if offset >= 0 and offset + size > file_size:
             sizes[i] = max(file_size - offset, 0)  # truncated: the decode fails and the sample is counted
-    return offsets, sizes, keys
+    return ShardScan(offsets, sizes, keys, unread, _probes(path, offsets, sizes))
+
+
+def _probes(path: Path, offsets: Sequence[int], sizes: Sequence[int]) -> str:
+    """8 bytes from the middle of each image member (hex): two shards whose samples have the same keys and
+    sizes (a set written again in another order, of images of one size) still differ here."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return "".join(os.pread(fd, 8, o + max(s // 2 - 4, 0)).hex().ljust(16, "0") if o >= 0 else "-" * 16
+                       for o, s in zip(offsets, sizes, strict=True))
+    finally:
+        os.close(fd)
 
 
 class tar_members:  # noqa: N801  (used as a function that also reports how the archive ended)
@@ -251,8 +284,7 @@ def _pax_records(data: bytes) -> dict[bytes, bytes]:
     return records
 
 
-def cached_index(path: Path, image_keys: Sequence[str], cache_dir: str | os.PathLike | None
-                 ) -> tuple[list[int], list[int], list[str]]:
+def cached_index(path: Path, image_keys: Sequence[str], cache_dir: str | os.PathLike | None) -> ShardScan:
     """:func:`index_shard`, kept in ``CACHE/index/`` for the next run: keyed by the shard's real path, size and
     modification time and the image keys, so a changed shard is indexed again. Scanning costs about 0.1 ms a
     sample in Python; a cached index loads in a fraction of that."""
@@ -260,16 +292,15 @@ def cached_index(path: Path, image_keys: Sequence[str], cache_dir: str | os.Path
     ident = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{','.join(image_keys)}"
     cached = shard_cache(cache_dir) / "index" / f"{hashlib.sha1(ident.encode()).hexdigest()}.json"
     try:
-        offsets, sizes, keys = json.loads(cached.read_text())
-        return offsets, sizes, keys
-    except (OSError, ValueError):
+        return ShardScan(*json.loads(cached.read_text()))
+    except (OSError, ValueError, TypeError):  # none yet, or an earlier version's (three lists)
         pass
-    offsets, sizes, keys = index_shard(path, image_keys)
+    scan = index_shard(path, image_keys)
     try:
-        atomic_write(cached, lambda f: f.write(json.dumps([offsets, sizes, keys]).encode()), fsync=False)
+        atomic_write(cached, lambda f: f.write(json.dumps(list(scan)).encode()), fsync=False)
     except OSError:  # a read-only cache: index again next time
         pass
-    return offsets, sizes, keys
+    return scan
 
 
 class WebDatasetImages:
@@ -288,18 +319,39 @@ class WebDatasetImages:
     def __init__(self, shards: Sequence[str], image_keys: Sequence[str] = DEFAULT_IMAGE_KEYS,
                  cache_dir: str | os.PathLike | None = None) -> None:
         self.urls = list(shards)
+        self.notes: list[str] = []  # said once when the run starts (msn.train prints them)
+        remote = [url for url in self.urls if is_remote(url)]
+        reused = sum(cached_copy(url, cache_dir).is_file() for url in remote)
+        if reused:  # a changed source would go unnoticed: say that copies are read
+            self.notes.append(
+                f"data.shards: {reused} of the {len(remote)} remote shards are read from the copies fetched earlier "
+                f"into {shard_cache(cache_dir)} (a source changed since is not fetched again: delete them, or pass "
+                "data.shard_cache=ANOTHER_FOLDER, to fetch anew)")
         self.paths = [fetch_shard(url, cache_dir) for url in self.urls]
         parts = [cached_index(path, image_keys, cache_dir) for path in self.paths]
-        counts = [len(offsets) for offsets, _, _ in parts]
+        counts = [len(part.offsets) for part in parts]
         self.index = ShardIndex(
             shard=np.repeat(np.arange(len(parts), dtype=np.int32), counts),
-            offset=np.fromiter((o for p in parts for o in p[0]), dtype=np.int64, count=sum(counts)),
-            size=np.fromiter((s for p in parts for s in p[1]), dtype=np.int64, count=sum(counts)),
-            keys=[k for p in parts for k in p[2]],
+            offset=np.fromiter((o for p in parts for o in p.offsets), dtype=np.int64, count=sum(counts)),
+            size=np.fromiter((s for p in parts for s in p.sizes), dtype=np.int64, count=sum(counts)),
+            keys=[k for p in parts for k in p.keys],
         )
         if not (self.index.offset >= 0).any():
             raise DataError(f"data.shards: the {len(self.urls)} shards hold no readable image (data.image_keys="
                             f"{','.join(image_keys)}); check that they are WebDataset tar files")
+        fingerprints = [fingerprint_of_shard(p.keys, p.offsets, p.sizes, p.probes) for p in parts]
+        self.fingerprint = fingerprint_of_set(fingerprints)  # what a resume compares: the samples and their order
+        local = [i for i, url in enumerate(self.urls) if not is_remote(url)]
+        self.notes += check_shard_set([self.paths[i] for i in local], [fingerprints[i] for i in local],
+                                      [counts[i] for i in local], image_keys)
+        unread = [f"{self.urls[i]}#{name}" for i, p in enumerate(parts) for name in p.unread]
+        if unread:
+            shown = ", ".join(unread[:2]) + (", ..." if len(unread) > 2 else "")
+            self.notes.append(f"data.shards: {len(unread)} image members are not read because their sample already "
+                              f"has an image under the same key ({shown}); WebDataset reads one image per key: give "
+                              "each image its own key")
+        self.image_keys = ",".join(image_keys)
+        self._file_sizes = [path.stat().st_size for path in self.paths]  # a shard replaced later is a stop
         self._fds: dict[int, int] = {}
         self._pid = os.getpid()
 
@@ -313,10 +365,11 @@ class WebDatasetImages:
     def __getitem__(self, index: int) -> Image.Image:
         offset, size = int(self.index.offset[index]), int(self.index.size[index])
         if offset == _NO_IMAGE:
-            raise DataError(f"sample {self.name(index)} has no image member (data.image_keys)")
+            raise BadSample(f"sample {self.name(index)} has no image member (data.image_keys={self.image_keys})",
+                            f"sample without an image member (data.image_keys={self.image_keys})")
         if offset == _CUT:
-            raise DataError(f"{self.urls[int(self.index.shard[index])]} is truncated or damaged after its "
-                            f"{self._position(index)} readable samples")
+            raise BadSample(f"{self.urls[int(self.index.shard[index])]} is truncated or damaged after its "
+                            f"{self._position(index)} readable samples", "rest of a truncated or damaged shard")
         data = os.pread(self._fd(int(self.index.shard[index])), size, offset)
         return decode_rgb(io.BytesIO(data), self.name(index))
 
@@ -332,9 +385,19 @@ class WebDatasetImages:
             if len(self._fds) >= 256:  # many shards: keep the number of open files bounded
                 os.close(self._fds.pop(next(iter(self._fds))))
             try:
-                fd = self._fds[shard] = os.open(self.paths[shard], os.O_RDONLY)
+                fd = os.open(self.paths[shard], os.O_RDONLY)
+            except FileNotFoundError:
+                raise DataGone(f"shard {self.paths[shard]} is gone (removed or moved while the run read it); restore "
+                               "it and run the same command again to continue from the last checkpoint") from None
             except OSError as e:
                 raise DataError(f"cannot open shard {self.paths[shard]}: {e.strerror or e}") from None
+            now = os.fstat(fd).st_size
+            if now != self._file_sizes[shard]:
+                os.close(fd)
+                raise DataGone(f"shard {self.paths[shard]} changed while the run read it ({self._file_sizes[shard]} "
+                               f"bytes when the run started, {now} now); put the set back as it was and run the same "
+                               "command again, or start a new run on the new set")
+            self._fds[shard] = fd
         return fd
 
     def __getstate__(self) -> dict:  # to spawned workers: without descriptors
