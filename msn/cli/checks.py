@@ -53,6 +53,7 @@ class CheckBeforeRun(Callback):
                 if not run_dir.exists():
                     CREATED_RUN_DIRS.add(str(run_dir.resolve()))
                 acquire_run_lock(run_dir)
+                LOCKED_RUN_DIRS.add(str(run_dir))
         except Exception as e:  # ours, omegaconf's for a wrongly typed value, a folder it cannot make, anything
             sys.exit(fail("msn-pretrain", any_error_line(e, "the check before the run failed")))
 
@@ -131,6 +132,7 @@ def task_config(config: DictConfig) -> dict[str, Any]:
 
 
 CREATED_RUN_DIRS: set[str] = set()  # run directories this process created: removed again if the run is refused
+LOCKED_RUN_DIRS: set[str] = set()  # run directories the check locked: released if Hydra fails before the run
 
 
 def check_before_run(cfg: DictConfig, run_dir: Path | None) -> None:

@@ -96,7 +96,7 @@ def yaml_error_line(error: Any) -> str:
 
 def missing_package_header(argv: Sequence[str], shipped: Path = CONFIG_DIR) -> str | None:
     """The one line for an ``experiment=NAME`` file of the user's (``--config-dir DIR``, ``hydra.searchpath``)
-    whose header (its first comment lines) lacks ``# @package _global_``, or None. Without it Hydra puts the
+    whose header (its first ``# @KEY VALUE`` lines) lacks ``# @package _global_``, or None. Without it Hydra puts the
     file's keys under ``experiment.`` and reports something far from the cause (``data@experiment.data is not a
     config group``)."""
     folders, names = [], []
@@ -119,8 +119,9 @@ def missing_package_header(argv: Sequence[str], shipped: Path = CONFIG_DIR) -> s
                 lines = path.read_text(errors="replace").splitlines()
             except OSError:
                 continue
-            comments = itertools.takewhile(lambda line: not line.strip() or line.strip().startswith("#"), lines)
-            if not any(re.fullmatch(r"#\s*@package\s+_global_", line.strip()) for line in comments):
+            # Hydra's header: the first lines that are blank or "# @KEY VALUE"; any other line ends it
+            header = itertools.takewhile(lambda line: not line.strip() or re.match(r"\s*#\s*@", line), lines)
+            if not any(re.fullmatch(r"#\s*@package\s+_global_", line.strip()) for line in header):
                 return (f"{path} does not start with the line '# @package _global_' (an experiment file sets keys "
                         f"of every group, so Hydra needs it); add it as the file's first line")
     return None

@@ -21,7 +21,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from msn.cli.checks import CREATED_RUN_DIRS
+from msn.cli.checks import CREATED_RUN_DIRS, LOCKED_RUN_DIRS
 from msn.cli.errors import error_line, fail, missing_package_header, os_error_line
 from msn.cli.logs import console_logging
 from msn.config import CONFIG_DIR
@@ -115,6 +115,14 @@ def _quote(value: str) -> str:
     return quote + value.replace("\\", "\\\\").replace(quote, "\\" + quote) + quote
 
 
+def _forget_locked_runs() -> None:
+    """Hydra stopped between the check (which locked the run folder) and the run: release the lock, and remove the
+    folder if this command made it (:func:`_forget_refused_run`)."""
+    for run_dir in list(LOCKED_RUN_DIRS):
+        _forget_refused_run(Path(run_dir))
+        release_run_lock(run_dir)
+
+
 def main() -> None:
     """Console entry point ``msn-pretrain``.
 
@@ -135,6 +143,7 @@ def main() -> None:
     typed = sys.argv[1:]
     sys.argv[1:] = quote_brace_ranges(typed)  # Hydra reads sys.argv
     _TASK["started"] = False
+    LOCKED_RUN_DIRS.clear()
     try:
         _hydra_main()
     except (HydraException, OmegaConfBaseException, yaml.YAMLError) as e:
@@ -144,6 +153,7 @@ def main() -> None:
     except OSError as e:  # Hydra cannot make or write the run folder (after the check, before the task)
         if _TASK["started"] or users_setting == "1":
             raise
+        _forget_locked_runs()
         sys.exit(fail("msn-pretrain", os_error_line(e)))
     except KeyboardInterrupt as e:
         signals = sys.modules.get("msn.train.signals")
@@ -151,6 +161,7 @@ def main() -> None:
             sys.exit(fail("msn-pretrain", "stopped at once by a second Ctrl-C; the last checkpoint written is kept, "
                           "and resume=auto continues from it"))
         if not _TASK["started"] or signals is None:  # the default handler's: ours were not installed yet
+            _forget_locked_runs()
             print("msn-pretrain: stopped by Ctrl-C before training started: nothing was trained; run the command "
                   "again to start", file=sys.stderr, flush=True)
             sys.exit(130)  # the shell's code for a command ended by Ctrl-C (128 + SIGINT)
