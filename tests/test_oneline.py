@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,17 +36,20 @@ SMOKE = ["experiment=cpu_smoke", "logger.progress=false"]
 
 
 def pretrain(args: list[str], cwd: Path, monkeypatch, capsys) -> tuple[int, str, str]:
-    """``msn-pretrain ARGS`` in this process, in ``cwd``: (exit code, stdout, stderr)."""
+    """``msn-pretrain ARGS`` in this process, in ``cwd``: (exit code, stdout, stderr); a warning (Hydra's for a
+    callback that raised) is printed on stderr, as a real process would."""
     monkeypatch.chdir(cwd)
     monkeypatch.setattr(sys, "argv", ["msn-pretrain", *args])
     capsys.readouterr()
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            main()
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
     out, err = capsys.readouterr()
-    return code, out, err
+    return code, out, err + "".join(f"{w.category.__name__}: {w.message}\n" for w in caught)
 
 
 def one_line(code: int, err: str, *words: str) -> str:
