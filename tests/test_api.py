@@ -108,6 +108,6 @@ def test_compose_config_inside_an_application_of_the_callers_own_hydra(tmp_path)
     (tmp_path / "app.yaml").write_text("mine: 1\n")
     with initialize_config_dir(config_dir=str(tmp_path), version_base="1.3"):
         cfg = msn.compose_config(["experiment=cpu_smoke", "optim.lr=0.01"])
-        assert cfg.run_dir == "outputs/cpu_smoke,optim.lr=0.01" and cfg.optim.lr == 0.01
+        assert cfg.run_dir == "outputs/cpu_smoke_optim.lr-0.01" and cfg.optim.lr == 0.01
         assert GlobalHydra.instance().is_initialized()
         assert compose("app").mine == 1  # the caller's config folder, still in place

@@ -57,7 +57,7 @@ def test_the_python_api_section_runs_as_written(tmp_path, monkeypatch, capsys, c
         out = capsys.readouterr().out
         if "msn.train(" in source:
             assert "torch.Size([24, 128])" in out  # the 24 images' features
-            assert "outputs/cpu_smoke,optim.lr=5e-4" in out
+            assert "outputs/cpu_smoke_optim.lr-5e-4" in out
             assert any(r.getMessage().startswith("run complete:") for r in caplog.records)
         if "Trainer(" in source:
             assert "eval_loss" in out

@@ -131,11 +131,11 @@ def test_a_metrics_file_with_a_second_header_never_stops_a_resume(tmp_path):
 def test_run_folder_names_are_short_unique_and_stable():
     assert run_directory("o", None, "data.root=/x/猫", None) != run_directory("o", None, "data.root=/x/犬", None)
     short = run_directory("o", None, "data.root=/tmp/newcomer/myjpegs,data=folder", None)
-    assert short.startswith("o/data.root=myjpegs-") and short.endswith(",data=folder")
+    assert short.startswith("o/data.root-myjpegs-") and short.endswith("_data-folder")
     assert run_directory("o", None, "data.root=/a/images", None) != run_directory("o", None, "data.root=/b/images",
                                                                                 None)
-    assert run_directory("o", None, "optim.lr=1,optim.lr=2", None) == "o/optim.lr=2"  # Hydra takes the last
-    assert run_directory("o", None, "experiment=cpu_smoke,optim.lr=0.001", None) == "o/cpu_smoke,optim.lr=0.001"
+    assert run_directory("o", None, "optim.lr=1,optim.lr=2", None) == "o/optim.lr-2"  # Hydra takes the last
+    assert run_directory("o", None, "experiment=cpu_smoke,optim.lr=0.001", None) == "o/cpu_smoke_optim.lr-0.001"
 
 
 def test_run_folders_have_one_name_only(tmp_path):
@@ -143,7 +143,7 @@ def test_run_folders_have_one_name_only(tmp_path):
     not picked up; the run's folder is its short, unique name."""
     (tmp_path / "data.root=_tmp_newcomer_myjpegs").mkdir()
     named = run_directory(str(tmp_path), None, "data.root=/tmp/newcomer/myjpegs", None)
-    assert Path(named).name.startswith("data.root=myjpegs-") and not Path(named).exists()
+    assert Path(named).name.startswith("data.root-myjpegs-") and not Path(named).exists()
 
 
 def _jpegs(folder: Path, count: int, first: int = 0) -> Path:
@@ -160,11 +160,11 @@ def test_keys_under_a_node_that_names_no_run_do_not_name_it_either():
     from msn.utils.compose import compose_config as compose_run
 
     plain = compose_run(["experiment=cpu_smoke", "optim.lr=0.01"]).run_dir
-    assert plain == "outputs/cpu_smoke,optim.lr=0.01"
+    assert plain == "outputs/cpu_smoke_optim.lr-0.01"
     assert compose_run(["experiment=cpu_smoke", "optim.lr=0.01", "+monitor.options.k=10"]).run_dir == plain
     assert compose_run(["experiment=cpu_smoke", "optim.lr=0.01", "monitor.options={k:10}"]).run_dir == plain
     assert run_directory("out", None, "+monitor.options.k=10,optim.lr=0.01", None, ["monitor.options"]) == \
-        "out/optim.lr=0.01"
+        "out/optim.lr-0.01"
 
 
 def test_an_earlier_checkpoint_of_a_bundled_set_resumes_without_a_moved_data_note(tmp_path, caplog):

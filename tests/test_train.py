@@ -519,7 +519,7 @@ def test_the_same_command_continues_a_stopped_run_in_its_directory(tmp_path):
 
     cmd = ["msn-pretrain", "experiment=cpu_smoke", "logger.progress=false", "optim.max_steps=null",
            "optim.epochs=6", "checkpoint.every_steps=0", "checkpoint.last_every_steps=0"]
-    run_dir = tmp_path / "outputs" / "cpu_smoke,optim.epochs=6,optim.max_steps=null"  # checkpoint.* do not name it
+    run_dir = tmp_path / "outputs" / "cpu_smoke_optim.epochs-6_optim.max_steps-null"  # checkpoint.* do not name it
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and (not (run_dir / "metrics.csv").is_file() or len(metrics_rows(run_dir)) < 2):

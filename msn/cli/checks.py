@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from msn.cli.errors import error_line, fail
+from msn.cli.errors import any_error_line, fail
 from msn.config import to_schema
 from msn.data.registry import check_source
 from msn.errors import ConfigError, MSNError
@@ -30,13 +31,16 @@ class CheckBeforeRun(Callback):
     Hydra saves ``.hydra/`` in the run directory before the job starts; a run that is going to be refused
     must leave the folder as it was (or leave none). Checked here: the config, the data paths, the device and
     precision, ``init_from`` and the monitor's dataset, a folder that holds someone else's files, ``resume=null``
-    over an earlier run, and a run that another process trains (whose lock this process then holds for the
-    run's life). A multirun checks every job's values before the first job starts. Prints one line, exit 1.
+    over an earlier run, a key given twice, and a run that another process trains (whose lock this process then
+    holds for the run's life). A multirun checks every job's values before the first job starts. Prints one line,
+    exit 1, whatever goes wrong here: Hydra would turn any other exception of a callback into a warning and run
+    the job anyway.
     """
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         HydraConfig.instance().set_config(config)  # what Hydra does first thing in run_job: ${hydra:...} resolves
         try:
+            check_overrides_once(config.hydra.overrides.task)
             cfg = to_schema(task_config(config))
             run_dir = Path(str(OmegaConf.select(config, "hydra.run.dir")))
             check_before_run(cfg, run_dir)
@@ -49,8 +53,9 @@ class CheckBeforeRun(Callback):
                 if not run_dir.exists():
                     CREATED_RUN_DIRS.add(str(run_dir.resolve()))
                 acquire_run_lock(run_dir)
-        except (MSNError, ValueError) as e:  # ours, and omegaconf's ValidationError for a wrongly typed value
-            sys.exit(fail("msn-pretrain", e))
+                LOCKED_RUN_DIRS.add(str(run_dir))
+        except Exception as e:  # ours, omegaconf's for a wrongly typed value, a folder it cannot make, anything
+            sys.exit(fail("msn-pretrain", any_error_line(e, "the check before the run failed")))
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         """Every job's values, before the first job runs (a sweep must not fail at its last job)."""
@@ -58,13 +63,52 @@ class CheckBeforeRun(Callback):
 
         params = OmegaConf.select(config, "hydra.sweeper.params") or {}
         swept = [f"{key}={value}" for key, value in params.items()]  # a sweep config's grid (sweep=lr_mask)
+        try:
+            check_overrides_once(config.hydra.overrides.task)
+        except MSNError as e:
+            sys.exit(fail("msn-pretrain", f"{e}; no job was run"))
         for number, job in enumerate(sweep_jobs([*swept, *config.hydra.overrides.task])):
             try:
                 cfg = compose("config", overrides=[*job, "run_dir=."])
                 check_before_run(to_schema(task_config(cfg)), None)
-            except (MSNError, ValueError) as e:
-                sys.exit(fail("msn-pretrain", f"job {number} of the sweep ({' '.join(job)}): {error_line(e)}; no job "
-                              "was run"))
+            except Exception as e:  # one line, never Hydra's warning and a sweep that runs anyway
+                line = any_error_line(e, "its check failed")
+                sys.exit(fail("msn-pretrain", f"job {number} of the sweep ({' '.join(job)}): {line}; no job was run"))
+
+
+def check_overrides_once(overrides: Sequence[str]) -> None:
+    """Refuse a key given twice on one command line (``data.batch_size=4 data.batch_size=8``): Hydra would take
+    the last value silently. A :class:`ConfigError` naming the key and both values, or the brace pattern the
+    shell expanded into many (``data.shards=/x/{0..9}.tar`` unquoted). (A library caller's list of overrides,
+    :func:`msn.utils.compose.compose_config`, keeps Hydra's rule: a base list plus changes.)"""
+    given: dict[str, list[str]] = {}
+    for override in overrides:
+        given.setdefault(override.split("=", 1)[0].lstrip("+~").strip(), []).append(override)
+    for key, values in given.items():
+        if len(values) < 2:
+            continue
+        pattern = _brace_range_of([v.split("=", 1)[-1] for v in values]) if len(values) > 2 else None
+        if pattern is not None:
+            raise ConfigError(f"{key} is given {len(values)} times ({values[0]} ... {values[-1]}): the shell expanded "
+                              f"a brace pattern; quote it: '{key}={pattern}'")
+        times = "twice" if len(values) == 2 else f"{len(values)} times"
+        raise ConfigError(f"{key} is given {times} ({values[0]} and {values[-1]}); give it once")
+
+
+def _brace_range_of(values: list[str]) -> str | None:
+    """The brace range a shell expanded into ``values`` (``a-0.tar``, ``a-1.tar`` -> ``a-{0..1}.tar``), or None."""
+    import os.path
+    import re
+
+    prefix = os.path.commonprefix(values)
+    prefix = prefix.rstrip("0123456789")
+    suffix = os.path.commonprefix([v[len(prefix):][::-1] for v in values])[::-1].lstrip("0123456789")
+    middles = [v[len(prefix):len(v) - len(suffix)] for v in values]
+    if not all(re.fullmatch(r"\d+", m) for m in middles):
+        return None
+    if [int(m) for m in middles] != list(range(int(middles[0]), int(middles[0]) + len(middles))):
+        return None
+    return f"{prefix}{{{middles[0]}..{middles[-1]}}}{suffix}"
 
 
 def sweep_jobs(overrides: list[str]) -> list[list[str]]:
@@ -88,6 +132,7 @@ def task_config(config: DictConfig) -> dict[str, Any]:
 
 
 CREATED_RUN_DIRS: set[str] = set()  # run directories this process created: removed again if the run is refused
+LOCKED_RUN_DIRS: set[str] = set()  # run directories the check locked: released if Hydra fails before the run
 
 
 def check_before_run(cfg: DictConfig, run_dir: Path | None) -> None:

@@ -13,6 +13,12 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
+class SecondCtrlC(KeyboardInterrupt):
+    """A second Ctrl-C while a run stops after its step: stop at once. Told apart from Python's own
+    KeyboardInterrupt (a Ctrl-C before the handlers were installed: nothing was trained yet), so that the
+    command says which of the two stopped it."""
+
+
 class StopRequest:
     """Turns preemption and time-limit signals into flags the loop checks after each step.
 
@@ -23,7 +29,7 @@ class StopRequest:
     written (:meth:`forward`): that is how a submitit job requeues itself and then resumes.
 
     SIGINT (Ctrl-C) is the same for the first press: finish the step, write ``last.pt``, exit 0. A
-    second press stops at once (KeyboardInterrupt), keeping only what was already saved.
+    second press stops at once (:class:`SecondCtrlC`, a KeyboardInterrupt), keeping only what was already saved.
     """
 
     SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")
@@ -50,7 +56,7 @@ class StopRequest:
             return
         if number == signal.SIGINT and self.signal is not None:  # a second Ctrl-C: stop now
             signal.signal(signal.SIGINT, signal.default_int_handler)
-            raise KeyboardInterrupt
+            raise SecondCtrlC
         if number == signal.SIGINT:
             log.warning("\nCtrl-C: stopping after this step with a checkpoint (press again to stop at once)")
         self.signal, self._received = signal.Signals(number).name, number

@@ -28,7 +28,7 @@ def compose_config(overrides: list[str] | tuple[str, ...] = (), *, run_dir: str 
     """The validated msn-pretrain config for ``overrides`` (``["experiment=cpu_smoke", "optim.lr=5e-4"]``).
 
     ``run_dir``: where the run writes; None: the folder ``msn-pretrain OVERRIDES`` would use
-    (``outputs/cpu_smoke,optim.lr=5e-4``: the overrides as typed, relative to the current folder), so that a run
+    (``outputs/cpu_smoke_optim.lr-5e-4``: named after the overrides, relative to the current folder), so that a run
     started from Python and from the command line continue each other. ``placeholder_root``: a folder dataset
     without ``data.root`` gets ``.`` (for tools that read no images). A bad override is Hydra's or omegaconf's
     exception; a bad value a :class:`~msn.errors.ConfigError`. Hydra's global state (an application of the

@@ -27,27 +27,90 @@ def start_time(pattern: str) -> str:
     return (datetime.fromisoformat(stamp) if stamp else datetime.now()).strftime(pattern)
 
 
+# The characters of a run folder's name: none that a shell or Hydra's override grammar would make a user quote
+# (``=``, ``,``, spaces, quotes, braces, ``*``, ``$``), so that ``resume=outputs/NAME`` and ``cd outputs/NAME`` are
+# typed as printed.
+_NAME_CHARS = r"A-Za-z0-9._+@-"
+NAME_LIMIT = 100  # characters of a generated name; longer ones drop whole items and end with a hash
+
+
 def run_directory(root: str, run_name: str | None, overrides: str | None, resume: str | None,
                   excluded: Sequence[str] = ()) -> str:
     """``hydra.run.dir``: one stable folder per run, so that the same command continues the same run.
 
     ``resume=RUN_DIR`` (or a checkpoint under ``RUN_DIR/checkpoints/``) continues in RUN_DIR. Otherwise
-    the folder is ``ROOT/RUN_NAME``, where the name is ``run_name`` or, by default, Hydra's
+    the folder is ``ROOT/RUN_NAME``, where the name is ``run_name`` or, by default, built from Hydra's
     ``override_dirname``: the command line's overrides that change the result (msn/configs/config.yaml lists
-    those that do not, such as ``resume``, ``device`` or ``logger.*``), ``experiment=`` left out, for
-    example ``outputs/cpu_smoke,optim.lr=1e-3``; ``outputs/default`` without any. ``excluded``: the keys that do
-    not name a run (Hydra's ``exclude_keys``, which leaves out the keys themselves), whose sub-keys
-    (``+monitor.options.k=10``) are left out here.
+    those that do not, such as ``resume``, ``device`` or ``logger.*``), the experiment's name first, then
+    ``key-value`` items joined by ``_``, for example ``outputs/cpu_smoke_optim.lr-1e-3``; ``outputs/default``
+    without any (:func:`overrides_name`). ``excluded``: the keys that do not name a run (Hydra's
+    ``exclude_keys``, which leaves out the keys themselves), whose sub-keys (``+monitor.options.k=10``) are left
+    out here. A run started before names took this form (``outputs/cpu_smoke,optim.lr=1e-3``) is continued in
+    its folder by the same command.
     """
     if resume not in (None, "auto") and (resumed := run_dir_of(str(resume))) is not None:
         return str(resumed)
     if run_name:
         return str(Path(root) / run_folder_name(str(run_name)))
-    pairs = dict(_override_pairs(overrides or ""))  # a key given twice: its last value, as Hydra takes it
-    pairs = {key: value for key, value in pairs.items()
-             if not any(key.lstrip("+~").startswith(f"{node}.") for node in excluded)}
-    parts = [value if key == "experiment" else f"{key}={_short_value(value)}" for key, value in pairs.items()]
-    return str(Path(root) / (run_folder_name(",".join(parts)) or "default"))
+    pairs = [(key, value) for key, value in _override_pairs(overrides or "")
+             if not any(key.lstrip("+~").startswith(f"{node}.") for node in excluded)]
+    folder = Path(root) / overrides_name(pairs)
+    earlier = Path(root) / _comma_name(pairs)  # the name such a run had before (cheap to keep continuing it)
+    return str(earlier if not folder.exists() and earlier.is_dir() else folder)
+
+
+def overrides_name(pairs: Sequence[tuple[str, str]]) -> str:
+    """The folder name of a run with these (key, value) overrides: the experiment's name, then ``key-value``
+    items (``optim.lr-1e-3``, a path's last part with a hash: ``data.root-train-1a2b3c``), joined by ``_``.
+
+    Only :data:`_NAME_CHARS`; a name over :data:`NAME_LIMIT` characters keeps its first whole items and ends
+    with ``_N-more-HASH`` (a hash of every override), so that no value is ever shown cut (``max_steps-3`` for
+    ``max_steps=30``) and two runs never share a folder."""
+    pairs = dict(pairs)  # a key given twice (refused by msn-pretrain; a library caller's): the last value, as Hydra
+    items = [_name_value(value) if key == "experiment" else f"{_name_key(key)}-{_name_value(value)}"
+             for key, value in sorted(pairs.items(), key=lambda kv: kv[0] != "experiment")]
+    name = "_".join(items)
+    if len(name) <= NAME_LIMIT:
+        return name or "default"
+    digest = hashlib.sha1(repr(sorted(pairs.items())).encode()).hexdigest()[:8]
+    for kept in range(len(items) - 1, -1, -1):
+        tail = f"{len(items) - kept}-more-{digest}"
+        name = "_".join([*items[:kept], tail])
+        if len(name) <= NAME_LIMIT:
+            return name
+    return tail  # unreachable: the tail alone fits
+
+
+def _name_key(key: str) -> str:
+    """``+monitor.options.k`` -> ``monitor.options.k``; ``~key`` (delete) -> ``del-key``."""
+    if key.startswith("~"):
+        return "del-" + key.lstrip("~")
+    return key.lstrip("+")
+
+
+def _name_value(value: str) -> str:
+    """A value as a name part: a path's last part with a hash of the whole path (``/data/x/train`` ->
+    ``train-1a2b3c``: two paths ending alike name two folders), a list's items joined by ``-`` (``[0.9,0.95]`` ->
+    ``0.9-0.95``); any other character outside :data:`_NAME_CHARS` is replaced, and a hash added, so that two
+    values (``猫`` and ``犬``) name two folders."""
+    path = "/" in value
+    shown = (value.rstrip("/").rsplit("/", 1)[-1] or "root") if path else value
+    plain = re.sub(r"[\s,]+", "-", re.sub(r"[\[\]{}()]", "", shown)).strip("-")
+    cleaned = re.sub(f"[^{_NAME_CHARS}]+", "-", plain).strip("-")
+    if path or cleaned != plain or not cleaned:
+        cleaned = f"{cleaned}-{hashlib.sha1(value.encode()).hexdigest()[:6]}".lstrip("-")
+    return cleaned
+
+
+def _comma_name(pairs: Sequence[tuple[str, str]]) -> str:
+    """A run folder's name before :func:`overrides_name` (``cpu_smoke,optim.lr=1e-3``), so that the same command
+    continues a run started then."""
+    parts = [value if key == "experiment" else f"{key}={_short_value(value)}" for key, value in dict(pairs).items()]
+    name = ",".join(parts)
+    cleaned = safe_name(name)
+    if cleaned != name:
+        cleaned = safe_name(f"{cleaned}-{hashlib.sha1(name.encode()).hexdigest()[:8]}")
+    return cleaned or "default"
 
 
 def _override_pairs(overrides: str) -> list[tuple[str, str]]:
@@ -67,9 +130,10 @@ def _short_value(value: str) -> str:
 
 
 def run_folder_name(name: str) -> str:
-    """:func:`safe_name`, unique: when characters had to be replaced (``/``, spaces, non-ASCII letters), a hash
-    of the original keeps two different values (``猫`` and ``犬``) from naming one folder."""
-    cleaned = safe_name(name)
-    if cleaned == name:
+    """``run_name=NAME`` as a folder name: characters outside :data:`_NAME_CHARS` (``/``, spaces, ``=``, non-ASCII
+    letters) replaced, with a hash of the original when any was, so that ``猫`` and ``犬`` name two folders."""
+    cleaned = re.sub(f"[^{_NAME_CHARS}]", "_", name).strip("._")
+    if cleaned == name and len(name) <= NAME_LIMIT:
         return cleaned
-    return safe_name(f"{cleaned}-{hashlib.sha1(name.encode()).hexdigest()[:8]}")
+    digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+    return f"{cleaned[:NAME_LIMIT - 9]}-{digest}".lstrip("-")

@@ -44,9 +44,10 @@ def _offline_message(path: str) -> str:
             "download the dataset once elsewhere (save_to_disk) and pass its folder")
 
 
-def check_hf_source(path: str) -> None:
+def check_hf_source(path: str, split: str = "train", image_key: str = "image") -> None:
     """The cheap part of :func:`load_hf_split`'s checks (before a run directory is made): the package is
-    installed, and a local path exists."""
+    installed, a local path exists, its parquet files can be read (their footers: a truncated download is named
+    here, not after seconds of start-up), and the image column holds images, not file paths."""
     import importlib.util
 
     if importlib.util.find_spec("datasets") is None:
@@ -57,6 +58,41 @@ def check_hf_source(path: str) -> None:
                         "save_to_disk folder, a folder of parquet or arrow files, or a hub id")
     if not local.is_dir() and _offline():
         raise DataError(_offline_message(path))
+    if local.is_dir():
+        _check_local_columns(path, local, split, image_key)
+
+
+def _check_local_columns(path: str, folder: Path, split: str, image_key: str) -> None:
+    """Read the schema of every parquet file under ``folder`` and a save_to_disk folder's ``dataset_info.json``:
+    a damaged file, or an image column of strings, is one :class:`DataError`."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for info in (folder / "dataset_info.json", folder / split / "dataset_info.json"):
+        try:
+            feature = json.loads(info.read_text()).get("features", {}).get(image_key)
+        except (OSError, ValueError, AttributeError):
+            continue  # absent, or not ours to judge: the datasets package reads it and says
+        if isinstance(feature, dict) and feature.get("dtype") in ("string", "large_string"):
+            raise DataError(paths_column_message(path, image_key))
+    for file in sorted(folder.rglob("*.parquet")):
+        try:
+            schema = pq.read_schema(file)
+        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+            raise DataError(f"{file} is not a readable parquet file ({str(e).splitlines()[0]}); download or write it "
+                            "again, or move it out of data.path") from None
+        kind = schema.field(image_key).type if image_key in schema.names else None
+        if kind is not None and (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise DataError(paths_column_message(path, image_key))
+
+
+def paths_column_message(path: str, image_key: str) -> str:
+    """What to do when the image column holds strings (file paths, as a table of paths and labels has)."""
+    return (f"data.path={path}: column {image_key} holds strings (file paths?), not images; store it as an image "
+            f"column (ds = ds.cast_column('{image_key}', datasets.Image()); ds.save_to_disk(DIR), then "
+            "data.path=DIR), or train on the image files with data=folder data.root=DIR")
 
 
 def load_hf_split(path: str, split: str) -> Any:
@@ -107,7 +143,10 @@ class HFImages:
         if image_key not in table.column_names:
             raise DataError(f"data.image_key={image_key}: {path} [{split}] has the columns "
                             f"{', '.join(table.column_names)}; pass data.image_key=COLUMN")
-        if isinstance(table.features[image_key], datasets.Image):
+        feature = table.features[image_key]
+        if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string"):
+            raise DataError(paths_column_message(str(path), image_key))  # a hub dataset's (local ones: the check)
+        if isinstance(feature, datasets.Image):
             table = table.cast_column(image_key, datasets.Image(decode=False))  # we decode, as for files
         self.table = table.select_columns([image_key])
         self.path, self.split, self.image_key = str(path), split, image_key
@@ -143,7 +182,7 @@ class HFSource(Source):
 
     def check(self, cfg: DataConfig | DictConfig) -> None:
         check_hf_source(require(cfg, "path", "data.path=/path/to/saved_dataset (save_to_disk), a folder of parquet "
-                                "/ arrow files, or a hub id"))
+                                "/ arrow files, or a hub id"), cfg.split, cfg.image_key)
 
     def build(self, cfg: DataConfig | DictConfig) -> HFImages:
         return HFImages(cfg.path, cfg.split, cfg.image_key)
