@@ -107,4 +107,5 @@ def test_the_model_card_of_a_capped_run_says_what_was_done(capped_run, tmp_path)
            "4 steps |" in card
     alone = tmp_path / "last.pt"  # away from its run folder: no run.json tells the epoch's length
     shutil.copy(run / "checkpoints" / "last.pt", alone)
-    assert "| steps / epochs | 3 steps (optim.max_steps 3, optim.epochs 2) |" in model_card(read_source(alone), "target")
+    card = model_card(read_source(alone), "target")
+    assert "| steps / epochs | 3 steps (optim.max_steps 3, optim.epochs 2) |" in card

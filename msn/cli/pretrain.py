@@ -22,7 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 from msn.cli.checks import CREATED_RUN_DIRS
 from msn.cli.errors import explain_hydra_error, fail
 from msn.cli.logs import console_logging
-from msn.cli.sweep import record_failed_job
+from msn.cli.sweep_jobs import record_failed_job
 from msn.config import CONFIG_DIR
 from msn.errors import MSNError
 from msn.utils.compose import register_configs

@@ -6,14 +6,15 @@ and ``SWEEP_DIR/summary.json``; ``python -m msn.sweep SWEEP_DIR`` rebuilds them 
 failed or cancelled job, or after ``msn-eval ... RUN_DIR`` wrote its ``RUN_DIR/eval_*.json`` results).
 
 A job that fails (a diverging lr, a data error: any error msn-pretrain answers with one line) is recorded in
-``JOB_DIR/failure.json`` with that line (:func:`record_failed_job`) and the sweep goes on to its next job; at the
-end the summary's table is printed, and a sweep with failed jobs says how many and exits with code 1.
+``JOB_DIR/failure.json`` with that line (:func:`msn.cli.sweep_jobs.record_failed_job`) and the sweep goes on to
+its next job; at the end the summary's table is printed, and a sweep with failed jobs says how many and exits
+with code 1.
 
 Per job: its number and directory, each override (``key=value`` as typed), ``status`` (finished,
-stopped, failed, or no metrics), ``reason`` (why a failed job stopped), and from the last row of its ``metrics.csv`` the step, the loss and every term and
-diagnostic the loss logged (ce, me_max, entropy, distinct_prototypes, ... and terms of your own), and the last
-``monitor`` accuracy; then ``eval/<protocol>/<setting>`` means from every msn-eval report found in the job
-directory.
+stopped, failed, or no metrics), ``reason`` (why a failed job stopped), and from the last row of its
+``metrics.csv`` the step, the loss and every term and diagnostic the loss logged (ce, me_max, entropy,
+distinct_prototypes, ... and terms of your own), and the last ``monitor`` accuracy; then
+``eval/<protocol>/<setting>`` means from every msn-eval report found in the job directory.
 """
 
 from __future__ import annotations
@@ -29,29 +30,10 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from msn.cli.errors import error_line, fail
+from msn.cli.errors import fail
+from msn.cli.sweep_jobs import job_failure
 from msn.utils.launcher import process_info
 from msn.utils.rundir import loss_columns
-
-
-FAILURE_FILE = "failure.json"  # JOB_DIR/failure.json: {"reason": the one line msn-pretrain printed}
-IN_PROCESS_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"  # jobs one after another, here
-
-
-def record_failed_job(run_dir: Path, error: BaseException) -> bool:
-    """Record a job of a multirun that failed with ``error`` in ``run_dir/failure.json``; True when the sweep
-    runs its jobs in this process (Hydra's basic launcher), which must then go on to its next job rather than
-    exit; False (nothing recorded) outside a multirun. A SLURM or submitit job is recorded too, and still ends
-    with exit code 1: that is how its launcher learns of the failure."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
-        return False
-    info = process_info()
-    if info is None or info.rank == 0:
-        (run_dir / FAILURE_FILE).write_text(json.dumps({"reason": error_line(error)}, indent=2) + "\n")
-    return str(HydraConfig.get().launcher.get("_target_")) == IN_PROCESS_LAUNCHER
 
 
 def _job_dirs(sweep_dir: Path) -> list[Path]:
@@ -75,7 +57,7 @@ def _total_steps(job: Path) -> int | None:
 def summarize_job(job: Path) -> dict[str, Any]:
     """One summary row for the run directory ``job``."""
     row: dict[str, Any] = {"job": job.name, "dir": str(job), **_overrides(job)}
-    failure = _failure(job)
+    failure = job_failure(job)
     rows: list[dict[str, str]] = []
     header: list[str] = []
     if (job / "metrics.csv").is_file():
@@ -108,14 +90,6 @@ def summarize_job(job: Path) -> dict[str, Any]:
             for setting, result in content["results"].items():
                 row[f"eval/{content['protocol']}/{setting}"] = result["mean"]
     return row
-
-
-def _failure(job: Path) -> str | None:
-    """Why the job failed (:func:`record_failed_job`), or None."""
-    try:
-        return str(json.loads((job / FAILURE_FILE).read_text())["reason"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 def summary_table(rows: list[dict[str, Any]]) -> str:
