@@ -266,11 +266,12 @@ def _warmup_note(cfg: DictConfig, data: TrainingData) -> str | None:
     warmup = int(cfg.optim.warmup_epochs * data.steps_per_epoch)
     if cfg.optim.warmup_epochs <= 0 or warmup < data.total_steps:
         return None
-    cap = f"optim.max_steps={cfg.optim.max_steps}" if cfg.optim.max_steps is not None else "optim.epochs"
+    capped = cfg.optim.max_steps is not None
+    cap = f"optim.max_steps={cfg.optim.max_steps}" if capped else f"optim.epochs={cfg.optim.epochs}"
     return (f"the run ends inside its learning-rate warm-up: {data.total_steps} steps ({cap}) against "
             f"{warmup} warm-up steps (optim.warmup_epochs={cfg.optim.warmup_epochs:g} x {data.steps_per_epoch}), so "
             f"the warm-up is shortened to the run: lr rises to optim.lr={cfg.optim.lr:g} at the last step and "
-            "never decays; lower optim.warmup_epochs or raise optim.max_steps for a whole schedule")
+            f"never decays; lower optim.warmup_epochs or raise {cap.split('=')[0]} for a whole schedule")
 
 
 def _eval_suggestion(run_dir: Path, cfg: DictConfig) -> str:
@@ -279,8 +280,9 @@ def _eval_suggestion(run_dir: Path, cfg: DictConfig) -> str:
     name, monitored = cfg.data.name, str(cfg.monitor.dataset)
     if name == "digits":
         return f"msn-eval lowshot {run_dir}               # low-shot accuracy on digits, the data it trained on"
-    if name == "fashion_mnist":
-        return (f"msn-eval lowshot {run_dir} --dataset fashion_mnist --crop-pct 1   # low-shot accuracy on "
+    if name == "fashion_mnist":  # msn-eval reads the idx files of a data.root as it reads Debian's copy
+        where = cfg.data.get("root") or "fashion_mnist"
+        return (f"msn-eval lowshot {run_dir} --dataset {where} --crop-pct 1   # low-shot accuracy on "
                 "Fashion-MNIST's test split, the data it trained on")
     if monitored != "digits":  # the user already named a labelled set for this run
         return f"msn-eval lowshot {run_dir} --dataset {monitored}   # low-shot accuracy on monitor.dataset"

@@ -104,12 +104,13 @@ class RunReport:
         self.tic, self.last_logged = time.perf_counter(), step
         return metrics
 
-    def seconds_per_step(self, step: int, now: float) -> float:
+    def seconds_per_step(self, step: int, now: float) -> float | None:
         """The run's mean time a step since its first step (start-up, compilation and the loader's first batches
-        left out, so that the ETA does not start far too high); the first step's own time until there is more."""
+        left out, so that the ETA does not start far too high); None at the first step, which has only its
+        start-up to go by (its own line says how long that took)."""
         done = step - self.start_step - 1
         if self.first_step_done is None or done < 1:
-            return (now - self.tic) / max(step - self.last_logged, 1)
+            return None
         return (now - self.first_step_done) / done
 
     def write(self, line: str) -> None:
