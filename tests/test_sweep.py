@@ -14,32 +14,46 @@ from msn.utils.compose import register_configs
 from tests.conftest import metrics_rows
 
 
-def test_two_by_two_sweep_writes_four_runs_and_a_summary(tmp_path):
+def test_two_by_two_sweep_writes_four_runs_and_a_summary_and_goes_on_past_failed_jobs(tmp_path):
+    # jobs 0 and 1 (optim.lr=1e30) diverge at step 2: the sweep records them and runs the jobs after them
     sweep = tmp_path / "sweep"
-    cmd = ["msn-pretrain", "-m", "optim.lr=5e-4,1e-3", "masking.ratio=0.15,0.3", "experiment=cpu_smoke",
+    cmd = ["msn-pretrain", "-m", "optim.lr=1e30,1e-3", "masking.ratio=0.15,0.3", "experiment=cpu_smoke",
            "optim.max_steps=2", "logger.progress=false", f"hydra.sweep.dir={sweep}"]
     result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.stderr.rstrip().splitlines()[-1] == (
+        f"msn-pretrain: error: 2 of 4 jobs of the sweep failed (jobs 0, 1: the reasons are above and in "
+        f"{sweep / 'summary.csv'}); the other jobs ran")
     runs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
     assert runs == ["0", "1", "2", "3"]
     grid = set()
-    for name in runs:  # each run has its own config, metrics and checkpoints
+    for name in runs:  # each run has its own config, metrics and checkpoints (a failed one: none)
         cfg = yaml.safe_load((sweep / name / "config.yaml").read_text())
         grid.add((cfg["optim"]["lr"], cfg["masking"]["ratio"]))
-        assert (sweep / name / "checkpoints" / "last.pt").is_file()
-        assert int(metrics_rows(sweep / name)[-1]["step"]) == 2
-    assert grid == {(5e-4, 0.15), (5e-4, 0.3), (1e-3, 0.15), (1e-3, 0.3)}
+        assert (sweep / name / "checkpoints" / "last.pt").is_file() is (name in ("2", "3"))
+        assert int(metrics_rows(sweep / name)[-1]["step"]) == (2 if name in ("2", "3") else 1)
+    assert grid == {(1e30, 0.15), (1e30, 0.3), (1e-3, 0.15), (1e-3, 0.3)}
 
     with (sweep / "summary.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert rows == [{k: str(v) for k, v in r.items()} for r in json.loads((sweep / "summary.json").read_text())]
+    assert rows == [{k: str(r.get(k, "")) for k in rows[0]} for r in json.loads((sweep / "summary.json").read_text())]
     assert [r["job"] for r in rows] == runs
-    for row in rows:
+    for row in rows[:2]:
+        assert row["status"] == "failed" and row["reason"].startswith("the loss or the encoder's gradient became "
+                                                                      "non-finite at step 2")
+    for row in rows[2:]:
         cfg = yaml.safe_load((sweep / row["job"] / "config.yaml").read_text())
         assert float(row["optim.lr"]) == cfg["optim"]["lr"] and float(row["masking.ratio"]) == cfg["masking"]["ratio"]
         assert float(row["final_loss"]) == pytest.approx(float(metrics_rows(sweep / row["job"])[-1]["loss"]))
-        assert row["status"] == "finished" and row["final_step"] == "2"
-    assert len({r["final_loss"] for r in rows}) == 4  # the overrides took effect
+        assert row["status"] == "finished" and row["final_step"] == "2" and row["reason"] == ""
+    assert len({r["final_loss"] for r in rows[2:]}) == 2  # the overrides took effect
+    # the table on the console: the overrides that differ, status, the final step and loss; the reasons below
+    table = result.stdout[result.stdout.index("every job: "):].splitlines()
+    assert table[0] == "every job: experiment=cpu_smoke optim.max_steps=2 logger.progress=False"
+    assert table[1].split() == ["job", "optim.lr", "masking.ratio", "status", "final_step", "final_loss"]
+    assert table[2].split()[:4] == ["0", "1e+30", "0.15", "failed"]
+    assert table[4].split() == ["2", "0.001", "0.15", "finished", "2", f"{float(rows[2]['final_loss']):.4g}"]
+    assert table[6].startswith("job 0 failed: the loss or the encoder's gradient became non-finite")
 
 
 def test_summary_rebuild_adds_eval_reports_and_marks_stopped_runs(tmp_path, capsys):

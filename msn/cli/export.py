@@ -9,10 +9,11 @@ SOURCE is a training checkpoint, a run directory (its checkpoints/last.pt) or an
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
-from msn.cli.errors import fail
+from msn.cli.errors import error_line, fail
 from msn.cli.logs import console_logging
 from msn.errors import MSNError
 from msn.utils.rundir import source_file
@@ -50,11 +51,29 @@ def main(argv: list[str] | None = None) -> int:
         else:
             written = export_msn(source, out, args.overwrite)
     except MSNError as e:
-        return fail("msn-export", e)
+        line = error_line(e)
+        return fail("msn-export", line + (_older_checkpoint_hint(args, argv) if "last.pt" in line else ""))
     except OSError as e:  # a full disk, say: atomic writes leave no partial file behind
         return fail("msn-export", f"cannot write to {args.out}: {e.strerror or e}")
     print(f"wrote {args.format} export of the {args.encoder if args.format != 'msn' else 'full'} model to {written}")
     return 0
+
+
+def _older_checkpoint_hint(args: argparse.Namespace, argv: list[str] | None) -> str:
+    """For a run directory whose ``last.pt`` is missing or unreadable: its newest readable checkpoint and the
+    command that exports it. Never exported in its place: an older step than the user asked for is their call."""
+    run = Path(args.source)
+    if not (run / "checkpoints").is_dir():
+        return ""
+    from msn.weights.checkpoint import newest_checkpoint
+
+    newest = newest_checkpoint(run / "checkpoints")
+    if newest is None or newest[0].name == "last.pt":
+        return ""
+    path, step, _ = newest
+    given = list(sys.argv[1:] if argv is None else argv)
+    command = ["msn-export", *[str(path) if a == args.source else a for a in given]]
+    return f"; its newest readable checkpoint is {path} (step {step}), to export it: {shlex.join(command)}"
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 from msn.cli.checks import CREATED_RUN_DIRS, LOCKED_RUN_DIRS
 from msn.cli.errors import error_line, fail, missing_package_header, os_error_line
 from msn.cli.logs import console_logging
+from msn.cli.sweep_jobs import record_failed_job
 from msn.config import CONFIG_DIR
 from msn.errors import MSNError
 from msn.utils.compose import register_configs
@@ -69,7 +70,9 @@ def _hydra_main(cfg: DictConfig) -> None:
     except MSNError as e:
         if not isinstance(e, LockLost):  # a folder that is no longer this run's is left alone
             _forget_refused_run(run_dir)
-        sys.exit(fail("msn-pretrain", e))
+        code = fail("msn-pretrain", e)
+        if not record_failed_job(run_dir, e):  # a sweep's job: recorded, and the sweep goes on to the next job
+            sys.exit(code)
     finally:
         stop.restore()
         release_run_lock(run_dir)

@@ -5,11 +5,16 @@ ends, the :class:`SweepSummary` Hydra callback (msn/configs/config.yaml) writes 
 and ``SWEEP_DIR/summary.json``; ``python -m msn.sweep SWEEP_DIR`` rebuilds them at any time (after a
 failed or cancelled job, or after ``msn-eval ... RUN_DIR`` wrote its ``RUN_DIR/eval_*.json`` results).
 
+A job that fails (a diverging lr, a data error: any error msn-pretrain answers with one line) is recorded in
+``JOB_DIR/failure.json`` with that line (:func:`msn.cli.sweep_jobs.record_failed_job`) and the sweep goes on to
+its next job; at the end the summary's table is printed, and a sweep with failed jobs says how many and exits
+with code 1.
+
 Per job: its number and directory, each override (``key=value`` as typed), ``status`` (finished,
-stopped, or no metrics), and from the last row of its ``metrics.csv`` the step, the loss and every term and
-diagnostic the loss logged (ce, me_max, entropy, distinct_prototypes, ... and terms of your own), and the last
-``monitor`` accuracy; then ``eval/<protocol>/<setting>`` means from every msn-eval report found in the job
-directory.
+stopped, failed, or no metrics), ``reason`` (why a failed job stopped), and from the last row of its
+``metrics.csv`` the step, the loss and every term and diagnostic the loss logged (ce, me_max, entropy,
+distinct_prototypes, ... and terms of your own), and the last ``monitor`` accuracy; then
+``eval/<protocol>/<setting>`` means from every msn-eval report found in the job directory.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from msn.cli.errors import fail
+from msn.cli.sweep_jobs import job_failure
 from msn.utils.launcher import process_info
 from msn.utils.rundir import loss_columns
 
@@ -51,6 +57,7 @@ def _total_steps(job: Path) -> int | None:
 def summarize_job(job: Path) -> dict[str, Any]:
     """One summary row for the run directory ``job``."""
     row: dict[str, Any] = {"job": job.name, "dir": str(job), **_overrides(job)}
+    failure = job_failure(job)
     rows: list[dict[str, str]] = []
     header: list[str] = []
     if (job / "metrics.csv").is_file():
@@ -58,7 +65,9 @@ def summarize_job(job: Path) -> dict[str, Any]:
             reader = csv.DictReader(f)
             rows, header = list(reader), list(reader.fieldnames or [])
     if not rows:
-        row["status"] = "no metrics"
+        row["status"] = "no metrics" if failure is None else "failed"
+        if failure is not None:
+            row["reason"] = failure
         return row
     last = rows[-1]
     row["final_step"] = int(float(last["step"]))
@@ -70,6 +79,8 @@ def summarize_job(job: Path) -> dict[str, Any]:
     total = _total_steps(job)
     row["total_steps"] = total
     row["status"] = "finished" if total is not None and row["final_step"] >= total else "stopped"
+    if failure is not None and row["status"] != "finished":  # a later rerun that finished clears the failure
+        row["status"], row["reason"] = "failed", failure
     for report in sorted(job.glob("*.json")):  # msn-eval --output RUN_DIR/eval_knn.json, ...
         try:
             content = json.loads(report.read_text())
@@ -79,6 +90,29 @@ def summarize_job(job: Path) -> dict[str, Any]:
             for setting, result in content["results"].items():
                 row[f"eval/{content['protocol']}/{setting}"] = result["mean"]
     return row
+
+
+def summary_table(rows: list[dict[str, Any]]) -> str:
+    """The summary as a console table: job, its overrides, status, the final step and loss, the monitor and
+    msn-eval figures when there are any; then each failed job's reason, on its own line."""
+    fixed = {"job", "dir", "status", "reason", "total_steps"}
+    keys = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in fixed
+            and (not k.startswith("final_") or k in ("final_step", "final_loss", "final_monitor"))]
+    overrides = [k for k in keys if not k.startswith(("final_", "eval/"))]
+    # an override every job shares (experiment=cpu_smoke) says nothing about the differences: one line above
+    shared = [k for k in overrides if len(rows) > 1 and len({str(r.get(k)) for r in rows}) == 1]
+    columns = ["job", *[k for k in overrides if k not in shared], "status",
+               *[k for k in keys if k.startswith(("final_", "eval/"))]]
+
+    def cell(value: Any) -> str:
+        return "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    table = [columns, *[[cell(r.get(c)) for c in columns] for r in rows]]
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
+    lines = [f"every job: {' '.join(f'{k}={rows[0][k]}' for k in shared)}"] if shared else []
+    lines += ["  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip() for line in table]
+    lines += [f"job {r['job']} failed: {r['reason']}" for r in rows if r.get("status") == "failed" and "reason" in r]
+    return "\n".join(lines)
 
 
 def write_summary(sweep_dir: str | Path) -> list[dict[str, Any]]:
@@ -105,7 +139,13 @@ class SweepSummary(Callback):
             return
         sweep_dir = Path(str(config.hydra.sweep.dir))
         rows = write_summary(sweep_dir)
+        print(summary_table(rows), flush=True)
         print(f"sweep summary of {len(rows)} runs: {sweep_dir / 'summary.csv'}", flush=True)
+        failed = [r["job"] for r in rows if r.get("status") == "failed"]
+        if failed:  # exit code 1 for scripts and schedulers; every job ran, and the summary holds them all
+            sys.exit(fail("msn-pretrain", f"{len(failed)} of {len(rows)} jobs of the sweep failed (job"
+                          f"{'s' if len(failed) > 1 else ''} {', '.join(failed)}: the reasons are above and in "
+                          f"{sweep_dir / 'summary.csv'}); the other jobs ran"))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -117,6 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = write_summary(args.sweep_dir)
     if not rows:
         sys.exit(fail("msn.sweep", f"no Hydra job directories (with .hydra/overrides.yaml) in {args.sweep_dir}"))
+    print(summary_table(rows))
     print(f"{len(rows)} runs: {args.sweep_dir / 'summary.csv'}")
 
 

@@ -96,7 +96,7 @@ def _train(cfg: DictConfig, command: str | None, proc: Process, run_dir: Path, s
             data=data.identity)
     if start_step >= data.total_steps:  # a finished run: say so and leave it as it is
         if proc.is_main:
-            log.info(complete_message(run_dir, start_step, data.total_steps))
+            log.info(_complete_line(run_dir, start_step, data.total_steps, resume_path))
         return {}
     if cfg.init_from is not None and resume_path is None:  # a resumed run already holds its weights
         kind = init_model_from(parts.model, cfg.init_from)
@@ -112,6 +112,9 @@ def _train(cfg: DictConfig, command: str | None, proc: Process, run_dir: Path, s
     columns = metrics_columns(parts.loss_fn.term_names, parts.loss_fn.diagnostic_names)
     logger = (_open_run(cfg, run_dir, proc, data, columns=columns, start_step=start_step, wandb_run_id=wandb_run_id)
               if proc.is_main else None)
+    short_warmup = _warmup_note(cfg, data)
+    if short_warmup and proc.is_main:
+        log.warning(f"warning: {short_warmup}")
     nonfinite = NonFiniteGuard(proc.device)
     checkpoints = CheckpointPolicy(cfg, run_dir=run_dir, process=proc, data=data, parts=parts, logger=logger,
                                    nonfinite=nonfinite)
@@ -170,7 +173,7 @@ def _train(cfg: DictConfig, command: str | None, proc: Process, run_dir: Path, s
     if stopped_early:
         stop.forward()  # hand the signal on to a job manager's handler (submitit requeues the job here)
     elif proc.is_main:
-        log.info(_next_steps(run_dir, step))
+        log.info(_next_steps(run_dir, step, cfg, short_warmup))
     return metrics
 
 
@@ -244,8 +247,60 @@ def _what_trains(cfg: DictConfig, data: TrainingData) -> str:
     return line
 
 
-def _next_steps(run_dir: Path, step: int) -> str:
-    """What a finished run prints: where its weights are and the commands that use them."""
-    return (f"run complete: {run_dir}/checkpoints/last.pt (step {step})\n"
+def _complete_line(run_dir: Path, step: int, total_steps: int, checkpoint: Path | None) -> str:
+    """What a run that has nothing left to do says: :func:`complete_message`, naming the checkpoint it was read
+    from when that is not ``last.pt`` (an unreadable ``last.pt`` was passed over: naming it would send the user
+    to a broken file, and ``msn-export RUN_DIR`` reads it)."""
+    if checkpoint is None or checkpoint.name == "last.pt":
+        return complete_message(run_dir, step, total_steps)
+    return (f"{run_dir} is complete (step {step} of {total_steps}): nothing to do. Its checkpoint is {checkpoint} "
+            f"({run_dir}/checkpoints/last.pt is unreadable and was passed over): export it with msn-export "
+            f"{checkpoint} OUT; to train it longer pass a larger optim.epochs with resume={run_dir}, for a new run "
+            "pass run_name=NEW_NAME")
+
+
+def _warmup_note(cfg: DictConfig, data: TrainingData) -> str | None:
+    """A line when the run ends inside the learning-rate warm-up it was configured with (``optim.max_steps``
+    below ``optim.warmup_epochs``' steps): the warm-up is then squeezed into the run (msn.train.builder), so
+    the lr reaches optim.lr only at the last step and never decays; else None."""
+    warmup = int(cfg.optim.warmup_epochs * data.steps_per_epoch)
+    if cfg.optim.warmup_epochs <= 0 or warmup < data.total_steps:
+        return None
+    capped = cfg.optim.max_steps is not None
+    cap = f"optim.max_steps={cfg.optim.max_steps}" if capped else f"optim.epochs={cfg.optim.epochs}"
+    return (f"the run ends inside its learning-rate warm-up: {data.total_steps} steps ({cap}) against "
+            f"{warmup} warm-up steps (optim.warmup_epochs={cfg.optim.warmup_epochs:g} x {data.steps_per_epoch}), so "
+            f"the warm-up is shortened to the run: lr rises to optim.lr={cfg.optim.lr:g} at the last step and "
+            f"never decays; lower optim.warmup_epochs or raise {cap.split('=')[0]} for a whole schedule")
+
+
+def _eval_suggestion(run_dir: Path, cfg: DictConfig) -> str:
+    """The ``msn-eval`` command that fits the data the run trained on: its own labelled set when msn-eval knows
+    it (digits, fashion_mnist, the monitor's dataset), else a labelled folder of the user's (``--dataset``)."""
+    name, monitored = cfg.data.name, str(cfg.monitor.dataset)
+    if name == "digits":
+        return f"msn-eval lowshot {run_dir}               # low-shot accuracy on digits, the data it trained on"
+    if name == "fashion_mnist":  # msn-eval reads the idx files of a data.root as it reads Debian's copy
+        where = cfg.data.get("root") or "fashion_mnist"
+        return (f"msn-eval lowshot {run_dir} --dataset {where} --crop-pct 1   # low-shot accuracy on "
+                "Fashion-MNIST's test split, the data it trained on")
+    if monitored != "digits":  # the user already named a labelled set for this run
+        return f"msn-eval lowshot {run_dir} --dataset {monitored}   # low-shot accuracy on monitor.dataset"
+    root = cfg.data.get("root")
+    labelled = None
+    if name == "folder" and root and Path(str(root)).name == "train" and (Path(str(root)).parent / "val").is_dir():
+        labelled = Path(str(root)).parent  # data.root=/data/imagenet/train: /data/imagenet has train/ and val/
+    if labelled is not None:
+        return f"msn-eval lowshot {run_dir} --dataset {labelled}   # low-shot accuracy on its train/ and val/"
+    what = "synthetic images (no labels)" if name == "synthetic" else f"its {name} data"
+    return (f"msn-eval lowshot {run_dir} --dataset LABELLED_DIR   # it trained on {what}: evaluate on a labelled "
+            "folder with train/ and val/ (ImageFolder layout), or --dataset digits | fashion_mnist")
+
+
+def _next_steps(run_dir: Path, step: int, cfg: DictConfig, note: str | None = None) -> str:
+    """What a finished run prints: where its weights are, the commands that use them (an evaluation on the data
+    it trained on) and ``note``, a warning to repeat at the end (a run that ended inside its warm-up)."""
+    return (f"run complete: {run_dir}/checkpoints/last.pt (step {step})"
+            + (f"; note: {note}" if note else "") + "\n"
             f"  msn-export {run_dir} {run_dir}/hf        # a Hugging Face ViTMSN folder (--format timm | msn)\n"
-            f"  msn-eval lowshot {run_dir}               # low-shot accuracy (digits; --dataset PATH for yours)")
+            f"  {_eval_suggestion(run_dir, cfg)}")

@@ -55,6 +55,7 @@ class RunReport:
                         nrows=None if sized else 24, desc="msn", file=sys.stderr,
                         disable=progress_bar_disabled(cfg.logger.progress) if is_main else True)
         self.tic, self.last_logged, self.start_step = time.perf_counter(), start_step, start_step
+        self.first_step_done: float | None = None  # the pace and ETA count from here: start-up left out
 
     def skipped_images(self, paths: list[str]) -> None:
         """Say which undecodable images this batch replaced."""
@@ -69,6 +70,8 @@ class RunReport:
             self.prototype_use += torch.bincount(result.out.targets.argmax(dim=1), minlength=len(self.prototype_use))
         self.bar.update(1)
         cfg, total = self.cfg, self.total_steps
+        if step == self.start_step + 1:
+            self.first_step_done = time.perf_counter()
         if step == self.start_step + 1 and self.logger is not None and cfg.logger.console_every > 1:
             seconds = time.perf_counter() - self.tic
             every, rows = cfg.logger.console_every, cfg.logger.log_every
@@ -80,7 +83,8 @@ class RunReport:
             return None
         nonfinite.check()  # reading the metrics waits for the device anyway
         metrics = metrics_row(result, self.schedules, step, epoch, self.skipped.count(epoch))
-        images_per_s = self.images_per_step * (step - self.last_logged) / max(time.perf_counter() - self.tic, 1e-9)
+        now = time.perf_counter()
+        images_per_s = self.images_per_step * (step - self.last_logged) / max(now - self.tic, 1e-9)
         metrics["images_per_s"] = images_per_s
         if self.monitor is not None and monitor_due:
             metrics["monitor"] = self.monitor(self.target)
@@ -95,9 +99,19 @@ class RunReport:
                                   **{k: f"{metrics[k]:.4g}" for k in result.out.diagnostics}})
             every = cfg.logger.console_every
             if every and (step // every > self.last_logged // every or step == total):
-                self.write(console_line(metrics, total, active_terms(result), list(result.out.diagnostics)))
+                self.write(console_line(metrics, total, active_terms(result), list(result.out.diagnostics),
+                                        s_per_step=self.seconds_per_step(step, now)))
         self.tic, self.last_logged = time.perf_counter(), step
         return metrics
+
+    def seconds_per_step(self, step: int, now: float) -> float | None:
+        """The run's mean time a step since its first step (start-up, compilation and the loader's first batches
+        left out, so that the ETA does not start far too high); None at the first step, which has only its
+        start-up to go by (its own line says how long that took)."""
+        done = step - self.start_step - 1
+        if self.first_step_done is None or done < 1:
+            return None
+        return (now - self.first_step_done) / done
 
     def write(self, line: str) -> None:
         """A line of the run's log (``msn.train.report``, INFO): the commands print it above the progress bar."""
@@ -137,14 +151,33 @@ def active_terms(result: StepResult) -> list[str]:
     return [name for name in result.out.terms if result.out.weights.get(name, 0.0) != 0.0]
 
 
-def console_line(m: dict[str, float], total: int, terms: list[str], diagnostics: list[str]) -> str:
+def console_line(m: dict[str, float], total: int, terms: list[str], diagnostics: list[str], *,
+                 s_per_step: float | None = None) -> str:
     """The console's line for a metrics row: step, epoch, the loss and its ``terms``, lr, the ``diagnostics``
-    (distinct prototypes, ...), speed."""
+    (distinct prototypes, ...), speed; with ``s_per_step`` (the run's mean time a step) the pace and the time
+    left (``ETA``), which a log file has no progress bar to show."""
     shown = " ".join(f"{name} {m[name]:.4f}" for name in terms)
     figures = " ".join(f"{name} {m[name]:.4g}" for name in diagnostics)
+    pace = ""
+    if s_per_step is not None:
+        left = max(total - int(m["step"]), 0) * s_per_step
+        pace = f" {s_per_step:.3g} s/step ETA {duration(left)}" if left else f" {s_per_step:.3g} s/step"
     return (f"step {int(m['step'])}/{total} epoch {int(m['epoch'])} loss {m['loss']:.4f} ({shown}) lr {m['lr']:.2e} "
-            f"{figures} {m['images_per_s']:.0f} img/s" + (f" monitor {m['monitor']:.1f} %" if "monitor" in m else "")
+            f"{figures} {m['images_per_s']:.0f} img/s{pace}"
+            + (f" monitor {m['monitor']:.1f} %" if "monitor" in m else "")
             + (f" skipped {int(m['skipped_images'])} images this epoch" if m.get("skipped_images") else ""))
+
+
+def duration(seconds: float) -> str:
+    """A time span as a person reads it: ``40 s``, ``6 min 05 s``, ``2 h 05 min``."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, secs = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
 
 
 def _log_views_picture(logger: MetricsLogger, cfg: DictConfig, step: int, world: int) -> None:

@@ -83,7 +83,7 @@ def model_card(source: WeightSource, encoder: str) -> str:
         data = c.data.root if c.data.name == "folder" else c.data.name
         lines += [
             f"| pretraining data | {data} |",
-            f"| steps / epochs | {source.step} steps, {source.epoch} epochs done of {c.optim.epochs} |",
+            f"| steps / epochs | {training_done(source.step, c, _steps_per_epoch(source.path))} |",
             f"| batch | {c.data.batch_size} images per process |",
             f"| views | 1 target + 1 anchor at {c.data.global_size} px, {c.data.num_focal} focal at "
             f"{c.data.focal_size} px |",
@@ -105,6 +105,31 @@ def model_card(source: WeightSource, encoder: str) -> str:
         "`interpolate_pos_encoding=True`.", "",
     ]
     return "\n".join(lines)
+
+
+def training_done(step: int | None, c: DictConfig, steps_per_epoch: int | None) -> str:
+    """What a run's checkpoint holds, for the model card: the steps done of the run's length and the epochs they
+    make. A run capped by ``optim.max_steps`` may end inside its first epoch: "3 of 3 steps (optim.max_steps),
+    0.75 of an epoch", not "0 epochs done of 100"."""
+    epochs, cap = int(c.optim.epochs), c.optim.max_steps
+    if steps_per_epoch is None:  # a checkpoint away from its run folder: no run.json to tell the epoch's length
+        length = f"optim.max_steps {cap}, optim.epochs {epochs}" if cap is not None else f"optim.epochs {epochs}"
+        return f"{step} steps ({length})"
+    planned = epochs * steps_per_epoch
+    total = min(planned, int(cap)) if cap is not None else planned
+    capped = f" (optim.max_steps {cap}; optim.epochs {epochs} would be {planned})" if total < planned else ""
+    done = (step or 0) / steps_per_epoch
+    amount = f"{done:.3g} epoch{'s' if done != 1 else ''}" if done >= 1 or done == 0 else f"{done:.2g} of an epoch"
+    return f"{step} of {total} steps{capped}: {amount} of {steps_per_epoch} steps"
+
+
+def _steps_per_epoch(checkpoint: Path) -> int | None:
+    """The epoch's length of the run ``checkpoint`` belongs to (``RUN_DIR/run.json``), or None."""
+    try:
+        layout = json.loads((checkpoint.parent.parent / "run.json").read_text())
+        return int(layout["steps_per_epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _prepare_out(source: WeightSource, out: Path, fmt: str, overwrite: bool) -> None:

@@ -1,0 +1,38 @@
+"""A sweep's failed jobs: ``msn-pretrain`` records a job that failed (:func:`record_failed_job`) and, when the sweep
+runs its jobs in this process, goes on to the next one; the sweep's summary (:mod:`msn.cli.sweep`) reads the record
+(:func:`job_failure`). A module of its own: the console scripts import no other console script."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from msn.cli.errors import error_line
+from msn.utils.launcher import process_info
+
+FAILURE_FILE = "failure.json"  # JOB_DIR/failure.json: {"reason": the one line msn-pretrain printed}
+IN_PROCESS_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"  # jobs one after another, here
+
+
+def record_failed_job(run_dir: Path, error: BaseException) -> bool:
+    """Record a job of a multirun that failed with ``error`` in ``run_dir/failure.json``; True when the sweep
+    runs its jobs in this process (Hydra's basic launcher), which must then go on to its next job rather than
+    exit; False (nothing recorded) outside a multirun. A SLURM or submitit job is recorded too, and still ends
+    with exit code 1: that is how its launcher learns of the failure."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return False
+    info = process_info()
+    if (info is None or info.rank == 0) and run_dir.is_dir():
+        (run_dir / FAILURE_FILE).write_text(json.dumps({"reason": error_line(error)}, indent=2) + "\n")
+    return str(HydraConfig.get().launcher.get("_target_")) == IN_PROCESS_LAUNCHER
+
+
+def job_failure(job: Path) -> str | None:
+    """Why the job ``job`` (its directory) failed, as :func:`record_failed_job` recorded it, or None."""
+    try:
+        return str(json.loads((job / FAILURE_FILE).read_text())["reason"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
