@@ -12,6 +12,7 @@ import pytest
 from msn.cli.export import main as export_main
 from msn.train.loop import _next_steps, train
 from msn.train.report import duration
+from msn.utils.rundir import finished_run
 from msn.weights.export import model_card
 from msn.weights.read import read_source
 from tests.conftest import compose_config
@@ -85,7 +86,10 @@ def test_an_unreadable_last_pt_is_named_and_never_exported_in_its_place(capped_r
     run = tmp_path / "run"
     shutil.copytree(capped_run[0], run)
     last = run / "checkpoints" / "last.pt"
+    cfg = compose_config(["experiment=cpu_smoke", "optim.max_steps=3"])
+    assert finished_run(run, cfg) is not None  # msn-pretrain's check answers "complete" without training
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    assert finished_run(run, cfg) is None  # a broken last.pt: the run itself names the checkpoint it can read
     with caplog.at_level(logging.INFO, logger="msn"):
         train(compose_config(["experiment=cpu_smoke", f"run_dir={run}", "logger.progress=false", "optim.max_steps=3"]))
     periodic = run / "checkpoints" / "step_0000003.pt"

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import socket
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +152,8 @@ def finished_run(run_dir: Path, cfg: DictConfig) -> dict[str, Any] | None:
     status, saved = read_status(run_dir), run_dir / "config.yaml"
     if not (status and status.get("status") == "finished" and saved.is_file()):
         return None
+    if not zipfile.is_zipfile(run_dir / "checkpoints" / "last.pt"):
+        return None  # damaged or gone: the run itself names the checkpoint it can read (torch's format is a zip)
     try:
         old = OmegaConf.load(saved)
         same = (old.optim.epochs, old.optim.max_steps) == (cfg.optim.epochs, cfg.optim.max_steps)
