@@ -213,8 +213,13 @@ def test_bad_samples_are_skipped_and_counted(sources, tmp_path, caplog):
     skipped = load_checkpoint(run_dir / "checkpoints" / "last.pt")["skipped_images"]["paths"]
     assert set(skipped) == bad
     err = "\n".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    kinds = {f"{shards}/shard-000000.tar#000000003": "undecodable image",
+             f"{shards}/shard-000002.tar#000000099":
+                 "sample without an image member (data.image_keys=jpg,jpeg,png,webp)",
+             f"{shards}/shard-000003.tar#000000030": "undecodable image",
+             f"{shards}/shard-000003.tar#(the unreadable rest of the shard)": "rest of a truncated or damaged shard"}
     for name in bad:
-        assert f"skipped undecodable image {name} (replaced by another image" in err
+        assert f"skipped {kinds[name]} {name} (replaced by another image" in err
     per_epoch = {int(r["epoch"]): int(r["skipped_images"]) for r in metrics_rows(run_dir)}
     assert min(per_epoch.values()) >= len(bad)
 

@@ -57,11 +57,13 @@ class RunReport:
         self.tic, self.last_logged, self.start_step = time.perf_counter(), start_step, start_step
         self.first_step_done: float | None = None  # the pace and ETA count from here: start-up left out
 
-    def skipped_images(self, paths: list[str]) -> None:
-        """Say which undecodable images this batch replaced."""
+    def skipped_images(self, paths: list[str], kinds: dict[str, str] | None = None) -> None:
+        """Say which bad images this batch replaced, each as what it is (``kinds``: path -> ``sample without an
+        image member ...``; by default an undecodable image)."""
         for path in paths:
-            log.warning(f"skipped undecodable image {path} (replaced by another image; {len(self.skipped.paths)} "
-                        f"so far, the run stops above {self.skipped.limit})")
+            kind = (kinds or {}).get(path, "undecodable image")
+            log.warning(f"skipped {kind} {path} (replaced by another image; {len(self.skipped.paths)} distinct bad "
+                        f"images so far in the run, which stops above {self.skipped.limit})")
 
     def after_step(self, result: StepResult, step: int, epoch: int,
                    nonfinite: NonFiniteGuard) -> dict[str, float] | None:
@@ -165,7 +167,8 @@ def console_line(m: dict[str, float], total: int, terms: list[str], diagnostics:
     return (f"step {int(m['step'])}/{total} epoch {int(m['epoch'])} loss {m['loss']:.4f} ({shown}) lr {m['lr']:.2e} "
             f"{figures} {m['images_per_s']:.0f} img/s{pace}"
             + (f" monitor {m['monitor']:.1f} %" if "monitor" in m else "")
-            + (f" skipped {int(m['skipped_images'])} images this epoch" if m.get("skipped_images") else ""))
+            + (f" replaced {int(m['skipped_images'])} draws of bad images this epoch" if m.get("skipped_images")
+               else ""))
 
 
 def duration(seconds: float) -> str:
