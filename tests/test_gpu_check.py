@@ -15,8 +15,9 @@ GPU_ONLY = {"max_batch_vitl7", "max_batch_vitl7_checkpointing"}  # recorded as s
 
 def test_the_smoke_check_runs_every_section_and_reports_it(tmp_path):
     out = tmp_path / "check"
-    result = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "--smoke", str(out)], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=600)
+    # a budget past the usual 110 s: on a CPU shared with other work the sections take longer, and cut ones exit 3
+    result = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "--smoke", str(out), "--budget", "400"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     names = [r["section"] for r in records]
