@@ -4,9 +4,13 @@
     python scripts/gpu_check.py --smoke OUT_DIR  # the same sections on the CPU at tiny sizes, under 2 minutes
 
 Each section appends one JSON line to ``OUT_DIR/results.jsonl`` (``section``, ``status`` ok | failed | skipped,
-``seconds``, ``command`` and the command's own JSON record or the error), and ``OUT_DIR/summary.md`` gets a table of
-them with the claims they test. The exit code is 1 if any section failed, 2 if a requirement is missing.
-The sections and their commands are in :func:`sections`.
+``seconds``, ``command`` and the command's own JSON record or the error; a skipped one its ``reason``), and
+``OUT_DIR/summary.md`` gets a table of them with the claims they test. ``OUT_DIR`` is relative to the folder the
+check is started in (the sections then run from the repository); the first line names it, the last counts the
+sections (:func:`totals`). Exit code (:func:`exit_code`): 0 all ran (a section this machine cannot run is skipped
+and said), 1 a section failed, 2 a requirement is missing or an argument is wrong, 3 none failed but some were
+skipped past the time budget (``--budget``): a check cut short is not a pass. The sections and their commands are
+in :func:`sections`.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+BUDGET_SKIP = "past the check's time budget (--budget)"  # the reason of a section skipped for lack of time
+EXIT_FAILED, EXIT_MISSING, EXIT_OUT_OF_TIME = 1, 2, 3
 REQUIRED = ("torch", "torchvision", "timm", "hydra", "omegaconf", "sklearn", "safetensors", "PIL", "webdataset",
             "pytest")
 
@@ -138,8 +144,8 @@ def run_section(section: Section, log: Path, smoke: bool, deadline: float) -> di
     record: dict[str, Any] = {"section": section.name, "command": shlex.join(section.argv), "claim": section.claim}
     if "skip" in section.extra:
         return {**record, "status": "skipped", "seconds": 0.0, "reason": section.extra["skip"]}
-    if time.monotonic() > deadline:
-        return {**record, "status": "skipped", "seconds": 0.0, "reason": "past the check's time budget (--budget)"}
+    if time.monotonic() >= deadline:
+        return {**record, "status": "skipped", "seconds": 0.0, "reason": BUDGET_SKIP}
     tic = time.perf_counter()
     if section.in_process and smoke:  # on a GPU every section is a process of its own, with its own time limit
         code, output = _in_process(section.argv)
@@ -208,13 +214,31 @@ def find_fashion_mnist() -> Path | None:
     return None
 
 
+def totals(records: list[dict[str, Any]]) -> str:
+    """``N ok, N failed, N skipped (not for this machine), N skipped (time budget)``: the sections a machine cannot
+    run (a GPU-only measurement on the CPU, a dataset that is not there) apart from those the budget cut."""
+    out_of_time = sum(r["status"] == "skipped" and r.get("reason") == BUDGET_SKIP for r in records)
+    count = {status: sum(r["status"] == status for r in records) for status in ("ok", "failed", "skipped")}
+    return (f"{count['ok']} ok, {count['failed']} failed, {count['skipped'] - out_of_time} skipped (not for this "
+            f"machine), {out_of_time} skipped (time budget)")
+
+
+def exit_code(records: list[dict[str, Any]]) -> int:
+    """1 if a section failed, else 3 if the time budget left sections out, else 0."""
+    if any(r["status"] == "failed" for r in records):
+        return EXIT_FAILED
+    if any(r["status"] == "skipped" and r.get("reason") == BUDGET_SKIP for r in records):
+        return EXIT_OUT_OF_TIME
+    return 0
+
+
 def summary(records: list[dict[str, Any]], smoke: bool) -> str:
-    """summary.md: the device, then one row per section with its headline figure."""
+    """summary.md: the device, then one row per section with its headline figure, then :func:`totals`."""
     lines = [f"# GPU check{' (smoke, CPU)' if smoke else ''}", "", f"device: {_device_name()}", "",
              "| section | status | s | figure | claim |", "|---|---|---|---|---|"]
     for r in records:
         lines.append(f"| {r['section']} | {r['status']} | {r.get('seconds', 0)} | {_figure(r)} | {r['claim']} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join([*lines, "", f"sections: {totals(records)}"]) + "\n"
 
 
 def _figure(record: dict[str, Any]) -> str:
@@ -245,24 +269,38 @@ def main() -> int:
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds after which no section starts (default: 450, or 110 with --smoke)")
     args = parser.parse_args()
+    if args.budget is not None and not args.budget >= 0:
+        print(f"gpu_check: --budget {args.budget:g} must be >= 0 (seconds)", file=sys.stderr)
+        return EXIT_MISSING
     missing = missing_requirements(args.smoke)
     if missing:
         print(f"gpu_check: missing: {', '.join(missing)}; see the header of scripts/gpu_check.sh", file=sys.stderr)
-        return 2
-    args.out.mkdir(parents=True, exist_ok=True)
-    results, log = args.out / "results.jsonl", args.out / "log.txt"
-    results.write_text("")
-    log.write_text("")
+        return EXIT_MISSING
+    out = args.out.expanduser().absolute()  # the caller's folder, before the sections move to the repository
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        results, log = out / "results.jsonl", out / "log.txt"
+        results.write_text("")
+        log.write_text("")
+    except OSError as e:
+        print(f"gpu_check: cannot write to {out}: {e.strerror or e}; give an OUT_DIR you can write to", file=sys.stderr)
+        return EXIT_MISSING
+    os.chdir(REPO)  # what the sections read and write relative to the repository (tests, benchmarks)
+    print(f"gpu_check: writing to {out}", flush=True)
     records = []
-    deadline = time.monotonic() + (args.budget or (110.0 if args.smoke else 450.0))
-    for section in sections(args.out.resolve(), args.smoke, find_fashion_mnist()):
+    deadline = time.monotonic() + (args.budget if args.budget is not None else (110.0 if args.smoke else 450.0))
+    for section in sections(out, args.smoke, find_fashion_mnist()):
         record = run_section(section, log, args.smoke, deadline)
         records.append(record)
         with results.open("a") as f:
             f.write(json.dumps(record) + "\n")
         print(f"{record['section']}: {record['status']} ({record.get('seconds', 0)} s) {_figure(record)}", flush=True)
-    (args.out / "summary.md").write_text(summary(records, args.smoke))
-    return 1 if any(r["status"] == "failed" for r in records) else 0
+    (out / "summary.md").write_text(summary(records, args.smoke))
+    code = exit_code(records)
+    print(f"gpu_check: {totals(records)}; wrote {results}, {out / 'summary.md'} and {log}"
+          f"{'; rerun with a larger --budget for the sections skipped' if code == EXIT_OUT_OF_TIME else ''}",
+          flush=True)
+    return code
 
 
 if __name__ == "__main__":

@@ -6,6 +6,12 @@
 #
 #   bash scripts/gpu_check.sh OUT_DIR            # on a CUDA machine: OUT_DIR/results.jsonl, summary.md, log.txt
 #   bash scripts/gpu_check.sh --smoke OUT_DIR    # the same sections on the CPU at tiny sizes (< 2 minutes)
+#   bash scripts/gpu_check.sh OUT_DIR --budget S # start no section after S seconds (default 450; 110 with --smoke)
+#
+# OUT_DIR is taken from the folder you run it in, and the last line says where it wrote and how many sections were
+# ok, failed and skipped. Exit code: 0 all ran (sections that cannot run on this machine, such as --max-batch on the
+# CPU, are skipped and said), 1 a section failed, 2 a requirement is missing or an argument is wrong, 3 none failed
+# but sections were skipped past the time budget (rerun with a larger --budget).
 #
 # A GPU machine that reaches no package registry and lacks hydra-core, omegaconf or webdataset: on a machine that
 # has pip and a registry, in the repository's root,
@@ -18,12 +24,13 @@
 # (Debian's dataset-fashion-mnist puts them in /usr/share/datasets/fashion-mnist) to .gpu-data/fashion-mnist/
 # or set MSN_FASHION_MNIST=DIR; without them that section is reported as skipped.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+# no cd: OUT_DIR is relative to the caller's folder (gpu_check.py resolves it, then works from the repository)
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
 if [ "$#" -lt 1 ] || [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
-    sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'
     exit 0
 fi
 command -v python > /dev/null || { echo "gpu_check: python is not on PATH" >&2; exit 2; }
 command -v msn-pretrain > /dev/null || {
     echo "gpu_check: msn is not installed here: pip install -e . (see the header of $0)" >&2; exit 2; }
-exec python scripts/gpu_check.py "$@"
+exec python "$REPO/scripts/gpu_check.py" "$@"

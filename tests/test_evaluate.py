@@ -218,6 +218,7 @@ def test_cli_all_protocols_on_an_image_folder(tmp_path, run_dir, folder_dataset)
 def test_cli_errors(tmp_path, run_dir, capsys):
     result = subprocess.run(["msn-eval", "lowshot", str(tmp_path / "nothing")], capture_output=True, text=True)
     assert result.returncode == 1 and "does not exist" in result.stderr  # the console script itself
+    assert "a Hugging Face ViTMSN folder (msn-export's" in result.stderr  # every kind of MODEL it takes is named
     with _chdir(tmp_path):
         assert evaluate.main(["lowshot", str(run_dir), "--dataset", str(tmp_path)]) == 1
     err = capsys.readouterr().err
@@ -393,3 +394,61 @@ def test_the_monitors_lowshot_takes_fewer_images_where_a_class_has_fewer():
     assert lowshot.monitor["allow_fewer"] is True
     results = lowshot.run(task, lowshot.monitor)
     assert list(results) == ["5"] and results["5"]["mean"] == 100.0
+
+
+def test_subsample_split_is_stratified_exact_and_seeded():
+    labels = np.array([0] * 50 + [1] * 30 + [2] * 20)
+    split = splits.Split(list(range(100)), labels, "toy", [str(i) for i in range(100)], ["a", "b", "c"])
+    for count, per_class in ((3, [1, 1, 1]), (10, [5, 3, 2]), (99, [49, 30, 20]), (100, [50, 30, 20])):
+        chosen = splits.subsample_split(split, count)
+        assert np.bincount(chosen.labels).tolist() == per_class
+        assert chosen.names == sorted(chosen.names, key=int) and len(set(chosen.names)) == count
+        assert all(chosen.images[i] == int(name) for i, name in enumerate(chosen.names))
+    assert splits.subsample_split(split, 10).names == splits.subsample_split(split, 10).names
+    assert splits.subsample_split(split, 10).names != splits.subsample_split(split, 10, seed=1).names
+    assert splits.subsample_split(split, 10).ident != split.ident  # its own feature-cache entry
+
+
+def test_progress_is_a_line_per_stage_on_stdout_and_train_subset_uses_that_many(tmp_path, run_dir, folder_dataset,
+                                                                                 capsys, monkeypatch):
+    """msn-eval > log wrote nothing for minutes while the features of 60,000 images were computed; now each stage is
+    a line on stdout (captured here, as in a file: no terminal), with counts, times and rates."""
+    monkeypatch.setattr(features, "PROGRESS_EVERY_S", 0.0)  # a line after every batch: the in-between lines
+    capsys.readouterr()
+    data = str(folder_dataset)
+    report = _eval("lowshot", str(run_dir), "--dataset", data, "--train-subset", "6", "--shots", "2", "--fraction",
+                   "0", "--penalty", "1", "--batch-size", "2", cwd=tmp_path)
+    out = capsys.readouterr().out.splitlines()
+    assert report["train_images"] == 6 and report["settings"]["train_subset"] == 6
+    assert out[0] == f"encoder: {run_dir} (vit_pico, 4 blocks, 32 px) on cpu in fp32"
+    assert out[1] == f"{data}: 6 of the 12 training images, 8 test images, 2 classes"
+    assert out[2] == "features of the train split: 6 images through the encoder on cpu ..."
+    assert [line.split(": ")[2].split(", ")[0] for line in out[3:5]] == ["2 done", "4 done"]
+    assert all(line.endswith(" images/s") for line in out[3:5])
+    assert out[5].startswith("features of the train split: 6 images done in ") and out[5].endswith(" images/s)")
+    assert any(line.startswith("features of the test split: 8 images done in ") for line in out)
+    assert "setting 2: 3 logistic regressions on 2 images per class ..." in out
+    fitted = next(line for line in out if line.startswith("setting 2: ") and line.endswith(" s"))
+    assert fitted.startswith(f"setting 2: {report['results']['2']['mean']:.2f} +- ")
+    assert out[-1] == f"wrote {tmp_path / 'results.json'}"
+    again = _eval("knn", str(run_dir), "--dataset", data, "--train-subset", "6", "--k", "3", cwd=tmp_path)
+    out = capsys.readouterr().out  # the same subset: its features from the cache
+    assert "features of the train split: 6 images, from the cache" in out and again["train_images"] == 6
+    assert "setting 100%: 3-NN of 8 test images among 6 ..." in out
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("0", "--train-subset 0 must be >= 1"),
+    ("13", "--train-subset 13: the training split has 12 images; use --train-subset up to 12, or leave it out to "
+           "use them all"),
+    ("1", "--train-subset 1: the training split has 2 classes; use --train-subset 2 or more, so that every class "
+          "keeps an image"),
+    ("5 --subset-file s.txt", "--train-subset and --subset-file both choose the training images; give one of them"),
+])
+def test_a_bad_train_subset_is_one_line(tmp_path, run_dir, folder_dataset, capsys, value, message):
+    (tmp_path / "s.txt").write_text("class_0/img0.png\n")
+    with _chdir(tmp_path):
+        assert evaluate.main(["lowshot", str(run_dir), "--dataset", str(folder_dataset), "--train-subset",
+                              *value.split(), "--no-cache", "--output", str(tmp_path / "r.json")]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [f"msn-eval: error: {message}"]
+    assert not (tmp_path / "r.json").exists()

@@ -108,3 +108,16 @@ def test_the_pmsn_command_composes_as_documented(command, tmp_path):
     cfg = to_schema(compose_config([*overrides, "data.root=.", f"run_dir={tmp_path}"]))
     assert (cfg.loss.prior, cfg.loss.prior_tau, cfg.loss.me_max_weight) == ("power_law", 0.25, 1.0)
     assert cfg.model.arch == "vit_small" and cfg.model.patch_size == 16
+
+
+def test_the_laptop_folder_command_composes_to_a_small_run(tmp_path):
+    """The first run on one's own images is fmnist_cpu's tiny ViT and 28-px views on a folder (the folder example
+    before it is a ViT-B at 224 px: hours on a CPU); the README's command composes and passes the schema."""
+    from msn.config import to_schema
+
+    (command,) = [line.split("  #")[0].strip() for line in section("## Pretraining and configuration").splitlines()
+                  if line.startswith("msn-pretrain experiment=fmnist_cpu data=folder")]
+    overrides = [o for o in command.split()[1:] if not o.startswith(("data.root", "run_name"))]
+    cfg = to_schema(compose_config([*overrides, f"data.root={tmp_path}", f"run_dir={tmp_path / 'run'}"]))
+    assert (cfg.data.name, cfg.model.arch, cfg.data.global_size, cfg.data.focal_size) == ("folder", "vit_pico", 28, 14)
+    assert cfg.optim.max_steps == 2000 and cfg.data.num_workers == 2

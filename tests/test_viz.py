@@ -8,6 +8,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
@@ -18,8 +19,9 @@ from msn.data.loader import EpochSampler, MultiCropDataset, RunSampler, build_lo
 from msn.data.multicrop import MultiCropTransform
 from msn.data.registry import build_dataset
 from msn.models.masking import MaskGenerator
-from msn.plots.attention import cls_attention
+from msn.plots.attention import COLORBAR_PX, TITLE_PX, attention_figure, cls_attention
 from msn.plots.common import GREY, to_display
+from msn.plots.views import DROPPED_LABEL, LEGEND_PX, views_figure
 from msn.train.loop import train
 from msn.train.views import trainer_views
 from msn.weights.export import export_hf
@@ -52,7 +54,8 @@ def test_views_grid_shows_the_trainers_batch_and_greys_exactly_the_dropped_patch
     assert capsys.readouterr().out.strip() == f"wrote {out}"
     picture = np.asarray(_png(out).convert("RGB"))
     cell = 96  # the smallest multiple of the 32-px global view that is at least 96
-    assert picture.shape == (count * cell, (2 + 2) * cell, 3)  # target, anchor, 2 focal views
+    assert picture.shape == (count * cell + LEGEND_PX, (2 + 2) * cell, 3)  # target, anchor, 2 focal views; legend
+    assert (picture[count * cell:] < 100).any()  # the legend's text and swatch are drawn under the grid
 
     # what the trainer does at this step, rebuilt from its parts
     cfg = compose_config(SMOKE)
@@ -64,6 +67,11 @@ def test_views_grid_shows_the_trainers_batch_and_greys_exactly_the_dropped_patch
     keep = make_masks(step, 8, anchor_size=32).anchor_keep  # (8, K)
     tv = trainer_views(cfg, step, count)
     assert all(torch.equal(a, b[:count]) for a, b in zip(tv.views, batch, strict=True))
+    figure = views_figure(tv.views, tv.dropped, mean=list(cfg.data.mean), std=list(cfg.data.std), cell=cell)
+    (legend,) = figure.legends  # what the grey patches are: it had no legend
+    assert [t.get_text() for t in legend.get_texts()] == [DROPPED_LABEL] and "dropped" in DROPPED_LABEL
+    assert legend.legend_handles[0].get_facecolor()[:3] == pytest.approx((GREY / 255,) * 3)
+    plt.close(figure)
 
     grid = 32 // cfg.model.patch_size  # patches per side
     scale = cell // grid  # px per patch in the picture
@@ -85,7 +93,7 @@ def test_views_grid_shows_the_trainers_batch_and_greys_exactly_the_dropped_patch
 def test_views_of_a_run_directory_use_its_config(run, tmp_path):
     out = tmp_path / "v.png"
     assert main(["views", str(run), "--count", "2", "--cell", "64", "--out", str(out)]) == 0
-    assert _png(out).size == (4 * 64, 2 * 64)
+    assert _png(out).size == (4 * 64, 2 * 64 + LEGEND_PX)
 
 
 def test_attention_of_a_checkpoint_and_of_its_hf_export_are_the_same(run, tmp_path):
@@ -118,7 +126,14 @@ def test_attention_of_a_checkpoint_and_of_its_hf_export_are_the_same(run, tmp_pa
     for source in (run, run / "hf"):
         out = tmp_path / f"{source.name}.png"
         assert main(["attention", str(source), "--count", "3", "--cell", "48", "--out", str(out)]) == 0
-        assert _png(out).size == ((2 + heads) * 48, 3 * 48)
+        assert _png(out).size == ((2 + heads) * 48 + COLORBAR_PX, TITLE_PX + 3 * 48)
+
+    # the picture names the block and the encoder, and has a colour bar of its overlay (it had neither)
+    figure = attention_figure(images, maps, checkpoint.mean, checkpoint.std, 48, block=4, blocks=4)
+    assert figure.get_suptitle().startswith("target encoder, block 4 of 4: CLS-to-patch attention\nmean over ")
+    (bar,) = [ax for ax in figure.axes if ax.get_label() == "<colorbar>"]
+    assert bar.get_ylabel() == "attention" and [t.get_text() for t in bar.get_yticklabels()] == ["min", "max"]
+    plt.close(figure)
 
 
 def test_attention_on_image_files(run, tmp_path):
@@ -128,7 +143,7 @@ def test_attention_on_image_files(run, tmp_path):
         Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(paths[-1])
     out = tmp_path / "files.png"
     assert main(["attention", str(run / "hf"), "--images", *map(str, paths), "--out", str(out)]) == 0
-    assert _png(out).size[1] == 2 * 96
+    assert _png(out).size[1] == TITLE_PX + 2 * 96
 
 
 def test_crop_pct_sets_what_the_attention_and_prototype_pictures_see(run, tmp_path, monkeypatch):
@@ -197,10 +212,12 @@ def test_prototypes_of_a_run(run, tmp_path):
     (["attention", "/no/such/run", "--out", "x.png"], "does not exist"),
     (["curves", "/no/such/run", "--out", "x.png"], "is not a folder"),
     (["prototypes", "HF", "--dataset", "digits", "--out", "x.png"], "holds the backbone only"),
+    (["prototypes", "RUN", "--out", "x.png"], "prototypes needs --dataset for a run trained on data=synthetic: pass "
+                                              "--dataset digits, fashion_mnist or a folder with train/ and val/"),
     (["attention", "HF", "--crop-pct", "0", "--out", "x.png"], "--crop-pct=0.0 must lie in (0, 1]"),
 ])
 def test_bad_input_is_one_line(run, tmp_path, capsys, args, message):
-    args = [str(run / "hf") if a == "HF" else a for a in args]
+    args = [{"HF": str(run / "hf"), "RUN": str(run)}.get(a, a) for a in args]
     args[args.index("--out") + 1] = str(tmp_path / args[args.index("--out") + 1])
     assert main(args) == 1
     err = capsys.readouterr().err.strip().splitlines()

@@ -7,18 +7,20 @@
     msn-viz prototypes RUN_OR_CHECKPOINT   --out FILE.png [--dataset D] [--limit N] [--show N] [--per-prototype N]
                                            [--crop-pct F]
 
-views: the target, anchor (dropped patches grey) and focal views of the first --count images of the
-  batch the trainer draws at --step, made by the trainer's own data and mask code, for a run directory
-  (its config.yaml) or a config given as msn-pretrain overrides (e.g. experiment=cpu_smoke).
-attention: the last block's CLS-to-patch attention of the target encoder, averaged and per head, over
-  the images (files given with --images, else the first --count test images of --dataset). MODEL: a
-  run directory, a training checkpoint, an original MSN .pth.tar, a Hugging Face ViTMSN or a timm export.
+views: the target, anchor (dropped patches grey, as the legend under the grid says) and focal views of the
+  first --count images of the batch the trainer draws at --step, made by the trainer's own data and mask code,
+  for a run directory (its config.yaml) or a config given as msn-pretrain overrides (e.g. experiment=cpu_smoke).
+attention: the last block's CLS-to-patch attention of the target encoder, averaged and per head, over the
+  images (files given with --images, else the first --count test images of --dataset), under a title that
+  names the block and beside a colour bar. MODEL: a run directory, a training checkpoint, an original MSN
+  .pth.tar, a Hugging Face ViTMSN or a timm export.
 curves: every column of metrics.csv against the step, a panel each: the loss and each of its terms (ce,
   me_max, entropy, terms of your own), lr, wd, momentum, distinct prototypes, images/s, monitor accuracy, the
   encoder's gradient norm, ...; a sweep directory overlays its runs, labelled by their overrides.
 prototypes: how many images of --dataset each prototype is the target's argmax for (sorted; the share
   never used), and the images nearest to the most used prototypes. Needs the prototypes: a run directory
-  or training checkpoint, not an export.
+  or training checkpoint, not an export. --dataset defaults to the run's own digits or fashion_mnist; a run
+  trained on data=folder (or any other data) needs --dataset.
 D is digits, fashion_mnist, or a folder as for msn-eval --dataset; --crop-pct F is msn-eval's evaluation
 crop (default 0.875; 1 shows the encoder the whole image).
 """
@@ -38,7 +40,7 @@ from msn.config import DEFAULT_CROP_PCT, check_crop_pct
 from msn.errors import MSNError, VizError
 from msn.plots import check_png_path
 from msn.utils.arguments import check_numbers, check_writable
-from msn.utils.rundir import check_model
+from msn.utils.rundir import TIMM_CONFIG, check_model, is_hf_export
 
 KINDS = ("views", "attention", "curves", "prototypes")
 
@@ -87,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _views(args: argparse.Namespace):
     from msn.config import load_run_config
-    from msn.plots.views import default_cell, views_picture
+    from msn.plots.views import default_cell, views_figure
     from msn.train.views import trainer_views, world_size_of
     from msn.utils.compose import compose_config
 
@@ -102,13 +104,13 @@ def _views(args: argparse.Namespace):
         raise VizError(f"views: {first} is neither a run directory nor an override (key=value)")
     tv = trainer_views(cfg, args.step, args.count, world)
     cell = args.cell or default_cell(cfg.data.global_size)
-    return views_picture(tv.views, tv.dropped, mean=list(cfg.data.mean), std=list(cfg.data.std), cell=cell)
+    return views_figure(tv.views, tv.dropped, mean=list(cfg.data.mean), std=list(cfg.data.std), cell=cell)
 
 
 def _attention(args: argparse.Namespace):
     from msn.eval.features import load_encoder
     from msn.eval.splits import load_splits
-    from msn.plots.attention import attention_picture, cls_attention, load_images
+    from msn.plots.attention import attention_figure, cls_attention, load_images
 
     encoder = load_encoder(args.source, crop_pct=args.crop_pct)
     if args.images:
@@ -119,7 +121,10 @@ def _attention(args: argparse.Namespace):
     else:
         _, test = load_splits(args.dataset)
         images = load_images(encoder, dataset_images=[test.images[i] for i in range(min(args.count, len(test.labels)))])
-    return attention_picture(images, cls_attention(encoder.backbone, images), encoder.mean, encoder.std, args.cell)
+    blocks = len(encoder.backbone.blocks)
+    export = is_hf_export(args.source) or (Path(args.source) / TIMM_CONFIG).is_file()  # holds one encoder
+    return attention_figure(images, cls_attention(encoder.backbone, images), encoder.mean, encoder.std, args.cell,
+                            block=blocks, blocks=blocks, encoder="exported encoder" if export else "target encoder")
 
 
 def _curves(args: argparse.Namespace):
@@ -142,9 +147,10 @@ def _prototypes(args: argparse.Namespace):
     dataset = args.dataset
     if dataset is None:
         dataset = trained_on
-        if dataset not in ("digits", "fashion_mnist"):
-            raise VizError(f"the run trained on {dataset or 'an unknown dataset'}: pass --dataset digits, "
-                           "fashion_mnist or a folder with train/ and val/")
+        if dataset not in ("digits", "fashion_mnist"):  # e.g. data=folder: unlabelled images, no split to assign
+            trained = f"data={dataset}" if dataset else "data that its checkpoint does not name"
+            raise VizError(f"prototypes needs --dataset for a run trained on {trained}: pass --dataset digits, "
+                           "fashion_mnist or a folder with train/ and val/ class folders (ImageFolder layout)")
     train, _ = load_splits(dataset)
     n = len(train.labels)
     chosen = np.unique(np.linspace(0, n - 1, min(args.limit, n)).round().astype(int))  # spread over the split

@@ -56,7 +56,7 @@ def _worker_errors_as_one_line(function: Callable[..., T]) -> Callable[..., T]:
 def evaluate(protocol: str, model: str | Path, *, dataset: str = "digits", device: str = "auto",
              precision: str = "auto", crop_pct: float = DEFAULT_CROP_PCT, splits: int = 3, feature: str = "cls",
              last_blocks: int = 1, batch_size: int = 128, num_workers: int = 0, cache_dir: Path | None = None,
-             **options: Any) -> dict[str, Any]:
+             train_subset: int | None = None, **options: Any) -> dict[str, Any]:
     """Run one protocol on the frozen target encoder of ``model``; return the report that ``msn-eval`` writes as
     JSON: its settings, the images used, and per setting the mean, std and each split's top-1 accuracy in %.
 
@@ -64,12 +64,18 @@ def evaluate(protocol: str, model: str | Path, *, dataset: str = "digits", devic
     ``finetune``, plugins) or the import path of a protocol function; ``options``: its own options (``shots=``,
     ``k=``, ...; one it does not take is a :class:`ConfigError`). ``model``: anything :func:`msn.load_backbone`
     reads. Repetition ``s`` of ``splits`` draws with seed ``s``. ``cache_dir``: where features are cached (None:
-    recompute). torch and the rest are imported here, so that a command's ``--help`` and refused arguments stay
-    fast. An :class:`MSNError` raised in a DataLoader worker (an unreadable image) comes out as that error, one line.
+    recompute). ``train_subset``: use only that many training images, stratified, drawn with seed 0
+    (:func:`msn.eval.splits.subsample_split`; None: all). torch and the rest are imported here, so that a command's
+    ``--help`` and refused arguments stay fast. An :class:`MSNError` raised in a DataLoader worker (an unreadable
+    image) comes out as that error, one line.
+
+    Each stage is logged at INFO on ``msn.eval.evaluate`` (``msn-eval`` prints it on stdout): the encoder, the
+    images, each split's features (count, time, rate) and each setting's fits (time, accuracy).
     """
+    check_train_subset(train_subset, options)
     from msn.eval.features import extract_features, load_encoder
     from msn.eval.registry import EvalTask, get_protocol
-    from msn.eval.splits import class_coverage, coverage_warnings, load_splits
+    from msn.eval.splits import class_coverage, coverage_warnings, load_splits, subsample_split
     from msn.utils.device import autocast_dtype, resolve_device
 
     chosen = get_protocol(protocol)
@@ -82,25 +88,47 @@ def evaluate(protocol: str, model: str | Path, *, dataset: str = "digits", devic
     if last_blocks > depth:
         raise ConfigError(f"--last-blocks {last_blocks}: the encoder has {depth} blocks; use --last-blocks up to "
                           f"{depth}")
+    log.info(f"encoder: {model} ({encoder.backbone.arch}, {depth} blocks, {encoder.image_size} px) on "
+             f"{torch_device.type} in {precision}")
     train, test = load_splits(dataset)
+    available = len(train.labels)
+    if train_subset is not None:
+        train = subsample_split(train, train_subset)
+    used = f"{len(train.labels)} of the {available}" if train_subset is not None else f"{available}"
+    log.info(f"{dataset}: {used} training images, {len(test.labels)} test images, {len(train.classes)} classes")
     for line in coverage_warnings(train, test):
         log.warning(line)
     only_train, only_test = class_coverage(train, test)
     cache = None if cache_dir is None else Path(cache_dir)
 
     def extract(split: Split):  # -> (N, D) torch.Tensor
+        role = "train" if split is train else "test" if split is test else split.ident
         return extract_features(encoder, split, cache, feature=feature, last_blocks=last_blocks,
-                                batch_size=batch_size, num_workers=num_workers, amp_dtype=amp_dtype)
+                                batch_size=batch_size, num_workers=num_workers, amp_dtype=amp_dtype,
+                                progress=log.info, name=f"the {role} split")
 
-    task = EvalTask(encoder, train, test, splits=splits, amp_dtype=amp_dtype, batch_size=batch_size, extract=extract)
+    task = EvalTask(encoder, train, test, splits=splits, amp_dtype=amp_dtype, batch_size=batch_size, extract=extract,
+                    progress=log.info)
     results = chosen.run(task, chosen_options)
     settings: dict[str, Any] = {"splits": splits, "feature": feature, "last_blocks": last_blocks,
                                 "crop_pct": crop_pct, "device": torch_device.type, "precision": precision,
+                                "train_subset": train_subset,
                                 **{k: list(v) if isinstance(v, tuple) else v for k, v in chosen_options.items()}}
     return {"protocol": chosen.name, "model": str(model), "dataset": dataset,
             "train_images": len(train.labels), "test_images": len(test.labels), "settings": settings,
             "classes_without_test_images": only_train, "classes_without_training_images": only_test,
             "results": results}
+
+
+def check_train_subset(train_subset: int | None, options: dict[str, Any]) -> None:
+    """Refuse ``train_subset`` (``--train-subset``) below 1, or given with a ``subset_file`` (both would choose the
+    training images); whether it fits the split is checked when the split is loaded."""
+    if train_subset is None:
+        return
+    if isinstance(train_subset, bool) or not isinstance(train_subset, int) or train_subset < 1:
+        raise ConfigError(f"--train-subset {train_subset} must be a whole number >= 1 (training images to use)")
+    if options.get("subset_file"):
+        raise ConfigError("--train-subset and --subset-file both choose the training images; give one of them")
 
 
 def default_output(model: Path, protocol: str, dataset: str) -> Path:

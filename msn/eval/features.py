@@ -7,6 +7,8 @@ import hashlib
 import json
 import logging
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,8 @@ from msn.weights.convert import check_compatible
 from msn.weights.read import read_backbone
 
 log = logging.getLogger(__name__)
+
+PROGRESS_EVERY_S = 30.0  # seconds between two progress lines of a long feature extraction
 
 
 @dataclass
@@ -123,14 +127,21 @@ def cls_features(backbone: MaskedViT, x: torch.Tensor, feature: str = "cls", las
 
 def extract_features(encoder: Encoder, split: Split, cache_dir: Path | None, *, feature: str = "cls",
                      last_blocks: int = 1, batch_size: int = 128, num_workers: int = 0,
-                     amp_dtype: torch.dtype | None = None) -> torch.Tensor:
+                     amp_dtype: torch.dtype | None = None, progress: Callable[[str], None] | None = None,
+                     name: str | None = None) -> torch.Tensor:
     """(N, D) float32 CPU features of ``split``, from the cache when a valid entry exists, else computed and stored.
 
     The images are preprocessed on the CPU (DataLoader workers) and the backbone runs wherever its
     parameters are, under ``amp_dtype`` autocast when given (bf16 on GPUs). The cache key hashes the
     weights' fingerprint, the split, the feature options, the evaluation crop and the precision; an unreadable or
     inconsistent cache file is rebuilt, never trusted.
+
+    ``progress`` gets plain lines about ``name`` (default: the split's ident): where the features come from, every
+    :data:`PROGRESS_EVERY_S` seconds how far the extraction is, and its time and rate at the end, so that a log file
+    shows the minutes a large split takes (tqdm's bar is drawn on a terminal only).
     """
+    say = progress or (lambda line: None)
+    what = f"features of {name or split.ident}: {len(split.labels)} images"
     device = next(encoder.backbone.parameters()).device
     precision = str(amp_dtype).removeprefix("torch.") if amp_dtype is not None else "fp32"
     key = hashlib.sha1(json.dumps([encoder.fingerprint, split.ident, len(split.labels), feature, last_blocks,
@@ -141,6 +152,7 @@ def extract_features(encoder: Encoder, split: Split, cache_dir: Path | None, *, 
         try:
             cached = torch.load(path, weights_only=True)
             if cached["key"] == key and cached["features"].shape[0] == len(split.labels):
+                say(f"{what}, from the cache ({path})")
                 return cached["features"]
             reason = "it does not match"
         except Exception as e:  # truncated / corrupted file: rebuild rather than trust it
@@ -149,11 +161,20 @@ def extract_features(encoder: Encoder, split: Split, cache_dir: Path | None, *, 
     loader = DataLoader(TransformedImages(split.images, eval_transform(encoder)), batch_size=batch_size,
                         num_workers=num_workers, pin_memory=device.type == "cuda")
     chunks = []
+    say(f"{what} through the encoder on {device.type} ...")
+    tic = last_said = time.perf_counter()
+    done = 0
     # disable=None: a bar on a terminal only, not redrawn batch by batch into a log file
     for x in tqdm(loader, desc=f"features {split.ident[:40]}", file=sys.stderr, leave=False, disable=None):
         with autocast(device, amp_dtype):
             chunks.append(cls_features(encoder.backbone, x.to(device, non_blocking=True), feature, last_blocks))
+        done += len(x)
+        if time.perf_counter() - last_said >= PROGRESS_EVERY_S and done < len(split.labels):
+            last_said = time.perf_counter()
+            say(f"{what}: {done} done, {done / (last_said - tic):.0f} images/s")
     features = torch.cat(chunks).float().cpu()
+    seconds = time.perf_counter() - tic
+    say(f"{what} done in {seconds:.1f} s ({len(split.labels) / max(seconds, 1e-9):.0f} images/s)")
     if path is not None:
         atomic_write(path, lambda f: torch.save({"key": key, "features": features}, f), fsync=False)
     return features

@@ -25,6 +25,7 @@ the built-in protocols (:mod:`msn.eval.protocols`) import torch when they run.
 from __future__ import annotations
 
 import inspect
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -51,6 +52,8 @@ class EvalTask:
         splits: how many repetitions a protocol with random choices makes (repetition ``s`` draws with seed ``s``).
         amp_dtype: the autocast dtype the encoder runs in (None: full precision).
         batch_size: images per batch for a protocol that runs the encoder itself (fine-tuning).
+        extract: split -> (N, D) features (default: computed, not cached).
+        progress: where the stage lines go (``msn-eval`` prints them; None, as in the training monitor: nowhere).
     """
 
     encoder: Encoder
@@ -59,7 +62,8 @@ class EvalTask:
     splits: int = 3
     amp_dtype: torch.dtype | None = None
     batch_size: int = 128
-    extract: Callable[[Split], torch.Tensor] | None = None  # split -> (N, D) features; default: no cache
+    extract: Callable[[Split], torch.Tensor] | None = None
+    progress: Callable[[str], None] | None = None
     _features: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def features(self, split: Split) -> torch.Tensor:
@@ -74,6 +78,20 @@ class EvalTask:
                 self._features[key] = extract_features(self.encoder, split, None, amp_dtype=self.amp_dtype,
                                                        batch_size=self.batch_size)
         return self._features[key]
+
+    def say(self, line: str) -> None:
+        """Hand one progress line to :attr:`progress` (if any)."""
+        if self.progress is not None:
+            self.progress(line)
+
+    def setting(self, name: str, what: str, accuracies: Callable[[], list[float]]) -> dict[str, Any]:
+        """:func:`summarise` of ``accuracies()``, one setting's fits, between two progress lines: ``setting NAME:
+        WHAT ...`` and ``setting NAME: MEAN +- STD % in T s`` (a fit on many features can take minutes)."""
+        self.say(f"setting {name}: {what} ...")
+        tic = time.perf_counter()
+        result = summarise(accuracies())
+        self.say(f"setting {name}: {result['mean']:.2f} +- {result['std']:.2f} % in {time.perf_counter() - tic:.1f} s")
+        return result
 
 
 Results = dict[str, dict[str, Any]]

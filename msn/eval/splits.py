@@ -161,6 +161,33 @@ def load_splits(dataset: str) -> tuple[Split, Split]:
     return folder_splits(root)
 
 
+def subsample_split(split: Split, count: int, seed: int = 0) -> Split:
+    """``count`` images of ``split``, drawn with ``seed`` and stratified: each class keeps its share of the images
+    (rounded by largest remainder, so that the counts add up to ``count``; at least one image a class), in the
+    split's order. ``msn-eval --train-subset``: features of a big training split cost minutes on a CPU.
+
+    A :class:`DataError` names the fix when ``count`` exceeds the split or is below its number of classes.
+    """
+    present, sizes = np.unique(split.labels, return_counts=True)
+    if count > len(split.labels):
+        raise DataError(f"--train-subset {count}: the training split has {len(split.labels)} images; use "
+                        f"--train-subset up to {len(split.labels)}, or leave it out to use them all")
+    if count < len(present):
+        raise DataError(f"--train-subset {count}: the training split has {len(present)} classes; use "
+                        f"--train-subset {len(present)} or more, so that every class keeps an image")
+    # one image a class first, then the rest shared in proportion to the class sizes (largest remainders first)
+    quota = 1 + (count - len(present)) * (sizes - 1) / max(int(sizes.sum()) - len(present), 1)
+    take = np.floor(quota).astype(int)
+    for c in np.argsort(-(quota - take), kind="stable")[:count - int(take.sum())]:
+        take[c] += 1
+    rng = np.random.default_rng(seed)
+    picks = [rng.choice(np.flatnonzero(split.labels == label), size=int(n), replace=False)
+             for label, n in zip(present, take, strict=True)]
+    idx = np.sort(np.concatenate(picks))
+    return Split(_Subset(split.images, idx), split.labels[idx], f"{split.ident}-subset{count}-seed{seed}",
+                 [split.names[i] for i in idx], split.classes)
+
+
 def read_subset_file(path: Path, train: Split) -> np.ndarray:
     """Indices into ``train`` of the images a subset file lists (original MSN format: one path a line).
 

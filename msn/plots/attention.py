@@ -1,4 +1,5 @@
-"""msn-viz attention: where the target encoder's CLS token looks, per head and averaged.
+"""msn-viz attention: where the target encoder's CLS token looks, per head and averaged (``msn-viz`` saves the grid
+under a title that names the block and the encoder, beside a colour bar: :func:`attention_figure`).
 
 The last block's self-attention of the CLS token over the patch tokens, ``softmax(q_cls . k / sqrt(d))``,
 computed from that block's own projections (timm's attention runs through a fused kernel that does not
@@ -18,7 +19,10 @@ from PIL import Image
 from msn.data.images import load_rgb
 from msn.eval.features import Encoder, eval_transform
 from msn.models.backbone import MaskedViT
-from msn.plots.common import mosaic, to_display, upscale
+from msn.plots.common import framed_figure, mosaic, to_display, upscale
+
+TITLE_PX, COLORBAR_PX = 30, 64  # the strips above the grid (the title) and beside it (the colour bar)
+COLORMAP = "inferno"
 
 
 @torch.no_grad()
@@ -62,7 +66,7 @@ def heat(image: np.ndarray, weights: np.ndarray) -> np.ndarray:
     w = torch.from_numpy(weights).float()[None, None]
     w = F.interpolate(w, size=(size, size), mode="bilinear", align_corners=False)[0, 0].numpy()
     w = (w - w.min()) / max(w.max() - w.min(), 1e-12)
-    colour = colormaps["inferno"](w)[..., :3] * 255.0  # (S, S, 3)
+    colour = colormaps[COLORMAP](w)[..., :3] * 255.0  # (S, S, 3)
     return np.round(0.45 * image + 0.55 * colour).astype(np.uint8)
 
 
@@ -78,3 +82,29 @@ def attention_picture(images: torch.Tensor, maps: torch.Tensor, mean: list[float
         rows.append(row)
     labels = ["image", "mean"] + [f"head {h}" for h in range(1, maps.shape[1] + 1)]
     return mosaic(rows, cell, labels)
+
+
+def attention_figure(images: torch.Tensor, maps: torch.Tensor, mean: list[float], std: list[float], cell: int, *,
+                     block: int, blocks: int, encoder: str = "target encoder"):  # -> matplotlib Figure
+    """:func:`attention_picture`'s grid, pixel for pixel, under a title (which block of which encoder; what the
+    maps are) and beside a colour bar of the overlay's colours (each map is scaled from its own minimum to its
+    maximum): ``(2 + H) * cell + COLORBAR_PX`` x ``TITLE_PX + rows * cell`` px."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    grid = attention_picture(images, maps, mean, std, cell)
+    fig = framed_figure(grid, top=TITLE_PX, right=COLORBAR_PX)
+    width, height = fig.bbox.width, fig.bbox.height
+    title = fig.suptitle(f"{encoder}, block {block} of {blocks}: CLS-to-patch attention\nmean over {maps.shape[1]} "
+                         "heads, then each head; each map from its min to its max", fontsize=7, y=1 - 2 / height,
+                         va="top")
+    renderer = fig.canvas.get_renderer()
+    while title.get_window_extent(renderer).width > width - 4 and title.get_fontsize() > 4:  # a narrow grid
+        title.set_fontsize(title.get_fontsize() - 0.5)
+    margin = 8 / height  # room for the tick labels at the bar's ends
+    bar = fig.add_axes((grid.width / width + 8 / width, margin, 10 / width, grid.height / height - 2 * margin),
+                       label="<colorbar>")  # the label matplotlib gives the colour bars it places itself
+    colorbar = fig.colorbar(ScalarMappable(Normalize(0, 1), cmap=COLORMAP), cax=bar, ticks=[0, 1])
+    colorbar.ax.set_yticklabels(["min", "max"], fontsize=6)
+    colorbar.set_label("attention", fontsize=6, labelpad=1)
+    return fig

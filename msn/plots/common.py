@@ -60,6 +60,15 @@ def save_png(picture: Image.Image | object, out: str | os.PathLike, dpi: int = 1
     return path
 
 
+def framed_figure(picture: Image.Image, *, top: int = 0, right: int = 0, bottom: int = 0, dpi: int = 100):
+    """A matplotlib figure that holds ``picture`` pixel for pixel (placed, not resampled) below a ``top`` px strip,
+    with a ``right`` px strip beside it and a ``bottom`` px strip under it, left free for a title, a colour bar or
+    a legend; saved by :func:`save_png`, the PNG is ``width + right`` x ``top + height + bottom`` px."""
+    fig = new_figure(picture.width + right, top + picture.height + bottom, dpi)
+    fig.figimage(np.asarray(picture.convert("RGB")), xo=0, yo=bottom, origin="upper")
+    return fig
+
+
 def new_figure(width_px: int, height_px: int, dpi: int = 100):  # -> matplotlib Figure
     """A matplotlib figure of exactly ``width_px`` x ``height_px`` pixels at ``dpi`` (Agg backend: no display)."""
     import matplotlib

@@ -1,5 +1,6 @@
 """msn-viz views: the picture of the trainer's views (:func:`msn.train.views.trainer_views`), one row per
-image: target view, anchor view with its dropped patches painted grey, then the focal views."""
+image: target view, anchor view with its dropped patches painted grey, then the focal views; ``msn-viz`` saves it
+with a legend that says what the grey patches are (:func:`views_figure`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from msn.plots.common import GREY, mosaic, to_display, upscale
+from msn.plots.common import GREY, framed_figure, mosaic, to_display, upscale
+
+LEGEND_PX = 32  # the strip under the grid that holds the legend
+DROPPED_LABEL = "dropped patch of the anchor view\n(masked: the encoder never sees it)"
 
 
 def grey_out(image: np.ndarray, dropped: np.ndarray) -> np.ndarray:
@@ -42,3 +46,17 @@ def views_picture(views: list[torch.Tensor], dropped: np.ndarray, *, mean: list[
         rows.append(row)
     labels = ["target", "anchor"] + [f"focal {k}" for k in range(1, len(shown) - 1)]
     return mosaic(rows, cell, labels)
+
+
+def views_figure(views: list[torch.Tensor], dropped: np.ndarray, *, mean: list[float], std: list[float],
+                 cell: int):  # -> matplotlib Figure
+    """:func:`views_picture`'s grid, pixel for pixel, above a :data:`LEGEND_PX` px strip whose legend says what
+    the grey patches are: ``(2 + n) * cell`` x ``count * cell + LEGEND_PX`` px."""
+    from matplotlib.patches import Patch
+
+    fig = framed_figure(views_picture(views, dropped, mean=mean, std=std, cell=cell), bottom=LEGEND_PX)
+    grey = (GREY / 255,) * 3
+    fig.legend(handles=[Patch(facecolor=grey, edgecolor="black", linewidth=0.5, label=DROPPED_LABEL)],
+               loc="lower left", bbox_to_anchor=(0, 0), fontsize=7, frameon=False, borderpad=0.3,
+               handlelength=1.5, handleheight=1.5)
+    return fig

@@ -93,6 +93,10 @@ def check_model(model: str | os.PathLike, hf: bool = True) -> None:
     try:
         source_file(model)
     except CheckpointError as e:
+        if hf and not Path(model).exists():  # say every kind of MODEL these commands take, exports included
+            raise CheckpointError(f"{model} does not exist; give a training checkpoint, a run directory, an original "
+                                  f"MSN .pth.tar, a Hugging Face ViTMSN folder (msn-export's, or any saved "
+                                  f"ViTMSNModel: it has {HF_CONFIG}) or a timm export folder") from None
         if hf and Path(model).is_dir():
             raise CheckpointError(f"{e} (or a Hugging Face ViTMSN export, which has {HF_CONFIG}, or a timm export, "
                                   f"which has {TIMM_CONFIG})") from None

@@ -7,7 +7,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from msn.eval.registry import EvalTask, Results, register_protocol, summarise
+from msn.eval.registry import EvalTask, Results, register_protocol
 
 
 def finetune_accuracy(task: EvalTask, *, epochs: int, lr: float, seed: int) -> float:
@@ -63,4 +63,7 @@ def finetune_accuracy(task: EvalTask, *, epochs: int, lr: float, seed: int) -> f
 def finetune(task: EvalTask, *, epochs: int = 100, lr: float = 1e-3) -> Results:
     """Fine-tuning of the whole ViT and a new classifier (transformers' ViTMSNForImageClassification, AdamW,
     ``epochs`` at ``lr``), one per split (the split's seed draws the classifier). Setting: "100%"."""
-    return {"100%": summarise([finetune_accuracy(task, epochs=epochs, lr=lr, seed=s) for s in range(task.splits)])}
+    runs = (f"{task.splits} fine-tuning run{'s' if task.splits > 1 else ''}, {epochs} epochs on "
+            f"{len(task.train.labels)} images")
+    return {"100%": task.setting("100%", runs, lambda: [finetune_accuracy(task, epochs=epochs, lr=lr, seed=s)
+                                                        for s in range(task.splits)])}

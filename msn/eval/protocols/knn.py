@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from msn.eval.registry import EvalTask, Results, register_protocol, summarise
+from msn.eval.registry import EvalTask, Results, register_protocol
 
 if TYPE_CHECKING:
     import torch
@@ -37,6 +37,6 @@ def knn(task: EvalTask, *, k: int = 20, temperature: float = 0.07) -> Results:
     import torch
 
     y_train, y_test = torch.from_numpy(task.train.labels), torch.from_numpy(task.test.labels)
-    accuracy = knn_accuracy(task.features(task.train), y_train, task.features(task.test), y_test, k=k,
-                            temperature=temperature)
-    return {"100%": summarise([accuracy])}
+    x_train, x_test = task.features(task.train), task.features(task.test)
+    return {"100%": task.setting("100%", f"{k}-NN of {len(y_test)} test images among {len(y_train)}", lambda: [
+        knn_accuracy(x_train, y_train, x_test, y_test, k=k, temperature=temperature)])}

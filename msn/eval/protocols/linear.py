@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from msn.eval.registry import EvalTask, Results, register_protocol, summarise
+from msn.eval.registry import EvalTask, Results, register_protocol
 
 if TYPE_CHECKING:
     import torch
@@ -44,5 +44,6 @@ def linear(task: EvalTask, *, epochs: int = 100, lr: float = 1e-3) -> Results:
 
     y_train, y_test = torch.from_numpy(task.train.labels), torch.from_numpy(task.test.labels)
     x_train, x_test = task.features(task.train), task.features(task.test)
-    return {"100%": summarise([linear_probe(x_train, y_train, x_test, y_test, epochs=epochs, lr=lr, seed=s)
-                               for s in range(task.splits)])}
+    probes = f"{task.splits} linear probe{'s' if task.splits > 1 else ''}, {epochs} epochs on {len(y_train)} images"
+    return {"100%": task.setting("100%", probes, lambda: [
+        linear_probe(x_train, y_train, x_test, y_test, epochs=epochs, lr=lr, seed=s) for s in range(task.splits)])}

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from msn.errors import DataError
-from msn.eval.registry import EvalTask, Results, register_protocol, summarise
+from msn.eval.registry import EvalTask, Results, register_protocol
 
 
 def centre_and_normalise(train: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
@@ -89,14 +89,20 @@ def lowshot(task: EvalTask, *, shots: Sequence[int] = (1, 2, 5), fraction: float
     def run(idx: np.ndarray) -> float:
         return logistic_regression(xtr[idx], train.labels[idx], xte, test.labels, penalty)
 
+    fits = f"{task.splits} logistic regression{'s' if task.splits > 1 else ''}"
     if subset_file:
         idx = read_subset_file(Path(subset_file), train)
-        return {Path(subset_file).stem: summarise([run(idx)])}
-    results: Results = {str(n): summarise([run(sample_per_class(train.labels, n, s)) for s in range(task.splits)])
-                        for n in shots}
+        return {Path(subset_file).stem: task.setting(Path(subset_file).stem, f"a logistic regression on the "
+                                                     f"{len(idx)} images of {subset_file}", lambda: [run(idx)])}
+    results: Results = {
+        str(n): task.setting(str(n), f"{fits} on {n} image{'s' if n > 1 else ''} per class",
+                             lambda n=n: [run(sample_per_class(train.labels, n, s)) for s in range(task.splits)])
+        for n in shots}
     if fraction:
         key = f"{fraction * 100:g}%"
-        results[key] = summarise([run(sample_fraction(train.labels, fraction, s)) for s in range(task.splits)])
+        results[key] = task.setting(key, f"{fits} on {key} of the {len(train.labels)} training labels",
+                                    lambda: [run(sample_fraction(train.labels, fraction, s))
+                                             for s in range(task.splits)])
         per_class = {max(1, round(fraction * n)) for n in np.unique(train.labels, return_counts=True)[1]}
         if len(per_class) == 1 and (same := per_class.pop()) in shots:
             # e.g. digits: 1 % of ~126 images a class is 1 image, so this row repeats the "1" row
