@@ -437,6 +437,27 @@ def test_progress_is_a_line_per_stage_on_stdout_and_train_subset_uses_that_many(
     assert "setting 100%: 3-NN of 8 test images among 6 ..." in out
 
 
+def test_a_subset_evaluation_never_replaces_the_full_splits_results(tmp_path):
+    from msn.eval.evaluate import default_output, update_model_card
+
+    run = tmp_path / "run"
+    assert default_output(run / "checkpoints" / "last.pt", "lowshot", "digits").name == "eval_lowshot_digits.json"
+    assert default_output(run / "checkpoints" / "last.pt", "lowshot", "digits", 500).name == \
+        "eval_lowshot_digits-subset500.json"
+    export = tmp_path / "export"
+    export.mkdir()
+    full = {"protocol": "lowshot", "dataset": "digits", "settings": {}, "results": {"1": {"mean": 50.0, "std": 1.0,
+                                                                                        "splits": [0, 1, 2]}}}
+    update_model_card(export, full)
+    update_model_card(export, {**full, "settings": {"train_subset": 500},
+                               "results": {"1": {"mean": 40.0, "std": 2.0, "splits": [0]}}})
+    update_model_card(export, full)  # again, after the subset's: it replaces its own section only
+    card = (export / "README.md").read_text()
+    assert card.count("## Evaluation: ") == 2
+    assert "## Evaluation: lowshot on digits\n\n| setting | top-1 (%) | splits |\n|---|---|---|\n| 1 | 50.00" in card
+    assert "## Evaluation: lowshot on digits (a stratified subset of 500 training images)\n" in card
+
+
 @pytest.mark.parametrize(("value", "message"), [
     ("0", "--train-subset 0 must be >= 1"),
     ("13", "--train-subset 13: the training split has 12 images; use --train-subset up to 12, or leave it out to "

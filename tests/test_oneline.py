@@ -139,6 +139,10 @@ def test_a_key_given_twice_is_refused(tmp_path, monkeypatch, capsys):
                                           r"'data.shards=/x/shard-\{000008..000011\}.tar'"):
         check_overrides_once([f"data.shards=/x/shard-{i:06d}.tar" for i in range(8, 12)])
     check_overrides_once(["+monitor.options.k=10", "monitor.every_steps=5"])
+    with pytest.raises(ConfigError, match=r"^optim.epochs is given 3 times \(optim.epochs=1 and optim.epochs=3\); "):
+        check_overrides_once(["optim.epochs=1", "optim.epochs=2", "optim.epochs=3"])  # numbers: not the shell's
+    with pytest.raises(ConfigError, match=r"quote it: 'data.shards=/x/\{0..1\}.tar'"):
+        check_overrides_once(["data.shards=/x/0.tar", "data.shards=/x/1.tar"])  # a range of two
 
 
 def test_brace_ranges_are_taken_as_typed(tmp_path, monkeypatch, capsys):
@@ -172,6 +176,8 @@ def test_run_folder_names_need_no_quotes_and_never_cut_a_value(tmp_path):
     (tmp_path / "cpu_smoke,optim.lr=1e-3").mkdir()
     assert run_directory(str(tmp_path), None, "experiment=cpu_smoke,optim.lr=1e-3", None) == \
         str(tmp_path / "cpu_smoke,optim.lr=1e-3")
+    (tmp_path / "lr=1e-3,b").mkdir()  # and so is one named by run_name=lr=1e-3,b then
+    assert run_directory(str(tmp_path), "lr=1e-3,b", None, None) == str(tmp_path / "lr=1e-3,b")
 
 
 def _png(value: int) -> bytes:

@@ -3,6 +3,7 @@ checks the record a complete set carries (``shards.json``): on real PNG files, r
 that fills up and real signals to a real ``msn-shards`` process."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -215,6 +216,12 @@ def test_a_shard_gone_during_the_run_stops_it_rather_than_skipping_its_samples(t
     (shards / "shard-000000.tar").unlink()
     batch = dataset.__getitems__([(0, 1)])
     assert batch.error.startswith(f"shard {shards / 'shard-000000.tar'} is gone") and batch.skipped == []
+    second = shards / "shard-000001.tar"
+    with second.open("r+b") as f:  # rewritten in place after its first read (the open descriptor sees it)
+        f.seek(0, os.SEEK_END)
+        f.write(b"\0" * 512)
+    batch = dataset.__getitems__([(0, 6)])
+    assert batch.error.startswith(f"shard {second} changed while the run read it") and batch.skipped == []
 
 
 def test_what_the_start_says_about_cached_copies_duplicate_keys_and_samples_without_images(tmp_path):
@@ -225,15 +232,20 @@ def test_what_the_start_says_about_cached_copies_duplicate_keys_and_samples_with
     png = io.BytesIO()
     Image.new("RGB", (8, 8)).save(png, format="PNG")
     with tarfile.open(shard, "w") as tar:
-        for name in ("k1.png", "k1.png", "k2.txt", "k3.png"):  # a duplicate key, and a sample without an image
+        # a name twice, a sample without an image, a second image, a key used again further on
+        for name in ("k1.png", "k1.png", "k2.txt", "k3.png", "k3.jpg", "k1.png"):
             info = tarfile.TarInfo(name)
             info.size = len(png.getvalue())
             tar.addfile(info, io.BytesIO(png.getvalue()))
     url = f"pipe:cat {shard}"
     first = WebDatasetImages([url], cache_dir=tmp_path / "cache")
-    assert first.notes == [f"data.shards: 1 image members are not read because their sample already has an image "
-                           f"under the same key ({url}#k1.png); WebDataset reads one image per key: give each image "
-                           "its own key"]
+    assert first.notes == [
+        f"data.shards: 1 member repeats a member name of its sample and is not read ({url}#k1.png); give each image "
+        "its own key",
+        f"data.shards: 1 image member lies beside its sample's first image and is not read ({url}#k3.jpg); a sample "
+        "is one image: give each image to train on a sample of its own",
+        f"data.shards: 1 sample reuses a key met earlier in its shard ({url}#k1); each is read as a sample of its own"]
+    assert len(first) == 4
     again = WebDatasetImages([url], cache_dir=tmp_path / "cache")
     assert "1 of the 1 remote shards are read from the copies fetched earlier" in again.notes[0]
     dataset = MultiCropDataset(again, _transform())

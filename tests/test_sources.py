@@ -227,7 +227,8 @@ def test_bad_samples_are_skipped_and_counted(sources, tmp_path, caplog):
 def test_a_damaged_tail_is_indexed_as_one_bad_sample(tmp_path, sources):
     shard = sorted(sources["shards"].glob("*.tar"))[0]
     data = shard.read_bytes()
-    offsets, sizes, keys, _, _ = index_shard(shard, ["jpg"])
+    scan = index_shard(shard, ["jpg"])
+    offsets, sizes, keys = scan.offsets, scan.sizes, scan.keys
     assert len(keys) == 10 and min(offsets) > 0  # intact: ten samples, each with its image
     cut = tmp_path / "cut.tar"
     cut.write_bytes(data[:offsets[2] + 100])  # samples 0 and 1 whole, sample 2's image cut after 100 bytes

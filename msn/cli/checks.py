@@ -4,6 +4,7 @@ that msn/configs/config.yaml installs, and :func:`check_before_run`, what it ref
 from __future__ import annotations
 
 import itertools
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,7 +23,7 @@ from msn.eval.splits import check_eval_dataset
 from msn.train.terms import check_extra_terms
 from msn.utils.launcher import process_info
 from msn.utils.rundir import complete_message, finished_run, has_checkpoints, resume_null_message
-from msn.utils.runlock import acquire_run_lock
+from msn.utils.runlock import RunBusy, acquire_run_lock
 
 
 class CheckBeforeRun(Callback):
@@ -50,9 +51,17 @@ class CheckBeforeRun(Callback):
                 sys.exit(0)  # without touching the finished run: Hydra has not written anything yet
             info = process_info()  # in a multi-process job rank 0 locks (the others wait for it in the group)
             if info is None or info.rank == 0:
-                if not run_dir.exists():
+                created = not run_dir.exists()
+                try:
+                    acquire_run_lock(run_dir)
+                except RunBusy:
+                    raise  # (another process's folder: made by it, whatever this one saw a moment before)
+                except BaseException:
+                    if created:  # the lock made the folder and then failed: take back what this command made
+                        shutil.rmtree(run_dir, ignore_errors=True)
+                    raise
+                if created:
                     CREATED_RUN_DIRS.add(str(run_dir.resolve()))
-                acquire_run_lock(run_dir)
                 LOCKED_RUN_DIRS.add(str(run_dir))
         except Exception as e:  # ours, omegaconf's for a wrongly typed value, a folder it cannot make, anything
             sys.exit(fail("msn-pretrain", any_error_line(e, "the check before the run failed")))
@@ -87,7 +96,7 @@ def check_overrides_once(overrides: Sequence[str]) -> None:
     for key, values in given.items():
         if len(values) < 2:
             continue
-        pattern = _brace_range_of([v.split("=", 1)[-1] for v in values]) if len(values) > 2 else None
+        pattern = _brace_range_of([v.split("=", 1)[-1] for v in values])
         if pattern is not None:
             raise ConfigError(f"{key} is given {len(values)} times ({values[0]} ... {values[-1]}): the shell expanded "
                               f"a brace pattern; quote it: '{key}={pattern}'")
@@ -103,6 +112,8 @@ def _brace_range_of(values: list[str]) -> str | None:
     prefix = os.path.commonprefix(values)
     prefix = prefix.rstrip("0123456789")
     suffix = os.path.commonprefix([v[len(prefix):][::-1] for v in values])[::-1].lstrip("0123456789")
+    if not (prefix or suffix):
+        return None  # bare numbers (optim.lr=1 optim.lr=2): a key typed twice, not a pattern the shell expanded
     middles = [v[len(prefix):len(v) - len(suffix)] for v in values]
     if not all(re.fullmatch(r"\d+", m) for m in middles):
         return None

@@ -134,7 +134,8 @@ def check_args(args: argparse.Namespace) -> Path:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     name = get_protocol(args.protocol).name
-    output = Path(args.output) if args.output else default_output(Path(args.model), name, args.dataset)
+    output = Path(args.output) if args.output else default_output(Path(args.model), name, args.dataset,
+                                                                   args.train_subset)
     if output.is_dir():
         raise ConfigError(f"--output {output} is a folder; give the file the results go to, e.g. {output}/results.json")
     if output.exists() and not args.overwrite:

@@ -12,6 +12,7 @@ import os
 import re
 import shlex
 import sys
+import traceback
 from datetime import datetime
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 from msn.cli.checks import CREATED_RUN_DIRS, LOCKED_RUN_DIRS
 from msn.cli.errors import error_line, fail, missing_package_header, os_error_line
 from msn.cli.logs import console_logging
-from msn.cli.sweep_jobs import record_failed_job
+from msn.cli.sweep_jobs import forget_failure, record_failed_job
 from msn.config import CONFIG_DIR
 from msn.errors import MSNError
 from msn.utils.compose import register_configs
@@ -38,14 +39,16 @@ from msn.utils.runname import START_TIME_ENV
 register_configs()
 
 
-_TASK = {"started": False}  # whether Hydra handed over to the task: what fails before it is Hydra's or the check's
+# whether Hydra handed over to the task (what fails before it is Hydra's or the check's), and whether the task's
+# signal handlers are installed (a Ctrl-C before them stops a run that has trained nothing)
+_TASK = {"started": False, "handlers": False}
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    _TASK["started"] = True
+    _TASK["started"], _TASK["handlers"] = True, False  # (each job of a sweep installs its own)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         from msn.train import train  # torch and the rest (seconds): the config passed its check
@@ -64,6 +67,8 @@ def _hydra_main(cfg: DictConfig) -> None:
     console_logging()  # the library's log lines, printed as msn-pretrain always printed them
     # the command owns the process's signals (train() as a library leaves them alone) and says why a job ends
     stop = StopRequest(report=lambda line: fail("msn-pretrain", line))
+    _TASK["handlers"] = True  # from here a first Ctrl-C is ours: a stop at the next step, with a checkpoint
+    forget_failure(run_dir)
     try:
         configure_matmul(resolve_device(cfg.device), cfg.tf32)  # process-wide: the entry point's decision
         train(cfg, command, stop=stop)
@@ -73,6 +78,10 @@ def _hydra_main(cfg: DictConfig) -> None:
         code = fail("msn-pretrain", e)
         if not record_failed_job(run_dir, e):  # a sweep's job: recorded, and the sweep goes on to the next job
             sys.exit(code)
+    except Exception as e:  # not bad input (a bug, CUDA out of memory): its traceback; a sweep still goes on
+        if not record_failed_job(run_dir, e):
+            raise
+        traceback.print_exc()
     finally:
         stop.restore()
         release_run_lock(run_dir)
@@ -145,7 +154,7 @@ def main() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     typed = sys.argv[1:]
     sys.argv[1:] = quote_brace_ranges(typed)  # Hydra reads sys.argv
-    _TASK["started"] = False
+    _TASK["started"] = _TASK["handlers"] = False
     LOCKED_RUN_DIRS.clear()
     try:
         _hydra_main()
@@ -163,7 +172,7 @@ def main() -> None:
         if signals is not None and isinstance(e, signals.SecondCtrlC):
             sys.exit(fail("msn-pretrain", "stopped at once by a second Ctrl-C; the last checkpoint written is kept, "
                           "and resume=auto continues from it"))
-        if not _TASK["started"] or signals is None:  # the default handler's: ours were not installed yet
+        if not _TASK["handlers"]:  # the default handler's: ours were not installed yet
             _forget_locked_runs()
             print("msn-pretrain: stopped by Ctrl-C before training started: nothing was trained; run the command "
                   "again to start", file=sys.stderr, flush=True)

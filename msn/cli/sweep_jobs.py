@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from msn.cli.errors import error_line
+from msn.errors import MSNError
 from msn.utils.launcher import process_info
 
 FAILURE_FILE = "failure.json"  # JOB_DIR/failure.json: {"reason": the one line msn-pretrain printed}
@@ -26,8 +27,14 @@ def record_failed_job(run_dir: Path, error: BaseException) -> bool:
         return False
     info = process_info()
     if (info is None or info.rank == 0) and run_dir.is_dir():
-        (run_dir / FAILURE_FILE).write_text(json.dumps({"reason": error_line(error)}, indent=2) + "\n")
+        reason = error_line(error) if isinstance(error, MSNError) else f"{type(error).__name__}: {error}"
+        (run_dir / FAILURE_FILE).write_text(json.dumps({"reason": reason.splitlines()[0]}, indent=2) + "\n")
     return str(HydraConfig.get().launcher.get("_target_")) == IN_PROCESS_LAUNCHER
+
+
+def forget_failure(run_dir: Path) -> None:
+    """A job that starts again (a rerun of the sweep) is no longer the failure an earlier attempt recorded."""
+    (run_dir / FAILURE_FILE).unlink(missing_ok=True)
 
 
 def job_failure(job: Path) -> str | None:

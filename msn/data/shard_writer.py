@@ -78,73 +78,106 @@ def write_shards(src: str | os.PathLike, out: str | os.PathLike, *, per_shard: i
     holding other files is refused, so nothing of the user's is ever deleted. ``stopping()`` is polled between
     images: a non-empty answer (``"SIGTERM"``) abandons the write (:class:`WriteStopped`).
     """
-    import webdataset as wds
-
     root = _check_src(src)
     out = Path(out).expanduser()
     if per_shard < 1:
         raise DataError(f"--per-shard {per_shard} must be >= 1")
+    if out.exists() and not out.is_dir():
+        raise DataError(f"OUT {out} is a file, not a folder; give a folder for the shards")
+    poll = _Poll(stopping, out)
     relative = scan_images(root, where=f"SRC {src}", fix="give msn-shards a folder of images").paths
+    poll()
     if shuffle_seed is not None:
         random.Random(shuffle_seed).shuffle(relative)
-    earlier = _earlier_set(out, overwrite)
     classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
-    class_index = {name: i for i, name in enumerate(classes)}
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    with _exclusive(out):
-        for stale in partial_writes(out):  # an earlier write killed outright (we hold the lock: nobody's)
-            shutil.rmtree(stale, ignore_errors=True)
-        staging = out / f"{PARTIAL_PREFIX}{os.getpid()}"
-        try:
-            _check_space(out, root, relative)
+    try:
+        out.mkdir(parents=True)
+        created = True  # only the call whose mkdir made it: a second msn-shards racing for OUT sees it exist
+    except FileExistsError:
+        created = False
+    staging = out / f"{PARTIAL_PREFIX}{os.getpid()}"
+    replacing = False
+    try:
+        with _exclusive(out):
+            earlier = _earlier_set(out, overwrite)  # under the lock: a set another call finished meanwhile counts
+            for stale in partial_writes(out):  # an earlier write killed outright (we hold the lock: nobody's)
+                shutil.rmtree(stale, ignore_errors=True)
+            _check_space(out, root, relative, poll)
             staging.mkdir()
-            skipped: list[str] = []
-            with wds.ShardWriter(str(staging / "shard-%06d.tar"), maxcount=per_shard, verbose=0) as sink:
-                number = 0
-                for rel in relative:
-                    reason = stopping() if stopping is not None else None
-                    if reason:
-                        raise WriteStopped(f"stopped by {reason} before the set was complete; {out} is unchanged"
-                                           " (run the same command again to write the set)")
-                    label = class_index.get(Path(rel).parts[0]) if len(Path(rel).parts) > 1 else None
-                    try:
-                        sample = _sample(root / rel, f"{number:09d}", label)
-                    except UnreadableImage as bad:
-                        if not skip_bad:
-                            raise DataError(f"{bad}; remove it, or pass --skip-bad to leave such files out (they "
-                                            f"are listed in {MANIFEST}); {out} is unchanged") from None
-                        skipped.append(f"{rel}: {bad.reason}")
-                        continue
-                    sink.write(sample)
-                    number += 1
-            if not number:
-                raise DataError(f"SRC {src}: none of its {len(relative)} images could be read ({skipped[0]}, ...); "
-                                f"{out} is unchanged")
-            records = _records(staging)
+            skipped = _write_samples(staging, root, relative, classes, per_shard, skip_bad, poll)
+            records = _records(staging, poll)
             if classes:
                 (staging / "classes.txt").write_text("".join(f"{i} {name}\n" for i, name in enumerate(classes)))
             write_manifest(staging / MANIFEST, out.resolve().name, records, {
                 "image_keys": list(DEFAULT_IMAGE_KEYS), "source": str(root.resolve()), "per_shard": per_shard,
-                "shuffle_seed": shuffle_seed,
-                "classes": len(classes), "left_out": skipped,
+                "shuffle_seed": shuffle_seed, "classes": len(classes), "left_out": skipped,
                 "written": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+            poll()
+            replacing = True  # from here OUT holds no record until the new one arrives: no way back
             _replace(staging, out, earlier)
-        except OSError as e:  # writing (reading a source file is an UnreadableImage): the disk, the folder
-            shutil.rmtree(staging, ignore_errors=True)
-            if created:
-                shutil.rmtree(out, ignore_errors=True)
-            raise _write_failure(out, e) from None
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            if created:
-                shutil.rmtree(out, ignore_errors=True)  # a folder this call made holds nothing of anyone's
+    except BaseException as e:
+        if replacing:  # keep what is left of the new set: with no record beside it, data=webdataset refuses OUT
+            if isinstance(e, OSError):
+                raise DataError(f"cannot finish replacing the set in {out} ({e.strerror or e}): it now holds an "
+                                "unfinished replacement, which data=webdataset refuses; run the same command "
+                                "again") from None
             raise
+        shutil.rmtree(staging, ignore_errors=True)
+        if created and not isinstance(e, _Busy):
+            shutil.rmtree(out, ignore_errors=True)  # a folder this call made holds nothing of anyone's
+        if isinstance(e, OSError):  # writing (reading a source file is an UnreadableImage): the disk, the folder
+            raise _write_failure(out, e) from None
+        raise
     files = [out / r.url for r in records]
     last = len(files) - 1
     pattern = str(out / ("shard-000000.tar" if last == 0 else f"shard-{{000000..{last:06d}}}.tar"))
     return WrittenShards(pattern, files, sum(r.nsamples for r in records), skipped,
                          fingerprint_of_set([r.fingerprint for r in records]))
+
+
+class _Busy(DataError):
+    """Another msn-shards holds OUT."""
+
+
+class _Poll:
+    """``poll()`` raises :class:`WriteStopped` once ``stopping()`` answers (a signal the caller caught)."""
+
+    def __init__(self, stopping: Callable[[], str | None] | None, out: Path) -> None:
+        self.stopping, self.out = stopping, out
+
+    def __call__(self) -> None:
+        reason = self.stopping() if self.stopping is not None else None
+        if reason:
+            raise WriteStopped(f"stopped by {reason} before the set was complete; {self.out} is unchanged (run the "
+                               "same command again to write the set)")
+
+
+def _write_samples(staging: Path, root: Path, relative: list[str], classes: list[str], per_shard: int,
+                   skip_bad: bool, poll: _Poll) -> list[str]:
+    """Write the images ``root/relative`` into shards in ``staging``; return the files left out (``skip_bad``)."""
+    import webdataset as wds
+
+    class_index = {name: i for i, name in enumerate(classes)}
+    skipped: list[str] = []
+    number = 0
+    with wds.ShardWriter(str(staging / "shard-%06d.tar"), maxcount=per_shard, verbose=0) as sink:
+        for rel in relative:
+            poll()
+            label = class_index.get(Path(rel).parts[0]) if len(Path(rel).parts) > 1 else None
+            try:
+                sample = _sample(root / rel, f"{number:09d}", label)
+            except UnreadableImage as bad:
+                if not skip_bad:
+                    raise DataError(f"{bad}; remove it, or pass --skip-bad to leave such files out (they are "
+                                    f"listed in {MANIFEST}); {poll.out} is unchanged") from None
+                skipped.append(f"{rel}: {bad.reason}")
+                continue
+            sink.write(sample)
+            number += 1
+    if not number:
+        raise DataError(f"SRC {root}: none of its {len(relative)} images could be read ({skipped[0]}, ...); "
+                        f"{poll.out} is unchanged")
+    return skipped
 
 
 def _check_src(src: str | os.PathLike) -> Path:
@@ -159,16 +192,12 @@ def _check_src(src: str | os.PathLike) -> Path:
 def _earlier_set(out: Path, overwrite: bool) -> list[Path]:
     """The files of a set msn-shards wrote earlier in ``out`` (to replace), after refusing what must not be
     replaced: another file of the user's there, or a set without ``overwrite``."""
-    if not out.exists():
-        return []
-    if not out.is_dir():
-        raise DataError(f"OUT {out} is a file, not a folder; give a folder for the shards")
     entries = sorted(out.iterdir())
     shards = [p for p in entries if _SHARD.fullmatch(p.name) and p.is_file()]
     record = [p for p in entries if p.name == MANIFEST]
     ours = {*shards, *record, *partial_writes(out)}
     if shards or record:  # a classes.txt beside shards is the set's; alone, it is the user's own
-        ours.update(p for p in entries if p.name == "classes.txt")
+        ours.update(p for p in entries if p.name == "classes.txt" and p.is_file())
     foreign = [p.name for p in entries if p not in ours]
     if foreign:
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
@@ -176,7 +205,7 @@ def _earlier_set(out: Path, overwrite: bool) -> list[Path]:
                         f"write ({shown}); give an empty or new folder for the shards")
     if (shards or record) and not overwrite:
         raise DataError(f"{out} already holds {len(shards)} shards; pass --overwrite to replace them, or another OUT")
-    return [*shards, *record, *(p for p in entries if p.name == "classes.txt")]
+    return [*shards, *record, *(p for p in entries if p.name == "classes.txt" and p.is_file())]
 
 
 @contextmanager
@@ -188,18 +217,19 @@ def _exclusive(out: Path) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise DataError(f"another msn-shards is writing {out}; wait for it to end, or give another OUT") \
-                    from None
+                raise _Busy(f"another msn-shards is writing {out}; wait for it to end, or give another OUT") from None
             # a file system without locks: go on unguarded
         yield
     finally:
         os.close(fd)
 
 
-def _check_space(out: Path, root: Path, relative: list[str]) -> None:
+def _check_space(out: Path, root: Path, relative: list[str], poll: _Poll) -> None:
     """Refuse before writing when ``out``'s file system cannot hold the new set beside the earlier one."""
     needed = 0
-    for rel in relative:
+    for i, rel in enumerate(relative):
+        if i % 1000 == 0:
+            poll()
         try:
             needed += os.stat(root / rel).st_size + _TAR_OVERHEAD
         except OSError:
@@ -217,10 +247,11 @@ def _write_failure(out: Path, e: OSError) -> DataError:
                      "earlier one only once it is complete)")
 
 
-def _records(staging: Path) -> list[ShardRecord]:
+def _records(staging: Path, poll: _Poll) -> list[ShardRecord]:
     """The record of each shard written in ``staging``, read back through the index a run uses."""
     records = []
     for path in sorted(staging.glob("shard-*.tar")):
+        poll()
         scan = index_shard(path, DEFAULT_IMAGE_KEYS)
         records.append(ShardRecord(path.name, len(scan.keys), path.stat().st_size,
                                    fingerprint_of_shard(scan.keys, scan.offsets, scan.sizes, scan.probes)))
@@ -229,8 +260,8 @@ def _records(staging: Path) -> list[ShardRecord]:
 
 def _replace(staging: Path, out: Path, earlier: list[Path]) -> None:
     """Move the complete set from ``staging`` into ``out`` over the ``earlier`` one: the old record goes
-    first and the new one comes last, so a kill in between leaves no record (and the staging folder) and
-    ``data=webdataset`` refuses the mix rather than training on it."""
+    first and the new one comes last, so a kill or a failure in between leaves no record and the staging
+    folder (never removed then), and ``data=webdataset`` refuses the mix rather than training on it."""
     (out / MANIFEST).unlink(missing_ok=True)
     moved = {p.name for p in staging.iterdir() if p.name != MANIFEST}
     for name in sorted(moved):

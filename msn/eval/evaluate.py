@@ -131,12 +131,13 @@ def check_train_subset(train_subset: int | None, options: dict[str, Any]) -> Non
         raise ConfigError("--train-subset and --subset-file both choose the training images; give one of them")
 
 
-def default_output(model: Path, protocol: str, dataset: str) -> Path:
+def default_output(model: Path, protocol: str, dataset: str, train_subset: int | None = None) -> Path:
     """``eval_PROTOCOL_DATASET.json`` in the model's own folder: the run directory of a checkpoint or run, the
-    export folder, or the folder holding an original ``.pth.tar`` (where the sweep summary looks for it)."""
+    export folder, or the folder holding an original ``.pth.tar`` (where the sweep summary looks for it); a
+    ``train_subset`` run gets ``eval_PROTOCOL_DATASET-subsetN.json``, so it never replaces the full split's."""
     folder = run_dir_of(model) or model.parent
     name = dataset if dataset in ("digits", "fashion_mnist") else safe_name(Path(dataset).name or "dataset")
-    return folder / f"eval_{protocol}_{name}.json"
+    return folder / f"eval_{protocol}_{name}{f'-subset{train_subset}' if train_subset else ''}.json"
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -151,9 +152,11 @@ def update_model_card(folder: Path, report: dict[str, Any]) -> None:
     """Add (or replace) this protocol's results in an ``hf`` export's README.md."""
     card = folder / "README.md"
     text = card.read_text() if card.is_file() else ""
-    marker = f"## Evaluation: {report['protocol']} on {report['dataset']}"
-    if marker in text:
-        start = text.index(marker)
+    subset = (report.get("settings") or {}).get("train_subset")
+    marker = f"## Evaluation: {report['protocol']} on {report['dataset']}" + (
+        f" (a stratified subset of {subset} training images)" if subset else "")
+    if f"{marker}\n" in text:  # the whole heading line: a subset's heading starts like the full split's
+        start = text.index(f"{marker}\n")
         end = text.find("\n## ", start + 1)
         text = text[:start] + (text[end + 1:] if end != -1 else "")
     rows = "\n".join(f"| {k} | {r['mean']:.2f} +- {r['std']:.2f} | {len(r['splits'])} |"

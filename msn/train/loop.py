@@ -254,7 +254,7 @@ def _complete_line(run_dir: Path, step: int, total_steps: int, checkpoint: Path 
     if checkpoint is None or checkpoint.name == "last.pt":
         return complete_message(run_dir, step, total_steps)
     return (f"{run_dir} is complete (step {step} of {total_steps}): nothing to do. Its checkpoint is {checkpoint} "
-            f"({run_dir}/checkpoints/last.pt is unreadable and was passed over): export it with msn-export "
+            f"({run_dir}/checkpoints/last.pt is missing or unreadable and was passed over): export it with msn-export "
             f"{checkpoint} OUT; to train it longer pass a larger optim.epochs with resume={run_dir}, for a new run "
             "pass run_name=NEW_NAME")
 

@@ -39,6 +39,10 @@ class LockLost(ConfigError):
     nothing may be written into it, nor removed from it."""
 
 
+class RunBusy(ConfigError):
+    """Another process holds the run's lock: it trains the run."""
+
+
 class RunLock:
     """This process's exclusive lock on a run directory (see the module docstring).
 
@@ -136,7 +140,7 @@ def acquire_run_lock(run_dir: str | os.PathLike, *, on_file: bool = False) -> Ru
                 os.close(fd)
                 raise
     except BlockingIOError:
-        raise ConfigError(f"{run_dir} is being trained right now by {_holder(run_dir)}; wait for it to stop, or "
+        raise RunBusy(f"{run_dir} is being trained right now by {_holder(run_dir)}; wait for it to stop, or "
                           "pass run_name=NEW_NAME for a separate run") from None
     except OSError as e:
         raise ConfigError(f"cannot lock the run folder {run_dir} ({e.strerror or e}): train in a folder you can "

@@ -51,7 +51,8 @@ def run_directory(root: str, run_name: str | None, overrides: str | None, resume
     if resume not in (None, "auto") and (resumed := run_dir_of(str(resume))) is not None:
         return str(resumed)
     if run_name:
-        return str(Path(root) / run_folder_name(str(run_name)))
+        folder, earlier = Path(root) / run_folder_name(str(run_name)), Path(root) / safe_name(str(run_name))
+        return str(earlier if not folder.exists() and earlier.is_dir() else folder)  # (as for the comma names)
     pairs = [(key, value) for key, value in _override_pairs(overrides or "")
              if not any(key.lstrip("+~").startswith(f"{node}.") for node in excluded)]
     folder = Path(root) / overrides_name(pairs)

@@ -140,13 +140,16 @@ class ShardIndex:
 
 class ShardScan(NamedTuple):
     """:func:`index_shard`'s answer for one shard: per sample (in order) its image member's offset and size and
-    its key (see :class:`ShardIndex`), and the image members left unread because their sample already had one
-    (``KEY.EXT``: WebDataset gives a sample one member per extension)."""
+    its key (see :class:`ShardIndex`); the members that repeat a member name of their sample (not read), the
+    image members beside the one read (a sample is one image: the first), and the keys of samples that reuse a
+    key met earlier in the shard (read as separate samples)."""
 
     offsets: list[int]
     sizes: list[int]
     keys: list[str]
-    unread: list[str]
+    repeated: list[str]
+    extra_images: list[str]
+    reused_keys: list[str]
     probes: str  # 8 bytes from the middle of each image member, in hex: a content check a start can afford
 
 
@@ -162,7 +165,11 @@ def index_shard(path: Path, image_keys: Sequence[str]) -> ShardScan:
     offsets: list[int] = []
     sizes: list[int] = []
     keys: list[str] = []
-    unread: list[str] = []
+    repeated: list[str] = []
+    extra_images: list[str] = []
+    reused_keys: list[str] = []
+    seen: set[str] = set()
+    names: set[str] = set()  # the current sample's member names
     current = None
     try:
         file_size = path.stat().st_size
@@ -172,15 +179,22 @@ def index_shard(path: Path, image_keys: Sequence[str]) -> ShardScan:
                 continue
             key, ext = split_member(name)
             if key != current:  # a new sample starts
-                current = key
+                if key in seen:
+                    reused_keys.append(key)
+                current, names = key, set()
+                seen.add(key)
                 offsets.append(_NO_IMAGE)
                 sizes.append(0)
                 keys.append(key)
+            if name in names:  # tar allows a name twice; extracting would keep the last, we keep the first
+                repeated.append(name)
+                continue
+            names.add(name)
             if ext in wanted:
                 if offsets[-1] == _NO_IMAGE:
                     offsets[-1], sizes[-1] = offset, size
-                else:  # a second image under one key (a duplicate key): said at the start, not read
-                    unread.append(name)
+                else:
+                    extra_images.append(name)
         complete = members.complete
     except OSError as e:
         raise DataError(f"data.shards: cannot read {path} ({e.strerror or e})") from None
@@ -191,7 +205,7 @@ def index_shard(path: Path, image_keys: Sequence[str]) -> ShardScan:
     for i, (offset, size) in enumerate(zip(offsets, sizes, strict=True)):
         if offset >= 0 and offset + size > file_size:
             sizes[i] = max(file_size - offset, 0)  # truncated: the decode fails and the sample is counted
-    return ShardScan(offsets, sizes, keys, unread, _probes(path, offsets, sizes))
+    return ShardScan(offsets, sizes, keys, repeated, extra_images, reused_keys, _probes(path, offsets, sizes))
 
 
 def _probes(path: Path, offsets: Sequence[int], sizes: Sequence[int]) -> str:
@@ -344,14 +358,10 @@ class WebDatasetImages:
         local = [i for i, url in enumerate(self.urls) if not is_remote(url)]
         self.notes += check_shard_set([self.paths[i] for i in local], [fingerprints[i] for i in local],
                                       [counts[i] for i in local], image_keys)
-        unread = [f"{self.urls[i]}#{name}" for i, p in enumerate(parts) for name in p.unread]
-        if unread:
-            shown = ", ".join(unread[:2]) + (", ..." if len(unread) > 2 else "")
-            self.notes.append(f"data.shards: {len(unread)} image members are not read because their sample already "
-                              f"has an image under the same key ({shown}); WebDataset reads one image per key: give "
-                              "each image its own key")
+        self.notes += _member_notes(self.urls, parts)
         self.image_keys = ",".join(image_keys)
-        self._file_sizes = [path.stat().st_size for path in self.paths]  # a shard replaced later is a stop
+        # (size, modification time) of each shard as indexed: a shard changed in place later is a stop
+        self._stamps = [_stamp(path.stat()) for path in self.paths]
         self._fds: dict[int, int] = {}
         self._pid = os.getpid()
 
@@ -391,13 +401,12 @@ class WebDatasetImages:
                                "it and run the same command again to continue from the last checkpoint") from None
             except OSError as e:
                 raise DataError(f"cannot open shard {self.paths[shard]}: {e.strerror or e}") from None
-            now = os.fstat(fd).st_size
-            if now != self._file_sizes[shard]:
-                os.close(fd)
-                raise DataGone(f"shard {self.paths[shard]} changed while the run read it ({self._file_sizes[shard]} "
-                               f"bytes when the run started, {now} now); put the set back as it was and run the same "
-                               "command again, or start a new run on the new set")
             self._fds[shard] = fd
+        now = _stamp(os.fstat(fd))  # every read (a microsecond): a shard rewritten in place after its first read
+        if now != self._stamps[shard]:
+            raise DataGone(f"shard {self.paths[shard]} changed while the run read it ({self._stamps[shard][0]} bytes "
+                           f"when the run started, {now[0]} now, or rewritten); put the set back as it was and run "
+                           "the same command again, or start a new run on the new set")
         return fd
 
     def __getstate__(self) -> dict:  # to spawned workers: without descriptors
@@ -410,6 +419,29 @@ class WebDatasetImages:
                     os.close(fd)
                 except OSError:
                     pass
+
+
+def _member_notes(urls: Sequence[str], parts: Sequence[ShardScan]) -> list[str]:
+    """What the start says once about members a sample does not read and keys used twice (none: nothing)."""
+    said = [  # (field, one, several, what then)
+        ("repeated", "member repeats a member name of its sample and is not read",
+         "members repeat a member name of their sample and are not read", "give each image its own key"),
+        ("extra_images", "image member lies beside its sample's first image and is not read",
+         "image members lie beside their sample's first image and are not read",
+         "a sample is one image: give each image to train on a sample of its own"),
+        ("reused_keys", "sample reuses a key met earlier in its shard", "samples reuse a key met earlier in their "
+         "shard", "each is read as a sample of its own")]
+    notes = []
+    for field, one, several, then in said:
+        found = [f"{urls[i]}#{name}" for i, part in enumerate(parts) for name in getattr(part, field)]
+        if found:
+            shown = ", ".join(found[:2]) + (", ..." if len(found) > 2 else "")
+            notes.append(f"data.shards: {len(found)} {one if len(found) == 1 else several} ({shown}); {then}")
+    return notes
+
+
+def _stamp(stat: os.stat_result) -> tuple[int, int]:
+    return stat.st_size, stat.st_mtime_ns
 
 
 @register_source
