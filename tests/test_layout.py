@@ -223,12 +223,17 @@ _CHEAP_PATHS = r"""
 import contextlib, io, sys
 from pathlib import Path
 
+import zipfile
+
 from msn.cli import bench, evaluate, export, pretrain, shards, viz
 
 done = Path("outputs/done")  # a finished run: msn-pretrain says so and stops
 done.mkdir(parents=True)
 (done / "status.json").write_text('{"status": "finished", "step": 9, "total_steps": 9}')
 (done / "config.yaml").write_text("optim:\n  epochs: 3\n  max_steps: null\n")
+(done / "checkpoints").mkdir()
+with zipfile.ZipFile(done / "checkpoints" / "last.pt", "w") as z:  # (what torch writes is a zip file)
+    z.writestr("archive/version", "3")
 empty = Path("empty")  # a folder that is neither a run with a checkpoint nor an hf export
 empty.mkdir()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import re
 import shutil
@@ -41,6 +42,9 @@ def pretrain(args: list[str], cwd: Path, monkeypatch, capsys) -> tuple[int, str,
     monkeypatch.chdir(cwd)
     monkeypatch.setattr(sys, "argv", ["msn-pretrain", *args])
     capsys.readouterr()
+    loggers = [logging.getLogger(), *(lg for lg in logging.root.manager.loggerDict.values()
+                                      if isinstance(lg, logging.Logger))]
+    saved = [(lg, lg.handlers[:], lg.level, lg.propagate, lg.disabled) for lg in loggers]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -48,6 +52,10 @@ def pretrain(args: list[str], cwd: Path, monkeypatch, capsys) -> tuple[int, str,
             code = 0
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else 1
+        finally:  # Hydra's job logging binds handlers to this test's captured streams: later tests must not see them
+            for lg, handlers, level, propagate, disabled in saved:
+                lg.handlers[:], lg.propagate, lg.disabled = handlers, propagate, disabled
+                lg.setLevel(level)
     out, err = capsys.readouterr()
     return code, out, err + "".join(f"{w.category.__name__}: {w.message}\n" for w in caught)
 

@@ -133,12 +133,11 @@ def _wait_for_partial_shards(out: Path, count: int, process: subprocess.Popen) -
         time.sleep(0.02)
 
 
-def test_sigterm_and_kill_9_half_way_leave_the_earlier_set(tmp_path, good_set):
-    """SIGTERM half-way: one line, exit 143, the old set whole and nothing else in OUT. kill -9 half-way: the
-    old set whole (its record too); the next msn-shards clears what the killed one left."""
+def test_sigterm_half_way_leaves_the_earlier_set(tmp_path, good_set):
+    """SIGTERM half-way (the old code: exit 143, no word, two thirds of the shards and no mark): one line, exit
+    143, the old set whole and nothing else in OUT."""
     out, before = good_set
-    src = _pngs(tmp_path / "src", 600, seed=1)
-    term = _start_shards(src, out, tmp_path / "term.log")
+    term = _start_shards(_pngs(tmp_path / "src", 300, seed=1), out, tmp_path / "term.log")
     _wait_for_partial_shards(out, 3, term)
     term.send_signal(signal.SIGTERM)
     assert term.wait(timeout=60) == 143
@@ -147,6 +146,13 @@ def test_sigterm_and_kill_9_half_way_leave_the_earlier_set(tmp_path, good_set):
                      "the same command again to write the set)"]
     assert _snapshot(out) == before
 
+
+@pytest.mark.slow
+def test_kill_9_half_way_leaves_the_earlier_set_and_the_next_write_clears_it(tmp_path, good_set):
+    """kill -9 half-way: the old set whole, its record too (it still trains); the next msn-shards clears what the
+    killed one left."""
+    out, before = good_set
+    src = _pngs(tmp_path / "src", 600, seed=1)
     killed = _start_shards(src, out, tmp_path / "kill.log")
     _wait_for_partial_shards(out, 3, killed)
     killed.kill()
@@ -250,7 +256,7 @@ def test_what_the_start_says_about_cached_copies_duplicate_keys_and_samples_with
     assert "1 of the 1 remote shards are read from the copies fetched earlier" in again.notes[0]
     dataset = MultiCropDataset(again, _transform())
     batch = dataset.__getitems__([(0, 1)])
-    assert batch.skipped == [f"{url}#k2"] and batch.skip_kinds == {
+    assert set(batch.skipped) == {f"{url}#k2"} and batch.skip_kinds == {  # (its replacement may draw it again)
         f"{url}#k2": "sample without an image member (data.image_keys=jpg,jpeg,png,webp)"}
 
 
