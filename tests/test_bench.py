@@ -99,16 +99,42 @@ SMALL_VIEWS = ["model=vit_pico", "data.batch_size=4", "data.global_size=32", "da
 
 def test_bench_data_on_a_jpeg_folder(tmp_path, capsys):
     root = _jpeg_folder(tmp_path / "jpegs")
-    assert main(["data", "--root", str(root), "--workers", "0", "--seconds", "0.2", *SMALL_VIEWS]) == 0
+    assert main(["data", "--root", str(root), "--workers", "0", "--seconds", "0.2", "--step-img-s", "500",
+                 *SMALL_VIEWS]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     report = json.loads(out[-1])
     assert report["images"] == 12 and report["batch"] == 4 and report["augment_on"] == "cpu"
     assert report["views"] == "2 x 32 + 2 x 16"
     assert report["ours_images_per_s"] > 0 and report["reference_images_per_s"] > 0
     assert report["ratio"] == pytest.approx(report["ours_images_per_s"] / report["reference_images_per_s"])
+    # where the time goes: each stage timed on its own, the photometric stage counted in the workers (augment cpu)
+    stages = report["stages"]
+    assert stages["images_timed"] == 12 and all(stages[f"{s}_ms"] > 0 for s in ("read", "decode", "crop_resize",
+                                                                                "photometric"))
+    worker_ms = stages["read_ms"] + stages["decode_ms"] + stages["crop_resize_ms"] + stages["photometric_ms"]
+    assert report["cores_per_gpu"] == pytest.approx(500 * worker_ms / 1000)
+    assert out[-3].startswith("  per image on one CPU thread (12 images): read ") and "photometric" in out[-3]
+    assert out[-2] == (f"  a step of 500 img/s needs about {report['cores_per_gpu']:.1f} loader cores per GPU "
+                       "(read, decode, crop+resize, photometric in the workers)")
+    assert main(["data", "--root", str(root), "--step-img-s", "0"]) == 1
+    assert capsys.readouterr().err.strip().splitlines() == ["msn-bench: error: --step-img-s 0 must be > 0"]
     assert main(["data", "--root", str(tmp_path / "missing"), "--workers", "0"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "does not exist" in err[0], err
+
+
+def test_stage_times_of_a_source_without_stored_bytes():
+    """A dataset class of the user's own has no ``read_bytes``: its reading is timed inside decoding."""
+    from msn.benchmarks.stages import cores_needed, stage_times
+    from msn.data.multicrop import MultiCropTransform
+    from msn.data.sources.synthetic import SyntheticDataset
+
+    cfg = compose_bench_config(["data=synthetic", *SMALL_VIEWS])
+    stages = stage_times(SyntheticDataset(20, 48), MultiCropTransform(cfg.data), count=8)
+    assert stages["images_timed"] == 8 and stages["read_ms"] is None and stages["decode_ms"] > 0
+    on_device = cores_needed(stages, 1000, photometric_in_workers=False)
+    assert on_device == pytest.approx(stages["decode_ms"] + stages["crop_resize_ms"])  # 1000 img/s x ms / 1000
+    assert cores_needed(stages, 1000, photometric_in_workers=True) > on_device
 
 
 def test_bench_data_reference_makes_the_recipes_views(tmp_path):

@@ -25,6 +25,7 @@ from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
+from msn.benchmarks.stages import cores_needed, stage_times
 from msn.data.images import load_rgb
 from msn.data.loader import EpochSampler, MultiCropDataset, RunSampler, build_loader
 from msn.data.multicrop import MultiCropTransform, augment_in_workers, device_views
@@ -93,8 +94,11 @@ def images_per_second(batches: Iterable[Any], batch_size: int, seconds: float, w
     return count * batch_size / (time.perf_counter() - tic)
 
 
-def bench_data(cfg: DictConfig, *, workers: int, seconds: float, warmup: int = 2) -> dict[str, Any]:
-    """Images/s of our loader and of the reference on ``cfg.data``'s source (see the module docstring)."""
+def bench_data(cfg: DictConfig, *, workers: int, seconds: float, warmup: int = 2,
+               step_images_per_s: float | None = None) -> dict[str, Any]:
+    """Images/s of our loader and of the reference on ``cfg.data``'s source (see the module docstring), the
+    per-image CPU milliseconds of each stage (:func:`msn.benchmarks.stages.stage_times`) and, given the step's
+    ``step_images_per_s``, the loader cores one GPU needs (``cores_per_gpu``)."""
     d = cfg.data
     device = resolve_device(cfg.device)
     base = build_dataset(d)
@@ -118,12 +122,16 @@ def bench_data(cfg: DictConfig, *, workers: int, seconds: float, warmup: int = 2
                                   num_workers=workers, drop_last=True, persistent_workers=workers > 0,
                                   generator=torch.Generator().manual_seed(cfg.seed))
     reference = images_per_second(_forever(reference_loader), d.batch_size, seconds, warmup)
+    stages = stage_times(base, transform, batch=min(int(d.batch_size), 16), seed=cfg.seed)
+    cores = None if step_images_per_s is None else cores_needed(stages, step_images_per_s,
+                                                                photometric_in_workers=in_workers)
     return {
         "source": d.name, "root": describe_source(d), "images": len(base), "batch": int(d.batch_size),
         "workers": workers,
         "threads": torch.get_num_threads(), "device": device.type, "augment_on": "cpu" if in_workers else "device",
         "views": f"2 x {d.global_size} + {d.num_focal} x {d.focal_size}",
         "ours_images_per_s": ours, "reference_images_per_s": reference, "ratio": ours / reference,
+        "stages": stages, "step_images_per_s": step_images_per_s, "cores_per_gpu": cores,
     }
 
 

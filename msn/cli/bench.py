@@ -66,6 +66,14 @@ def _print_data(r: dict[str, Any]) -> None:
           f"({r['device']})")
     print(f"  ours {r['ours_images_per_s']:.1f} img/s, reference {r['reference_images_per_s']:.1f} img/s "
           f"-> {r['ratio']:.2f}x")
+    t = r["stages"]
+    read = "in decode" if t["read_ms"] is None else f"{t['read_ms']:.2f} ms"
+    print(f"  per image on one CPU thread ({t['images_timed']} images): read {read}, decode {t['decode_ms']:.2f} ms, "
+          f"crop+resize {t['crop_resize_ms']:.2f} ms, photometric {t['photometric_ms']:.2f} ms")
+    if r["cores_per_gpu"] is not None:
+        share = "read, decode, crop+resize" + (", photometric" if r["augment_on"] == "cpu" else "")
+        print(f"  a step of {r['step_images_per_s']:g} img/s needs about {r['cores_per_gpu']:.1f} loader cores per "
+              f"GPU ({share} in the workers)")
 
 
 def _print_e2e(r: dict[str, Any]) -> None:
@@ -101,6 +109,8 @@ def _parser() -> argparse.ArgumentParser:
     data.add_argument("--workers", type=int, default=None, help="loader workers for both (default: data.num_workers)")
     data.add_argument("--threads", type=int, default=None, help="torch threads of this process (default: torch's)")
     data.add_argument("--seconds", type=float, default=10.0, help="timed seconds per pipeline (default 10)")
+    data.add_argument("--step-img-s", type=float, default=None, dest="step_img_s",
+                      help="the training step's images/s (msn-bench step): print the loader cores one GPU needs")
     e2e = commands.add_parser("e2e", help="the trainer's images/s against the step alone",
                               description="Run msn-pretrain for --steps steps and compare its steady images/s "
                                           "with the step alone; OVERRIDES as for msn-pretrain.")
@@ -115,7 +125,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 # Each numeric option and the values it allows (msn.utils.arguments.check_number); e2e's --warmup, below.
-NUMBERS = {"--steps": ">= 1", "--warmup": ">= 0", "--seconds": "> 0", "--workers": ">= 0", "--threads": ">= 1"}
+NUMBERS = {"--steps": ">= 1", "--warmup": ">= 0", "--seconds": "> 0", "--workers": ">= 0", "--threads": ">= 1",
+           "--step-img-s": "> 0"}
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -188,7 +199,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         from msn.data.loader import loader_workers
 
         workers = loader_workers(cfg.data.num_workers) if args.workers is None else args.workers
-        result = bench_data(cfg, workers=workers, seconds=args.seconds)
+        result = bench_data(cfg, workers=workers, seconds=args.seconds, step_images_per_s=args.step_img_s)
         _print_data(result)
         return result
     if args.command == "jpegs":

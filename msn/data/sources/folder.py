@@ -61,6 +61,11 @@ class ImageFolderDataset:
     def __getitem__(self, index: int) -> Image.Image:
         return load_rgb(self.paths[index])
 
+    def read_bytes(self, index: int) -> bytes:
+        """Image ``index``'s file as stored (undecoded): what a decoder elsewhere (``msn-bench data``'s stage
+        timing) starts from."""
+        return self.paths[index].read_bytes()
+
     def label(self, index: int) -> int:
         """Class index of image ``index`` (-1 for an image directly under ``root``)."""
         return self.targets[index]

@@ -172,6 +172,17 @@ class HFImages:
             return value.convert("RGB")
         raise DataError(f"{self.name(index)}: column {self.image_key} holds no image ({type(value).__name__})")
 
+    def read_bytes(self, index: int) -> bytes:
+        """Row ``index``'s image as stored (its bytes, or its file's), undecoded."""
+        value = self.table[int(index)][self.image_key]
+        if isinstance(value, dict) and value.get("bytes"):
+            return bytes(value["bytes"])
+        if isinstance(value, dict) and value.get("path"):
+            return Path(value["path"]).read_bytes()
+        if isinstance(value, (bytes, bytearray)):
+            return bytes(value)
+        raise DataError(f"{self.name(index)}: column {self.image_key} holds no stored image bytes")
+
 
 @register_source
 class HFSource(Source):

@@ -373,15 +373,21 @@ class WebDatasetImages:
         return f"{self.urls[int(self.index.shard[index])]}#{self.index.keys[index]}"
 
     def __getitem__(self, index: int) -> Image.Image:
-        offset, size = int(self.index.offset[index]), int(self.index.size[index])
+        offset = int(self.index.offset[index])
         if offset == _NO_IMAGE:
             raise BadSample(f"sample {self.name(index)} has no image member (data.image_keys={self.image_keys})",
                             f"sample without an image member (data.image_keys={self.image_keys})")
         if offset == _CUT:
             raise BadSample(f"{self.urls[int(self.index.shard[index])]} is truncated or damaged after its "
                             f"{self._position(index)} readable samples", "rest of a truncated or damaged shard")
-        data = os.pread(self._fd(int(self.index.shard[index])), size, offset)
-        return decode_rgb(io.BytesIO(data), self.name(index))
+        return decode_rgb(io.BytesIO(self.read_bytes(index)), self.name(index))
+
+    def read_bytes(self, index: int) -> bytes:
+        """Sample ``index``'s image member as stored (undecoded), by one ``pread``."""
+        offset, size = int(self.index.offset[index]), int(self.index.size[index])
+        if offset < 0:
+            raise BadSample(f"sample {self.name(index)} has no image to read")
+        return os.pread(self._fd(int(self.index.shard[index])), size, offset)
 
     def _position(self, index: int) -> int:
         shard = self.index.shard[index]
