@@ -102,6 +102,7 @@ def test_msn_shards_writes_the_folder_as_webdataset_samples(sources):
     assert (sources["shards"] / "classes.txt").read_text() == "0 cats\n1 dogs\n"
     images = WebDatasetImages(expand_shards(sources["pattern"]))
     assert len(images) == 32
+    assert images.read_bytes(17) == sources["files"][17].read_bytes()  # the stored bytes, for a decoder elsewhere
     for i in (0, 17, 31):
         assert np.array_equal(np.asarray(images[i]), np.asarray(load_rgb(sources["files"][i])))
     again = subprocess.run(["msn-shards", str(sources["folder"]), str(sources["shards"])], capture_output=True,
@@ -263,6 +264,8 @@ def test_bad_sources_are_one_line_before_any_file_is_written(tmp_path, overrides
 
 def test_hf_datasets_refuse_a_wrong_split_column_or_hub_id_in_one_line(sources, tmp_path):
     from msn.data.sources.hf import HFImages
+
+    assert HFImages(str(sources["saved"])).read_bytes(3) == sources["files"][3].read_bytes()  # stored, undecoded
 
     with pytest.raises(DataError, match=r"data.split=validation: .* holds the splits train, test"):
         HFImages(str(sources["saved"]), "validation")
