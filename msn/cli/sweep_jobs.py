@@ -7,8 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from msn.cli.errors import error_line
-from msn.errors import MSNError
+from msn.cli.errors import any_error_line
 from msn.utils.launcher import process_info
 
 FAILURE_FILE = "failure.json"  # JOB_DIR/failure.json: {"reason": the one line msn-pretrain printed}
@@ -27,8 +26,8 @@ def record_failed_job(run_dir: Path, error: BaseException) -> bool:
         return False
     info = process_info()
     if (info is None or info.rank == 0) and run_dir.is_dir():
-        reason = error_line(error) if isinstance(error, MSNError) else f"{type(error).__name__}: {error}"
-        (run_dir / FAILURE_FILE).write_text(json.dumps({"reason": reason.splitlines()[0]}, indent=2) + "\n")
+        reason = any_error_line(error, "the job")
+        (run_dir / FAILURE_FILE).write_text(json.dumps({"reason": reason}, indent=2) + "\n")
     return str(HydraConfig.get().launcher.get("_target_")) == IN_PROCESS_LAUNCHER
 
 

@@ -96,8 +96,8 @@ class MultiCropDataset(Dataset):
 
     def _load(self, epoch: int, index: int, kinds: dict[str, str] | None = None) -> tuple[Image.Image, list[str]]:
         """Image ``index``, or a deterministic replacement when it cannot be decoded; the paths that failed (and
-        into ``kinds``, what those that are not plain undecodable images are). Data that disappeared under the
-        run (:class:`DataGone`) is not replaced: it stops the run."""
+        into ``kinds``, what the source said each :class:`BadSample` is). Data that disappeared under the run
+        (:class:`DataGone`) is not replaced: it stops the run."""
         bad, candidate = [], index
         for attempt in range(self.max_replacements + 1):
             try:
@@ -106,7 +106,7 @@ class MultiCropDataset(Dataset):
                 raise
             except DataError as err:
                 bad.append(self.path(candidate))
-                if kinds is not None and isinstance(err, BadSample) and err.what != "undecodable image":
+                if kinds is not None and isinstance(err, BadSample):
                     kinds[bad[-1]] = err.what
                 g = stream_generator(self.seed, "replace", epoch, index, attempt)
                 candidate = int(torch.randint(len(self.base), (1,), generator=g))

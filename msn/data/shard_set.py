@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,14 +112,14 @@ def partial_writes(folder: Path) -> list[Path]:
 
 
 def check_shard_set(paths: Sequence[Path], fingerprints: Sequence[str], counts: Sequence[int],
-                    image_keys: Sequence[str]) -> list[str]:
+                    file_sizes: Sequence[int], image_keys: Sequence[str]) -> list[str]:
     """Check local shards against the records of the sets they belong to; return notes to print once.
 
     ``paths``: the shard files a run reads, ``fingerprints`` and ``counts`` their indexes' (same order), made
-    with ``image_keys``. A shard whose folder has a ``shards.json`` must be recorded there with the same sample
-    count and size (and fingerprint, when the record's image keys are the run's), and every shard the record
-    lists must still exist; a folder holding an unfinished write and no record is refused. A
-    :class:`DataError` names the first problem and the fix.
+    with ``image_keys``, and ``file_sizes`` their sizes in bytes. A shard whose folder has a ``shards.json``
+    must be recorded there with the same sample count and size (and fingerprint, when the record's image keys
+    are the run's), and every shard the record lists must still exist; a folder holding an unfinished write and
+    no record is refused. A :class:`DataError` names the first problem and the fix.
     """
     notes: list[str] = []
     by_folder: dict[Path, list[int]] = {}
@@ -146,7 +145,7 @@ def check_shard_set(paths: Sequence[Path], fingerprints: Sequence[str], counts: 
             if record is None:
                 raise DataError(f"{paths[i]} is not part of the set that {folder}/{MANIFEST} records (it lists "
                                 f"{len(records)} shards); remove the stray file or write the set again with msn-shards")
-            size = os.stat(paths[i]).st_size
+            size = file_sizes[i]
             if (record.nsamples, record.filesize) != (counts[i], size):
                 differs = (f"{record.nsamples} samples, {record.filesize} bytes recorded in {MANIFEST}; {counts[i]} "
                            f"samples, {size} bytes now")

@@ -33,7 +33,7 @@ from msn.data.shard_set import (
     partial_writes,
     write_manifest,
 )
-from msn.data.sources.folder import scan_images
+from msn.data.sources.folder import check_data_root, scan_images
 from msn.data.sources.webdataset import DEFAULT_IMAGE_KEYS, index_shard
 from msn.errors import DataError, WriteStopped
 
@@ -78,7 +78,7 @@ def write_shards(src: str | os.PathLike, out: str | os.PathLike, *, per_shard: i
     holding other files is refused, so nothing of the user's is ever deleted. ``stopping()`` is polled between
     images: a non-empty answer (``"SIGTERM"``) abandons the write (:class:`WriteStopped`).
     """
-    root = _check_src(src)
+    root = check_data_root(src, where=f"SRC {src}", fix="give msn-shards a folder of images")
     out = Path(out).expanduser()
     if per_shard < 1:
         raise DataError(f"--per-shard {per_shard} must be >= 1")
@@ -180,24 +180,15 @@ def _write_samples(staging: Path, root: Path, relative: list[str], classes: list
     return skipped
 
 
-def _check_src(src: str | os.PathLike) -> Path:
-    root = Path(src).expanduser()
-    if not root.exists():
-        raise DataError(f"SRC {src} does not exist; give msn-shards a folder of images")
-    if not root.is_dir():
-        raise DataError(f"SRC {src} is not a folder; give msn-shards a folder of images")
-    return root
-
-
 def _earlier_set(out: Path, overwrite: bool) -> list[Path]:
     """The files of a set msn-shards wrote earlier in ``out`` (to replace), after refusing what must not be
     replaced: another file of the user's there, or a set without ``overwrite``."""
     entries = sorted(out.iterdir())
     shards = [p for p in entries if _SHARD.fullmatch(p.name) and p.is_file()]
     record = [p for p in entries if p.name == MANIFEST]
-    ours = {*shards, *record, *partial_writes(out)}
-    if shards or record:  # a classes.txt beside shards is the set's; alone, it is the user's own
-        ours.update(p for p in entries if p.name == "classes.txt" and p.is_file())
+    classes = [p for p in entries if p.name == "classes.txt" and p.is_file()]
+    # a classes.txt beside shards is the set's; alone, it is the user's own
+    ours = {*shards, *record, *partial_writes(out), *(classes if shards or record else [])}
     foreign = [p.name for p in entries if p not in ours]
     if foreign:
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
@@ -205,7 +196,7 @@ def _earlier_set(out: Path, overwrite: bool) -> list[Path]:
                         f"write ({shown}); give an empty or new folder for the shards")
     if (shards or record) and not overwrite:
         raise DataError(f"{out} already holds {len(shards)} shards; pass --overwrite to replace them, or another OUT")
-    return [*shards, *record, *(p for p in entries if p.name == "classes.txt" and p.is_file())]
+    return [*shards, *record, *classes]
 
 
 @contextmanager

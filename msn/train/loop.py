@@ -96,7 +96,7 @@ def _train(cfg: DictConfig, command: str | None, proc: Process, run_dir: Path, s
             data=data.identity)
     if start_step >= data.total_steps:  # a finished run: say so and leave it as it is
         if proc.is_main:
-            log.info(_complete_line(run_dir, start_step, data.total_steps, resume_path))
+            log.info(complete_message(run_dir, start_step, data.total_steps, resume_path))
         return {}
     if cfg.init_from is not None and resume_path is None:  # a resumed run already holds its weights
         kind = init_model_from(parts.model, cfg.init_from)
@@ -245,18 +245,6 @@ def _what_trains(cfg: DictConfig, data: TrainingData) -> str:
                  "paper's ViT-S/16 at 224 px pass experiment=msn_vits16 (or model=vit_small model.patch_size=16 "
                  "model.img_size=224)")
     return line
-
-
-def _complete_line(run_dir: Path, step: int, total_steps: int, checkpoint: Path | None) -> str:
-    """What a run that has nothing left to do says: :func:`complete_message`, naming the checkpoint it was read
-    from when that is not ``last.pt`` (an unreadable ``last.pt`` was passed over: naming it would send the user
-    to a broken file, and ``msn-export RUN_DIR`` reads it)."""
-    if checkpoint is None or checkpoint.name == "last.pt":
-        return complete_message(run_dir, step, total_steps)
-    return (f"{run_dir} is complete (step {step} of {total_steps}): nothing to do. Its checkpoint is {checkpoint} "
-            f"({run_dir}/checkpoints/last.pt is missing or unreadable and was passed over): export it with msn-export "
-            f"{checkpoint} OUT; to train it longer pass a larger optim.epochs with resume={run_dir}, for a new run "
-            "pass run_name=NEW_NAME")
 
 
 def _warmup_note(cfg: DictConfig, data: TrainingData) -> str | None:

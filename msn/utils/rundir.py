@@ -166,10 +166,16 @@ def finished_run(run_dir: Path, cfg: DictConfig) -> dict[str, Any] | None:
     return status if same else None
 
 
-def complete_message(run_dir: Path, step: int, total_steps: int) -> str:
-    return (f"{run_dir} is complete (step {step} of {total_steps}): nothing to do. Its checkpoint is "
-            f"{run_dir}/checkpoints/last.pt; to train it longer pass a larger optim.epochs with resume={run_dir}, "
-            "for a new run pass run_name=NEW_NAME")
+def complete_message(run_dir: Path, step: int, total_steps: int, checkpoint: Path | None = None) -> str:
+    """What a run with nothing left to do says. ``checkpoint``: the one it was read from, named when it is not
+    ``last.pt`` (an unreadable ``last.pt`` was passed over: naming it would send the user to a broken file, and
+    ``msn-export RUN_DIR`` reads it)."""
+    last = f"{run_dir}/checkpoints/last.pt"
+    where = last if checkpoint is None or checkpoint.name == "last.pt" else (
+        f"{checkpoint} ({last} is missing or unreadable and was passed over): export it with msn-export "
+        f"{checkpoint} OUT")
+    return (f"{run_dir} is complete (step {step} of {total_steps}): nothing to do. Its checkpoint is {where}; to "
+            f"train it longer pass a larger optim.epochs with resume={run_dir}, for a new run pass run_name=NEW_NAME")
 
 
 def safe_name(name: str, limit: int = 100) -> str:

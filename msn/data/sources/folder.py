@@ -71,15 +71,17 @@ class ImageFolderDataset:
         return self.targets[index]
 
 
-def check_data_root(root: str | os.PathLike | None) -> Path:
-    """``root`` as a Path when it is an existing folder, else a :class:`DataError` that says how to fix it."""
+def check_data_root(root: str | os.PathLike | None, *, where: str | None = None,
+                    fix: str = "pass data.root=/path/to/images") -> Path:
+    """``root`` as a Path when it is an existing folder, else a :class:`DataError` that names it as ``where``
+    (default ``data.root=ROOT``) and ends with ``fix``."""
     if root is None or str(root) == "":
-        raise DataError("data.root is not set; pass data.root=/path/to/images")
+        raise DataError(f"{where or 'data.root'} is not set; {fix}")
     path = Path(root).expanduser()
     if not path.exists():
-        raise DataError(f"data.root={root} does not exist; pass data.root=/path/to/images")
+        raise DataError(f"{where or f'data.root={root}'} does not exist; {fix}")
     if not path.is_dir():
-        raise DataError(f"data.root={root} is not a folder; pass data.root=/path/to/images")
+        raise DataError(f"{where or f'data.root={root}'} is not a folder; {fix}")
     return path
 
 

@@ -355,13 +355,13 @@ class WebDatasetImages:
                             f"{','.join(image_keys)}); check that they are WebDataset tar files")
         fingerprints = [fingerprint_of_shard(p.keys, p.offsets, p.sizes, p.probes) for p in parts]
         self.fingerprint = fingerprint_of_set(fingerprints)  # what a resume compares: the samples and their order
-        local = [i for i, url in enumerate(self.urls) if not is_remote(url)]
-        self.notes += check_shard_set([self.paths[i] for i in local], [fingerprints[i] for i in local],
-                                      [counts[i] for i in local], image_keys)
-        self.notes += _member_notes(self.urls, parts)
-        self.image_keys = ",".join(image_keys)
         # (size, modification time) of each shard as indexed: a shard changed in place later is a stop
         self._stamps = [_stamp(path.stat()) for path in self.paths]
+        local = [i for i, url in enumerate(self.urls) if not is_remote(url)]
+        self.notes += check_shard_set([self.paths[i] for i in local], [fingerprints[i] for i in local],
+                                      [counts[i] for i in local], [self._stamps[i][0] for i in local], image_keys)
+        self.notes += _member_notes(self.urls, parts)
+        self.image_keys = ",".join(image_keys)
         self._fds: dict[int, int] = {}
         self._pid = os.getpid()
 
