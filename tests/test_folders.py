@@ -224,7 +224,7 @@ def test_exif_orientation_is_applied_in_training_and_evaluation(tmp_path: Path, 
     # training: the folder source, and the image MultiCropDataset crops its views from
     base = build_dataset(replace(SMALL, root=str(root / "train")))
     assert same(base[0]) and same(load_rgb(path))
-    image, bad = MultiCropDataset(base, MultiCropTransform(SMALL))._load(0, 0)
+    image, bad = MultiCropDataset(base, MultiCropTransform(SMALL)).load(0, 0)
     assert same(image) and bad == []
     # shards and Hugging Face rows decode bytes with the same function
     assert same(decode_rgb(io.BytesIO(path.read_bytes()), "photo.jpg"))

@@ -154,16 +154,19 @@ main()
 """
 
 
-# Each source with 0 and 2 loader workers; the default suite runs shards without workers (with 2 workers: a folder,
-# through the command line, in tests/test_cluster.py), -m slow the others.
-@pytest.mark.parametrize(("source", "workers"), [
-    ("webdataset", 0), pytest.param("webdataset", 2, marks=pytest.mark.slow),
-    pytest.param("hf", 2, marks=pytest.mark.slow), pytest.param("hf", 0, marks=pytest.mark.slow),
-    pytest.param("custom", 2, marks=pytest.mark.slow), pytest.param("custom", 0, marks=pytest.mark.slow),
+# Each source with 0 and 2 loader workers; the default suite runs shards without workers and shards decoded on the
+# device (data.decode_on=device, on this CPU) with 2 workers (a folder with 2 workers, through the command line, in
+# tests/test_cluster.py), -m slow the others.
+@pytest.mark.parametrize(("source", "workers", "decode_on"), [
+    ("webdataset", 0, "cpu"), ("webdataset", 2, "device"), pytest.param("webdataset", 2, "cpu", marks=pytest.mark.slow),
+    pytest.param("folder", 0, "device", marks=pytest.mark.slow),
+    pytest.param("hf", 2, "cpu", marks=pytest.mark.slow), pytest.param("hf", 0, "cpu", marks=pytest.mark.slow),
+    pytest.param("custom", 2, "cpu", marks=pytest.mark.slow), pytest.param("custom", 0, "cpu", marks=pytest.mark.slow),
 ])
-def test_kill_9_and_resume_is_bit_identical(sources, tmp_path, source, workers):
+def test_kill_9_and_resume_is_bit_identical(sources, tmp_path, source, workers, decode_on):
     overrides = [*(o for o in SMALL if not o.startswith("data.num_workers=")), *_source(sources, source),
-                 "checkpoint.last_every_steps=1", "checkpoint.every_steps=0"]  # (a key given once on a command line)
+                 "checkpoint.last_every_steps=1", "checkpoint.every_steps=0",  # (a key given once on a command line)
+                 *(["data.decode_on=device", "data.augment_on=device"] if decode_on == "device" else [])]
     full = tmp_path / "full"
     train(compose_config([*overrides, "data.num_workers=0", f"run_dir={full}"]))
     run_dir = tmp_path / f"killed_{workers}"

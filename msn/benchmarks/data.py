@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from msn.benchmarks.stages import cores_needed, stage_times
+from msn.data.device_decode import DeviceDecoder, decode_on_device
 from msn.data.images import load_rgb
 from msn.data.loader import EpochSampler, MultiCropDataset, RunSampler, build_loader
 from msn.data.multicrop import MultiCropTransform, augment_in_workers, device_views
@@ -103,15 +104,17 @@ def bench_data(cfg: DictConfig, *, workers: int, seconds: float, warmup: int = 2
     device = resolve_device(cfg.device)
     base = build_dataset(d)
     in_workers = augment_in_workers(d.augment_on, device)
+    on_device = decode_on_device(d.decode_on, d.augment_on, device, base)
     transform = MultiCropTransform(d)
-    dataset = MultiCropDataset(base, transform, seed=cfg.seed, finish=in_workers)
+    dataset = MultiCropDataset(base, transform, seed=cfg.seed, finish=in_workers, decode=not on_device)
+    decode = DeviceDecoder(dataset, device) if on_device else None
     loader_cfg = d.copy()
     loader_cfg.num_workers = workers
     sampler = RunSampler(EpochSampler(len(base), seed=cfg.seed, drop_last=True), d.batch_size, drop_last=True)
     loader = build_loader(loader_cfg, dataset, sampler, pin_memory=device.type == "cuda")
 
     def to_views(batch: Any) -> None:
-        views = device_views(batch, transform, device)
+        views = device_views(decode(batch) if decode else batch, transform, device)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         del views
@@ -124,11 +127,13 @@ def bench_data(cfg: DictConfig, *, workers: int, seconds: float, warmup: int = 2
     reference = images_per_second(_forever(reference_loader), d.batch_size, seconds, warmup)
     stages = stage_times(base, transform, batch=min(int(d.batch_size), 16), seed=cfg.seed)
     cores = None if step_images_per_s is None else cores_needed(stages, step_images_per_s,
-                                                                photometric_in_workers=in_workers)
+                                                                photometric_in_workers=in_workers,
+                                                                decode_in_workers=not on_device)
     return {
         "source": d.name, "root": describe_source(d), "images": len(base), "batch": int(d.batch_size),
         "workers": workers,
         "threads": torch.get_num_threads(), "device": device.type, "augment_on": "cpu" if in_workers else "device",
+        "decode_on": "device" if on_device else "cpu",
         "views": f"2 x {d.global_size} + {d.num_focal} x {d.focal_size}",
         "ours_images_per_s": ours, "reference_images_per_s": reference, "ratio": ours / reference,
         "stages": stages, "step_images_per_s": step_images_per_s, "cores_per_gpu": cores,

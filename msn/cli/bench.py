@@ -62,23 +62,24 @@ def _print_step(r: dict[str, Any]) -> None:
 
 def _print_data(r: dict[str, Any]) -> None:
     print(f"{r['images']} images in {r['root']} ({r['source']}): views {r['views']}, batch {r['batch']}, "
-          f"{r['workers']} workers, {r['threads']} thread(s), photometric stage on the {r['augment_on']} "
-          f"({r['device']})")
+          f"{r['workers']} workers, {r['threads']} thread(s), decoded on the {r['decode_on']}, photometric stage on "
+          f"the {r['augment_on']} ({r['device']})")
     print(f"  ours {r['ours_images_per_s']:.1f} img/s, reference {r['reference_images_per_s']:.1f} img/s "
           f"-> {r['ratio']:.2f}x")
     t = r["stages"]
-    read = "in decode" if t["read_ms"] is None else f"{t['read_ms']:.2f} ms"
+    read = "in decode" if t["read_ms"] is None else f"{t['read_ms']:.2f} ms (+ header {t['header_ms']:.2f} ms)"
     print(f"  per image on one CPU thread ({t['images_timed']} images): read {read}, decode {t['decode_ms']:.2f} ms, "
           f"crop+resize {t['crop_resize_ms']:.2f} ms, photometric {t['photometric_ms']:.2f} ms")
     if r["cores_per_gpu"] is not None:
-        share = "read, decode, crop+resize" + (", photometric" if r["augment_on"] == "cpu" else "")
+        share = ("read" if r["decode_on"] == "device" else "read, decode, crop+resize") + (
+            ", photometric" if r["augment_on"] == "cpu" else "")
         print(f"  a step of {r['step_images_per_s']:g} img/s needs about {r['cores_per_gpu']:.1f} loader cores per "
               f"GPU ({share} in the workers)")
 
 
 def _print_e2e(r: dict[str, Any]) -> None:
     print(f"{' '.join(r['overrides'])}: batch {r['batch']} on {r['device_name']}, {r['num_workers']} workers, "
-          f"augment_on={r['augment_on']}")
+          f"augment_on={r['augment_on']}, data.decode_on={r['decode_on']}")
     print(f"  trainer {r['e2e_images_per_s']:.1f} img/s (steps {r['warmup'] + 1}-{r['steps']}), step alone "
           f"{r['step_images_per_s']:.1f} img/s -> {r['ratio']:.2f}")
 

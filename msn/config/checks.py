@@ -23,6 +23,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "optim.prototype_grad": ("sum", "mean"),
     "loss.prior": PRIORS,
     "data.augment_on": ("auto", "cpu", "device"),
+    "data.decode_on": ("auto", "cpu", "device"),
     "compile_mode": (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
 }
 
@@ -67,6 +68,9 @@ def validate(cfg: DictConfig | MSNConfig) -> None:
         value = _get(cfg, key)
         names = ", ".join("null" if a is None else a for a in allowed)
         check(value in allowed, f"{key}={value!r} is not allowed; choose one of {names}")
+    check(not (cfg.data.decode_on == "device" and cfg.data.augment_on == "cpu"),
+          "data.decode_on=device cuts the views in the training process, so the photometric stage runs there too; "
+          "set data.augment_on=device (or auto), or data.decode_on=cpu")
     check(str(cfg.logger.progress).lower() in PROGRESS_MODES,  # true / false arrive as "True" / "False"
           f"logger.progress={cfg.logger.progress!r} is not allowed; choose one of {', '.join(PROGRESS_MODES)}")
     try:

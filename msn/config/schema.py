@@ -60,6 +60,8 @@ class DataConfig:
     num_workers: int | None = 0  # null: min(8, the CPU cores this process may use)
     augment_on: str = "auto"  # cpu: the whole augmentation in the loader workers; device: colour, blur and
     # normalisation on the training device (workers decode and crop); auto: device when training on a GPU
+    decode_on: str = "auto"  # device: workers read the files, the training device decodes JPEGs (nvJPEG) and cuts
+    # the views (needs augment_on device/auto); cpu: workers decode and crop; auto: device on a GPU with JPEG data
     global_size: int = 224  # target and anchor crop size
     global_scale: list[float] = field(default_factory=lambda: [0.3, 1.0])
     num_focal: int = 10

@@ -23,6 +23,7 @@ RATIO_RANGE = (3.0 / 4.0, 4.0 / 3.0)  # RandomResizedCrop's default aspect-ratio
 CROP_TRIES = 10  # RandomResizedCrop's rejection-sampling attempts before the centre-crop fallback
 CROP_UNIFORMS = 2 * CROP_TRIES + 2  # uniforms one box needs: area and log-aspect per try, then top, left
 DENSE_RESIZE_MAX_FLOPS = 1e6  # per view; below this one batched matmul beats a ~25 us interpolate call
+PADDED_CHUNK_BYTES = 512 << 20  # float32 working memory of one chunk of :func:`resized_crops_padded`
 
 
 def sample_boxes(u: np.ndarray, height: np.ndarray, width: np.ndarray, scale: Sequence[float]) -> np.ndarray:
@@ -161,11 +162,66 @@ def resized_crops(images: Sequence[torch.Tensor], boxes: np.ndarray, flip: np.nd
             for m, b in enumerate(members):
                 mine = rows[m * count:(m + 1) * count]
                 out[mine] = resized_crops_loop(images[b], boxes[mine], size)
+    return _flip_rows(out, flip)
+
+
+def resized_crops_padded(images: Sequence[torch.Tensor], boxes: np.ndarray, flip: np.ndarray, count: int,
+                         size: int, chunk_bytes: int = PADDED_CHUNK_BYTES) -> torch.Tensor:
+    """:func:`resized_crops` in the shape a GPU wants: a few large matmuls instead of one call per view.
+
+    Images of any sizes are stacked into chunks, each padded with zeros to its largest height and width
+    (the resampling weights of :func:`resize_weights` are zero outside a view's crop, so the padding is
+    never read into a pixel), and each chunk is resized by the two batched matmuls of
+    :func:`resized_crops_dense`. ``chunk_bytes`` bounds a chunk's float32 working memory (stack,
+    resampling weights and the half-resized views): 512 MiB is about 80 ImageNet-sized images with
+    12 views. The filter is torch's antialiased bilinear one; the uint8 ``interpolate`` of the worker
+    path rounds differently, by at most a few levels (the tests measure it).
+
+    Args and return: as :func:`resized_crops` (B images (3, H, W) uint8 on one device, view-major boxes).
+    """
+    b_total = len(images)
+    device = images[0].device if b_total else torch.device("cpu")
+    out = torch.empty(len(boxes), 3, size, size, dtype=torch.uint8, device=device)
+    for members in _padded_chunks(images, count, size, chunk_bytes):
+        h = max(images[b].shape[1] for b in members)
+        w = max(images[b].shape[2] for b in members)
+        stack = torch.zeros(len(members), 3, h, w, device=device)  # (M, 3, H, W) float, 0..255
+        for m, b in enumerate(members):
+            stack[m, :, :images[b].shape[1], :images[b].shape[2]] = images[b]
+        rows = (np.arange(count)[None, :] * b_total + members[:, None]).ravel()  # (M * V,) image-major
+        out[to_device(torch.from_numpy(rows), device)] = to_uint8(resized_crops_dense(stack, boxes[rows], size))
+    return _flip_rows(out, flip)
+
+
+def _padded_chunks(images: Sequence[torch.Tensor], count: int, size: int, chunk_bytes: int) -> list[np.ndarray]:
+    """Consecutive runs of image positions whose padded working memory stays within ``chunk_bytes``.
+
+    An image padded to (H, W) costs 4 bytes per float of its stack (3 H W), of its row and column weights
+    (V S (H + W)) and of its half-resized views (V S 3 W).
+    """
+    chunks: list[np.ndarray] = []
+    members: list[int] = []
+    h = w = 0
+    for b, image in enumerate(images):
+        nh, nw = max(h, image.shape[1]), max(w, image.shape[2])
+        cost = 4 * (len(members) + 1) * (3 * nh * nw + count * size * (nh + nw) + count * size * 3 * nw)
+        if members and cost > chunk_bytes:
+            chunks.append(np.asarray(members))
+            members, nh, nw = [], image.shape[1], image.shape[2]
+        members.append(b)
+        h, w = nh, nw
+    if members:
+        chunks.append(np.asarray(members))
+    return chunks
+
+
+def _flip_rows(views: torch.Tensor, flip: np.ndarray) -> torch.Tensor:
+    """``views`` (N, C, S, S) with the rows where ``flip`` (N,) is set mirrored left-right, in place."""
     flipped = np.flatnonzero(flip)
     if len(flipped):
-        index = to_device(torch.from_numpy(flipped), device)
-        out[index] = out.index_select(0, index).flip(-1)  # index_select: ~8x faster than x[idx] on CPU
-    return out
+        index = to_device(torch.from_numpy(flipped), views.device)
+        views[index] = views.index_select(0, index).flip(-1)  # index_select: ~8x faster than x[idx] on CPU
+    return views
 
 
 def to_uint8_image(image: Image.Image | torch.Tensor) -> torch.Tensor:

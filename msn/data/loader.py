@@ -12,17 +12,22 @@ boundaries instead of draining and restarting at each, and a resume is an offset
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import signal
+import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from msn.config import DataConfig
+from msn.data.crops import to_uint8_image
+from msn.data.device_decode import EncodedBatch, EncodedImage, device_jpeg
 from msn.data.multicrop import MultiCropTransform, ViewBatch
 from msn.data.registry import ImageDataset
 from msn.errors import BadSample, DataError, DataGone
@@ -47,12 +52,18 @@ class MultiCropDataset(Dataset):
         finish: run the photometric stage here (``data.augment_on=cpu``); False leaves it to the
             training process (:meth:`MultiCropTransform.finish` on the device).
         max_replacements: replacements tried for one undecodable image before giving up with a DataError.
+        decode: decode the images here; False (``data.decode_on=device``) sends the JPEGs' bytes and every
+            view's uniforms instead (:class:`~msn.data.device_decode.EncodedBatch`), which the training
+            process decodes and cuts (:class:`~msn.data.device_decode.DeviceDecoder`).
     """
 
     def __init__(self, base: ImageDataset, transform: MultiCropTransform, seed: int = 0, finish: bool = True,
-                 max_replacements: int = 16) -> None:
+                 max_replacements: int = 16, decode: bool = True) -> None:
         self.base, self.transform, self.seed = base, transform, int(seed)
-        self.finish, self.max_replacements = bool(finish), int(max_replacements)
+        self.finish, self.max_replacements, self.decode = bool(finish), int(max_replacements), bool(decode)
+        if not self.decode and self.finish:
+            raise DataError("images decoded on the training device are cut there, so their photometric stage runs "
+                            "there too (finish=False)")
 
     def __len__(self) -> int:
         return len(self.base)
@@ -75,10 +86,12 @@ class MultiCropDataset(Dataset):
         user as one line from the main process instead of as a DataLoader worker's traceback.
         """
         keys = [_check_key(key) for key in keys]
+        if not self.decode:
+            return self._encoded(keys)
         images, skipped, kinds = [], [], {}
         try:
             for epoch, index in keys:
-                image, bad = self._load(epoch, index, kinds)
+                image, bad = self.load(epoch, index, kinds)
                 images.append(image)
                 skipped += bad
             batch = self.transform.crop(images, [self.transform.draw(self.generator(key)) for key in keys])
@@ -87,6 +100,31 @@ class MultiCropDataset(Dataset):
         batch.skipped, batch.skip_kinds = skipped, kinds
         return self.transform.finish(batch) if self.finish else batch
 
+    def _encoded(self, keys: list[Key]) -> EncodedBatch | ViewBatch:
+        """The batch for the device's decoder: the JPEGs' bytes, the rest decoded here, every view's uniforms."""
+        items: list[EncodedImage | np.ndarray] = []
+        skipped: list[str] = []
+        kinds: dict[str, str] = {}
+        read = getattr(self.base, "read_bytes", None)
+        try:
+            for epoch, index in keys:
+                encoded = None
+                if read is not None:
+                    try:
+                        encoded = device_jpeg(read(index))
+                    except DataGone:
+                        raise
+                    except (DataError, OSError):  # decoding it below says what is wrong, and replaces it
+                        encoded = None
+                if encoded is None:
+                    image, bad = self.load(epoch, index, kinds)
+                    encoded, skipped = to_uint8_image(image).permute(1, 2, 0).numpy(), skipped + bad
+                items.append(encoded)
+            uniforms = np.stack([self.transform.draw(self.generator(key)) for key in keys])
+        except DataError as err:
+            return ViewBatch(skipped=skipped, error=str(err), skip_kinds=kinds)
+        return EncodedBatch(items, uniforms, keys, skipped, kinds)
+
     def path(self, index: int) -> str:
         """What messages call image ``index``: its file, ``SHARD#KEY``, a dataset row, or ``image N``."""
         if hasattr(self.base, "name"):
@@ -94,7 +132,7 @@ class MultiCropDataset(Dataset):
         paths = getattr(self.base, "paths", None)
         return str(paths[index]) if paths is not None else f"image {index}"
 
-    def _load(self, epoch: int, index: int, kinds: dict[str, str] | None = None) -> tuple[Image.Image, list[str]]:
+    def load(self, epoch: int, index: int, kinds: dict[str, str] | None = None) -> tuple[Image.Image, list[str]]:
         """Image ``index``, or a deterministic replacement when it cannot be decoded; the paths that failed (and
         into ``kinds``, what the source said each :class:`BadSample` is). Data that disappeared under the run
         (:class:`DataGone`) is not replaced: it stops the run."""
@@ -327,8 +365,28 @@ def _ignore_stop_signals(worker_id: int) -> None:
 
     A terminal's Ctrl-C (SIGINT) and SLURM's preemption (SIGTERM, and the time-limit signal) reach every
     process of the job; a worker would otherwise die and take the step down with it. Workers still exit
-    when the training process does (PyTorch's watchdog).
+    when the training process does: on Linux the kernel kills them with it (:func:`_die_with_trainer`),
+    elsewhere PyTorch's watchdog sees it within seconds.
     """
     for name in ("SIGINT", "SIGTERM", "SIGUSR1", "SIGUSR2"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
+    _die_with_trainer()
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_trainer() -> None:
+    """Ask Linux to SIGKILL this worker the moment the training process dies, kill -9 included.
+
+    PyTorch's watchdog only looks for a dead parent while the worker waits for work; a worker whose batch
+    is stuck in the queue's pipe (a pickle larger than the pipe's 64 KiB, which nobody reads any more)
+    would otherwise wait for ever, holding the output of ``msn-pretrain ... | tee`` or a test's pipes open.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
+    except (OSError, AttributeError):  # no prctl in this libc: the watchdog remains
+        pass

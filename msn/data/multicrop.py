@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from msn.config import DataConfig
-from msn.data.crops import CROP_UNIFORMS, resized_crops, sample_boxes, to_uint8_image
+from msn.data.crops import CROP_UNIFORMS, resized_crops, resized_crops_padded, sample_boxes, to_uint8_image
 from msn.data.photometric import PhotometricParams, blur_kernel_size, photometric
 from msn.errors import DataError
 
@@ -94,14 +94,18 @@ class ViewBatch:
         skip_kinds: for those of them that are not plainly undecodable images, what they are (path ->
             ``sample without an image member ...``; :class:`msn.errors.BadSample`).
         error: a data error met in a loader worker (the batch is then empty), reported by the trainer.
+        cpu_decoded: with ``data.decode_on=device``, how many of the batch's images were decoded on the CPU
+            all the same (not JPEG, or refused by the device's decoder); None when the workers decode all.
     """
 
     def __init__(self, groups: Sequence[torch.Tensor] = (), counts: Sequence[int] = (),
                  params: Sequence[PhotometricParams] | None = None, skipped: Sequence[str] = (),
-                 error: str | None = None, skip_kinds: dict[str, str] | None = None) -> None:
+                 error: str | None = None, skip_kinds: dict[str, str] | None = None,
+                 cpu_decoded: int | None = None) -> None:
         self.groups, self.counts = list(groups), list(counts)
         self.params = None if params is None else list(params)
         self.skipped, self.error, self.skip_kinds = list(skipped), error, dict(skip_kinds or {})
+        self.cpu_decoded = cpu_decoded
 
     @property
     def batch_size(self) -> int:
@@ -122,7 +126,7 @@ class ViewBatch:
         return [[view[b] for view in views] for b in range(self.batch_size)]
 
     def replace(self, groups: Sequence[torch.Tensor], params: Sequence[PhotometricParams] | None) -> ViewBatch:
-        return ViewBatch(groups, self.counts, params, self.skipped, self.error, self.skip_kinds)
+        return ViewBatch(groups, self.counts, params, self.skipped, self.error, self.skip_kinds, self.cpu_decoded)
 
     def to(self, device: torch.device, non_blocking: bool = False) -> ViewBatch:
         return self.replace([g.to(device, non_blocking=non_blocking) for g in self.groups], self.params)
@@ -160,9 +164,17 @@ class MultiCropTransform:
         """(num_views, ViewGroup.num_uniforms) float64 uniforms: all randomness of one image's views."""
         return torch.rand(self.num_views, ViewGroup.num_uniforms, generator=generator, dtype=torch.float64).numpy()
 
-    def crop(self, images: Sequence[Image.Image | torch.Tensor], uniforms: Sequence[np.ndarray]) -> ViewBatch:
-        """Stage 1: the uint8 crops of a batch of images (each with its own :meth:`draw`), photometric pending."""
-        with single_threaded():
+    def crop(self, images: Sequence[Image.Image | torch.Tensor], uniforms: Sequence[np.ndarray],
+             padded: bool = False) -> ViewBatch:
+        """Stage 1: the uint8 crops of a batch of images (each with its own :meth:`draw`), photometric pending.
+
+        ``padded`` resizes with :func:`~msn.data.crops.resized_crops_padded` (images decoded on a GPU: a few
+        large matmuls), else with :func:`~msn.data.crops.resized_crops` (a loader worker's CPU). The boxes and
+        flips are the same either way.
+        """
+        resize = resized_crops_padded if padded else resized_crops
+        on_cpu = not images or not isinstance(images[0], torch.Tensor) or images[0].device.type == "cpu"
+        with single_threaded() if on_cpu else contextlib.nullcontext():
             tensors = [to_uint8_image(image) for image in images]
             heights = np.array([t.shape[1] for t in tensors])  # (B,)
             widths = np.array([t.shape[2] for t in tensors])
@@ -173,7 +185,7 @@ class MultiCropTransform:
                 rows = u[:, first:first + group.count].transpose(1, 0, 2).reshape(-1, ViewGroup.num_uniforms)
                 first += group.count
                 p = group.sample(rows, np.tile(heights, group.count), np.tile(widths, group.count))
-                crops.append(resized_crops(tensors, p.boxes, p.flip, group.count, group.size))
+                crops.append(resize(tensors, p.boxes, p.flip, group.count, group.size))
                 params.append(p.photometric)
         return ViewBatch(crops, [g.count for g in self.groups], params)
 

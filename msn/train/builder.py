@@ -9,6 +9,7 @@ arguments of the library's classes (the pattern of timm's ``create_optimizer_v2(
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +25,8 @@ from msn.data.loader import (
     samples_per_replica,
     steps_per_epoch,
 )
-from msn.data.multicrop import MultiCropTransform, augment_in_workers
+from msn.data.device_decode import DeviceDecoder, decode_on_device
+from msn.data.multicrop import MultiCropTransform, ViewBatch, augment_in_workers
 from msn.data.registry import ImageDataset, build_dataset, data_identity
 from msn.errors import ConfigError
 from msn.models.masking import MaskGenerator
@@ -62,6 +64,7 @@ class TrainingData:
     steps_per_epoch: int
     total_steps: int
     identity: dict[str, Any]  # what the run trains on, as a resume compares it (msn.data.registry.data_identity)
+    decode: Callable[[Any], ViewBatch]  # a loader batch -> its crops; decodes on the device (data.decode_on=device)
 
 
 @dataclass
@@ -90,7 +93,9 @@ def build_data(cfg: DictConfig, *, device: torch.device, world: int) -> Training
     """
     base = build_dataset(cfg.data)
     transform = MultiCropTransform(cfg.data)
-    dataset = MultiCropDataset(base, transform, seed=cfg.seed, finish=augment_in_workers(cfg.data.augment_on, device))
+    on_device = decode_on_device(cfg.data.decode_on, cfg.data.augment_on, device, base)
+    dataset = MultiCropDataset(base, transform, seed=cfg.seed, finish=augment_in_workers(cfg.data.augment_on, device),
+                               decode=not on_device)
     skipped = SkippedImages(max(cfg.data.max_bad_files, int(cfg.data.max_bad_fraction * len(base))))
     epoch_len = epoch_length(len(base), cfg.data)
     steps_in_epoch = steps_per_epoch(epoch_len, cfg.data, world)
@@ -100,7 +105,13 @@ def build_data(cfg: DictConfig, *, device: torch.device, world: int) -> Training
     if cfg.optim.max_steps is not None:
         total_steps = min(total_steps, cfg.optim.max_steps)
     return TrainingData(base, epoch_len, transform, dataset, skipped, steps_in_epoch, total_steps,
-                        data_identity(cfg.data, len(base), epoch_len, getattr(base, "fingerprint", None)))
+                        data_identity(cfg.data, len(base), epoch_len, getattr(base, "fingerprint", None)),
+                        DeviceDecoder(dataset, device) if on_device else _as_it_is)
+
+
+def _as_it_is(batch: ViewBatch) -> ViewBatch:
+    """TrainingData.decode when the loader workers decode: the batch is already cut."""
+    return batch
 
 
 def build_order(cfg: DictConfig, data: TrainingData, *, rank: int, world: int) -> EpochSampler:

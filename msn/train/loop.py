@@ -142,7 +142,9 @@ def _train(cfg: DictConfig, command: str | None, proc: Process, run_dir: Path, s
             epoch = step // data.steps_per_epoch
             if batch.error is not None:  # raised in a loader worker: one line here, not the worker's traceback
                 raise DataError(batch.error)
+            batch = data.decode(batch)  # data.decode_on=device: decoded and cut here; else cut by the workers
             report.skipped_images(data.skipped.add(epoch, batch.skipped), batch.skip_kinds)
+            report.decoded_on_cpu(epoch, batch.cpu_decoded, batch.batch_size)
             views = device_views(batch, data.transform, proc.device, param_dtype)
             masks = parts.make_masks(step, views[0].shape[0], anchor_size=views[1].shape[-1],
                                      focal_size=views[-1].shape[-1], num_focal=len(views) - 2, rank=proc.rank,

@@ -56,6 +56,8 @@ class RunReport:
                         disable=progress_bar_disabled(cfg.logger.progress) if is_main else True)
         self.tic, self.last_logged, self.start_step = time.perf_counter(), start_step, start_step
         self.first_step_done: float | None = None  # the pace and ETA count from here: start-up left out
+        self.cpu_decoded: list[int] = [0, 0, 0]  # data.decode_on=device: [epoch, images decoded on the CPU, seen]
+        self.cpu_decoded_said = False
 
     def skipped_images(self, paths: list[str], kinds: dict[str, str] | None = None) -> None:
         """Say which bad images this batch replaced, each as what it is (``kinds``: path -> ``sample without an
@@ -64,6 +66,22 @@ class RunReport:
             kind = (kinds or {}).get(path, "undecodable image")
             log.warning(f"skipped {kind} {path} (replaced by another image; {len(self.skipped.paths)} distinct bad "
                         f"images so far in the run, which stops above {self.skipped.limit})")
+
+    def decoded_on_cpu(self, epoch: int, count: int | None, batch: int) -> None:
+        """With ``data.decode_on=device``, count this process's images decoded on the CPU all the same; say so
+        the first time and, at the end of each epoch that had some, how many (``count`` None: nothing to say)."""
+        if count is None or self.logger is None:
+            return
+        last, total, seen = self.cpu_decoded
+        if epoch != last:
+            if total:
+                log.info(f"epoch {last}: {total} of {seen} images were decoded on the CPU (data.decode_on=device)")
+            total = seen = 0
+        if count and not self.cpu_decoded_said:
+            self.cpu_decoded_said = True
+            log.info(f"data.decode_on=device: {count} of a batch's {batch} images were decoded on the CPU (not JPEG, a "
+                     "CMYK or cut-short JPEG, or refused by the device's decoder); the others on the device")
+        self.cpu_decoded = [epoch, total + count, seen + batch]
 
     def after_step(self, result: StepResult, step: int, epoch: int,
                    nonfinite: NonFiniteGuard) -> dict[str, float] | None:
