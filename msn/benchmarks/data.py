@@ -103,8 +103,8 @@ def bench_data(cfg: DictConfig, *, workers: int, seconds: float, warmup: int = 2
     d = cfg.data
     device = resolve_device(cfg.device)
     base = build_dataset(d)
-    in_workers = augment_in_workers(d.augment_on, device)
     on_device = decode_on_device(d.decode_on, d.augment_on, device, base)
+    in_workers = not on_device and augment_in_workers(d.augment_on, device)
     transform = MultiCropTransform(d)
     dataset = MultiCropDataset(base, transform, seed=cfg.seed, finish=in_workers, decode=not on_device)
     decode = DeviceDecoder(dataset, device) if on_device else None

@@ -80,7 +80,8 @@ def bench_e2e(cfg: DictConfig, *, overrides: list[str], steps: int = 60, warmup:
     return {
         "overrides": overrides, "device": step["device"], "device_name": step["device_name"],
         "batch": step["batch"], "steps": steps, "warmup": warmup, "num_workers": loader_workers(cfg.data.num_workers),
-        "augment_on": "cpu" if augment_in_workers(cfg.data.augment_on, resolve_device(cfg.device)) else "device",
+        "augment_on": "cpu" if cfg.data.decode_on != "device" and augment_in_workers(
+            cfg.data.augment_on, resolve_device(cfg.device)) else "device",
         "decode_on": str(cfg.data.decode_on), "e2e_images_per_s": e2e, "step_images_per_s": step["img_s"],
         "ratio": e2e / step["img_s"],
     }

@@ -94,8 +94,8 @@ def build_data(cfg: DictConfig, *, device: torch.device, world: int) -> Training
     base = build_dataset(cfg.data)
     transform = MultiCropTransform(cfg.data)
     on_device = decode_on_device(cfg.data.decode_on, cfg.data.augment_on, device, base)
-    dataset = MultiCropDataset(base, transform, seed=cfg.seed, finish=augment_in_workers(cfg.data.augment_on, device),
-                               decode=not on_device)
+    in_workers = not on_device and augment_in_workers(cfg.data.augment_on, device)  # cut on the device: finished there
+    dataset = MultiCropDataset(base, transform, seed=cfg.seed, finish=in_workers, decode=not on_device)
     skipped = SkippedImages(max(cfg.data.max_bad_files, int(cfg.data.max_bad_fraction * len(base))))
     epoch_len = epoch_length(len(base), cfg.data)
     steps_in_epoch = steps_per_epoch(epoch_len, cfg.data, world)
