@@ -24,6 +24,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "loss.prior": PRIORS,
     "data.augment_on": ("auto", "cpu", "device"),
     "data.decode_on": ("auto", "cpu", "device"),
+    "data.cpu_photometric": ("auto", "uint8", "float"),
     "compile_mode": (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
 }
 

@@ -29,6 +29,7 @@ from PIL import Image
 from msn.config import DataConfig
 from msn.data.crops import CROP_UNIFORMS, resized_crops, resized_crops_padded, sample_boxes, to_uint8_image
 from msn.data.photometric import PhotometricParams, blur_kernel_size, photometric
+from msn.data.photometric_uint8 import photometric_uint8, uses_uint8
 from msn.errors import DataError
 
 
@@ -155,6 +156,8 @@ class MultiCropTransform:
             self.groups.append(ViewGroup(self.num_focal, int(cfg.focal_size), cfg.focal_scale, cfg))
         self.mean = torch.tensor([float(m) for m in cfg.mean])
         self.std = torch.tensor([float(s) for s in cfg.std])
+        # on a CPU the photometric stage runs in 8 bits with OpenCV (data.cpu_photometric), on a GPU in float
+        self.cpu_uint8 = uses_uint8(getattr(cfg, "cpu_photometric", "auto"))
 
     @property
     def num_views(self) -> int:
@@ -190,12 +193,14 @@ class MultiCropTransform:
         return ViewBatch(crops, [g.count for g in self.groups], params)
 
     def finish(self, batch: ViewBatch) -> ViewBatch:
-        """Stage 2: colour jitter, grayscale, blur and normalisation on the device the crops are on."""
+        """Stage 2: colour jitter, grayscale, blur and normalisation on the device the crops are on (on a CPU in 8
+        bits with OpenCV unless ``data.cpu_photometric=float``: :mod:`msn.data.photometric_uint8`)."""
         if not batch.pending:
             return batch
         on_cpu = bool(batch.groups) and batch.groups[0].device.type == "cpu"
+        stage = photometric_uint8 if on_cpu and self.cpu_uint8 else photometric
         with single_threaded() if on_cpu else contextlib.nullcontext():
-            views = [photometric(crops, params, group.kernel_size, self.mean, self.std)
+            views = [stage(crops, params, group.kernel_size, self.mean, self.std)
                      for crops, params, group in zip(batch.groups, batch.params, self.groups, strict=True)]
         return batch.replace(views, None)
 
