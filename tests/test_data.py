@@ -36,10 +36,14 @@ from msn.data.sources.synthetic import SyntheticDataset
 from msn.errors import ConfigError, DataError
 from msn.utils.seeding import stream_generator
 
-DIGITS = DataConfig(name="digits", image_size=32, global_size=32, focal_size=16, num_focal=6, batch_size=128)
-LARGE = DataConfig(name="synthetic", image_size=256, synthetic_size=4, global_size=224, focal_size=96, num_focal=10)
+# The float photometric stage (the GPU's, and the CPU's with data.cpu_photometric=float), compared here with
+# torchvision's float functions; the 8-bit CPU stage has its own tests (tests/test_photometric_uint8.py).
+DIGITS = DataConfig(name="digits", image_size=32, global_size=32, focal_size=16, num_focal=6, batch_size=128,
+                    cpu_photometric="float")
+LARGE = DataConfig(name="synthetic", image_size=256, synthetic_size=4, global_size=224, focal_size=96, num_focal=10,
+                   cpu_photometric="float")
 SMALL = DataConfig(name="synthetic", image_size=24, synthetic_size=24, global_size=16, focal_size=8, num_focal=2,
-                   batch_size=4)
+                   batch_size=4, cpu_photometric="float")
 NO_AUG = dict(hflip_p=0.0, color_jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)
 
 
@@ -630,7 +634,7 @@ def test_device_path_gives_the_workers_views(digits: DigitsDataset) -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_device_path_on_the_gpu_matches_the_cpu(digits: DigitsDataset) -> None:
-    cfg = replace(LARGE, synthetic_size=8, cpu_photometric="float")  # the GPU runs the float stage
+    cfg = replace(LARGE, synthetic_size=8)  # the float stage, which the GPU runs
     base, transform = build_dataset(cfg), MultiCropTransform(cfg)
     keys = [(0, i) for i in range(8)]
     cpu = MultiCropDataset(base, transform, seed=1).__getitems__(keys).views()

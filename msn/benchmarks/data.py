@@ -81,6 +81,9 @@ class ReferenceMultiCrop(Dataset):
         return [self.global_view(image) for _ in range(2)] + [self.focal_view(image) for _ in range(self.num_focal)]
 
 
+ROUNDS = 3  # turns each of ours and the reference takes, alternately
+
+
 def images_per_second(batches: Iterable[Any], batch_size: int, seconds: float, warmup: int,
                       finish: Callable[[Any], None] = lambda batch: None) -> float:
     """Steady images/s of ``batches``: ``warmup`` batches untimed (worker start-up), then at least
@@ -119,12 +122,19 @@ def bench_data(cfg: DictConfig, *, workers: int, seconds: float, warmup: int = 2
             torch.cuda.synchronize(device)
         del views
 
-    ours = images_per_second(loader, d.batch_size, seconds, warmup, to_views)
-    del loader
     reference_loader = DataLoader(ReferenceMultiCrop(base, d), batch_size=d.batch_size, shuffle=True,
                                   num_workers=workers, drop_last=True, persistent_workers=workers > 0,
                                   generator=torch.Generator().manual_seed(cfg.seed))
-    reference = images_per_second(_forever(reference_loader), d.batch_size, seconds, warmup)
+    # Alternately, ROUNDS times each, so that a machine busier in one half of the run than in the other does
+    # not decide the ratio. A loader waiting for its turn has its workers' batches ready: each turn first takes
+    # as many untimed as they can hold (2 per worker).
+    ours_stream, reference_stream = iter(loader), iter(_forever(reference_loader))
+    held = 2 * workers
+    rounds = [(images_per_second(ours_stream, d.batch_size, seconds / ROUNDS, warmup + held, to_views),
+               images_per_second(reference_stream, d.batch_size, seconds / ROUNDS, warmup + held))
+              for _ in range(ROUNDS)]
+    del ours_stream, reference_stream, loader, reference_loader
+    ours, reference = (sum(r[side] for r in rounds) / ROUNDS for side in (0, 1))
     stages = stage_times(base, transform, batch=min(int(d.batch_size), 16), seed=cfg.seed)
     cores = None if step_images_per_s is None else cores_needed(stages, step_images_per_s,
                                                                 photometric_in_workers=in_workers,
@@ -136,6 +146,7 @@ def bench_data(cfg: DictConfig, *, workers: int, seconds: float, warmup: int = 2
         "decode_on": "device" if on_device else "cpu",
         "views": f"2 x {d.global_size} + {d.num_focal} x {d.focal_size}",
         "ours_images_per_s": ours, "reference_images_per_s": reference, "ratio": ours / reference,
+        "rounds": [{"ours_images_per_s": o, "reference_images_per_s": r} for o, r in rounds],
         "stages": stages, "step_images_per_s": step_images_per_s, "cores_per_gpu": cores,
     }
 

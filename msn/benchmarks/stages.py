@@ -11,7 +11,8 @@ from typing import Any
 import torch
 
 from msn.data.device_decode import device_jpeg
-from msn.data.images import decode_rgb
+from msn.data.images import decode_rgb, stored_bytes
+from msn.data.loader import fast_jpeg
 from msn.data.multicrop import MultiCropTransform
 from msn.data.registry import ImageDataset
 from msn.utils.seeding import stream_generator
@@ -44,7 +45,8 @@ def stage_times(base: ImageDataset, transform: MultiCropTransform, *, count: int
                 device_jpeg(data)
                 totals["header"] += time.perf_counter() - tic
                 tic = time.perf_counter()
-                images.append(decode_rgb(io.BytesIO(data), str(index)))
+                image = fast_jpeg(data) if stored_bytes(base) is not None else None  # as the loader decodes
+                images.append(image if image is not None else decode_rgb(io.BytesIO(data), str(index)))
             else:
                 images.append(base[index])
             totals["decode"] += time.perf_counter() - tic

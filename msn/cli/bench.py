@@ -64,8 +64,9 @@ def _print_data(r: dict[str, Any]) -> None:
     print(f"{r['images']} images in {r['root']} ({r['source']}): views {r['views']}, batch {r['batch']}, "
           f"{r['workers']} workers, {r['threads']} thread(s), decoded on the {r['decode_on']}, photometric stage on "
           f"the {r['augment_on']} ({r['device']})")
+    turns = ", ".join(f"{t['ours_images_per_s']:.0f}/{t['reference_images_per_s']:.0f}" for t in r["rounds"])
     print(f"  ours {r['ours_images_per_s']:.1f} img/s, reference {r['reference_images_per_s']:.1f} img/s "
-          f"-> {r['ratio']:.2f}x")
+          f"-> {r['ratio']:.2f}x (measured alternately, ours/reference per turn: {turns})")
     t = r["stages"]
     read = "in decode" if t["read_ms"] is None else f"{t['read_ms']:.2f} ms (+ header {t['header_ms']:.2f} ms)"
     print(f"  per image on one CPU thread ({t['images_timed']} images): read {read}, decode {t['decode_ms']:.2f} ms, "
@@ -109,7 +110,7 @@ def _parser() -> argparse.ArgumentParser:
     data.add_argument("--root", default=None, help="folder of images for --source folder (or data.root=)")
     data.add_argument("--workers", type=int, default=None, help="loader workers for both (default: data.num_workers)")
     data.add_argument("--threads", type=int, default=None, help="torch threads of this process (default: torch's)")
-    data.add_argument("--seconds", type=float, default=10.0, help="timed seconds per pipeline (default 10)")
+    data.add_argument("--seconds", type=float, default=10.0, help="timed seconds per pipeline, in 3 turns alternating with the other (default 10)")
     data.add_argument("--step-img-s", type=float, default=None, dest="step_img_s",
                       help="the training step's images/s (msn-bench step): print the loader cores one GPU needs")
     e2e = commands.add_parser("e2e", help="the trainer's images/s against the step alone",

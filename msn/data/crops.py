@@ -118,15 +118,22 @@ def resized_crops_loop(image: torch.Tensor, boxes: np.ndarray, size: int) -> tor
         (V, C, S, S) for the V rows of ``boxes`` (top, left, height, width).
     """
     out = torch.empty(len(boxes), image.shape[0], size, size, dtype=image.dtype, device=image.device)
+    _loop_into(out, range(len(boxes)), image, boxes, np.zeros(len(boxes), dtype=bool), size)
+    return out
+
+
+def _loop_into(out: torch.Tensor, rows: Sequence[int], image: torch.Tensor, boxes: np.ndarray, flip: np.ndarray,
+               size: int) -> None:
+    """:func:`resized_crops_loop` written straight into ``out[rows]``, each view mirrored where ``flip`` says:
+    one copy per view (an index_put of the stacked views and a flipping pass would add two)."""
     direct = image.dtype != torch.uint8 or image.device.type == "cpu"
-    for v, (top, left, h, w) in enumerate(boxes.tolist()):
+    for row, (top, left, h, w), mirrored in zip(rows, boxes.tolist(), flip.tolist(), strict=True):
         patch = image[None, :, top:top + h, left:left + w]
         if direct:
-            out[v] = F.interpolate(patch, size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
+            view = F.interpolate(patch, size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
         else:
-            resized = F.interpolate(patch.float(), size=(size, size), mode="bilinear", antialias=True)
-            out[v] = to_uint8(resized[0])
-    return out
+            view = to_uint8(F.interpolate(patch.float(), size=(size, size), mode="bilinear", antialias=True)[0])
+        out[row] = view.flip(-1) if mirrored else view
 
 
 def same_size_groups(images: Sequence[torch.Tensor]) -> list[np.ndarray]:
@@ -151,6 +158,7 @@ def resized_crops(images: Sequence[torch.Tensor], boxes: np.ndarray, flip: np.nd
     b_total = len(images)
     device = images[0].device if b_total else torch.device("cpu")
     out = torch.empty(len(boxes), 3, size, size, dtype=torch.uint8, device=device)
+    flip_after = np.zeros_like(flip)  # the dense path's flips, made once its views are in place
     for members in same_size_groups(images):
         _, h, w = images[members[0]].shape
         rows = (np.arange(count)[None, :] * b_total + members[:, None]).ravel()  # (M * V,) image-major
@@ -158,11 +166,12 @@ def resized_crops(images: Sequence[torch.Tensor], boxes: np.ndarray, flip: np.nd
         if dense_resize_is_cheap(h, w, size):
             stack = torch.stack([images[b] for b in members]).float()  # (M, 3, H, W) in 0..255
             out[rows] = to_uint8(resized_crops_dense(stack, boxes[rows], size))
+            flip_after[rows] = flip[rows]
         else:  # each image as it is: a decoded (H, W, 3) array seen as (3, H, W) is torch's fastest layout
             for m, b in enumerate(members):
                 mine = rows[m * count:(m + 1) * count]
-                out[mine] = resized_crops_loop(images[b], boxes[mine], size)
-    return _flip_rows(out, flip)
+                _loop_into(out, mine.tolist(), images[b], boxes[mine], flip[mine], size)
+    return _flip_rows(out, flip_after)
 
 
 def resized_crops_padded(images: Sequence[torch.Tensor], boxes: np.ndarray, flip: np.ndarray, count: int,

@@ -3,8 +3,9 @@ msn-eval, msn-viz), so that an EXIF orientation or a 16-bit PNG is handled the s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -73,4 +74,61 @@ def to_8bit(image: Image.Image) -> Image.Image:
     scaled = np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8)
     return Image.fromarray(scaled)  # (H, W) uint8: mode "L"
 
+
+JPEG_END = b"\xff\xd9"  # end-of-image marker: a file cut short lacks it
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}  # start-of-frame markers
+
+
+def jpeg_layout(data: bytes) -> tuple[int, int] | None:
+    """(colour components, EXIF orientation 1-8) of a complete JPEG file, read from its markers (a few
+    microseconds: no pixel is decoded); None when ``data`` is not a JPEG, is cut short (no end-of-image marker
+    last) or its markers do not parse. Components: 1 gray, 3 YCbCr or RGB, 4 CMYK / YCCK."""
+    if data[:2] != b"\xff\xd8" or data.rstrip(b"\x00")[-2:] != JPEG_END:
+        return None
+    orientation, at = 1, 2
+    while at + 4 <= len(data):
+        if data[at] != 0xFF:
+            return None
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        length = int.from_bytes(data[at + 2:at + 4], "big")
+        segment = data[at + 4:at + 2 + length]
+        if marker == 0xE1 and segment[:6] == b"Exif\x00\x00":
+            orientation = _exif_orientation(segment[6:])
+        elif marker in _SOF:
+            return (segment[5], orientation) if len(segment) > 5 else None
+        elif marker == 0xDA:  # scan data before any frame header: not a JPEG we read
+            return None
+        at += 2 + length
+    return None
+
+
+def _exif_orientation(tiff: bytes) -> int:
+    """The Orientation tag (0x0112) of IFD0 in an EXIF block's TIFF data; 1 when absent or malformed (as
+    :func:`decode_rgb` keeps the pixels as stored when the EXIF block cannot be read)."""
+    order = {b"II": "little", b"MM": "big"}.get(tiff[:2])
+    if order is None or len(tiff) < 8:
+        return 1
+    ifd = int.from_bytes(tiff[4:8], order)
+    if ifd + 2 > len(tiff):
+        return 1
+    for entry in range(int.from_bytes(tiff[ifd:ifd + 2], order)):
+        at = ifd + 2 + 12 * entry
+        if at + 12 > len(tiff):
+            return 1
+        if int.from_bytes(tiff[at:at + 2], order) == 0x0112:
+            value = int.from_bytes(tiff[at + 8:at + 10], order)  # a SHORT, left-aligned in the value field
+            return value if 1 <= value <= 8 else 1
+    return 1
+
+
+def stored_bytes(base: Any) -> Callable[[int], bytes] | None:
+    """``base.read_bytes`` when ``base[index]`` is exactly :func:`decode_rgb` of those bytes (the folder, shard
+    and Hugging Face sources say so with ``decodes_read_bytes = True``), so that a faster decoder (simplejpeg,
+    or the GPU's) may take the bytes instead; None for any other source, whose own ``__getitem__`` decides."""
+    if getattr(base, "decodes_read_bytes", False):
+        return getattr(base, "read_bytes", None)
+    return None
 

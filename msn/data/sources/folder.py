@@ -39,6 +39,8 @@ class ImageFolderDataset:
         where: how :attr:`notes` name the folder (default ``data.root=ROOT``, the training option).
     """
 
+    decodes_read_bytes = True  # self[index] is decode_rgb(read_bytes(index)): msn.data.images.stored_bytes
+
     def __init__(self, root: str | os.PathLike | None, list_file: str | os.PathLike | None = None, *,
                  where: str | None = None) -> None:
         self.root = check_data_root(root)

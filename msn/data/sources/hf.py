@@ -137,6 +137,8 @@ class HFImages:
         image_key: the image column: an ``Image`` feature, bytes, or a dict with ``bytes`` / ``path``.
     """
 
+    decodes_read_bytes = True  # self[index] is decode_rgb(read_bytes(index)): msn.data.images.stored_bytes
+
     def __init__(self, path: str, split: str = "train", image_key: str = "image") -> None:
         datasets = _import_datasets()
         table = load_hf_split(str(path), split)

@@ -330,6 +330,8 @@ class WebDatasetImages:
     so processes share no file position.
     """
 
+    decodes_read_bytes = True  # self[index] is decode_rgb(read_bytes(index)): msn.data.images.stored_bytes
+
     def __init__(self, shards: Sequence[str], image_keys: Sequence[str] = DEFAULT_IMAGE_KEYS,
                  cache_dir: str | os.PathLike | None = None) -> None:
         self.urls = list(shards)
