@@ -6,8 +6,8 @@ import os
 import socket
 import sys
 import tempfile
-from datetime import timedelta
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import torch.distributed as dist

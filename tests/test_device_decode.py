@@ -191,3 +191,18 @@ def test_a_run_decoding_on_the_device_says_what_went_to_the_cpu(kinds, tmp_path,
     assert "images were decoded on the CPU (not JPEG, a CMYK or cut-short JPEG" in said
     assert "epoch 0: 3 of 12 images were decoded on the CPU (data.decode_on=device)" in said
     assert "skipped undecodable image" in said and "truncated.jpg" in said
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_on_a_gpu_the_device_path_cuts_the_views_the_workers_cut(kinds):
+    """nvJPEG's inverse DCT and upsampling round differently from libjpeg's, so on a GPU the pixels agree to a
+    few levels of 255 rather than to one; the boxes, the skipped image and what went to the CPU are the same."""
+    workers, device, keys = _both_paths(kinds)
+    cut = workers.__getitems__(keys)
+    views = DeviceDecoder(device, torch.device("cuda"))(device.__getitems__(keys))
+    assert views.skipped == cut.skipped and views.cpu_decoded >= 3
+    for mine, theirs in zip(views.groups, cut.groups, strict=True):
+        assert mine.device.type == "cuda" and mine.dtype == torch.uint8
+        diff = (mine.cpu().int() - theirs.int()).abs().float()
+        assert diff.mean() < 2 and diff.quantile(0.99) <= 8, (diff.mean(), diff.quantile(0.99), diff.max())

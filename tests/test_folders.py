@@ -16,6 +16,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from msn.config import DataConfig
+from msn.data.crops import to_uint8_image
 from msn.data.images import decode_rgb, load_rgb
 from msn.data.loader import MultiCropDataset
 from msn.data.multicrop import MultiCropTransform
@@ -224,8 +225,8 @@ def test_exif_orientation_is_applied_in_training_and_evaluation(tmp_path: Path, 
     # training: the folder source, and the image MultiCropDataset crops its views from
     base = build_dataset(replace(SMALL, root=str(root / "train")))
     assert same(base[0]) and same(load_rgb(path))
-    image, bad = MultiCropDataset(base, MultiCropTransform(SMALL)).load(0, 0)
-    assert same(image) and bad == []
+    image, bad = MultiCropDataset(base, MultiCropTransform(SMALL)).load(0, 0)  # simplejpeg's (3, H, W) tensor
+    assert same(Image.fromarray(to_uint8_image(image).permute(1, 2, 0).numpy())) and bad == []
     # shards and Hugging Face rows decode bytes with the same function
     assert same(decode_rgb(io.BytesIO(path.read_bytes()), "photo.jpg"))
     # msn-eval: the split's images, as TransformedImages hands them to the encoder

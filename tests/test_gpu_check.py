@@ -8,8 +8,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SECTIONS = ["tests", "step_vits16", "step_vits16_compile", "step_vitb16", "step_vitl7_checkpointing",
-            "max_batch_vitl7", "max_batch_vitl7_checkpointing", "jpegs", "data_decode_device", "data_device", "data_cpu",
-            "e2e_decode_device", "e2e_device", "e2e_cpu", "fmnist", "fmnist_knn", "fmnist_lowshot"]
+            "max_batch_vitl7", "max_batch_vitl7_checkpointing", "jpegs", "data_decode_device", "data_device",
+            "data_cpu", "e2e_decode_device", "e2e_device", "e2e_cpu", "fmnist", "fmnist_knn", "fmnist_lowshot"]
 GPU_ONLY = {"max_batch_vitl7", "max_batch_vitl7_checkpointing"}  # recorded as skipped on the CPU
 
 

@@ -24,11 +24,13 @@ def stage_times(base: ImageDataset, transform: MultiCropTransform, *, count: int
                 seed: int = 0) -> dict[str, Any]:
     """Mean CPU milliseconds per image of each stage (``read_ms``, ``decode_ms``, ``crop_resize_ms``,
     ``photometric_ms``, and ``header_ms``: what a worker spends on an image beyond reading it with
-    ``data.decode_on=device``, :func:`~msn.data.device_decode.device_jpeg`) over ``count`` images spread over ``base``, in this process with one torch thread (the
-    share one loader worker pays). Reading and decoding go image by image; the crops and the photometric stage
-    go ``batch`` images at a time, as a worker runs them (per batch, so their fixed costs are shared). A source
-    without ``read_bytes`` (a dataset class of the user's own) has its reading inside ``decode_ms`` and
-    ``read_ms`` and ``header_ms`` None. ``images_timed``: how many images were timed."""
+    ``data.decode_on=device``, :func:`~msn.data.device_decode.device_jpeg`) over ``count`` images spread over
+    ``base``, in this process with one torch thread (the share one loader worker pays). Decoding is the loader's:
+    simplejpeg for plain JPEGs (:func:`~msn.data.loader.fast_jpeg`), PIL for the rest. Reading and decoding go image
+    by image; the crops and the photometric stage go ``batch`` images at a time, as a worker runs them (per batch,
+    so their fixed costs are shared). A source without ``read_bytes`` (a dataset class of the user's own) has its
+    reading inside ``decode_ms`` and ``read_ms`` and ``header_ms`` None. ``images_timed``: how many images were
+    timed."""
     indices = sorted({i * len(base) // min(count, len(base)) for i in range(min(count, len(base)))})
     read_bytes = getattr(base, "read_bytes", None)
     totals = dict.fromkeys(STAGES, 0.0)

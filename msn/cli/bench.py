@@ -110,7 +110,8 @@ def _parser() -> argparse.ArgumentParser:
     data.add_argument("--root", default=None, help="folder of images for --source folder (or data.root=)")
     data.add_argument("--workers", type=int, default=None, help="loader workers for both (default: data.num_workers)")
     data.add_argument("--threads", type=int, default=None, help="torch threads of this process (default: torch's)")
-    data.add_argument("--seconds", type=float, default=10.0, help="timed seconds per pipeline, in 3 turns alternating with the other (default 10)")
+    data.add_argument("--seconds", type=float, default=10.0,
+                      help="timed seconds per pipeline, in 3 turns alternating with the other (default 10)")
     data.add_argument("--step-img-s", type=float, default=None, dest="step_img_s",
                       help="the training step's images/s (msn-bench step): print the loader cores one GPU needs")
     e2e = commands.add_parser("e2e", help="the trainer's images/s against the step alone",

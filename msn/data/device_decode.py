@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -32,7 +32,19 @@ from msn.data.multicrop import ViewBatch
 from msn.errors import DataError
 
 if TYPE_CHECKING:
-    from msn.data.loader import Key, MultiCropDataset
+    from PIL import Image
+
+    from msn.data.multicrop import MultiCropTransform
+
+Key = tuple[int, int]  # (epoch, index), as msn.data.loader's
+
+
+class ReplacingDataset(Protocol):
+    """What :class:`DeviceDecoder` needs of :class:`msn.data.loader.MultiCropDataset` (which imports this module)."""
+
+    transform: MultiCropTransform
+
+    def load(self, epoch: int, index: int, kinds: dict[str, str] | None = None) -> tuple[Image.Image, list[str]]: ...
 
 DEVICE_COMPONENTS = (1, 3)  # gray and colour JPEGs, which every decoder turns into RGB (CMYK / YCCK go the CPU way)
 DECODE_CHOICES = ("auto", "cpu", "device")
@@ -162,7 +174,7 @@ class DeviceDecoder:
         device: where the images are decoded and cut.
     """
 
-    def __init__(self, dataset: MultiCropDataset, device: torch.device) -> None:
+    def __init__(self, dataset: ReplacingDataset, device: torch.device) -> None:
         self.dataset, self.device = dataset, device
 
     def __call__(self, batch: Any) -> ViewBatch:

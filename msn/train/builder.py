@@ -17,6 +17,7 @@ import torch
 from omegaconf import DictConfig
 
 from msn.config import LossConfig
+from msn.data.device_decode import DeviceDecoder, decode_on_device
 from msn.data.loader import (
     EpochSampler,
     MultiCropDataset,
@@ -25,7 +26,6 @@ from msn.data.loader import (
     samples_per_replica,
     steps_per_epoch,
 )
-from msn.data.device_decode import DeviceDecoder, decode_on_device
 from msn.data.multicrop import MultiCropTransform, ViewBatch, augment_in_workers
 from msn.data.registry import ImageDataset, build_dataset, data_identity
 from msn.errors import ConfigError
