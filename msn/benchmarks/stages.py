@@ -55,7 +55,7 @@ def stage_times(base: ImageDataset, transform: MultiCropTransform, *, count: int
         draws = [transform.draw(stream_generator(seed, "views", 0, index)) for index in indices]
         for start in range(0, len(indices), batch):
             tic = time.perf_counter()
-            views = transform.crop(images[start:start + batch], draws[start:start + batch])
+            views = transform.crop(images[start:start + batch], draws[start:start + batch], finish_here=True)
             totals["crop_resize"] += time.perf_counter() - tic
             tic = time.perf_counter()
             transform.finish(views)

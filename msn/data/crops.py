@@ -129,6 +129,10 @@ def _loop_into(out: torch.Tensor, rows: Sequence[int], image: torch.Tensor, boxe
     direct = image.dtype != torch.uint8 or image.device.type == "cpu"
     for row, (top, left, h, w), mirrored in zip(rows, boxes.tolist(), flip.tolist(), strict=True):
         patch = image[None, :, top:top + h, left:left + w]
+        if direct and image.dtype == torch.uint8:
+            # torch's uint8 resize is ~1.7x faster on a channels-last block than on a strided window of the image
+            # (the same values: tested); the crop's own copy costs a fraction of that
+            patch = patch.contiguous(memory_format=torch.channels_last)
         if direct:
             view = F.interpolate(patch, size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
         else:
@@ -145,19 +149,24 @@ def same_size_groups(images: Sequence[torch.Tensor]) -> list[np.ndarray]:
 
 
 def resized_crops(images: Sequence[torch.Tensor], boxes: np.ndarray, flip: np.ndarray, count: int,
-                  size: int) -> torch.Tensor:
+                  size: int, channels_last: bool = False) -> torch.Tensor:
     """``count`` crops of each image, resized to ``size`` and flipped where ``flip`` says, as uint8.
 
     Args:
         images: B (3, H, W) uint8 images (sizes may differ).
         boxes: (count * B, 4) crop boxes, view-major (row v * B + b: view v of image b).
         flip: (count * B,) bool horizontal flips, same rows.
+        channels_last: lay the crops out in memory as (count * B, S, S, 3), the layout of a decoded image and of
+            OpenCV, for the 8-bit photometric stage (which then reads them without a transposing copy).
     Returns:
         (count * B, 3, S, S) uint8, view-major, on the images' device.
     """
     b_total = len(images)
     device = images[0].device if b_total else torch.device("cpu")
-    out = torch.empty(len(boxes), 3, size, size, dtype=torch.uint8, device=device)
+    if channels_last:
+        out = torch.empty(len(boxes), size, size, 3, dtype=torch.uint8, device=device).permute(0, 3, 1, 2)
+    else:
+        out = torch.empty(len(boxes), 3, size, size, dtype=torch.uint8, device=device)
     flip_after = np.zeros_like(flip)  # the dense path's flips, made once its views are in place
     for members in same_size_groups(images):
         _, h, w = images[members[0]].shape

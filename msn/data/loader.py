@@ -100,7 +100,8 @@ class MultiCropDataset(Dataset):
                 image, bad = self.load(epoch, index, kinds)
                 images.append(image)
                 skipped += bad
-            batch = self.transform.crop(images, [self.transform.draw(self.generator(key)) for key in keys])
+            batch = self.transform.crop(images, [self.transform.draw(self.generator(key)) for key in keys],
+                                        finish_here=self.finish)
         except DataError as err:
             return ViewBatch(skipped=skipped, error=str(err), skip_kinds=kinds)
         batch.skipped, batch.skip_kinds = skipped, kinds

@@ -19,6 +19,7 @@ contiguous slice (no copy to split or to stack the focal views).
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -168,15 +169,19 @@ class MultiCropTransform:
         return torch.rand(self.num_views, ViewGroup.num_uniforms, generator=generator, dtype=torch.float64).numpy()
 
     def crop(self, images: Sequence[Image.Image | torch.Tensor], uniforms: Sequence[np.ndarray],
-             padded: bool = False) -> ViewBatch:
+             padded: bool = False, finish_here: bool = False) -> ViewBatch:
         """Stage 1: the uint8 crops of a batch of images (each with its own :meth:`draw`), photometric pending.
 
         ``padded`` resizes with :func:`~msn.data.crops.resized_crops_padded` (images decoded on a GPU: a few
         large matmuls), else with :func:`~msn.data.crops.resized_crops` (a loader worker's CPU). The boxes and
-        flips are the same either way.
+        flips are the same either way. ``finish_here``: :meth:`finish` follows in this process, so on a CPU
+        with the 8-bit stage the crops are laid out channels-last, as that stage reads them.
         """
-        resize = resized_crops_padded if padded else resized_crops
         on_cpu = not images or not isinstance(images[0], torch.Tensor) or images[0].device.type == "cpu"
+        if padded:
+            resize = resized_crops_padded
+        else:
+            resize = functools.partial(resized_crops, channels_last=finish_here and on_cpu and self.cpu_uint8)
         with single_threaded() if on_cpu else contextlib.nullcontext():
             tensors = [to_uint8_image(image) for image in images]
             heights = np.array([t.shape[1] for t in tensors])  # (B,)
@@ -207,7 +212,7 @@ class MultiCropTransform:
     def apply(self, images: Sequence[Image.Image | torch.Tensor],
               uniforms: Sequence[np.ndarray]) -> list[list[torch.Tensor]]:
         """Both stages on the CPU: per image, its views ``[target, anchor, focal_1, ...]``, each (3, S, S)."""
-        return self.finish(self.crop(images, uniforms)).per_image()
+        return self.finish(self.crop(images, uniforms, finish_here=True)).per_image()
 
     def __call__(self, image: Image.Image | torch.Tensor,
                  generator: torch.Generator | None = None) -> list[torch.Tensor]:

@@ -67,9 +67,14 @@ def photometric_uint8(crops: torch.Tensor, params, kernel_size: int, mean: torch
     import cv2
 
     cv2.setNumThreads(1)  # one loader worker, one core: OpenCV's own pool would compete with the other workers
-    images = crops.permute(0, 2, 3, 1).contiguous().numpy()  # (N, S, S, 3) uint8: OpenCV's layout
+    pixels = crops.permute(0, 2, 3, 1)  # (N, S, S, 3): OpenCV's layout, already so in memory for channels-last crops
+    images = (pixels if pixels.is_contiguous() else pixels.contiguous()).numpy()  # read, never written
+    levels = np.arange(256, dtype=np.float64) / 255.0
+    normalise = [((levels - float(m)) / float(s)).astype(np.float32) for m, s in zip(mean, std, strict=True)]
+    out = torch.empty(crops.shape, dtype=torch.float32)
+    planes = out.numpy()  # (N, 3, S, S): each view's channels are written in place by a table lookup
     for n in range(len(images)):
-        image = images[n]
+        image = images[n]  # every OpenCV call below returns a new array: the crops stay as they are
         if params.jitter[n]:
             for op in params.order[n]:
                 image = _COLOR_OPS[int(op)](cv2, image, float(params.factors[n, int(op)]))
@@ -79,16 +84,15 @@ def photometric_uint8(crops: torch.Tensor, params, kernel_size: int, mean: torch
             sigma = float(params.sigma[n])
             image = cv2.GaussianBlur(image, (kernel_size, kernel_size), sigmaX=sigma, sigmaY=sigma,
                                      borderType=cv2.BORDER_REFLECT_101)
-        if image is not images[n]:
-            images[n] = image
-    out = torch.empty(crops.shape, dtype=torch.float32)
-    out.copy_(torch.from_numpy(images).permute(0, 3, 1, 2))
-    return out.sub_((255.0 * mean).view(1, 3, 1, 1)).div_((255.0 * std).view(1, 3, 1, 1))
+        # (x / 255 - mean) / std: one 256-entry float table per channel, looked up straight into the output
+        for c, channel in enumerate(cv2.split(image)):
+            cv2.LUT(channel, normalise[c], dst=planes[n, c])
+    return out
 
 
 def _table(values: np.ndarray) -> np.ndarray:
     """A 256-entry uint8 lookup table from float values, truncated and clipped (PIL's ``blend``)."""
-    return np.clip(np.floor(values), 0, 255).astype(np.uint8)
+    return np.clip(values, 0, 255).astype(np.uint8)  # the cast truncates: floor, on values clipped at 0
 
 
 FLOOR = -0.5 + 1e-3  # added before OpenCV's rounding makes it PIL's truncation (for fractions below 0.999)
