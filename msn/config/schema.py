@@ -60,8 +60,8 @@ class DataConfig:
     num_workers: int | None = 0  # null: min(8, the CPU cores this process may use)
     augment_on: str = "auto"  # cpu: the whole augmentation in the loader workers; device: colour, blur and
     # normalisation on the training device (workers decode and crop); auto: device when training on a GPU
-    cpu_photometric: str = "auto"  # the photometric stage on a CPU: uint8 (OpenCV, as the original's PIL ops: ~3x
-    # faster), float (the GPU's float formulas, bit for bit), auto: uint8 when OpenCV is installed
+    cpu_photometric: str = "auto"  # the photometric stage on a CPU: uint8 (OpenCV, as the original's PIL ops: ~2.6x
+    # faster), float (the GPU's float formulas), auto: uint8 when OpenCV is installed
     decode_on: str = "auto"  # device: workers read the files, the training device decodes JPEGs (nvJPEG) and cuts
     # the views (needs augment_on device/auto); cpu: workers decode and crop; auto: device on a GPU with JPEG data
     global_size: int = 224  # target and anchor crop size

@@ -1,5 +1,5 @@
 """The photometric stage on a CPU in 8 bits, as the original code's PIL pipeline computes it, with OpenCV's
-vectorised kernels: about 3x faster than the float stage per view (``data.cpu_photometric``).
+vectorised kernels: about 2.6x faster than the float stage per view (``data.cpu_photometric``).
 
 Each operation works on uint8 images and rounds and clips to 0..255 after itself, as PIL's enhancers and
 torchvision's PIL ``ColorJitter`` do, so the views follow the paper's recipe the way its code ran it:
