@@ -206,3 +206,18 @@ def test_on_a_gpu_the_device_path_cuts_the_views_the_workers_cut(kinds):
         assert mine.device.type == "cuda" and mine.dtype == torch.uint8
         diff = (mine.cpu().int() - theirs.int()).abs().float()
         assert diff.mean() < 2 and diff.quantile(0.99) <= 8, (diff.mean(), diff.quantile(0.99), diff.max())
+
+
+def test_the_pictures_of_a_run_decoding_on_the_device_show_its_views(kinds):
+    """msn-viz views rebuilds the trainer's batch on the CPU: for a run with data.decode_on=device (and the photometric
+    stage on the device) it decodes, cuts and finishes the batch itself, giving the worker path's views."""
+    from msn.train.views import trainer_views
+
+    common = ["experiment=cpu_smoke", "data=folder", f"data.root={kinds}", "data.global_size=32", "data.focal_size=16",
+              "data.num_focal=2", "data.batch_size=4"]
+    device = trainer_views(compose_config([*common, "data.decode_on=device", "data.augment_on=device"]), 1, 3)
+    workers = trainer_views(compose_config([*common, "data.decode_on=cpu"]), 1, 3)
+    assert device.keys == workers.keys
+    for mine, theirs in zip(device.views, workers.views, strict=True):
+        assert mine.dtype == torch.float32 and mine.shape == theirs.shape
+        assert (mine - theirs).abs().mean() < 0.02  # the crops' 1-level rounding, through the same 8-bit stage

@@ -61,7 +61,9 @@ def trainer_views(cfg: DictConfig, step: int, count: int, world_size: int = 1) -
     batch = data.dataset.__getitems__(keys)
     if batch.error is not None:
         raise DataError(batch.error)
-    views = batch.views()
+    # decoded and cut here when the run decodes on its device (data.decode_on=device), finished here when its
+    # photometric stage runs there (data.augment_on=device): the trainer's views either way
+    views = data.transform.finish(data.decode(batch)).views()
     patch = cfg.model.patch_size
     grid = d.global_size // patch
     masks = build_mask_generator(cfg)(step, batch_size, anchor_size=d.global_size, focal_size=d.focal_size,
