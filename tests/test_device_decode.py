@@ -221,3 +221,16 @@ def test_the_pictures_of_a_run_decoding_on_the_device_show_its_views(kinds):
     for mine, theirs in zip(device.views, workers.views, strict=True):
         assert mine.dtype == torch.float32 and mine.shape == theirs.shape
         assert (mine - theirs).abs().mean() < 0.02  # the crops' 1-level rounding, through the same 8-bit stage
+
+
+def test_the_loaders_jpeg_decoder_gives_pils_pixels(kinds):
+    """simplejpeg (the loader's decoder of plain JPEGs) gives exactly PIL's upright pixels; the rest is left to PIL."""
+    from msn.data.loader import fast_jpeg
+
+    for path in sorted((kinds / "a").iterdir()):
+        image = fast_jpeg(path.read_bytes())
+        if path.name in ("cmyk.jpg", "among.png", "truncated.jpg"):
+            assert image is None, path.name
+        else:
+            assert image is not None and torch.equal(image.permute(1, 2, 0),
+                                                     torch.from_numpy(np.array(load_rgb(path)))), path.name
