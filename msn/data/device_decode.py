@@ -1,15 +1,16 @@
 """JPEG decoding on the training device (``data.decode_on=device``): the loader workers only read files.
 
     worker:   read_bytes(index) ─> device_jpeg ─> EncodedImage (the file's bytes, its EXIF orientation)
-                                      └ not a JPEG the device takes ─> decoded here (PIL), sent as pixels
+                                      └ not a JPEG the device takes ─> decoded here, sent as pixels
               + every view's uniforms (MultiCropTransform.draw, from the key's own generator)
     trainer:  DeviceDecoder ─> one batched decode_jpeg on the device ─> upright ─> MultiCropTransform.crop
               (same boxes and flips as the worker path, resized by a few large matmuls) ─> photometric stage
 
-A worker then spends about 0.1 ms per image instead of ~20 (``msn-bench data``'s stages), and the GPU
-decodes with nvJPEG. The views are those of the worker path: the same uniforms give the same boxes,
-flips and photometric parameters, so a run resumes exactly and a view is a pure function of
-(seed, epoch, index). Only the resize kernel differs (``resized_crops_padded``; a few levels of 255).
+A worker then spends under 0.1 ms per image (reading and the markers) instead of ~8 (``msn-bench data``'s
+stages), and the GPU decodes with nvJPEG. The views are those of the worker path: the same uniforms give the
+same boxes, flips and photometric parameters, so a run resumes exactly and a view is a pure function of
+(seed, epoch, index). Only the resize kernel's rounding differs (``resized_crops_padded``: within one level of
+255 on a CPU; nvJPEG's decoding adds a few more on a GPU).
 
 What the device's decoder does not take goes the CPU way and is counted (:attr:`ViewBatch.cpu_decoded`):
 other formats (PNG, WebP, ...), CMYK JPEGs, JPEGs that do not end with their end-of-image marker
@@ -45,6 +46,7 @@ class ReplacingDataset(Protocol):
     transform: MultiCropTransform
 
     def load(self, epoch: int, index: int, kinds: dict[str, str] | None = None) -> tuple[Image.Image, list[str]]: ...
+
 
 DEVICE_COMPONENTS = (1, 3)  # gray and colour JPEGs, which every decoder turns into RGB (CMYK / YCCK go the CPU way)
 DECODE_CHOICES = ("auto", "cpu", "device")
@@ -135,7 +137,7 @@ def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
         x = x.flip(-1)
     if orientation in (3, 4, 7, 8):
         x = x.flip(-2)
-    return x  # a strided view: the crops slice it, the padded stack copies it
+    return x  # orientations 1 and 5 give a view, flips a copy; the crops slice it, the padded stack copies it
 
 
 def decode_jpegs(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
