@@ -12,7 +12,7 @@ import torch
 
 from msn.data.device_decode import device_jpeg
 from msn.data.images import decode_rgb, stored_bytes
-from msn.data.loader import fast_jpeg
+from msn.data.loader import decode_stored
 from msn.data.multicrop import MultiCropTransform
 from msn.data.registry import ImageDataset
 from msn.utils.seeding import stream_generator
@@ -26,13 +26,14 @@ def stage_times(base: ImageDataset, transform: MultiCropTransform, *, count: int
     ``photometric_ms``, and ``header_ms``: what a worker spends on an image beyond reading it with
     ``data.decode_on=device``, :func:`~msn.data.device_decode.device_jpeg`) over ``count`` images spread over
     ``base``, in this process with one torch thread (the share one loader worker pays). Decoding is the loader's:
-    simplejpeg for plain JPEGs (:func:`~msn.data.loader.fast_jpeg`), PIL for the rest. Reading and decoding go image
+    simplejpeg for plain JPEGs, PIL for the rest (:func:`~msn.data.loader.decode_stored`). Reading and decoding go image
     by image; the crops and the photometric stage go ``batch`` images at a time, as a worker runs them (per batch,
     so their fixed costs are shared). A source without ``read_bytes`` (a dataset class of the user's own) has its
     reading inside ``decode_ms`` and ``read_ms`` and ``header_ms`` None. ``images_timed``: how many images were
     timed."""
     indices = sorted({i * len(base) // min(count, len(base)) for i in range(min(count, len(base)))})
     read_bytes = getattr(base, "read_bytes", None)
+    decode = decode_stored if stored_bytes(base) is not None else lambda data, name: decode_rgb(io.BytesIO(data), name)
     totals = dict.fromkeys(STAGES, 0.0)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -47,8 +48,7 @@ def stage_times(base: ImageDataset, transform: MultiCropTransform, *, count: int
                 device_jpeg(data)
                 totals["header"] += time.perf_counter() - tic
                 tic = time.perf_counter()
-                image = fast_jpeg(data) if stored_bytes(base) is not None else None  # as the loader decodes
-                images.append(image if image is not None else decode_rgb(io.BytesIO(data), str(index)))
+                images.append(decode(data, str(index)))  # as the loader decodes
             else:
                 images.append(base[index])
             totals["decode"] += time.perf_counter() - tic

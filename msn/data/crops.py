@@ -170,7 +170,7 @@ def resized_crops(images: Sequence[torch.Tensor], boxes: np.ndarray, flip: np.nd
     flip_after = np.zeros_like(flip)  # the dense path's flips, made once its views are in place
     for members in same_size_groups(images):
         _, h, w = images[members[0]].shape
-        rows = (np.arange(count)[None, :] * b_total + members[:, None]).ravel()  # (M * V,) image-major
+        rows = _view_rows(members, count, b_total)
         # which path depends only on the image size, so a view never depends on its batch-mates
         if dense_resize_is_cheap(h, w, size):
             stack = torch.stack([images[b] for b in members]).float()  # (M, 3, H, W) in 0..255
@@ -206,9 +206,14 @@ def resized_crops_padded(images: Sequence[torch.Tensor], boxes: np.ndarray, flip
         stack = torch.zeros(len(members), 3, h, w, device=device)  # (M, 3, H, W) float, 0..255
         for m, b in enumerate(members):
             stack[m, :, :images[b].shape[1], :images[b].shape[2]] = images[b]
-        rows = (np.arange(count)[None, :] * b_total + members[:, None]).ravel()  # (M * V,) image-major
+        rows = _view_rows(members, count, b_total)
         out[to_device(torch.from_numpy(rows), device)] = to_uint8(resized_crops_dense(stack, boxes[rows], size))
     return _flip_rows(out, flip)
+
+
+def _view_rows(members: np.ndarray, count: int, total: int) -> np.ndarray:
+    """(M * count,) the view-major rows of the views of images ``members`` among ``total``, image by image."""
+    return (np.arange(count)[None, :] * total + members[:, None]).ravel()
 
 
 def _padded_chunks(images: Sequence[torch.Tensor], count: int, size: int, chunk_bytes: int) -> list[np.ndarray]:

@@ -151,14 +151,13 @@ def decode_jpegs(data: list[torch.Tensor], device: torch.device) -> list[torch.T
         return []
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    tensors = list(data)
     with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders in favour of TorchCodec's
         warnings.simplefilter("ignore", DeprecationWarning)
         try:
-            return list(decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device))
+            return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
         except RuntimeError:
             decoded: list[torch.Tensor | None] = []
-            for tensor in tensors:
+            for tensor in data:
                 try:
                     decoded.append(decode_jpeg(tensor, mode=ImageReadMode.RGB, device=device))
                 except RuntimeError:

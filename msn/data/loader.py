@@ -13,6 +13,7 @@ boundaries instead of draining and restarting at each, and a resume is an offset
 from __future__ import annotations
 
 import ctypes
+import io
 import math
 import os
 import signal
@@ -33,7 +34,7 @@ except ImportError:  # pragma: no cover - a dependency, but the package still wo
 from msn.config import DataConfig
 from msn.data.crops import to_uint8_image
 from msn.data.device_decode import DEVICE_COMPONENTS, EncodedBatch, EncodedImage, device_jpeg, orient
-from msn.data.images import jpeg_layout, stored_bytes
+from msn.data.images import decode_rgb, jpeg_layout, stored_bytes
 from msn.data.multicrop import MultiCropTransform, ViewBatch
 from msn.data.registry import ImageDataset
 from msn.errors import BadSample, DataError, DataGone
@@ -112,18 +113,11 @@ class MultiCropDataset(Dataset):
         items: list[EncodedImage | np.ndarray] = []
         skipped: list[str] = []
         kinds: dict[str, str] = {}
-        read = stored_bytes(self.base)
         try:
             for epoch, index in keys:
-                encoded = None
-                if read is not None:
-                    try:
-                        encoded = device_jpeg(read(index))
-                    except DataGone:
-                        raise
-                    except (DataError, OSError):  # decoding it below says what is wrong, and replaces it
-                        encoded = None
-                if encoded is None:
+                data = self._stored(index)
+                encoded = device_jpeg(data) if data is not None else None
+                if encoded is None:  # decoded here, or replaced as on the CPU path
                     image, bad = self.load(epoch, index, kinds)
                     encoded, skipped = to_uint8_image(image).permute(1, 2, 0).numpy(), skipped + bad
                 items.append(encoded)
@@ -139,22 +133,25 @@ class MultiCropDataset(Dataset):
         paths = getattr(self.base, "paths", None)
         return str(paths[index]) if paths is not None else f"image {index}"
 
+    def _stored(self, index: int) -> bytes | None:
+        """Image ``index``'s stored bytes when the source's ``__getitem__`` is exactly their decoding
+        (:func:`~msn.data.images.stored_bytes`); None for another source, or when reading fails (its own
+        ``__getitem__`` then says what is wrong). Data gone from under the run still stops it."""
+        read = stored_bytes(self.base)
+        if read is None:
+            return None
+        try:
+            return read(index)
+        except DataGone:
+            raise
+        except (DataError, OSError):
+            return None
+
     def _image(self, index: int) -> Image.Image | torch.Tensor:
-        """Image ``index``: a plain JPEG decoded from its stored bytes by simplejpeg (the same libjpeg-turbo
-        pixels as PIL's, in about half the time: ``msn-bench data``'s decode stage), anything else (other
-        formats, CMYK, a file cut short, a source of the user's own) as the source decodes it."""
-        read = stored_bytes(self.base) if simplejpeg is not None else None
-        if read is not None:
-            try:
-                data = read(index)
-            except DataGone:
-                raise
-            except (DataError, OSError):  # the source's own decoding says what is wrong with it
-                data = b""
-            image = fast_jpeg(data)
-            if image is not None:
-                return image
-        return self.base[index]
+        """Image ``index``, decoded from its stored bytes when the source has them (:func:`decode_stored`: read
+        once), else as the source decodes it."""
+        data = self._stored(index)
+        return self.base[index] if data is None else decode_stored(data, self.path(index))
 
     def load(self, epoch: int, index: int, kinds: dict[str, str] | None = None) -> tuple[Image.Image, list[str]]:
         """Image ``index``, or a deterministic replacement when it cannot be decoded; the paths that failed (and
@@ -187,6 +184,14 @@ def fast_jpeg(data: bytes) -> torch.Tensor | None:
     except ValueError:
         return None
     return orient(torch.from_numpy(pixels).permute(2, 0, 1), layout[1])
+
+
+def decode_stored(data: bytes, name: str) -> Image.Image | torch.Tensor:
+    """A stored image's pixels: a plain JPEG by simplejpeg (:func:`fast_jpeg`: the same libjpeg-turbo pixels as
+    PIL's, in about half the time), anything else (other formats, CMYK, a file cut short) by
+    :func:`~msn.data.images.decode_rgb`, as the sources decode it; ``name`` in its :class:`DataError`."""
+    image = fast_jpeg(data)
+    return image if image is not None else decode_rgb(io.BytesIO(data), name)
 
 
 def collate_views(batch: ViewBatch) -> ViewBatch:
