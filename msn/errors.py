@@ -57,3 +57,8 @@ class NonFiniteError(MSNError, FloatingPointError):
 class JobError(MSNError, RuntimeError):
     """A multi-process job cannot go on (another process died or was cut off); the message says which rank saw
     it, where the last checkpoint is and how to continue."""
+
+
+class RunCollapsed(MSNError, RuntimeError):
+    """The run's representations collapsed (:mod:`msn.train.collapse`): it wrote ``last.pt`` and set its status
+    to ``collapsed``; the message says what collapsed and the usual fixes."""

@@ -41,6 +41,8 @@ def test_the_wheel_ships_every_config(tmp_path):
     assert len(shipped) >= 30 and "msn/configs/experiment/cpu_smoke.yaml" in shipped
     assert shipped <= names, sorted(shipped - names)
     assert "msn/py.typed" in names  # PEP 561: type checkers read the package's annotations
+    # the Optuna sweeper Hydra finds in its hydra_plugins namespace (which must stay a namespace: no __init__.py)
+    assert "hydra_plugins/msn_optuna_sweeper/__init__.py" in names and "hydra_plugins/__init__.py" not in names
 
 
 def test_a_users_experiment_file_outside_the_package(tmp_path):

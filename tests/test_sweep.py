@@ -15,10 +15,11 @@ from tests.conftest import metrics_rows
 
 
 def test_two_by_two_sweep_writes_four_runs_and_a_summary_and_goes_on_past_failed_jobs(tmp_path):
-    # jobs 0 and 1 (optim.lr=1e30) diverge at step 2: the sweep records them and runs the jobs after them
+    # jobs 0 and 1 (optim.lr=1e30) diverge at step 2: the sweep records them and runs the jobs after them; the
+    # summary lists the jobs best first by their final loss (sweep.rank_by=loss), the failed ones last
     sweep = tmp_path / "sweep"
     cmd = ["msn-pretrain", "-m", "optim.lr=1e30,1e-3", "masking.ratio=0.15,0.3", "experiment=cpu_smoke",
-           "optim.max_steps=2", "logger.progress=false", f"hydra.sweep.dir={sweep}"]
+           "optim.max_steps=2", "logger.progress=false", f"hydra.sweep.dir={sweep}", "sweep.rank_by=loss"]
     result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1, result.stderr[-3000:]
     assert result.stderr.rstrip().splitlines()[-1] == (
@@ -37,23 +38,27 @@ def test_two_by_two_sweep_writes_four_runs_and_a_summary_and_goes_on_past_failed
     with (sweep / "summary.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert rows == [{k: str(r.get(k, "")) for k in rows[0]} for r in json.loads((sweep / "summary.json").read_text())]
-    assert [r["job"] for r in rows] == runs
-    for row in rows[:2]:
+    losses = {r["job"]: float(r["final_loss"]) for r in rows if r["status"] == "finished"}
+    best, second = sorted(losses, key=losses.get)
+    assert [r["job"] for r in rows] == [best, second, "0", "1"] and [r["rank"] for r in rows] == ["1", "2", "3", "4"]
+    for row in rows[2:]:
         assert row["status"] == "failed" and row["reason"].startswith("the loss or the encoder's gradient became "
                                                                       "non-finite at step 2")
-    for row in rows[2:]:
+    for row in rows[:2]:
         cfg = yaml.safe_load((sweep / row["job"] / "config.yaml").read_text())
         assert float(row["optim.lr"]) == cfg["optim"]["lr"] and float(row["masking.ratio"]) == cfg["masking"]["ratio"]
         assert float(row["final_loss"]) == pytest.approx(float(metrics_rows(sweep / row["job"])[-1]["loss"]))
         assert row["status"] == "finished" and row["final_step"] == "2" and row["reason"] == ""
-    assert len({r["final_loss"] for r in rows[2:]}) == 2  # the overrides took effect
+    assert len(losses) == 2 and losses[best] < losses[second]  # the overrides took effect
     # the table on the console: the overrides that differ, status, the final step and loss; the reasons below
     table = result.stdout[result.stdout.index("every job: "):].splitlines()
-    assert table[0] == "every job: experiment=cpu_smoke optim.max_steps=2 logger.progress=False"
-    assert table[1].split() == ["job", "optim.lr", "masking.ratio", "status", "final_step", "final_loss"]
-    assert table[2].split()[:4] == ["0", "1e+30", "0.15", "failed"]
-    assert table[4].split() == ["2", "0.001", "0.15", "finished", "2", f"{float(rows[2]['final_loss']):.4g}"]
+    assert table[0] == "every job: experiment=cpu_smoke optim.max_steps=2 logger.progress=False sweep.rank_by=loss"
+    assert table[1].split() == ["rank", "job", "optim.lr", "masking.ratio", "status", "final_step", "final_loss"]
+    assert table[2].split() == ["1", best, "0.001", rows[0]["masking.ratio"], "finished", "2", f"{losses[best]:.4g}"]
+    assert table[4].split()[:5] == ["3", "0", "1e+30", "0.15", "failed"]
     assert table[6].startswith("job 0 failed: the loss or the encoder's gradient became non-finite")
+    assert f"best job by loss (lower is better): job {best} (loss {losses[best]:.4g}, finished)" in result.stdout
+    assert f"  msn-export {sweep}/{best} {sweep}/{best}/hf" in result.stdout.splitlines()
 
 
 def test_summary_rebuild_adds_eval_reports_and_marks_stopped_runs(tmp_path, capsys):

@@ -17,7 +17,8 @@ from tests.conftest import compose_config, metrics_rows
 # metrics.csv of an MSN run, as every release wrote it (the loss's own terms sit after "loss", its diagnostics
 # after the schedules): written out here, not read from the code under test.
 COLUMNS = ["step", "epoch", "loss", "ce", "me_max", "entropy", "lr", "wd", "momentum", "sharpen_T",
-           "distinct_prototypes", "max_target_prob", "encoder_grad_norm", "images_per_s", "monitor", "skipped_images"]
+           "distinct_prototypes", "max_target_prob", "encoder_grad_norm", "images_per_s", "monitor", "rankme",
+           "rankme_head", "skipped_images"]
 
 
 def _smoke(run_dir: Path, *overrides: str):

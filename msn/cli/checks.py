@@ -15,7 +15,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from msn.cli.errors import any_error_line, fail
-from msn.config import to_schema
+from msn.config import monitor_protocols, to_schema
 from msn.data.registry import check_source
 from msn.errors import ConfigError, MSNError
 from msn.eval.registry import get_protocol
@@ -72,17 +72,29 @@ class CheckBeforeRun(Callback):
 
         params = OmegaConf.select(config, "hydra.sweeper.params") or {}
         swept = [f"{key}={value}" for key, value in params.items()]  # a sweep config's grid (sweep=lr_mask)
+        search = str(OmegaConf.select(config, "hydra.sweeper._target_")).endswith(OPTUNA_SWEEPER)
         try:
             check_overrides_once(config.hydra.overrides.task)
+            if search:  # an Optuna search (hydra/sweeper=optuna): the corners of its space, in its grammar
+                from msn.sweeps.optuna import parse_space
+
+                jobs = parse_space([*swept, *config.hydra.overrides.task]).corners()
+            else:
+                jobs = sweep_jobs([*swept, *config.hydra.overrides.task])
         except MSNError as e:
             sys.exit(fail("msn-pretrain", f"{e}; no job was run"))
-        for number, job in enumerate(sweep_jobs([*swept, *config.hydra.overrides.task])):
+        what = "a corner of the search space" if search else "job {number} of the sweep"
+        for number, job in enumerate(jobs):
             try:
                 cfg = compose("config", overrides=[*job, "run_dir=."])
                 check_before_run(to_schema(task_config(cfg)), None)
             except Exception as e:  # one line, never Hydra's warning and a sweep that runs anyway
                 line = any_error_line(e, "its check failed")
-                sys.exit(fail("msn-pretrain", f"job {number} of the sweep ({' '.join(job)}): {line}; no job was run"))
+                sys.exit(fail("msn-pretrain", f"{what.format(number=number)} ({' '.join(job)}): {line}; "
+                              "no job was run"))
+
+
+OPTUNA_SWEEPER = "msn_optuna_sweeper.OptunaSweeper"  # hydra/sweeper=optuna: msn/configs/hydra/sweeper/optuna.yaml
 
 
 def check_overrides_once(overrides: Sequence[str]) -> None:
@@ -129,6 +141,9 @@ def sweep_jobs(overrides: list[str]) -> list[list[str]]:
 
     choices = []
     for override in OverridesParser.create().parse_overrides(overrides):
+        if override.is_sweep_override() and not override.is_discrete_sweep():  # interval(a, b): a range to search
+            raise ConfigError(f"{override.input_line}: an interval is searched, not run as a list of jobs: add "
+                              "hydra/sweeper=optuna, or list values (a,b,c)")
         if override.is_sweep_override():
             key = override.get_key_element()
             choices.append([f"{key}={value}" for value in override.sweep_string_iterator()])
@@ -159,9 +174,10 @@ def check_before_run(cfg: DictConfig, run_dir: Path | None) -> None:
     # The cheap part of the data check (torch-free): no run folder for a typo in a path or a shard pattern.
     check_source(cfg.data)
     check_extra_terms(cfg.loss.extra_terms)  # the user's loss terms can be imported
-    if cfg.monitor.every_steps:
+    labelled, _ = monitor_protocols(cfg.monitor.protocol)
+    if cfg.monitor.every_steps and labelled is not None:  # rankme alone reads the training images, no labelled set
         check_eval_dataset(cfg.monitor.dataset, "monitor.dataset", "or set monitor.every_steps=0")
-        get_protocol(cfg.monitor.protocol).resolve(cfg.monitor.options, "monitor.options")
+        get_protocol(labelled).resolve(cfg.monitor.options, "monitor.options")
     if cfg.init_from is not None and not Path(str(cfg.init_from)).expanduser().exists():
         raise ConfigError(f"init_from={cfg.init_from} does not exist; give an original MSN checkpoint, a Hugging "
                           "Face ViTMSN folder, a timm .safetensors file or an msn run")

@@ -1,11 +1,15 @@
 """msn-eval: measure a backbone the way the paper does, on frozen target-encoder features.
 
     msn-eval PROTOCOL MODEL [--dataset digits|fashion_mnist|PATH] [--shots 1 2 5] [--fraction 0.01] [--splits 3] ...
+    msn-eval rankme MODEL [--dataset DIR|digits|fashion_mnist] [--images 1024]
 
 Protocols: lowshot (k images per class / a label fraction, L2-penalised multinomial logistic
 regression on centred, L2-normalised CLS features of a centre crop, --crop-pct), knn (cosine, k=20,
 temperature-weighted votes), linear (a linear probe trained on cached features), finetune
-(ViTMSNForImageClassification holding the encoder), and any protocol a plugin registers (MSN_PLUGINS=module)
+(ViTMSNForImageClassification holding the encoder), rankme (label-free: the effective rank of the
+backbone's and the projection head's embeddings of a fixed sample of --images images, by default of the training
+data of the run MODEL belongs to; any folder of images, or a labelled set's training split, with --dataset), and any
+protocol a plugin registers (MSN_PLUGINS=module)
 or a protocol function's import path (mypkg.protocols.fewshot); --option KEY=VALUE sets a protocol's own
 option. MODEL is a training checkpoint, a run directory, an original MSN .pth.tar, a Hugging Face ViTMSN
 folder (msn-export's, or any saved ViTMSNModel) or a timm export; the target encoder is used. The encoder runs on
@@ -43,13 +47,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="msn-eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("protocol", metavar="PROTOCOL",
-                   help=f"{', '.join(protocol_names())}, or a protocol function's import path (mypkg.module.name)")
+                   help=f"{', '.join([*protocol_names(), RANKME])}, or a protocol function's import path "
+                        "(mypkg.module.name)")
     p.add_argument("model", help="training checkpoint, run directory, original MSN .pth.tar, Hugging Face ViTMSN "
                                  "folder (msn-export's) or timm export folder")
-    p.add_argument("--dataset", default="digits",
-                   help="digits; fashion_mnist (its official test split, from Debian's dataset-fashion-mnist package; "
-                        "a folder holding the four idx files works too); or a folder with train/ and val/ "
-                        "(ImageFolder)")
+    p.add_argument("--dataset", default=None,
+                   help="digits (the default); fashion_mnist (its official test split, from Debian's "
+                        "dataset-fashion-mnist package; a folder holding the four idx files works too); or a folder "
+                        "with train/ and val/ (ImageFolder). rankme: by default the training data of MODEL's run; "
+                        "any folder of images")
+    p.add_argument("--images", type=int, default=None,
+                   help="rankme: the size of its fixed sample of images (default 1024; seed 0)")
     # The protocols' own options default to None here: the protocol's signature holds the default, and an option
     # given to a protocol that does not take it is refused, not ignored.
     p.add_argument("--shots", type=int, nargs="+", default=None, help="lowshot: images per class (default 1 2 5)")
@@ -109,7 +117,7 @@ def protocol_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def evaluate_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """:func:`msn.eval.evaluate.evaluate`'s keyword arguments from msn-eval's parsed arguments."""
-    return dict(dataset=args.dataset, device=args.device, precision=args.precision, crop_pct=args.crop_pct,
+    return dict(dataset=args.dataset or "digits", device=args.device, precision=args.precision, crop_pct=args.crop_pct,
                 splits=args.splits, feature=args.feature, last_blocks=args.last_blocks, batch_size=args.batch_size,
                 num_workers=args.num_workers, cache_dir=None if args.no_cache else Path(args.cache_dir),
                 train_subset=args.train_subset, **protocol_options(args))
@@ -118,7 +126,38 @@ def evaluate_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 # Each numeric option and the values it allows (msn.utils.arguments.check_number), checked before any work.
 NUMBERS = {"--shots": ">= 1", "--fraction": "[0, 1)", "--splits": ">= 1", "--penalty": "> 0", "--last-blocks": ">= 1",
            "--k": ">= 1", "--temperature": "> 0", "--epochs": ">= 1", "--lr": "> 0", "--batch-size": ">= 1",
-           "--num-workers": ">= 0", "--train-subset": ">= 1"}
+           "--num-workers": ">= 0", "--train-subset": ">= 1", "--images": ">= 2"}
+RANKME = "rankme"  # label-free (msn.eval.rankme): no labelled protocol's options
+LABELLED_ONLY = ("--splits", "--feature", "--last-blocks", "--train-subset", "--subset-file", "--num-workers",
+                 "--cache-dir", "--no-cache")  # options that mean nothing to rankme (refused with it, not ignored)
+
+
+def check_rankme_args(args: argparse.Namespace) -> Path:
+    """``msn-eval rankme``: refuse the labelled protocols' options (given, not ignored), a MODEL that names nothing
+    and an output that exists; return the results file (``eval_rankme_DATASET.json``, DATASET ``train`` for the
+    run's own training data)."""
+    given = [name for name in PROTOCOL_OPTIONS if getattr(args, name) is not None] + (["option"] if args.option else [])
+    defaults = build_parser().parse_args([args.protocol, args.model])
+    names = [flag.lstrip("-").replace("-", "_") for flag in LABELLED_ONLY]
+    given += [name for name in names if getattr(args, name) != getattr(defaults, name)]
+    if given:
+        flags = ", ".join(f"--{name.replace('_', '-')}" for name in given)
+        raise ConfigError(f"msn-eval rankme takes no {flags} (it needs no labels: --dataset, --images, --crop-pct, "
+                          "--batch-size, --device, --precision)")
+    try:
+        check_crop_pct(args.crop_pct, "--crop-pct")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if args.dataset is not None and args.dataset not in ("digits", "fashion_mnist") \
+            and not Path(args.dataset).expanduser().is_dir():
+        raise ConfigError(f"--dataset {args.dataset} is not a folder; give a folder of images, digits or fashion_mnist")
+    dataset = args.dataset if args.dataset is not None else "train"
+    output = Path(args.output) if args.output else default_output(Path(args.model), RANKME, dataset)
+    if output.exists() and not args.overwrite:
+        raise CheckpointError(f"{output} exists; pass --overwrite to replace it, or --output PATH")
+    check_model(args.model)
+    check_writable(output.parent, output, "pass --output PATH in a folder you can write to")
+    return output
 
 
 def check_args(args: argparse.Namespace) -> Path:
@@ -126,6 +165,11 @@ def check_args(args: argparse.Namespace) -> Path:
     (without --overwrite) or could not be written, and a MODEL that names nothing, before torch is imported;
     returns the results file."""
     check_numbers(args, NUMBERS)
+    if args.protocol == RANKME:
+        return check_rankme_args(args)
+    if args.images is not None:
+        raise ConfigError(f"--images is rankme's option; msn-eval {args.protocol} evaluates whole splits")
+    args.dataset = args.dataset or "digits"
     get_protocol(args.protocol).resolve(protocol_options(args), f"msn-eval {args.protocol}: the option")
     check_train_subset(args.train_subset, protocol_options(args))
     check_eval_dataset(args.dataset, "--dataset")
@@ -159,11 +203,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.update_card and not is_hf_export(args.model):
         parser.error("--update-card needs MODEL to be an hf export folder (msn-export --format hf)")
-    console_logging({"msn.eval.evaluate": "msn-eval: "})  # its coverage warnings, as ever
+    console_logging({"msn.eval.evaluate": "msn-eval: ", "msn.eval.rankme": "msn-eval: "})  # stages and warnings
     try:
         output = check_args(args)
         wandb = import_wandb("--wandb") if args.wandb else None  # before the work, not after it
-        report = evaluate(args.protocol, args.model, **evaluate_kwargs(args))
+        if args.protocol == RANKME:
+            from msn.eval.rankme import DEFAULT_IMAGES, rankme_report
+
+            report = rankme_report(args.model, dataset=args.dataset, images=args.images or DEFAULT_IMAGES,
+                                   device=args.device, precision=args.precision, crop_pct=args.crop_pct,
+                                   batch_size=args.batch_size)
+        else:
+            report = evaluate(args.protocol, args.model, **evaluate_kwargs(args))
     except MSNError as e:
         return fail("msn-eval", e)
     print(format_table(report))

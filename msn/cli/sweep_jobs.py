@@ -8,9 +8,9 @@ import json
 from pathlib import Path
 
 from msn.cli.errors import any_error_line
+from msn.sweeps.summary import FAILURE_FILE
 from msn.utils.launcher import process_info
 
-FAILURE_FILE = "failure.json"  # JOB_DIR/failure.json: {"reason": the one line msn-pretrain printed}
 IN_PROCESS_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"  # jobs one after another, here
 
 
@@ -34,11 +34,3 @@ def record_failed_job(run_dir: Path, error: BaseException) -> bool:
 def forget_failure(run_dir: Path) -> None:
     """A job that starts again (a rerun of the sweep) is no longer the failure an earlier attempt recorded."""
     (run_dir / FAILURE_FILE).unlink(missing_ok=True)
-
-
-def job_failure(job: Path) -> str | None:
-    """Why the job ``job`` (its directory) failed, as :func:`record_failed_job` recorded it, or None."""
-    try:
-        return str(json.loads((job / FAILURE_FILE).read_text())["reason"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None

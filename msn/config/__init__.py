@@ -15,6 +15,7 @@ from pathlib import Path
 from msn.config.checks import (
     PROGRESS_MODES,
     load_run_config,
+    monitor_protocols,
     progress_bar_disabled,
     to_schema,
     unknown_keys,
@@ -24,6 +25,7 @@ from msn.config.schema import (
     DEFAULT_CROP_PCT,
     PRIORS,
     CheckpointConfig,
+    CollapseConfig,
     DataConfig,
     DistConfig,
     LoggerConfig,
@@ -33,6 +35,7 @@ from msn.config.schema import (
     MonitorConfig,
     MSNConfig,
     OptimConfig,
+    SweepConfig,
     WandbConfig,
     check_crop_pct,
     model_arch,
@@ -42,8 +45,9 @@ from msn.errors import ConfigError
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"  # the shipped Hydra configs (package data)
 
 __all__ = [
-    "CONFIG_DIR", "DEFAULT_CROP_PCT", "PRIORS", "PROGRESS_MODES", "CheckpointConfig", "ConfigError", "DataConfig",
-    "DistConfig", "LoggerConfig", "LossConfig", "MSNConfig", "MaskingConfig", "ModelConfig", "MonitorConfig",
-    "OptimConfig", "WandbConfig", "check_crop_pct", "load_run_config", "model_arch", "progress_bar_disabled",
+    "CONFIG_DIR", "DEFAULT_CROP_PCT", "PRIORS", "PROGRESS_MODES", "CheckpointConfig", "CollapseConfig", "ConfigError",
+    "DataConfig", "DistConfig", "LoggerConfig", "LossConfig", "MSNConfig", "MaskingConfig", "ModelConfig",
+    "MonitorConfig", "OptimConfig", "SweepConfig", "WandbConfig", "check_crop_pct", "load_run_config", "model_arch",
+    "monitor_protocols", "progress_bar_disabled",
     "to_schema", "unknown_keys", "validate",
 ]

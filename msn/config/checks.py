@@ -11,7 +11,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from msn.config.arch import WEIGHT_INITS
-from msn.config.schema import PRIORS, MSNConfig, check_crop_pct, model_arch
+from msn.config.schema import PRIORS, RANK_BY, MSNConfig, check_crop_pct, model_arch
 from msn.errors import ConfigError
 
 _CHOICES: dict[str, tuple[str, ...]] = {
@@ -25,6 +25,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "data.augment_on": ("auto", "cpu", "device"),
     "data.decode_on": ("auto", "cpu", "device"),
     "data.cpu_photometric": ("auto", "uint8", "float"),
+    "sweep.rank_by": RANK_BY,
     "compile_mode": (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
 }
 
@@ -37,6 +38,24 @@ PROGRESS_MODES: dict[str, bool | None] = {"auto": None, "true": False, "false": 
 def progress_bar_disabled(progress: str) -> bool | None:
     """tqdm's ``disable`` for a ``logger.progress`` value (:data:`PROGRESS_MODES`)."""
     return PROGRESS_MODES[str(progress).lower()]
+
+
+LABEL_FREE_MONITORS = ("rankme",)  # monitor.protocol values that need no labelled set
+
+
+def monitor_protocols(protocol: Any) -> tuple[str | None, bool]:
+    """``monitor.protocol`` (a name or a list of names) as (the labelled protocol or None, whether RankMe is
+    measured); a ``ValueError`` for an empty list, a name given twice or two labelled protocols (one ``monitor``
+    column holds one accuracy)."""
+    names = [str(protocol)] if isinstance(protocol, str) else [str(p) for p in (protocol or [])]
+    if not names or any(not n for n in names):
+        raise ValueError(f"monitor.protocol={protocol!r}: name a protocol (knn, lowshot, ..., rankme) or a list of "
+                         "them, e.g. [knn,rankme]")
+    labelled = [n for n in names if n not in LABEL_FREE_MONITORS]
+    if len(labelled) > 1 or len(set(names)) < len(names):
+        raise ValueError(f"monitor.protocol={names}: give one labelled protocol at most, beside rankme (e.g. "
+                         "[knn,rankme]); metrics.csv's monitor column holds one accuracy")
+    return (labelled[0] if labelled else None), "rankme" in names
 
 
 def _floats(cfg: Any, prefix: str = "") -> list[tuple[str, float]]:
@@ -82,6 +101,17 @@ def validate(cfg: DictConfig | MSNConfig) -> None:
         check_crop_pct(cfg.monitor.crop_pct, "monitor.crop_pct")
     except ValueError as e:
         errors.append(str(e))
+    try:
+        monitor_protocols(cfg.monitor.protocol)
+    except ValueError as e:
+        errors.append(str(e))
+    check(cfg.monitor.rankme_images >= 2, f"monitor.rankme_images={cfg.monitor.rankme_images} must be at least 2 "
+          "(RankMe cannot exceed the sample's size; 1024 by default)")
+    check(cfg.collapse.window_steps is None or cfg.collapse.window_steps > 0,
+          f"collapse.window_steps={cfg.collapse.window_steps} must be a positive number of steps, or null (5 % of the "
+          "run)")
+    check(cfg.collapse.rankme_below >= 1, f"collapse.rankme_below={cfg.collapse.rankme_below} must be >= 1 (RankMe is "
+          "at least 1; 1.5 by default)")
     for key in ("model.patch_size", "model.img_size", "model.head_hidden_dim", "model.head_output_dim",
                 "model.head_layers", "model.num_prototypes", "data.batch_size", "data.global_size",
                 "data.focal_size", "data.image_size", "data.synthetic_size", "optim.epochs",

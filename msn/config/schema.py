@@ -164,10 +164,34 @@ class MonitorConfig:
     every_steps: int = 0  # evaluate the target encoder every N steps (0: off); logged as metrics.csv "monitor"
     # any registered protocol (msn.eval.registry): knn (k=20, full labels) | lowshot (5 images per class,
     # logistic regression) | linear | finetune | a plugin's, or a protocol function's import path
-    protocol: str = "knn"
+    # ... and rankme (label-free: RankMe of the backbone and the head on a fixed sample of the training images,
+    # metrics.csv "rankme" and "rankme_head"), alone or beside one labelled protocol: [knn, rankme]
+    protocol: Any = "knn"
     dataset: str = "digits"  # digits, fashion_mnist, or a folder with train/ and val/ (ImageFolder layout)
+    rankme_images: int = 1024  # rankme's sample of the training images (fixed: seed 0); RankMe cannot exceed it
     crop_pct: float = DEFAULT_CROP_PCT  # the centre share of each image evaluated (msn-eval --crop-pct; 1: all)
     options: Any = None  # the protocol's options over its monitoring defaults: {k: 10}, 'monitor.options={k:10}'
+
+
+@dataclass
+class CollapseConfig:
+    # Stop a run whose representations collapsed (msn.train.collapse): it writes last.pt, sets status.json to
+    # "collapsed", says what collapsed and the usual fixes, and exits 1. false: train on whatever happens.
+    stop: bool = True
+    # how long a signal must hold (in steps, at the logged rows) before the run stops; null: 5 % of the run's steps,
+    # at least 5 logged rows. Signals count after the learning-rate warm-up only.
+    window_steps: int | None = None
+    rankme_below: float = 1.5  # RankMe (when monitored) under this, backbone or head: collapsed to about one direction
+
+
+RANK_BY = ("rankme", "knn", "loss")  # sweep.rank_by: the figures msn.sweeps.ranking ranks jobs by
+
+
+@dataclass
+class SweepConfig:
+    # how a sweep's summary (summary.csv, its table) and a search (hydra/sweeper=optuna) rank the jobs:
+    # rankme (label-free, higher is better) | knn (the labelled monitor's accuracy) | loss (lower is better)
+    rank_by: str = "rankme"
 
 
 @dataclass
@@ -196,6 +220,8 @@ class MSNConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    collapse: CollapseConfig = field(default_factory=CollapseConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; bf16/fp16 need a GPU)

@@ -141,6 +141,14 @@ def default_output(model: Path, protocol: str, dataset: str, train_subset: int |
 
 
 def format_table(report: dict[str, Any]) -> str:
+    """The console's table of a report: each setting's mean +- std over its splits (rankme: each embedding's
+    effective rank, out of at most min(images, width))."""
+    if report["protocol"] == "rankme":
+        images = report["settings"]["images"]
+        lines = [f"rankme on {report['dataset']}, {images} images ({report['model']})",
+                 f"{'embedding':>10}  effective rank (of at most)"]
+        lines += [f"{name:>10}  {r['mean']:8.2f}  ({min(images, r['dims'])})" for name, r in report["results"].items()]
+        return "\n".join(lines)
     lines = [f"{report['protocol']} on {report['dataset']} ({report['model']})", f"{'setting':>10}  accuracy (%)"]
     for name, r in report["results"].items():
         note = f"  ({r['note']})" if r.get("note") else ""

@@ -10,6 +10,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from msn.config import ConfigError
+from msn.utils.rundir import MONITOR_COLUMNS
 
 
 class MetricsLogger:
@@ -71,7 +72,8 @@ class MetricsLogger:
         self._writer.writerow(row)
         self._file.flush()
         if self.wandb_run is not None:
-            logged = {f"train/{k}": v for k, v in row.items() if k != "step" and not (k == "monitor" and math.isnan(v))}
+            logged = {f"train/{k}": v for k, v in row.items()  # the monitor's figures only on its steps
+                      if k != "step" and not (k in MONITOR_COLUMNS and math.isnan(v))}
             self.wandb_run.log(logged, step=int(row["step"]))
 
     def log_picture(self, name: str, picture: Any, step: int, caption: str = "") -> None:

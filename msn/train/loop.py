@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from msn.config import MSNConfig, to_schema
 from msn.data.loader import RunSampler, build_loader
 from msn.data.multicrop import device_views
-from msn.errors import ConfigError, DataError, JobError
+from msn.errors import ConfigError, DataError, JobError, RunCollapsed
 from msn.models.msn import MSN
 from msn.train.builder import Process, TrainingData, build_data, build_order, build_parts
 from msn.train.checkpoints import CheckpointPolicy
@@ -35,6 +35,7 @@ from msn.utils.rundir import (
     complete_message,
     has_checkpoints,
     metrics_columns,
+    read_status,
     resolve_resume,
     resume_null_message,
     write_status,
@@ -94,6 +95,8 @@ def _train(cfg: DictConfig, command: str | None, proc: Process, run_dir: Path, s
             batch_size=cfg.data.batch_size, seed=cfg.seed, rank=proc.rank, world=proc.world,
             prototype_grad_scale=parts.prototype_grad_scale,
             data=data.identity)
+    if resume_path is not None and cfg.collapse.stop:
+        _refuse_collapsed(run_dir)
     if start_step >= data.total_steps:  # a finished run: say so and leave it as it is
         if proc.is_main:
             log.info(complete_message(run_dir, start_step, data.total_steps, resume_path))
@@ -122,9 +125,10 @@ def _train(cfg: DictConfig, command: str | None, proc: Process, run_dir: Path, s
     if proc.world > 1:  # the target has no trainable parameters, so DDP syncs online + prototypes only
         device_ids = [proc.device.index] if proc.device.type == "cuda" else None
         step_model = DistributedDataParallel(parts.model, device_ids=device_ids)
-    report = RunReport(cfg, logger=logger, target=parts.model.target.backbone, schedules=parts.schedules,
+    report = RunReport(cfg, logger=logger, target=parts.model.target, schedules=parts.schedules,
                        skipped=data.skipped, total_steps=data.total_steps, start_step=start_step, world=proc.world,
-                       device=proc.device, amp_dtype=proc.amp_dtype)
+                       device=proc.device, amp_dtype=proc.amp_dtype, images=data.base,
+                       warmup_steps=int(cfg.optim.warmup_epochs * data.steps_per_epoch))
     watchdog = watchdog_for(cfg, proc, run_dir, checkpoints, stop, start_step)
 
     parts.model.train()
@@ -163,6 +167,8 @@ def _train(cfg: DictConfig, command: str | None, proc: Process, run_dir: Path, s
                     report.write(f"received {stop.signal or 'a stop signal (on another rank)'}: wrote "
                                  f"checkpoints/last.pt at step {step} in {run_dir}; continue with: {again}")
                 break
+            if report.collapsed is not None:
+                _stop_collapsed(report.collapsed, step, checkpoints, run_dir, data.total_steps, proc.is_main)
             watchdog.beat("data", step)
     except RuntimeError as e:  # another rank died or its connection broke: one line, not a trace
         if proc.world == 1 or not collective_failure(e):
@@ -177,6 +183,27 @@ def _train(cfg: DictConfig, command: str | None, proc: Process, run_dir: Path, s
     elif proc.is_main:
         log.info(_next_steps(run_dir, step, cfg, short_warmup))
     return metrics
+
+
+def _stop_collapsed(reason: str, step: int, checkpoints: CheckpointPolicy, run_dir: Path, total_steps: int,
+                    is_main: bool) -> None:
+    """End a run that collapsed after ``step``: ``last.pt`` (every rank takes part), ``status.json`` set to
+    ``collapsed`` with ``reason``, and :class:`RunCollapsed` (one line, exit code 1; a sweep goes on)."""
+    if checkpoints.last_saved != step:
+        checkpoints.save(step, ["last.pt"])
+    line = f"{reason} (wrote {run_dir}/checkpoints/last.pt at step {step})"
+    if is_main:
+        write_status(run_dir, "collapsed", step, total_steps, reason=line)
+    raise RunCollapsed(line)
+
+
+def _refuse_collapsed(run_dir: Path) -> None:
+    """A rerun of a run that stopped because it collapsed says so rather than train it into the same state."""
+    status = read_status(run_dir)
+    if status is not None and status.get("status") == "collapsed":
+        raise RunCollapsed(f"{run_dir} stopped at step {status.get('step')}: "
+                           f"{status.get('reason', 'the run collapsed (its metrics.csv shows how)')}; change the "
+                           "recipe (a new run), or pass collapse.stop=false to train this one on")
 
 
 def _start_process(cfg: DictConfig) -> Process:

@@ -7,14 +7,16 @@ import logging
 import os
 import sys
 import time
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from msn.config import progress_bar_disabled
+from msn.config import monitor_protocols, progress_bar_disabled
 from msn.data.loader import SkippedImages
-from msn.models.backbone import MaskedViT
+from msn.models.msn import MSNEncoder
+from msn.train.collapse import CollapseWatch, default_window
 from msn.train.loggers import MetricsLogger
 from msn.train.schedules import Schedules
 from msn.train.step import NonFiniteGuard, StepResult
@@ -27,23 +29,40 @@ class RunReport:
     """The run's reporting, called after every step by every rank; rank 0 (``logger`` given) writes.
 
     Logging steps (every ``logger.log_every``, the last step and monitor steps) all-reduce the loss parts,
-    so every rank must call :meth:`after_step`. The monitor (``monitor.every_steps``) runs on rank 0
-    only, on ``target`` (the EMA backbone), in the training precision ``amp_dtype``.
+    so every rank must call :meth:`after_step`. The monitors (``monitor.every_steps``: a labelled protocol, RankMe
+    or both, ``monitor.protocol``) run on rank 0 only, on ``target`` (the EMA encoder: backbone and head), in the
+    training precision ``amp_dtype``; RankMe reads its fixed sample of ``images`` (the run's base dataset) once.
+    With ``collapse.stop`` the logged rows feed a :class:`~msn.train.collapse.CollapseWatch` after the warm-up's
+    ``warmup_steps``; :attr:`collapsed` is then its message, the same on every rank.
     """
 
-    def __init__(self, cfg: DictConfig, *, logger: MetricsLogger | None, target: MaskedViT, schedules: Schedules,
+    def __init__(self, cfg: DictConfig, *, logger: MetricsLogger | None, target: MSNEncoder, schedules: Schedules,
                  skipped: SkippedImages, total_steps: int, start_step: int, world: int, device: torch.device,
-                 amp_dtype: torch.dtype | None) -> None:
+                 amp_dtype: torch.dtype | None, images: Any = None, warmup_steps: int = 0) -> None:
         self.cfg, self.logger, self.target, self.schedules, self.skipped = cfg, logger, target, schedules, skipped
-        self.total_steps, self.images_per_step = total_steps, cfg.data.batch_size * world
+        self.total_steps, self.images_per_step, self.world = total_steps, cfg.data.batch_size * world, world
         is_main = logger is not None
-        self.monitor = None
-        if is_main and cfg.monitor.every_steps:
+        self.monitor, self.rankme = None, None
+        labelled, rankme = monitor_protocols(cfg.monitor.protocol)
+        if is_main and cfg.monitor.every_steps and labelled is not None:
             from msn.eval.monitor import Monitor  # deferred: evaluation pulls in scikit-learn
 
-            self.monitor = Monitor(cfg.monitor.protocol, cfg.monitor.dataset, image_size=cfg.model.img_size,
+            self.monitor = Monitor(labelled, cfg.monitor.dataset, image_size=cfg.model.img_size,
                                    mean=cfg.data.mean, std=cfg.data.std, amp_dtype=amp_dtype,
                                    crop_pct=cfg.monitor.crop_pct, options=cfg.monitor.options)
+        if is_main and cfg.monitor.every_steps and rankme and images is not None:
+            from msn.eval.rankme import RankMeMonitor
+
+            self.rankme = RankMeMonitor(images, images=cfg.monitor.rankme_images, image_size=cfg.model.img_size,
+                                        mean=cfg.data.mean, std=cfg.data.std, crop_pct=cfg.monitor.crop_pct,
+                                        amp_dtype=amp_dtype)
+        self.collapse = None
+        self.collapsed: str | None = None  # the collapse message, once a signal held for its window
+        if cfg.collapse.stop:
+            window = cfg.collapse.window_steps or default_window(total_steps, cfg.logger.log_every)
+            self.collapse = CollapseWatch(num_prototypes=cfg.model.num_prototypes, window_steps=window,
+                                          rankme_below=cfg.collapse.rankme_below,
+                                          after_step=min(warmup_steps, total_steps // 2))
         self.prototype_use = None  # targets' argmax counts since the last monitor step, for wandb's histogram
         if logger is not None and logger.wandb_run is not None:
             _log_views_picture(logger, cfg, start_step, world)
@@ -107,7 +126,11 @@ class RunReport:
         images_per_s = self.images_per_step * (step - self.last_logged) / max(now - self.tic, 1e-9)
         metrics["images_per_s"] = images_per_s
         if self.monitor is not None and monitor_due:
-            metrics["monitor"] = self.monitor(self.target)
+            metrics["monitor"] = self.monitor(self.target.backbone)
+        if self.rankme is not None and monitor_due:
+            metrics.update(self.rankme(self.target))
+        if self.collapse is not None:
+            self.watch_collapse(metrics, step)
         if self.prototype_use is not None and (monitor_due or (not monitor_every and step == total)):
             self.logger.log_prototype_use(self.prototype_use.tolist(), step)
             self.prototype_use.zero_()
@@ -123,6 +146,13 @@ class RunReport:
                                         s_per_step=self.seconds_per_step(step, now)))
         self.tic, self.last_logged = time.perf_counter(), step
         return metrics
+
+    def watch_collapse(self, metrics: dict[str, float], step: int) -> None:
+        """Rank 0 reads the row into the collapse watch; every rank learns its verdict (:attr:`collapsed`)."""
+        verdict = self.collapse.update(metrics, step) if self.logger is not None else None
+        if self.world > 1:  # every rank stops after the same step
+            verdict = distributed.broadcast_object(verdict)
+        self.collapsed = verdict
 
     def seconds_per_step(self, step: int, now: float) -> float | None:
         """The run's mean time a step since its first step (start-up, compilation and the loader's first batches
@@ -185,6 +215,7 @@ def console_line(m: dict[str, float], total: int, terms: list[str], diagnostics:
     return (f"step {int(m['step'])}/{total} epoch {int(m['epoch'])} loss {m['loss']:.4f} ({shown}) lr {m['lr']:.2e} "
             f"{figures} {m['images_per_s']:.0f} img/s{pace}"
             + (f" monitor {m['monitor']:.1f} %" if "monitor" in m else "")
+            + (f" rankme {m['rankme']:.3g} (head {m['rankme_head']:.3g})" if "rankme" in m else "")
             + (f" replaced {int(m['skipped_images'])} draws of bad images this epoch" if m.get("skipped_images")
                else ""))
 

@@ -31,8 +31,9 @@ TIMM_CONFIG = "timm_config.json"  # ... and a timm export (msn-export --format t
 # schedules (msn.train.loss: whatever terms the loss returns, ce, me_max, ... for MSN).
 METRICS_HEAD = ("step", "epoch", "loss")
 METRICS_SCHEDULES = ("lr", "wd", "momentum", "sharpen_T")
-METRICS_TAIL = ("encoder_grad_norm", "images_per_s", "monitor", "skipped_images")
+METRICS_TAIL = ("encoder_grad_norm", "images_per_s", "monitor", "rankme", "rankme_head", "skipped_images")
 METRICS_FIXED_COLUMNS = (*METRICS_HEAD, *METRICS_SCHEDULES, *METRICS_TAIL)
+MONITOR_COLUMNS = ("monitor", "rankme", "rankme_head")  # filled on monitor steps only (nan elsewhere)
 
 
 def metrics_columns(terms: list[str] | tuple[str, ...], diagnostics: list[str] | tuple[str, ...]) -> list[str]:
@@ -103,12 +104,15 @@ def check_model(model: str | os.PathLike, hf: bool = True) -> None:
         raise
 
 
-def write_status(run_dir: str | os.PathLike, status: str, step: int, total_steps: int) -> None:
-    """``RUN_DIR/status.json``: ``running`` (at the start and each checkpoint), ``stopped`` (by a signal) or
-    ``finished``, with the step of ``checkpoints/last.pt``, the run's total, and the host and process
-    that wrote it; lets a re-run see what is left to do, and whether the run is live elsewhere."""
+def write_status(run_dir: str | os.PathLike, status: str, step: int, total_steps: int,
+                 reason: str | None = None) -> None:
+    """``RUN_DIR/status.json``: ``running`` (at the start and each checkpoint), ``stopped`` (by a signal),
+    ``collapsed`` (stopped by the collapse check; ``reason`` says what collapsed) or ``finished``, with the step of
+    ``checkpoints/last.pt``, the run's total, and the host and process that wrote it; lets a re-run see what is
+    left to do, and whether the run is live elsewhere."""
     record = {"status": status, "step": int(step), "total_steps": int(total_steps),
-              "checkpoint": LAST_CHECKPOINT.as_posix(), "host": socket.gethostname(), "pid": os.getpid()}
+              "checkpoint": LAST_CHECKPOINT.as_posix(), "host": socket.gethostname(), "pid": os.getpid(),
+              **({"reason": reason} if reason else {})}
     atomic_write_text(Path(run_dir) / STATUS_FILE, json.dumps(record, indent=2) + "\n")
 
 
