@@ -22,8 +22,7 @@ from typing import Any
 from scipy.stats import spearmanr
 
 from msn.eval.evaluate import evaluate
-from msn.eval.features import load_encoder
-from msn.eval.rankme import DEFAULT_IMAGES, effective_rank, embeddings, load_sample, rankme_images, rankme_report
+from msn.eval.rankme import rankme_report
 from msn.utils.rundir import read_status
 
 
@@ -31,15 +30,6 @@ def final_row(run: Path) -> dict[str, str]:
     """The last row of the run's metrics.csv."""
     with (run / "metrics.csv").open(newline="") as f:
         return list(csv.DictReader(f))[-1]
-
-
-def centred_rankme(run: Path, crop_pct: float) -> float:
-    """RankMe of the backbone's embeddings of the same sample after subtracting their mean (not RankMe's
-    definition: a probe of how much the shared mean direction weighs in it)."""
-    encoder = load_encoder(run, "cpu", crop_pct)
-    images = load_sample(rankme_images(str(run), None)[0], DEFAULT_IMAGES, encoder.image_size, crop_pct)
-    z, _ = embeddings(encoder.backbone, None, images, encoder.mean, encoder.std)
-    return effective_rank(z - z.mean(dim=0))
 
 
 def measure(run: Path, dataset: str, crop_pct: float, train_subset: int | None) -> dict[str, Any]:
@@ -53,7 +43,7 @@ def measure(run: Path, dataset: str, crop_pct: float, train_subset: int | None) 
     return {"run": run.name, "status": status.get("status", "?"), "step": int(float(last["step"])),
             "loss": float(last["loss"]), "distinct_prototypes": float(last["distinct_prototypes"]),
             "rankme": rank["backbone"]["mean"], "rankme_head": rank["head"]["mean"],
-            "rankme_centred": centred_rankme(run, crop_pct),
+            "rankme_centred": rank["backbone_centred"]["mean"],
             "knn": knn["results"]["100%"]["mean"], "shot5": shots["results"]["5"]["mean"]}
 
 

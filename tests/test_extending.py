@@ -45,7 +45,7 @@ def test_a_users_dataset_loss_term_and_protocol_train_and_log(plugin_run):
     assert reader.fieldnames == ["step", "epoch", "loss", "ce", "me_max", "entropy", "similarity", "lr", "wd",
                                  "momentum", "sharpen_T", "distinct_prototypes", "max_target_prob",
                                  "encoder_grad_norm", "images_per_s", "monitor", "rankme", "rankme_head",
-                                 "skipped_images"]
+                                 "rankme_centred", "skipped_images"]
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
     for r in rows:  # the user's term counts in the loss with its weight: loss = ce + me_max + 0.1 similarity
         similarity = float(r["similarity"])

@@ -191,7 +191,10 @@ def test_a_bad_search_is_refused_in_one_line_before_any_trial(tmp_path):
               "msn-pretrain: error: a corner of the search space (experiment=cpu_smoke masking.ratio=1.5 "
               "sweep.rank_by=loss): invalid config: masking.ratio=1.5 must lie in [0, 1); no job was run"),
              (["optim.lr=interval(1e-4, 1e-2)"],
-              "msn-pretrain: error: sweep.rank_by=rankme: no trial would log it with monitor.every_steps=0")]
+              "msn-pretrain: error: sweep.rank_by=rankme_centred: no trial would log it with monitor.every_steps=0"),
+             (["optim.lr=interval(1)", "sweep.rank_by=loss"],  # Hydra itself refuses it on the command line
+              "msn-pretrain: error: interval(1): missing a required argument: 'end' (TypeError); interval(low, high), "
+              "choice(a, b, ...) and range(start, stop[, step]) take the arguments of Hydra's override grammar")]
     for args, says in cases:
         sweep = tmp_path / "sweep"
         cmd = ["msn-pretrain", "--config-dir", "my_configs", "-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=1",
@@ -264,7 +267,8 @@ def test_a_collapsed_trial_is_pruned_with_its_figure_and_a_grid_search_stops_at_
     result = subprocess.run(["msn-pretrain", "-m", "hydra/sweeper=optuna", "hydra.sweeper.sampler=grid",
                              "hydra.sweeper.n_trials=5", "experiment=cpu_smoke", "optim.lr=1e-3,2e-3",
                              "monitor.every_steps=1", "monitor.protocol=rankme", "collapse.rankme_below=1000",
-                             "collapse.window_steps=1", "logger.progress=false", f"hydra.sweep.dir={sweep}"],
+                             "collapse.window_steps=1", "logger.progress=false", "sweep.rank_by=rankme",
+                             f"hydra.sweep.dir={sweep}"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "the grid holds 2 trials: n_trials 5 -> 2" in result.stdout

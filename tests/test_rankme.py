@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from msn.config import monitor_protocols
-from msn.eval.rankme import effective_rank, sample_indices
+from msn.eval.rankme import centred_rank, effective_rank, sample_indices
 from msn.sweeps.ranking import rank_value, ranked
 from msn.train.collapse import CollapseWatch, default_window
 from tests.conftest import metrics_rows
@@ -32,6 +32,11 @@ def test_effective_rank_of_hand_computed_cases():
     assert effective_rank(torch.diag(torch.tensor([2.0, 1.0, 1.0], dtype=torch.float64)) @ q) == pytest.approx(
         2 ** 1.5, rel=1e-5)
     assert effective_rank(torch.zeros(4, 3)) == 1.0
+    # around their mean, the 8 rows of the identity span 7 directions equally: I - 1/8 has singular values 1 (x7), 0
+    assert centred_rank(torch.eye(8)) == pytest.approx(7.0, rel=1e-5)
+    # a shared offset dominates the paper's figure (one large singular value), not the centred one
+    spread = torch.eye(8)
+    assert effective_rank(spread + 10.0) < 2.0 and centred_rank(spread + 10.0) == pytest.approx(7.0, rel=1e-4)
 
 
 def test_effective_rank_of_random_matrices_is_high_but_below_the_width():
@@ -157,9 +162,11 @@ def test_a_collapsing_run_stops_and_the_sweep_goes_on_ranked_by_rankme(sweep):
     assert [(r["job"], r["status"], r["rank"]) for r in summary] == [("1", "finished", "1"), ("0", "collapsed", "2")]
     assert summary[1]["reason"] == status["reason"]
     last = metrics_rows(out / "1")[-1]
-    assert float(summary[0]["final_rankme"]) == pytest.approx(float(last["rankme"]))
-    assert float(summary[0]["final_rankme_head"]) == pytest.approx(float(last["rankme_head"]))
-    assert f"best job by rankme (higher is better): job 1 (rankme {float(last['rankme']):.4g}, finished)" in stdout
+    for column in ("rankme", "rankme_head", "rankme_centred"):
+        assert float(summary[0][f"final_{column}"]) == pytest.approx(float(last[column]))
+    # ranked by default by the backbone's RankMe around its mean (docs/studies.md)
+    best = f"job 1 (rankme_centred {float(last['rankme_centred']):.4g}, finished)"
+    assert f"best job by rankme_centred (higher is better): {best}" in stdout
     assert f"  msn-export {out}/1 {out}/1/hf" in stdout.splitlines()
     assert "1 of 2 jobs collapsed and were stopped early (job 0)" in stdout
 
@@ -170,8 +177,9 @@ def test_rankme_is_logged_on_monitor_steps_and_msn_eval_measures_the_same(sweep)
     measured = [s for s, r in logged.items() if r["rankme"] != "nan"]
     assert measured == [4, 8, 12, 16]
     for s in measured:  # between 1 and the sample's 64 images
-        assert 1.0 <= float(logged[s]["rankme"]) <= 64 and 1.0 <= float(logged[s]["rankme_head"]) <= 64
-    assert all(logged[s]["rankme"] == "nan" for s in logged if s not in measured)
+        for column in ("rankme", "rankme_head", "rankme_centred"):
+            assert 1.0 <= float(logged[s][column]) <= 64
+    assert all(logged[s]["rankme"] == logged[s]["rankme_centred"] == "nan" for s in logged if s not in measured)
 
     result = subprocess.run(["msn-eval", "rankme", str(out / "1")], cwd=root, capture_output=True, text=True,
                             timeout=120)
@@ -180,6 +188,8 @@ def test_rankme_is_logged_on_monitor_steps_and_msn_eval_measures_the_same(sweep)
     # the same 64 training images and the same target as the run's last monitor step
     assert report["results"]["backbone"]["mean"] == pytest.approx(float(logged[16]["rankme"]), rel=1e-6)
     assert report["results"]["head"]["mean"] == pytest.approx(float(logged[16]["rankme_head"]), rel=1e-6)
+    assert report["results"]["backbone_centred"]["mean"] == pytest.approx(float(logged[16]["rankme_centred"]),
+                                                                          rel=1e-6)
     assert report["settings"]["images"] == 64
     assert "  backbone" in result.stdout and "effective rank" in result.stdout
 

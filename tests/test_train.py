@@ -18,7 +18,7 @@ from tests.conftest import compose_config, metrics_rows
 # after the schedules): written out here, not read from the code under test.
 COLUMNS = ["step", "epoch", "loss", "ce", "me_max", "entropy", "lr", "wd", "momentum", "sharpen_T",
            "distinct_prototypes", "max_target_prob", "encoder_grad_norm", "images_per_s", "monitor", "rankme",
-           "rankme_head", "skipped_images"]
+           "rankme_head", "rankme_centred", "skipped_images"]
 
 
 def _smoke(run_dir: Path, *overrides: str):
@@ -38,8 +38,9 @@ def test_cli_smoke_run_writes_metrics_and_checkpoints(tmp_path):
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
     assert list(rows[0]) == COLUMNS
     for r in rows:
-        assert all(r[c] not in ("", "nan") for c in COLUMNS if c != "monitor"), r
-        assert r["monitor"] == "nan"  # the monitor is off by default
+        monitored = ("monitor", "rankme", "rankme_head", "rankme_centred")
+        assert all(r[c] not in ("", "nan") for c in COLUMNS if c not in monitored), r
+        assert all(r[c] == "nan" for c in monitored)  # the monitor is off by default
         assert 1 <= float(r["distinct_prototypes"]) <= 16
     state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert state["step"] == 6

@@ -160,6 +160,10 @@ def explain_hydra_error(error: BaseException) -> str:
         near = difflib.get_close_matches(name, keys, n=1, cutoff=0.6)
         hint = f"did you mean {near[0]}?" if near else "msn/config/schema.py lists the keys"
         return f"{name} is not a config group or key of msn-pretrain; {hint}"
+    call = re.search(r"(\w+Error) while evaluating '([^']+)': (.+)", text)  # interval(1): a sweep function's arguments
+    if call:
+        return (f"{call.group(2)}: {call.group(3).strip()} ({call.group(1)}); interval(low, high), choice(a, b, ...) "
+                "and range(start, stop[, step]) take the arguments of Hydra's override grammar")
     if "override_grammar" in text or "LexerNoViableAlt" in text or "mismatched input" in text:
         bad = re.search(r"(?:Error parsing override '|LexerNoViableAltException: )([^'\n]+)", text)
         shown = f"the override {bad.group(1)}" if bad else f"an override ({text.splitlines()[0]})"

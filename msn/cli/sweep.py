@@ -27,6 +27,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from msn.cli.errors import fail
+from msn.config import SweepConfig
 from msn.errors import MSNError
 from msn.sweeps.ranking import RANK_METRICS, rank_metric
 from msn.sweeps.summary import best_job_lines, summarize_job, summary_table, write_summary
@@ -44,7 +45,7 @@ class SweepSummary(Callback):
         if info is not None and info.rank != 0:
             return
         sweep_dir = Path(str(config.hydra.sweep.dir))
-        rank_by = str(OmegaConf.select(config, "sweep.rank_by", default="rankme"))
+        rank_by = str(OmegaConf.select(config, "sweep.rank_by", default=SweepConfig.rank_by))
         rows = write_summary(sweep_dir, rank_by)
         print(summary_table(rows), flush=True)
         print(f"sweep summary of {len(rows)} runs, best first by {rank_by}: {sweep_dir / 'summary.csv'}", flush=True)
@@ -62,18 +63,20 @@ class SweepSummary(Callback):
 
 
 def _recorded_rank_by(sweep_dir: Path) -> str:
-    """The ``sweep.rank_by`` the sweep ran with (its ``multirun.yaml``), else ``rankme``."""
+    """The ``sweep.rank_by`` the sweep ran with (its ``multirun.yaml``), else the default."""
     try:
-        return str(OmegaConf.select(OmegaConf.load(sweep_dir / "multirun.yaml"), "sweep.rank_by", default="rankme"))
+        return str(OmegaConf.select(OmegaConf.load(sweep_dir / "multirun.yaml"), "sweep.rank_by",
+                                    default=SweepConfig.rank_by))
     except Exception:  # no record, or not ours: the default
-        return "rankme"
+        return SweepConfig.rank_by
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m msn.sweep", description=__doc__.splitlines()[0])
     p.add_argument("sweep_dir", type=Path, help="a multirun directory (holding 0/, 1/, ...)")
     p.add_argument("--rank-by", choices=tuple(RANK_METRICS), default=None,
-                   help="rank the jobs by this final figure (default: the sweep's own sweep.rank_by, else rankme)")
+                   help="rank the jobs by this final figure (default: the sweep's own sweep.rank_by, else "
+                        f"{SweepConfig.rank_by})")
     args = p.parse_args(argv)
     if not args.sweep_dir.is_dir():
         sys.exit(fail("msn.sweep", f"{args.sweep_dir} is not a directory"))

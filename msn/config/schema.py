@@ -165,7 +165,7 @@ class MonitorConfig:
     # any registered protocol (msn.eval.registry): knn (k=20, full labels) | lowshot (5 images per class,
     # logistic regression) | linear | finetune | a plugin's, or a protocol function's import path
     # ... and rankme (label-free: RankMe of the backbone and the head on a fixed sample of the training images,
-    # metrics.csv "rankme" and "rankme_head"), alone or beside one labelled protocol: [knn, rankme]
+    # metrics.csv "rankme", "rankme_head" and "rankme_centred"), alone or beside one labelled protocol: [knn, rankme]
     protocol: Any = "knn"
     dataset: str = "digits"  # digits, fashion_mnist, or a folder with train/ and val/ (ImageFolder layout)
     rankme_images: int = 1024  # rankme's sample of the training images (fixed: seed 0); RankMe cannot exceed it
@@ -184,14 +184,15 @@ class CollapseConfig:
     rankme_below: float = 1.5  # RankMe (when monitored) under this, backbone or head: collapsed to about one direction
 
 
-RANK_BY = ("rankme", "knn", "loss")  # sweep.rank_by: the figures msn.sweeps.ranking ranks jobs by
+RANK_BY = ("rankme_centred", "rankme", "knn", "loss")  # sweep.rank_by: the figures msn.sweeps.ranking ranks jobs by
 
 
 @dataclass
 class SweepConfig:
     # how a sweep's summary (summary.csv, its table) and a search (hydra/sweeper=optuna) rank the jobs:
-    # rankme (label-free, higher is better) | knn (the labelled monitor's accuracy) | loss (lower is better)
-    rank_by: str = "rankme"
+    # rankme_centred | rankme (label-free, higher is better) | knn (the labelled monitor's accuracy) | loss (lower is
+    # better); the default follows docs/studies.md ("Picking a run without labels")
+    rank_by: str = "rankme_centred"
 
 
 @dataclass

@@ -146,8 +146,8 @@ def format_table(report: dict[str, Any]) -> str:
     if report["protocol"] == "rankme":
         images = report["settings"]["images"]
         lines = [f"rankme on {report['dataset']}, {images} images ({report['model']})",
-                 f"{'embedding':>10}  effective rank (of at most)"]
-        lines += [f"{name:>10}  {r['mean']:8.2f}  ({min(images, r['dims'])})" for name, r in report["results"].items()]
+                 f"{'embedding':>16}  effective rank (of at most)"]
+        lines += [f"{name:>16}  {r['mean']:8.2f}  ({min(images, r['dims'])})" for name, r in report["results"].items()]
         return "\n".join(lines)
     lines = [f"{report['protocol']} on {report['dataset']} ({report['model']})", f"{'setting':>10}  accuracy (%)"]
     for name, r in report["results"].items():

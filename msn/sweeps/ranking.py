@@ -1,7 +1,9 @@
 """How a sweep ranks its jobs (``sweep.rank_by``): by a final figure of each job's summary row, best first.
 
-``rankme``: the target backbone's RankMe (effective rank of its embeddings on a fixed sample of the training
-images, :mod:`msn.eval.rankme`), higher is better, no labels needed; ``knn``: the labelled monitor's last accuracy
+``rankme_centred`` (the default): RankMe of the target backbone's embeddings around their mean on a fixed sample of
+the training images (:func:`msn.eval.rankme.centred_rank`), higher is better, no labels needed: of the label-free
+figures it ranked runs best in docs/studies.md; ``rankme``: the paper's RankMe of the same embeddings
+(:mod:`msn.eval.rankme`); ``knn``: the labelled monitor's last accuracy
 (``monitor.protocol``, k-NN by default), higher is better; ``loss``: the final training loss, lower is better (a
 collapsed run can have a low loss: docs/studies.md). A job that failed or collapsed ranks after every job that
 finished or stopped, whatever its figure; a job without the figure ranks after those with one. Torch-free.
@@ -34,6 +36,9 @@ class RankMetric:
 
 
 RANK_METRICS: dict[str, RankMetric] = {
+    "rankme_centred": RankMetric("rankme_centred", ("final_rankme_centred", "eval/rankme/backbone_centred"), True,
+                                 "monitor.protocol=rankme (or [knn,rankme]) monitor.every_steps=N, or msn-eval rankme "
+                                 "RUN_DIR"),
     "rankme": RankMetric("rankme", ("final_rankme", "eval/rankme/backbone"), True,
                          "monitor.protocol=rankme (or [knn,rankme]) monitor.every_steps=N, or msn-eval rankme RUN_DIR"),
     "knn": RankMetric("knn", ("final_monitor", "eval/knn/100%"), True,

@@ -215,7 +215,8 @@ def console_line(m: dict[str, float], total: int, terms: list[str], diagnostics:
     return (f"step {int(m['step'])}/{total} epoch {int(m['epoch'])} loss {m['loss']:.4f} ({shown}) lr {m['lr']:.2e} "
             f"{figures} {m['images_per_s']:.0f} img/s{pace}"
             + (f" monitor {m['monitor']:.1f} %" if "monitor" in m else "")
-            + (f" rankme {m['rankme']:.3g} (head {m['rankme_head']:.3g})" if "rankme" in m else "")
+            + (f" rankme {m['rankme']:.3g} (head {m['rankme_head']:.3g}, centred {m['rankme_centred']:.3g})"
+               if "rankme" in m else "")
             + (f" replaced {int(m['skipped_images'])} draws of bad images this epoch" if m.get("skipped_images")
                else ""))
 

@@ -31,9 +31,10 @@ TIMM_CONFIG = "timm_config.json"  # ... and a timm export (msn-export --format t
 # schedules (msn.train.loss: whatever terms the loss returns, ce, me_max, ... for MSN).
 METRICS_HEAD = ("step", "epoch", "loss")
 METRICS_SCHEDULES = ("lr", "wd", "momentum", "sharpen_T")
-METRICS_TAIL = ("encoder_grad_norm", "images_per_s", "monitor", "rankme", "rankme_head", "skipped_images")
+METRICS_TAIL = ("encoder_grad_norm", "images_per_s", "monitor", "rankme", "rankme_head", "rankme_centred",
+                "skipped_images")
 METRICS_FIXED_COLUMNS = (*METRICS_HEAD, *METRICS_SCHEDULES, *METRICS_TAIL)
-MONITOR_COLUMNS = ("monitor", "rankme", "rankme_head")  # filled on monitor steps only (nan elsewhere)
+MONITOR_COLUMNS = ("monitor", "rankme", "rankme_head", "rankme_centred")  # filled on monitor steps only (nan elsewhere)
 
 
 def metrics_columns(terms: list[str] | tuple[str, ...], diagnostics: list[str] | tuple[str, ...]) -> list[str]:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from msn.config import SweepConfig
 from msn.errors import ConfigError, MSNError
 from msn.sweeps.optuna.space import SearchSpace, first_line, grid_values, override_value, parse_space
 from msn.sweeps.ranking import rank_metric, rank_value
@@ -35,7 +36,7 @@ class SearchOptions:
     """``hydra.sweeper``'s options (msn/configs/hydra/sweeper/optuna.yaml)."""
 
     n_trials: int = 20  # trials the study holds when the search ends (finished, pruned and failed ones count)
-    direction: str | None = None  # minimize | maximize; None: sweep.rank_by's (rankme and knn up, loss down)
+    direction: str | None = None  # minimize | maximize; None: sweep.rank_by's (rankme* and knn up, loss down)
     sampler: str = "tpe"  # tpe | random | cmaes (pip install cmaes) | grid
     seed: int = 0
     n_startup_trials: int | None = None  # tpe and cmaes: random trials before the model; None: Optuna's (10, 1)
@@ -155,7 +156,7 @@ def check_rank_by(config: DictConfig, rank_by: str, space: SearchSpace) -> None:
         labelled, rankme = monitor_protocols(protocol)
     except ValueError:  # the check before the run names what is wrong with it
         return
-    if (metric.name == "rankme" and not rankme) or (metric.name == "knn" and labelled is None):
+    if (metric.name.startswith("rankme") and not rankme) or (metric.name == "knn" and labelled is None):
         raise ConfigError(f"sweep.rank_by={rank_by}: no trial would log it with monitor.protocol={protocol} ({fix})")
 
 
@@ -208,7 +209,7 @@ class OptunaSearch:
         self.config_loader = config_loader
         self.report = report
         self.sweep_dir = Path(str(config.hydra.sweep.dir))
-        self.rank_by = str(OmegaConf.select(config, "sweep.rank_by", default="rankme"))
+        self.rank_by = str(OmegaConf.select(config, "sweep.rank_by", default=SweepConfig.rank_by))
         self.direction = search_direction(options.direction, self.rank_by)
         self.storage = options.storage or default_storage(self.sweep_dir)
         self.stopped = False  # a trial was stopped by a signal: no new trial starts
