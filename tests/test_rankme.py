@@ -129,7 +129,8 @@ def test_ranked_puts_the_best_first_and_bad_jobs_last():
 
 COLLAPSING = ["experiment=cpu_smoke", "logger.progress=false", "loss.sinkhorn=false", "optim.max_steps=16",
               "optim.epochs=4", "optim.lr=0.1", "optim.ema_momentum=0.9", "optim.final_ema_momentum=0.9",
-              "collapse.window_steps=4", "monitor.every_steps=4", "monitor.protocol=rankme"]
+              "collapse.window_steps=4", "monitor.every_steps=4", "monitor.protocol=rankme",
+              "checkpoint.every_steps=4", "checkpoint.last_every_steps=5"]  # at step 12 a periodic one, not last.pt
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +152,7 @@ def test_a_collapsing_run_stops_and_the_sweep_goes_on_ranked_by_rankme(sweep):
     assert status["status"] == "collapsed" and status["step"] == 12
     assert status["reason"].startswith("the run collapsed: the target sends every image of the batch to one "
                                        "prototype (distinct_prototypes 1) from step 8 to step 12")
-    assert torch.load(out / "0" / "checkpoints" / "last.pt", weights_only=False)["step"] == 12
+    assert torch.load(out / "0" / "checkpoints" / "last.pt", weights_only=False)["step"] == 12  # written for it
     assert f"msn-pretrain: error: {status['reason']}" in stderr.splitlines()  # one line, no traceback
     assert "Traceback" not in stderr
     assert [int(r["step"]) for r in metrics_rows(out / "0")][-1] == 12

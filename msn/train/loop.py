@@ -189,7 +189,7 @@ def _stop_collapsed(reason: str, step: int, checkpoints: CheckpointPolicy, run_d
                     is_main: bool) -> None:
     """End a run that collapsed after ``step``: ``last.pt`` (every rank takes part), ``status.json`` set to
     ``collapsed`` with ``reason``, and :class:`RunCollapsed` (one line, exit code 1; a sweep goes on)."""
-    if checkpoints.last_saved != step:
+    if "last.pt" not in checkpoints.due(step):  # (a periodic checkpoint of this step is not last.pt)
         checkpoints.save(step, ["last.pt"])
     line = f"{reason} (wrote {run_dir}/checkpoints/last.pt at step {step})"
     if is_main:
