@@ -202,14 +202,25 @@ def test_rankme_is_logged_on_monitor_steps_and_msn_eval_measures_the_same(sweep)
         "--batch-size, --device, --precision)"]
 
 
+def rerun_collapsed(root, out):
+    """The command that continues the sweep's collapsed job 0 in its folder."""
+    return [sys.executable, "-m", "msn.cli.pretrain", "loss.me_max_weight=0", *COLLAPSING, f"resume={out / '0'}"]
+
+
 def test_a_collapsed_run_is_not_trained_on_unless_asked(sweep):
     root, out, *_ = sweep
-    again = [sys.executable, "-m", "msn.cli.pretrain", "loss.me_max_weight=0", *COLLAPSING, f"resume={out / '0'}"]
-    refused = subprocess.run(again, cwd=root, capture_output=True, text=True, timeout=120)
+    refused = subprocess.run(rerun_collapsed(root, out), cwd=root, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 1
     assert refused.stderr.strip().splitlines()[-1].startswith(
         f"msn-pretrain: error: {out / '0'} stopped at step 12: the run collapsed")
-    trained_on = subprocess.run([*again, "collapse.stop=false"], cwd=root, capture_output=True, text=True, timeout=120)
+    assert json.loads((out / "0" / "status.json").read_text())["status"] == "collapsed"  # nothing trained
+
+
+@pytest.mark.slow
+def test_a_collapsed_run_trains_on_with_collapse_stop_false(sweep):
+    root, out, *_ = sweep
+    trained_on = subprocess.run([*rerun_collapsed(root, out), "collapse.stop=false"], cwd=root, capture_output=True,
+                                text=True, timeout=120)
     assert trained_on.returncode == 0, trained_on.stderr[-2000:]
     assert json.loads((out / "0" / "status.json").read_text())["status"] == "finished"
     assert int(metrics_rows(out / "0")[-1]["step"]) == 16
