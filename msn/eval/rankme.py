@@ -163,8 +163,9 @@ class RankMeMonitor:
 
 def rankme_images(model: str, dataset: str | None) -> tuple[Any, str]:
     """The images ``msn-eval rankme`` measures on, and what the report calls them: ``dataset`` None: the training
-    images of the run ``model`` belongs to (its config's ``data``); ``digits``, ``fashion_mnist`` or a labelled
-    folder (``train/`` + ``val/``): the training split; any other folder: every image under it. An export, which
+    images of the run ``model`` belongs to (its config's ``data``); ``digits``, ``fashion_mnist`` (or a folder of its
+    idx files): the training split; a folder with ``train/``: the images under ``train/``; any other folder: every
+    image under it. An export, which
     does not record its data, needs ``dataset``: a :class:`~msn.errors.ConfigError` says so."""
     from pathlib import Path
 
@@ -185,12 +186,12 @@ def rankme_images(model: str, dataset: str | None) -> tuple[Any, str]:
 
         return get_source(config.data.name).build(config.data), f"its training data ({config.data.name})"
     folder = Path(dataset).expanduser()
-    labelled = dataset in ("digits", "fashion_mnist") or (folder / "train").is_dir()
-    if not labelled and folder.is_dir():
+    if dataset not in ("digits", "fashion_mnist") and folder.is_dir() and not list(folder.glob("*-idx3-ubyte*")):
         from msn.data.sources.folder import ImageFolderDataset
 
-        return ImageFolderDataset(folder, where=f"--dataset {dataset}"), dataset
-    check_eval_dataset(dataset, "--dataset")
+        images = folder / "train" if (folder / "train").is_dir() else folder  # a labelled folder: its training split
+        return ImageFolderDataset(images, where=f"--dataset {dataset}"), dataset
+    check_eval_dataset(dataset, "--dataset")  # digits, Fashion-MNIST (or a folder of its idx files)
     return load_splits(dataset)[0].images, dataset
 
 
