@@ -56,7 +56,9 @@ def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """Compose ``configs/config.yaml`` with command-line style overrides, as ``msn-pretrain`` does."""
     register_configs()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
+        cfg = compose(config_name="config", overrides=list(overrides))
+    cfg.given = list(overrides)  # what msn-pretrain records: a fitted recipe (fit) leaves these alone
+    return cfg
 
 
 def plugin_env(**extra: str) -> dict[str, str]:

@@ -6,7 +6,7 @@ import subprocess
 import pytest
 import torch
 
-from msn.benchmarks.step import _OurStep
+from msn.train.memory import SyntheticStep
 from msn.cli.bench import compose_bench_config, main
 from msn.train.builder import local_process
 
@@ -48,7 +48,7 @@ def test_bench_bad_input_is_one_line(capsys):
 def test_step_never_waits_for_the_gpu():
     """Between logging steps nothing reads the GPU: CUDA's sync debug mode turns any wait into an error."""
     cfg = compose_bench_config(["model=vit_pico", "data.batch_size=16", "device=cuda", "precision=bf16"])
-    step = _OurStep(cfg, 16, local_process(cfg))
+    step = SyntheticStep(cfg, 16, local_process(cfg))
     step(0)  # first step: allocations, pinned-memory pool
     torch.cuda.set_sync_debug_mode("error")
     try:

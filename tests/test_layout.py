@@ -13,8 +13,8 @@ import msn
 PACKAGE = Path(msn.__file__).parent
 # Each layer may import the layers before it, never one after it; packages in one layer never import each other
 # (data and models are built side by side). docs/design.md explains the order.
-LAYERS = [("errors",), ("config",), ("utils",), ("data", "models"), ("weights",), ("eval",), ("plots",), ("train",),
-          ("sweeps",), ("benchmarks",), ("api",), ("cli",)]
+LAYERS = [("errors",), ("config",), ("utils",), ("data", "models"), ("weights",), ("eval",), ("plots",), ("plan",),
+          ("train",), ("sweeps",), ("benchmarks",), ("api",), ("cli",)]
 # Entry points (python -m): each imports exactly its target, and no module imports them.
 SHIMS = {"msn.sweep": {"msn.cli.sweep"}, "msn.train.__main__": {"msn.cli.pretrain"}}
 CLI_MODULES = {"msn.cli.pretrain", "msn.cli.export", "msn.cli.evaluate", "msn.cli.bench", "msn.cli.viz",

@@ -31,8 +31,8 @@ from omegaconf import DictConfig
 
 from msn.benchmarks.reference import ReferenceMSN
 from msn.config import ConfigError, model_arch
-from msn.train.builder import Process, build_parts, build_schedules, local_process
-from msn.train.step import train_step
+from msn.train.builder import build_schedules, local_process
+from msn.train.memory import SyntheticStep, largest_batch, random_views
 
 
 def _cpu_name() -> str:
@@ -82,33 +82,6 @@ def matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
     return 2 * n**3 / seconds
 
 
-def random_views(cfg: DictConfig, batch: int, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
-    """``[target, anchor, focal...]`` random views of the configured sizes."""
-    d = cfg.data
-    sizes = [d.global_size] * 2 + [d.focal_size] * d.num_focal
-    return [torch.randn(batch, 3, s, s, device=device, dtype=dtype) for s in sizes]
-
-
-class _OurStep:
-    """The trainer's step (:func:`msn.train.step.train_step`) with the parts the trainer builds
-    (:func:`msn.train.builder.build_parts`: model, AdamW, fp16's scaler, loss, masks, schedules over a
-    nominal 1000-step run), on fixed random views."""
-
-    def __init__(self, cfg: DictConfig, batch: int, process: Process) -> None:
-        self.cfg, self.process = cfg, process
-        self.parts = build_parts(cfg, process=process, total_steps=1000, steps_in_epoch=100)
-        self.model = self.parts.model.train()
-        self.views = random_views(cfg, batch, process.device, torch.float32)
-
-    def __call__(self, i: int) -> None:
-        d, p = self.cfg.data, self.parts
-        masks = p.make_masks(i, len(self.views[0]), anchor_size=d.global_size, focal_size=d.focal_size,
-                             num_focal=d.num_focal, device=self.process.device)
-        train_step(self.model, p.loss_fn, p.optimizer, self.views, masks, hp=p.schedules.at(i),
-                   clip_grad=self.cfg.optim.clip_grad, scaler=p.scaler, amp_dtype=self.process.amp_dtype,
-                   prototype_grad_scale=p.prototype_grad_scale)
-
-
 def count_flops(step: Callable[[int], Any]) -> int:
     """FLOPs of one call of ``step`` (forward and backward), by torch's FLOP counter."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -126,7 +99,7 @@ def bench_step(cfg: DictConfig, *, overrides: list[str], steps: int = 10, warmup
     device, amp_dtype = process.device, process.amp_dtype
     batch = int(cfg.data.batch_size)
 
-    ours = _OurStep(cfg, batch, process)
+    ours = SyntheticStep(cfg, batch, process)
     flops = count_flops(ours)  # eager, before any compile
     if cfg.compile:
         ours.model.compile_encoders(cfg.compile_backend, cfg.compile_mode)
@@ -147,7 +120,7 @@ def bench_step(cfg: DictConfig, *, overrides: list[str], steps: int = 10, warmup
     if cfg.model.grad_checkpointing:  # the same step keeping every activation, for the memory it saves
         plain = cfg.copy()
         plain.model.grad_checkpointing = False
-        step = _OurStep(plain, batch, process)
+        step = SyntheticStep(plain, batch, process)
         _reset_peak(device)
         _seconds_per_call(step, 1, 1, device)
         report["peak_mem_gib_without_checkpointing"] = _peak_gib(device)
@@ -175,18 +148,6 @@ def bench_step(cfg: DictConfig, *, overrides: list[str], steps: int = 10, warmup
 def max_batch(cfg: DictConfig) -> int:
     """The largest ``data.batch_size`` (doubling from ``cfg``'s) whose training step fits in GPU memory."""
     process = local_process(cfg)
-    device = process.device
-    if device.type != "cuda":
+    if process.device.type != "cuda":
         raise ConfigError("--max-batch needs a GPU (device=cuda or auto on a machine with one)")
-    fits, batch = 0, int(cfg.data.batch_size)
-    while True:
-        try:
-            step = _OurStep(cfg, batch, process)
-            step(0)
-            _sync(device)
-        except torch.cuda.OutOfMemoryError:
-            return fits
-        finally:
-            step = None  # noqa: F841 (free the model before the next size)
-            torch.cuda.empty_cache()
-        fits, batch = batch, batch * 2
+    return largest_batch(cfg, process, start=int(cfg.data.batch_size))

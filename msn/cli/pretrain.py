@@ -60,6 +60,7 @@ def _hydra_main(cfg: DictConfig) -> None:
         raise
 
     overrides = list(HydraConfig.get().overrides.task)
+    cfg.given = overrides  # what the user set: a fitted recipe (fit) leaves it alone
     if process_info() is None:
         command = shlex.join(["msn-pretrain", *overrides])
     else:
@@ -72,6 +73,8 @@ def _hydra_main(cfg: DictConfig) -> None:
     try:
         configure_matmul(resolve_device(cfg.device), cfg.tf32)  # process-wide: the entry point's decision
         train(cfg, command, stop=stop)
+        if cfg.plan:  # printed, nothing trained: the folder the check made goes
+            _forget_refused_run(run_dir)
     except MSNError as e:
         if not isinstance(e, LockLost):  # a folder that is no longer this run's is left alone
             _forget_refused_run(run_dir)

@@ -99,7 +99,11 @@ def _views(args: argparse.Namespace):
             raise VizError(f"views: give a run directory or overrides, not both ({' '.join(args.source[1:])})")
         cfg, world = load_run_config(first), world_size_of(first)
     elif "=" in args.source[0]:
+        from msn.train.builder import local_process
+        from msn.train.fitting import fit_composed
+
         cfg, world = compose_config(args.source, run_dir="."), 1
+        fit_composed(cfg, local_process(cfg))  # the views a run of these overrides would train on
     else:
         raise VizError(f"views: {first} is neither a run directory nor an override (key=value)")
     tv = trainer_views(cfg, args.step, args.count, world)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from msn.config.checks import (
     PROGRESS_MODES,
+    budget_seconds,
+    fit_mode,
     load_run_config,
     monitor_protocols,
     progress_bar_disabled,
@@ -23,6 +25,7 @@ from msn.config.checks import (
 )
 from msn.config.schema import (
     DEFAULT_CROP_PCT,
+    FIT_MODES,
     PRIORS,
     CheckpointConfig,
     CollapseConfig,
@@ -46,7 +49,8 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"  # the shipped H
 
 __all__ = [
     "CONFIG_DIR", "DEFAULT_CROP_PCT", "PRIORS", "PROGRESS_MODES", "CheckpointConfig", "CollapseConfig", "ConfigError",
-    "DataConfig", "DistConfig", "LoggerConfig", "LossConfig", "MSNConfig", "MaskingConfig", "ModelConfig",
+    "DataConfig", "DistConfig", "FIT_MODES",
+    "budget_seconds", "fit_mode", "LoggerConfig", "LossConfig", "MSNConfig", "MaskingConfig", "ModelConfig",
     "MonitorConfig", "OptimConfig", "SweepConfig", "WandbConfig", "check_crop_pct", "load_run_config", "model_arch",
     "monitor_protocols", "progress_bar_disabled",
     "to_schema", "unknown_keys", "validate",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from msn.config.arch import WEIGHT_INITS
-from msn.config.schema import PRIORS, RANK_BY, MSNConfig, check_crop_pct, model_arch
+from msn.config.schema import FIT_MODES, PRIORS, RANK_BY, MSNConfig, check_crop_pct, model_arch
 from msn.errors import ConfigError
 
 _CHOICES: dict[str, tuple[str, ...]] = {
@@ -38,6 +39,32 @@ PROGRESS_MODES: dict[str, bool | None] = {"auto": None, "true": False, "false": 
 def progress_bar_disabled(progress: str) -> bool | None:
     """tqdm's ``disable`` for a ``logger.progress`` value (:data:`PROGRESS_MODES`)."""
     return PROGRESS_MODES[str(progress).lower()]
+
+
+def fit_mode(fit: Any) -> str:
+    """``fit`` as one of :data:`FIT_MODES` (Hydra reads ``fit=true`` as a boolean, which the string key holds as
+    ``"True"``); a ``ValueError`` for anything else."""
+    mode = str(fit).lower()
+    if mode not in FIT_MODES:
+        raise ValueError(f"fit={fit!r} is not allowed; choose one of {', '.join(FIT_MODES)}")
+    return mode
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(h|m|s)")
+
+
+def budget_seconds(budget: str) -> float:
+    """``optim.budget`` in seconds: ``"30m"`` 1800, ``"2h"`` 7200, ``"1h30m"`` 5400, ``"90s"`` 90; a ``ValueError``
+    naming the form for anything else (a number without its unit included: minutes or seconds?)."""
+    text = str(budget).strip().lower().replace(" ", "")
+    parts = _DURATION.findall(text)
+    if not text or "".join(n + u for n, u in parts) != text:
+        raise ValueError(f"optim.budget={budget!r} is not a duration; give hours, minutes or seconds with their "
+                         "unit: 30m, 2h, 1h30m, 90s")
+    seconds = sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+    if seconds <= 0:
+        raise ValueError(f"optim.budget={budget!r} must be longer than 0 s")
+    return seconds
 
 
 LABEL_FREE_MONITORS = ("rankme",)  # monitor.protocol values that need no labelled set
@@ -105,6 +132,12 @@ def validate(cfg: DictConfig | MSNConfig) -> None:
         monitor_protocols(cfg.monitor.protocol)
     except ValueError as e:
         errors.append(str(e))
+    try:
+        fit_mode(cfg.fit)
+        if cfg.optim.budget is not None:
+            budget_seconds(cfg.optim.budget)
+    except ValueError as e:
+        errors.append(str(e))
     check(cfg.monitor.rankme_images >= 2, f"monitor.rankme_images={cfg.monitor.rankme_images} must be at least 2 "
           "(RankMe cannot exceed the sample's size; 1024 by default)")
     check(cfg.collapse.window_steps is None or cfg.collapse.window_steps > 0,
@@ -114,7 +147,7 @@ def validate(cfg: DictConfig | MSNConfig) -> None:
           "at least 1; 1.5 by default)")
     for key in ("model.patch_size", "model.img_size", "model.head_hidden_dim", "model.head_output_dim",
                 "model.head_layers", "model.num_prototypes", "data.batch_size", "data.global_size",
-                "data.focal_size", "data.image_size", "data.synthetic_size", "optim.epochs",
+                "data.focal_size", "data.image_size", "data.synthetic_size", "optim.epochs", "optim.lr_base_size",
                 "logger.log_every", "loss.sinkhorn_iterations"):
         check(_get(cfg, key) > 0, f"{key}={_get(cfg, key)} must be a positive integer")
     for key in ("optim.lr", "optim.start_lr", "loss.tau", "loss.sharpen_T"):

@@ -129,6 +129,13 @@ class OptimConfig:
     final_ema_momentum: float = 1.0
     schedule_stretch: float = 1.0  # the original code stretches every schedule over 1.25x the run
     prototype_grad: str = "sum"  # sum: the prototypes' gradient is summed over processes (original); mean: averaged
+    # The run's length as a time budget ("30m", "2h", "1h30m", "90s"): the run times its steps over its first ones
+    # and fixes its number of steps (and schedules) then, in place of optim.epochs / optim.max_steps
+    budget: str | None = None
+    # Scale lr and start_lr linearly with the global batch: lr x global batch / lr_base_size (the paper's 1e-3 is for
+    # 1024 images). Off for the presets (their recipes stay exact); a fitted recipe (fit) scales its own lr.
+    scale_lr: bool = False
+    lr_base_size: int = 1024
 
 
 @dataclass
@@ -210,6 +217,9 @@ class DistConfig:
     timeout_s: float = 300.0
 
 
+FIT_MODES = ("auto", "true", "false")  # fit: when msn.plan fits the recipe to the data and the machine
+
+
 @dataclass
 class MSNConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -234,6 +244,15 @@ class MSNConfig:
     run_name: str | None = None  # the run's folder under outputs/; null: named after the overrides that change results
     init_from: str | None = None  # start from weights: original MSN .pth.tar, HF ViTMSN folder, timm safetensors
     run_dir: str = "."
+    # Fit every value you did not give to the data and the machine (msn.plan: view sizes, patch, model, prototypes,
+    # batch, lr, steps, warm-up, EMA, workers; each with its reason). auto: a run on a source of your own (folder,
+    # hf, webdataset, custom) without experiment=; true: any run (the bundled sets too); false: as configured
+    fit: str = "auto"
+    plan: bool = False  # true: print the plan (what the run would train, each fitted value and why) and exit
+    given: list[str] = field(default_factory=list)  # the command line's overrides (filled by msn-pretrain): the plan
+    # leaves what they set alone
+    fitted: Any = None  # written by the run: the measured images and each fitted value with its reason; a resume
+    # reuses it (msn.plan.Plan.to_record)
 
 
 def model_arch(model: ModelConfig | DictConfig) -> ViTArch:

@@ -86,12 +86,14 @@ def local_process(cfg: DictConfig) -> Process:
     return Process(device, autocast_dtype(cfg.precision, device))
 
 
-def build_data(cfg: DictConfig, *, device: torch.device, world: int) -> TrainingData:
+def build_data(cfg: DictConfig, *, device: torch.device, world: int, base: ImageDataset | None = None
+               ) -> TrainingData:
     """The dataset and its multi-crop views; the run lasts ``optim.epochs`` epochs, or ``optim.max_steps`` steps.
+    ``base``: the source's dataset when already built (the plan measured it), else built here.
 
     Raises :class:`~msn.errors.DataError` when the data cannot be read or the batch does not fit it.
     """
-    base = build_dataset(cfg.data)
+    base = build_dataset(cfg.data) if base is None else base
     transform = MultiCropTransform(cfg.data)
     on_device = decode_on_device(cfg.data.decode_on, cfg.data.augment_on, device, base)
     in_workers = not on_device and augment_in_workers(cfg.data.augment_on, device)  # cut on the device: finished there

@@ -9,20 +9,31 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
-from msn.config import MSNConfig, to_schema
-from msn.data.loader import RunSampler, build_loader
+from msn.config import MSNConfig, budget_seconds, to_schema
+from msn.data.loader import RunSampler, build_loader, loader_workers
 from msn.data.multicrop import device_views
+from msn.data.registry import build_dataset
 from msn.errors import ConfigError, DataError, JobError, RunCollapsed
 from msn.models.msn import MSN
-from msn.train.builder import Process, TrainingData, build_data, build_order, build_parts
+from msn.train.builder import (
+    Process,
+    TrainingData,
+    TrainingParts,
+    build_data,
+    build_order,
+    build_parts,
+    build_schedules,
+)
 from msn.train.checkpoints import CheckpointPolicy
 from msn.train.failures import collective_failure, lost_peer_message, stop_workers, watchdog_for
+from msn.train.fitting import BudgetClock, budget_decided, fit_run, record_length
 from msn.train.loggers import MetricsLogger
 from msn.train.report import RunReport
 from msn.train.resume import restore_training
@@ -70,6 +81,9 @@ def train(cfg: DictConfig | MSNConfig | list[str] | tuple[str, ...], command: st
     OmegaConf.resolve(cfg)
     run_dir = Path(cfg.run_dir)
     proc = _start_process(cfg)
+    if cfg.plan:
+        show_plan(cfg, proc, run_dir)
+        return {}
     lock = acquire_run_lock(run_dir) if proc.is_main and not holds_run_lock(run_dir) else None
     try:
         return _train(cfg, command, proc, run_dir, stop or StopRequest(install=False))
@@ -80,14 +94,20 @@ def train(cfg: DictConfig | MSNConfig | list[str] | tuple[str, ...], command: st
 
 def _train(cfg: DictConfig, command: str | None, proc: Process, run_dir: Path, stop: StopRequest
            ) -> dict[str, float]:
-    """The run itself: set up the data, parts and the resume, open the run, step until done or stopped."""
-    data = build_data(cfg, device=proc.device, world=proc.world)
+    """The run itself: fit the recipe, set up the data, parts and the resume, open the run, step until done or
+    stopped."""
+    started = time.perf_counter()  # a time budget (optim.budget) counts from here
+    resume_path = _resume_path(cfg, run_dir, proc.is_main)
+    images = build_dataset(cfg.data)
+    plan = fit_run(cfg, process=proc, images=images, resume_path=resume_path)  # fit / optim.scale_lr: in place
+    data = build_data(cfg, device=proc.device, world=proc.world, base=images)
     for note in getattr(data.base, "notes", ()) if proc.is_main else ():  # what the data scan skipped, and why
         log.info(note)
+    if plan is not None and proc.is_main:
+        log.info("\n".join(plan.lines()))
     parts = build_parts(cfg, process=proc, total_steps=data.total_steps, steps_in_epoch=data.steps_per_epoch)
     seed_global_stream(cfg.seed, proc.rank)  # per-rank stochastic depth; a resume restores the saved state
 
-    resume_path = _resume_path(cfg, run_dir, proc.is_main)
     start_step, wandb_run_id = 0, None
     if resume_path is not None:
         start_step, wandb_run_id = restore_training(
@@ -97,6 +117,11 @@ def _train(cfg: DictConfig, command: str | None, proc: Process, run_dir: Path, s
             data=data.identity)
     if resume_path is not None and cfg.collapse.stop:
         _refuse_collapsed(run_dir)
+    budget = None
+    if cfg.optim.budget is not None and not budget_decided(cfg):  # the length is fixed once the steps are timed
+        budget = BudgetClock(cfg.optim.budget, budget_seconds(cfg.optim.budget), start_step, started,
+                             workers=loader_workers(cfg.data.num_workers))
+        data.total_steps = max(data.total_steps, budget.decides_at + 1)
     if start_step >= data.total_steps:  # a finished run: say so and leave it as it is
         if proc.is_main:
             log.info(complete_message(run_dir, start_step, data.total_steps, resume_path))
@@ -115,7 +140,7 @@ def _train(cfg: DictConfig, command: str | None, proc: Process, run_dir: Path, s
     columns = metrics_columns(parts.loss_fn.term_names, parts.loss_fn.diagnostic_names)
     logger = (_open_run(cfg, run_dir, proc, data, columns=columns, start_step=start_step, wandb_run_id=wandb_run_id)
               if proc.is_main else None)
-    short_warmup = _warmup_note(cfg, data)
+    short_warmup = _warmup_note(cfg, data) if budget is None else None
     if short_warmup and proc.is_main:
         log.warning(f"warning: {short_warmup}")
     nonfinite = NonFiniteGuard(proc.device)
@@ -158,6 +183,10 @@ def _train(cfg: DictConfig, command: str | None, proc: Process, run_dir: Path, s
                                 amp_dtype=proc.amp_dtype, prototype_grad_scale=parts.prototype_grad_scale)
             nonfinite.update(result, step)
             step += 1
+            if budget is not None and (decision := budget.after_step(step)) is not None:
+                _fix_length(cfg, decision, budget, data=data, parts=parts, report=report, run_dir=run_dir,
+                            is_main=proc.is_main)
+                budget = None
             metrics = report.after_step(result, step, epoch, nonfinite) or metrics
             if checkpoints.after_step(step, stop, data.skipped):  # preempted: saved, now exit cleanly
                 stopped_early = True
@@ -185,6 +214,24 @@ def _train(cfg: DictConfig, command: str | None, proc: Process, run_dir: Path, s
     return metrics
 
 
+def _fix_length(cfg: DictConfig, decision: tuple[int, float], budget: BudgetClock, *, data: TrainingData,
+                parts: TrainingParts, report: RunReport, run_dir: Path, is_main: bool) -> None:
+    """``optim.budget``: the run has timed its steps; fix its length (and a fitted recipe's warm-up and EMA for it),
+    rebuild the schedules over it and record it (config.yaml, run.json, status.json), so a resume continues it."""
+    total, pace = decision
+    record_length(cfg, budget.choices(total, pace, data.steps_per_epoch, cfg), total, pace)
+    data.total_steps = total
+    parts.schedules = build_schedules(cfg, total_steps=total, steps_in_epoch=data.steps_per_epoch)
+    report.set_length(total, parts.schedules, warmup_steps=int(cfg.optim.warmup_epochs * data.steps_per_epoch))
+    if is_main:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        layout = json.loads((run_dir / "run.json").read_text())
+        (run_dir / "run.json").write_text(json.dumps({**layout, "total_steps": total}, indent=2) + "\n")
+        write_status(run_dir, "running", budget.decides_at, total)
+        report.write(f"optim.budget={budget.budget}: {pace:.3g} s a step (steps {budget.decides_at - budget.TIMED}-"
+                     f"{budget.decides_at}), so the run makes {total:,} steps; its schedules span them from here")
+
+
 def _stop_collapsed(reason: str, step: int, checkpoints: CheckpointPolicy, run_dir: Path, total_steps: int,
                     is_main: bool) -> None:
     """End a run that collapsed after ``step``: ``last.pt`` (every rank takes part), ``status.json`` set to
@@ -204,6 +251,32 @@ def _refuse_collapsed(run_dir: Path) -> None:
         raise RunCollapsed(f"{run_dir} stopped at step {status.get('step')}: "
                            f"{status.get('reason', 'the run collapsed (its metrics.csv shows how)')}; change the "
                            "recipe (a new run), or pass collapse.stop=false to train this one on")
+
+
+def show_plan(cfg: DictConfig, proc: Process, run_dir: Path) -> None:
+    """``plan=true``: print what the run would train (the fitted values with their reasons, or that the recipe is
+    used as configured) and its length, without training or writing anything."""
+    resume_path = None
+    if cfg.resume is not None and (run_dir / "checkpoints").is_dir():  # an existing run: its recorded plan
+        newest = newest_checkpoint(run_dir / "checkpoints")
+        resume_path = newest[0] if newest else None
+    images = build_dataset(cfg.data)
+    plan = fit_run(cfg, process=proc, images=images, resume_path=resume_path)
+    if not proc.is_main:
+        return
+    if plan is not None:
+        log.info("\n".join(plan.lines()))
+    else:
+        log.info(f"fit={cfg.fit}: the recipe is used as configured (fit=true fits it to the data and the machine)")
+    m, d, o = cfg.model, cfg.data, cfg.optim
+    per_epoch = max(1, len(images) // (d.batch_size * proc.world))
+    length = f"{o.epochs} epochs of {per_epoch:,} steps" + (f", at most {o.max_steps:,}" if o.max_steps else "")
+    if o.budget is not None and not budget_decided(cfg):
+        timed = BudgetClock.skip(loader_workers(d.num_workers)) + BudgetClock.TIMED
+        length = f"as many steps as optim.budget={o.budget} holds (fixed after its first {timed} steps)"
+    log.info(f"would train {m.arch or 'a ViT'} (patch {m.patch_size}, native {m.img_size} px) on 2 x {d.global_size} "
+             f"px + {d.num_focal} x {d.focal_size} px views of {len(images):,} images, {d.batch_size} a step per "
+             f"process, lr {o.lr:.3g}: {length}; run it without plan=true")
 
 
 def _start_process(cfg: DictConfig) -> Process:

@@ -78,6 +78,17 @@ class RunReport:
         self.cpu_decoded: list[int] = [0, 0, 0]  # data.decode_on=device: [epoch, images decoded on the CPU, seen]
         self.cpu_decoded_said = False
 
+    def set_length(self, total_steps: int, schedules: Schedules, *, warmup_steps: int) -> None:
+        """The run's length was fixed while it ran (``optim.budget``): its new steps and schedules, for the bar, the
+        ETA, the logged hyper-parameters and the collapse watch's default window."""
+        self.total_steps, self.schedules = total_steps, schedules
+        self.bar.total = total_steps
+        self.bar.refresh()
+        if self.collapse is not None:
+            if self.cfg.collapse.window_steps is None:
+                self.collapse.window = default_window(total_steps, self.cfg.logger.log_every)
+            self.collapse.after_step = min(warmup_steps, total_steps // 2)
+
     def skipped_images(self, paths: list[str], kinds: dict[str, str] | None = None) -> None:
         """Say which bad images this batch replaced, each as what it is (``kinds``: path -> ``sample without an
         image member ...``; by default an undecodable image)."""

@@ -59,6 +59,7 @@ def compose_config(overrides: list[str] | tuple[str, ...] = (), *, run_dir: str 
             hydra_config.cfg = callers
     task = {k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items() if k != "hydra"}
     task_cfg = OmegaConf.create(task)
+    task_cfg.given = list(overrides)  # what the caller set: a fitted recipe (fit) leaves it alone
     if placeholder_root and task_cfg.data.name == "folder" and not task_cfg.data.root:
         task_cfg.data.root = "."
     return to_schema(task_cfg)

@@ -93,6 +93,7 @@ def model_card(source: WeightSource, encoder: str) -> str:
             f"| optimiser | AdamW, lr {c.optim.lr}, weight decay {c.optim.weight_decay} -> "
             f"{c.optim.final_weight_decay}, EMA {c.optim.ema_momentum} -> {c.optim.final_ema_momentum} |",
         ]
+        lines += _fitted_lines(c)
     elif source.epoch is not None:
         lines.append(f"| epochs | {source.epoch} (original MSN checkpoint) |")
     lines += [
@@ -105,6 +106,20 @@ def model_card(source: WeightSource, encoder: str) -> str:
         "`interpolate_pos_encoding=True`.", "",
     ]
     return "\n".join(lines)
+
+
+def _fitted_lines(c: DictConfig) -> list[str]:
+    """The model card's section on what the run fitted to its data and machine (``fitted``: msn.plan), if any."""
+    record = c.get("fitted") if hasattr(c, "get") else None
+    values = (record or {}).get("values") or {}
+    if not values:
+        return []
+    images = record.get("images")
+    head = "" if not images else (f" to {images['count']:,} images of median {images['median_width']} x "
+                                  f"{images['median_height']} px")
+    lines = ["", "## Fitted recipe", "", f"These values were fitted by msn's plan{head} (the rest as configured):", "",
+             "| key | value | why |", "|---|---|---|"]
+    return lines + [f"| `{key}` | {v['value']} | {v['reason']} |" for key, v in values.items()]
 
 
 def training_done(step: int | None, c: DictConfig, steps_per_epoch: int | None) -> str:

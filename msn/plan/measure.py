@@ -1,0 +1,103 @@
+"""What the plan is fitted to: the images' sizes, measured on a fixed sample, and the machine the run trains on."""
+
+from __future__ import annotations
+
+import io
+import os
+import statistics
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+SAMPLE = 256  # images whose size is read: the median is then within a few per cent of the whole set's
+
+
+@dataclass(frozen=True)
+class ImageStats:
+    """The data set's size and its images' median size (on a sample of ``sampled`` images, drawn with seed 0)."""
+
+    count: int  # images in the data set
+    sampled: int  # images whose size was read
+    median_width: int
+    median_height: int
+    short_side: int  # the median of min(width, height): what a square view is cut from
+    short_side_p10: int  # 10 % of the images have a shorter side than this
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, record: dict[str, Any]) -> ImageStats:
+        return cls(**{k: int(record[k]) for k in cls.__dataclass_fields__})
+
+    def describe(self) -> str:
+        return f"{self.count:,} images, median {self.median_width} x {self.median_height} px"
+
+
+@dataclass(frozen=True)
+class Machine:
+    """Where the run trains: the device kind, the CPU cores each process may use and the number of processes."""
+
+    device: str  # "cpu" | "cuda"
+    cores: int  # CPU cores this process may use (its affinity)
+    world: int = 1  # processes of the run (one per GPU)
+    gpu: str | None = None  # the GPU's name
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device == "cuda"
+
+    def describe(self) -> str:
+        where = f"{self.world} x {self.gpu or 'GPU'}" if self.on_gpu else "a CPU"
+        return f"{where}, {self.cores} CPU core{'s' if self.cores != 1 else ''} per process"
+
+
+def sample_indices(count: int, sample: int = SAMPLE, seed: int = 0) -> list[int]:
+    """``min(count, sample)`` distinct indices of ``range(count)``, the same for the same arguments, sorted."""
+    if count <= sample:
+        return list(range(count))
+    return sorted(np.random.default_rng(seed).choice(count, size=sample, replace=False).tolist())
+
+
+def image_size(dataset: Any, index: int) -> tuple[int, int]:
+    """(width, height) of one image: from the file's header when the dataset hands out its bytes (nothing is
+    decoded), else from the decoded image (a PIL image, or a C x H x W / H x W x C array)."""
+    read_bytes = getattr(dataset, "read_bytes", None)
+    if read_bytes is not None:
+        with Image.open(io.BytesIO(read_bytes(index))) as image:
+            return image.size
+    image = dataset[index]
+    if isinstance(image, tuple | list):  # (image, label) datasets
+        image = image[0]
+    if hasattr(image, "size") and not callable(image.size):
+        return tuple(image.size)  # type: ignore[return-value]
+    shape = tuple(getattr(image, "shape", ()))
+    if len(shape) == 3:  # channels first when the first axis is the smallest
+        return (shape[2], shape[1]) if shape[0] <= 4 else (shape[1], shape[0])
+    if len(shape) == 2:
+        return shape[1], shape[0]
+    raise TypeError(f"cannot tell the size of a {type(image).__name__} (item {index} of the data set)")
+
+
+def measure_images(dataset: Any, sample: int = SAMPLE) -> ImageStats:
+    """The size distribution of ``dataset``'s images, on the fixed sample :func:`sample_indices` draws."""
+    indices = sample_indices(len(dataset), sample)
+    sizes = [image_size(dataset, i) for i in indices]
+    if not sizes:
+        raise ValueError("the data set holds no image")
+    short = sorted(min(w, h) for w, h in sizes)
+    return ImageStats(count=len(dataset), sampled=len(sizes),
+                      median_width=int(statistics.median_low(w for w, _ in sizes)),
+                      median_height=int(statistics.median_low(h for _, h in sizes)),
+                      short_side=int(statistics.median_low(short)),
+                      short_side_p10=int(short[len(short) // 10]))
+
+
+def cores_available() -> int:
+    """The CPU cores this process may run on (its affinity: a SLURM or container limit), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS
+        return max(1, os.cpu_count() or 1)

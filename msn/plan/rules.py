@@ -1,0 +1,198 @@
+"""The rules that fit MSN's recipe to a data set and a machine, one function per decision, each value with its reason.
+
+The paper's recipe is made for ImageNet (photos of about 400 px, 1.28 M of them) on 32 GPUs: 224-px global views
+and 96-px focal views of ViT-S/16 (14 x 14 tokens), 1024 prototypes, a global batch of 1024 at lr 1e-3, hundreds of
+epochs. A user's own set is often far smaller, and their machine one GPU or a CPU. Each rule below keeps the
+paper's choice where the data and machine match it and says what it changes where they do not; the presets
+that were tuned by hand (digits, Fashion-MNIST: docs/studies.md) are the evidence for the small-image rules.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from msn.plan.measure import ImageStats, Machine
+
+PAPER_GLOBAL, PAPER_FOCAL = 224, 96  # the paper's view sizes: a focal view is 3/7 of a global one
+PAPER_LR, PAPER_START_LR, PAPER_BATCH = 1e-3, 2e-4, 1024  # lr and warm-up start for a global batch of 1024
+CPU_MAX_VIEW = 96  # a CPU trains ViT-pico on 96-px views (6 x 6 tokens) at ~25 images/s on 2 cores; 224 px: ~1
+CPU_STEPS, GPU_STEPS = 5_000, 20_000  # the fewest steps a run of a small set is given, without a budget
+SMALL, MEDIUM = 64, 160  # images' short sides below which the crops are milder
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One fitted value: the config key it sets, the value and the reason the plan prints."""
+
+    key: str
+    value: Any
+    reason: str
+
+
+def _pow2_at_most(x: float) -> int:
+    return 1 << max(0, int(math.floor(math.log2(max(x, 1)))))
+
+
+def global_view_size(stats: ImageStats, machine: Machine) -> Choice:
+    """The global views' side: the images' median short side rounded to 16 px (at least 32), at most the paper's
+    224 px on a GPU and 96 px on a CPU, where a 224-px view of even the smallest ViT takes about a second an image.
+    A view larger than the image only upsamples it: more tokens, no more detail."""
+    size = max(32, 16 * round(stats.short_side / 16))
+    cap = PAPER_GLOBAL if machine.on_gpu else CPU_MAX_VIEW
+    reason = f"the median image is {stats.median_width} x {stats.median_height} px"
+    if size > cap:
+        size = cap
+        reason += (f"; the paper's {cap} px" if machine.on_gpu else
+                   f"; at most {cap} px on a CPU (a 224-px view trains at about an image a second there)")
+    return Choice("data.global_size", size, reason)
+
+
+def patch_size(global_size: int, machine: Machine) -> Choice:
+    """The patch: a global view of 14 x 14 tokens at 224 px on a GPU (the paper's ViT-S/16), 8 x 8 to 12 x 12 on
+    smaller views; on a CPU 4 x 4 to 6 x 6 tokens (the digits and Fashion-MNIST presets: 16 tokens train well and
+    cost a quarter of 64)."""
+    if machine.on_gpu:
+        patch = 4 if global_size <= 32 else 8 if global_size <= 112 else 16
+    else:
+        patch = 8 if global_size <= 40 else 16
+    grid = global_size // patch
+    where = "on a GPU" if machine.on_gpu else "on a CPU"
+    return Choice("model.patch_size", patch, f"{grid} x {grid} tokens a global view {where}")
+
+
+def focal_view_size(global_size: int, patch: int) -> Choice:
+    """The focal views: the paper's 96/224 of a global view, in whole patches (at least 2 x 2)."""
+    patches = max(2, round(global_size * PAPER_FOCAL / PAPER_GLOBAL / patch))
+    return Choice("data.focal_size", patches * patch,
+                  f"the paper's 96/224 of the global view, {patches} x {patches} patches")
+
+
+def snap_to_patch(size: int, patch: int, key: str, reason: str) -> Choice:
+    """A view size rounded to a whole number of patches (at least one), the patch being given."""
+    snapped = max(patch, patch * round(size / patch))
+    return Choice(key, snapped, reason + (f"; a multiple of model.patch_size={patch}" if snapped != size else ""))
+
+
+def crop_scales(stats: ImageStats) -> list[Choice]:
+    """Crop areas and blur by the images' size. Small images have little to spare: with the paper's scales (global
+    0.3-1, focal 0.05-0.3) and blur, the digits preset's tiny model could not predict a view's target and the loss
+    stayed at log K; the milder scales it found (0.6-1, 0.3-0.7, no blur) trained."""
+    s = stats.short_side
+    if s < SMALL:
+        scales, why, blur = ([0.5, 1.0], [0.25, 0.6]), f"images of {s} px have little to spare (the digits preset)", 0.0
+    elif s < MEDIUM:
+        scales, why, blur = ([0.4, 1.0], [0.15, 0.4]), f"images of {s} px: between the digits preset and the paper", 0.5
+    else:
+        scales, why, blur = ([0.3, 1.0], [0.05, 0.3]), f"images of {s} px: the paper's ImageNet scales", 0.5
+    blur_why = ("no blur: it erases a small image's detail (the digits preset)" if blur == 0.0 else
+                "the paper's blur")
+    return [Choice("data.global_scale", scales[0], why), Choice("data.focal_scale", scales[1], why),
+            Choice("data.blur_p", blur, blur_why)]
+
+
+def focal_views(machine: Machine) -> Choice:
+    """The paper's 10 focal views on a GPU; 6 on a CPU (the digits preset: each view costs a CPU its share)."""
+    if machine.on_gpu:
+        return Choice("data.num_focal", 10, "the paper's")
+    return Choice("data.num_focal", 6, "on a CPU each focal view costs time (the digits preset's 6)")
+
+
+MODEL_HEADS = {"vit_pico": (512, 128), "vit_tiny": (2048, 256), "vit_small": (2048, 256)}  # head hidden, output
+
+
+def model_size(stats: ImageStats, machine: Machine) -> list[Choice]:
+    """ViT-pico on a CPU (the only size that trains in minutes there); on a GPU ViT-Ti for fewer than 20,000
+    images (a ViT-S has more weights than such a set has images to constrain them) and the paper's ViT-S above."""
+    if not machine.on_gpu:
+        arch, reason = "vit_pico", "on a CPU: 128 wide, 4 deep (ViT-S: 20x the compute)"
+    elif stats.count < 20_000:
+        arch, reason = "vit_tiny", f"{stats.count:,} images (under 20,000): ViT-Ti, a quarter of ViT-S"
+    else:
+        arch, reason = "vit_small", f"{stats.count:,} images: the paper's ViT-S"
+    hidden, output = MODEL_HEADS[arch]
+    return [Choice("model.arch", arch, reason),
+            Choice("model.head_hidden_dim", hidden, f"{arch}'s projection head"),
+            Choice("model.head_output_dim", output, f"{arch}'s projection head")]
+
+
+def prototypes(count: int, global_batch: int) -> Choice:
+    """The paper's 1024 prototypes for ImageNet's 1.28 M images and global batch of 1024; fewer for fewer images
+    (one per 30 images at most) and for smaller batches (twice the global batch at most: ME-MAX spreads one
+    batch's predictions over them), a power of 2 from 64 (the digits preset) up."""
+    bound = min(count / 30, 2 * global_batch)
+    k = min(1024, max(64, _pow2_at_most(bound)))
+    return Choice("model.num_prototypes", k, f"{count:,} images and a global batch of {global_batch}")
+
+
+def batch_size(count: int, machine: Machine, largest: Callable[[int], int] | None = None) -> Choice:
+    """Images per process: 64 on a CPU (the Fashion-MNIST preset: more steps of 64 beat fewer of 128); on a GPU the
+    largest power of 2 up to 256 whose step fits in its memory (``largest(cap)``, measured as msn-bench step
+    --max-batch does). At most an eighth of the data set per step, so an epoch has steps to shuffle."""
+    cap = _pow2_at_most(count / (8 * machine.world))
+    if machine.on_gpu and largest is not None:
+        fits = largest(min(256, cap))
+        batch, reason = min(fits, cap, 256), f"the largest batch whose step fits the GPU's memory is {fits}"
+    elif machine.on_gpu:
+        batch, reason = min(128, cap), "a GPU's default (its memory was not measured)"
+    else:
+        batch, reason = min(64, cap), "a CPU's (the Fashion-MNIST preset)"
+    if batch == cap and cap < 64:
+        reason = f"an eighth of {count:,} images" + (f" over {machine.world} processes" if machine.world > 1 else "")
+    return Choice("data.batch_size", max(2, batch), reason)
+
+
+def learning_rate(global_batch: int, base_size: int = PAPER_BATCH) -> list[Choice]:
+    """lr and the warm-up's start: the paper's 1e-3 and 2e-4 at its global batch of 1024, scaled linearly for larger
+    global batches. Smaller batches keep them: scaled down linearly they learn far less in a short run (digits,
+    batch 64, 3 minutes on 2 cores: k-NN 47.2 % at the linear 6.25e-5, 57.2 % at the square-root rule's 2.5e-4,
+    75.4 % at 1e-3; docs/studies.md), as the hand-made presets found (1e-3 at 64 and 128)."""
+    scale = max(1.0, global_batch / base_size)
+    if scale > 1:
+        why = f"the paper's {{}} x {global_batch}/{base_size} (linear scaling with the global batch)"
+    else:
+        why = (f"the paper's {{}}, kept for a global batch of {global_batch} (scaled down linearly, a short run "
+               "learns far less: docs/studies.md)")
+    return [Choice("optim.lr", PAPER_LR * scale, why.format("1e-3")),
+            Choice("optim.start_lr", PAPER_START_LR * scale, why.format("2e-4"))]
+
+
+def epochs(count: int, global_batch: int, machine: Machine) -> Choice:
+    """The run's length from the data set's size: 100 epochs (most of the paper's accuracy at a fraction of its
+    300-600) when that makes enough steps, else as many epochs as make 20,000 steps on a GPU, 5,000 on a CPU."""
+    per_epoch = max(1, count // global_batch)
+    least = GPU_STEPS if machine.on_gpu else CPU_STEPS
+    if machine.on_gpu and per_epoch * 100 >= least:
+        return Choice("optim.epochs", 100, f"{per_epoch:,} steps an epoch: 100 epochs")
+    n = max(1, math.ceil(least / per_epoch))
+    if machine.on_gpu:
+        n = max(n, 100)
+    return Choice("optim.epochs", n, f"{per_epoch:,} steps an epoch: {n * per_epoch:,} steps (at least {least:,} "
+                  f"on a {'GPU' if machine.on_gpu else 'CPU'}; optim.budget=30m fits the run to a time instead)")
+
+
+def warmup(total_steps: int, steps_per_epoch: int) -> Choice:
+    """The lr warm-up: 5 % of the run (the paper's 15 of 300 epochs), at least one step."""
+    steps = max(1, round(0.05 * total_steps))
+    return Choice("optim.warmup_epochs", steps / max(1, steps_per_epoch), f"5 % of the run: {steps:,} steps")
+
+
+def ema_momentum(total_steps: int) -> Choice:
+    """The target's EMA momentum m: it averages the last ~1/(1-m) steps, which should stay a small part of the
+    run: 2 % of it, between 0.99 (the digits preset's: 0.996 lagged half its 560 steps) and the paper's 0.996."""
+    m = min(0.996, max(0.99, 1 - 1 / (0.02 * max(total_steps, 1))))
+    return Choice("optim.ema_momentum", round(m, 5), f"the target averages ~{1 / (1 - m):.0f} steps, "
+                  f"{100 / ((1 - m) * max(total_steps, 1)):.1f} % of the run's {total_steps:,}")
+
+
+def loader_workers(machine: Machine) -> Choice:
+    """Loader workers: on a GPU every core but the trainer's (at most 16: a ViT-S step at 1,500 images/s needs
+    about 13 cores of decoding and augmentation); on a CPU a quarter of the cores (at least one: the Fashion-MNIST
+    preset's worker makes the next views while the step runs; the step needs the rest)."""
+    if machine.on_gpu:
+        n = max(1, min(16, machine.cores - 1))
+        return Choice("data.num_workers", n, f"{machine.cores} cores for this process: all but the trainer's")
+    n = max(1, machine.cores // 4)
+    return Choice("data.num_workers", n, f"{machine.cores} cores: the step uses the others")

@@ -1,0 +1,56 @@
+"""The trainer's step on random views, and the largest batch whose step fits a GPU's memory: what
+``msn-bench step`` times and ``--max-batch`` reports, and what a fitted recipe (``fit``) sizes its batch by."""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig
+
+from msn.train.builder import Process, build_parts
+from msn.train.step import train_step
+
+
+def random_views(cfg: DictConfig, batch: int, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
+    """``[target, anchor, focal...]`` random views of the configured sizes: B x 3 x S x S each."""
+    d = cfg.data
+    sizes = [d.global_size] * 2 + [d.focal_size] * d.num_focal
+    return [torch.randn(batch, 3, s, s, device=device, dtype=dtype) for s in sizes]
+
+
+class SyntheticStep:
+    """The trainer's step (:func:`msn.train.step.train_step`) with the parts the trainer builds
+    (:func:`msn.train.builder.build_parts`: model, AdamW, fp16's scaler, loss, masks, schedules over a
+    nominal 1000-step run), on fixed random views; ``step(i)`` runs step ``i``."""
+
+    def __init__(self, cfg: DictConfig, batch: int, process: Process) -> None:
+        self.cfg, self.process = cfg, process
+        self.parts = build_parts(cfg, process=process, total_steps=1000, steps_in_epoch=100)
+        self.model = self.parts.model.train()
+        self.views = random_views(cfg, batch, process.device, torch.float32)
+
+    def __call__(self, i: int) -> None:
+        d, p = self.cfg.data, self.parts
+        masks = p.make_masks(i, len(self.views[0]), anchor_size=d.global_size, focal_size=d.focal_size,
+                             num_focal=d.num_focal, device=self.process.device)
+        train_step(self.model, p.loss_fn, p.optimizer, self.views, masks, hp=p.schedules.at(i),
+                   clip_grad=self.cfg.optim.clip_grad, scaler=p.scaler, amp_dtype=self.process.amp_dtype,
+                   prototype_grad_scale=p.prototype_grad_scale)
+
+
+def largest_batch(cfg: DictConfig, process: Process, *, start: int, cap: int | None = None) -> int:
+    """The largest batch, doubling from ``start`` (up to ``cap``), whose training step runs on ``process``'s GPU
+    without running out of memory; 0 when not even ``start`` fits."""
+    fits, batch = 0, start
+    while cap is None or batch <= cap:
+        step = None
+        try:
+            step = SyntheticStep(cfg, batch, process)
+            step(0)
+            torch.cuda.synchronize(process.device)
+        except torch.cuda.OutOfMemoryError:
+            return fits
+        finally:
+            del step  # free the model before the next size
+            torch.cuda.empty_cache()
+        fits, batch = batch, batch * 2
+    return fits

@@ -1,0 +1,236 @@
+"""A recipe fitted to the user's images and machine (``fit``, msn/plan): the rules with their reasons, real folder
+runs at 32 and 96 px, an explicit override winning over the plan, a resume that reuses its recorded plan, a time
+budget (``optim.budget``), ``plan=true`` and the presets left exactly as written.
+
+The GPU cases of the rules are fed a GPU's description and, for the batch, a stand-in for the memory search
+(no GPU here); everything else runs for real on this CPU."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from omegaconf import OmegaConf
+from PIL import Image
+
+from msn.config import budget_seconds
+from msn.plan import ImageStats, Machine, Plan, budget_steps, make_plan, measure_images, override_keys, should_fit
+from msn.train.builder import local_process
+from msn.train.fitting import fit_run
+from msn.train.loop import train
+from tests.conftest import compose_config
+
+CPU = Machine("cpu", cores=2)
+GPU = Machine("cuda", cores=16, world=1, gpu="a GPU")
+
+
+def _stats(width: int, height: int, count: int) -> ImageStats:
+    return ImageStats(count, min(count, 256), width, height, min(width, height), min(width, height))
+
+
+def _choices(plan: Plan) -> dict[str, tuple[object, str]]:
+    return {c.key: (c.value, c.reason) for c in plan.choices}
+
+
+def _folder(root: Path, size: tuple[int, int], count: int, fmt: str = "png", seed: int = 0) -> Path:
+    """``count`` real image files of ``size`` (width, height): blobs of colour, so that the views differ."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    w, h = size
+    for i in range(count):
+        pixels = np.kron(rng.integers(0, 255, ((h + 3) // 4, (w + 3) // 4, 3)), np.ones((4, 4, 1)))[:h, :w]
+        Image.fromarray(pixels.astype(np.uint8)).save(root / f"{i:03d}.{fmt}")
+    return root
+
+
+# --- the rules ---------------------------------------------------------------------------------------------
+
+def test_small_images_on_a_cpu_get_small_views_a_small_model_and_mild_crops():
+    plan = make_plan(_stats(32, 32, 400), CPU, {})
+    c = _choices(plan)
+    assert c["data.global_size"] == (32, "the median image is 32 x 32 px")
+    assert c["model.patch_size"][0] == 8 and "4 x 4 tokens" in c["model.patch_size"][1]
+    assert c["model.img_size"][0] == 32 and c["data.focal_size"][0] == 16
+    assert c["model.arch"][0] == "vit_pico" and c["data.num_focal"][0] == 6
+    assert c["data.global_scale"][0] == [0.5, 1.0] and c["data.blur_p"][0] == 0.0  # milder than the paper's
+    assert c["data.batch_size"] == (32, "an eighth of 400 images")
+    assert c["model.num_prototypes"][0] == 64
+    assert c["optim.lr"][0] == 1e-3 and "kept for a global batch of 32" in c["optim.lr"][1]  # not scaled down
+    assert c["data.num_workers"][0] == 1
+
+
+def test_28px_images_get_32px_views_and_fashion_mnist_sized_prototypes():
+    c = _choices(make_plan(_stats(28, 28, 60_000), CPU, {}))
+    assert c["data.global_size"] == (32, "the median image is 28 x 28 px")
+    assert c["data.batch_size"][0] == 64 and c["model.num_prototypes"][0] == 128  # the fmnist_cpu preset's
+    assert c["optim.epochs"][0] * (60_000 // 64) >= 5_000  # at least 5,000 steps on a CPU
+
+
+def test_photos_get_the_paper_views_on_a_gpu_and_96px_on_a_cpu():
+    seen = {}
+
+    def largest(cap, values):  # stands in for the GPU memory search (no GPU here)
+        seen.update(values, cap=cap)
+        return 128
+
+    gpu = _choices(make_plan(_stats(500, 375, 1_281_167), GPU, {}, largest_batch=largest))
+    assert (gpu["data.global_size"][0], gpu["model.patch_size"][0], gpu["data.focal_size"][0]) == (224, 16, 96)
+    assert gpu["model.arch"][0] == "vit_small" and gpu["data.num_focal"][0] == 10
+    assert gpu["data.global_scale"][0] == [0.3, 1.0] and gpu["data.focal_scale"][0] == [0.05, 0.3]
+    assert gpu["data.batch_size"][0] == 128 and "fits the GPU's memory" in gpu["data.batch_size"][1]
+    assert seen["model.arch"] == "vit_small" and seen["data.global_size"] == 224 and seen["cap"] == 256
+    assert gpu["optim.lr"][0] == 1e-3 and gpu["optim.epochs"][0] == 100
+    wide = _choices(make_plan(_stats(500, 375, 1_281_167), Machine("cuda", 16, world=16), {"data.batch_size": 256}))
+    assert wide["optim.lr"][0] == pytest.approx(4e-3) and "linear scaling" in wide["optim.lr"][1]  # 4096 images
+    assert gpu["data.num_workers"][0] == 15 and gpu["optim.ema_momentum"][0] == 0.996
+    cpu = _choices(make_plan(_stats(500, 375, 1_281_167), CPU, {}))
+    assert cpu["data.global_size"][0] == 96 and "at most 96 px on a CPU" in cpu["data.global_size"][1]
+    assert (cpu["model.patch_size"][0], cpu["data.focal_size"][0]) == (16, 48)
+
+
+def test_model_and_prototypes_follow_the_data_set_size():
+    assert _choices(make_plan(_stats(96, 96, 5_000), GPU, {}))["model.arch"][0] == "vit_tiny"
+    assert _choices(make_plan(_stats(96, 96, 50_000), GPU, {}))["model.arch"][0] == "vit_small"
+    few = _choices(make_plan(_stats(96, 96, 1_797), CPU, {"data.batch_size": 64}))
+    many = _choices(make_plan(_stats(96, 96, 1_281_167), GPU, {"data.batch_size": 1024}))
+    assert few["model.num_prototypes"][0] == 64 and many["model.num_prototypes"][0] == 1024
+
+
+def test_the_run_length_warmup_and_ema_follow_the_number_of_steps():
+    short = _choices(make_plan(_stats(32, 32, 1_797), CPU, {"optim.epochs": 20}))  # 20 x 28 = 560 steps
+    assert short["optim.warmup_epochs"][0] == pytest.approx(28 / 28)  # 5 % of 560 steps = 28 steps = 1 epoch
+    assert short["optim.ema_momentum"][0] == 0.99  # the digits preset's for a run this short
+    long = _choices(make_plan(_stats(32, 32, 1_797), CPU, {"optim.epochs": 2000}))
+    assert long["optim.ema_momentum"][0] == 0.996
+
+
+def test_what_the_user_gives_is_left_alone_and_the_rest_fits_around_it():
+    plan = make_plan(_stats(32, 32, 400), CPU, {"model.patch_size": 4, "data.batch_size": 16})
+    c = _choices(plan)
+    assert "model.patch_size" not in c and "data.batch_size" not in c
+    assert c["data.focal_size"][0] % 4 == 0 and "global batch of 16" in c["optim.lr"][1]
+    assert "yours, as given: data.batch_size=16, model.patch_size=4" in plan.lines()[-1]
+    c = _choices(make_plan(_stats(32, 32, 400), CPU, {"data.global_size": 40}))
+    assert 40 % c["model.patch_size"][0] == 0 and c["model.img_size"][0] == 40
+
+
+def test_the_command_line_names_what_it_gives_and_whether_to_fit():
+    assert override_keys(["optim.lr=1e-3", "+x.y=1", "~z", "hydra.run.dir=o"]) == {"optim.lr", "x.y", "z"}
+    assert {"model.arch", "model.patch_size", "model.img_size"} <= override_keys(["model=vit_small"])
+    assert "model.num_prototypes" not in override_keys(["model=vit_small"])
+    assert not {k for k in override_keys(["data=folder"]) if k.startswith("data.")}  # the source, not its values
+    assert should_fit("auto", "folder", ["data=folder", "data.root=x"])
+    assert should_fit("auto", "hf", []) and should_fit("auto", "mypkg.Source", [])
+    assert not should_fit("auto", "folder", ["experiment=msn_vits16", "data.root=x"])
+    assert should_fit("auto", "folder", ["experiment=null"])
+    assert not should_fit("auto", "digits", []) and not should_fit("auto", "fashion_mnist", [])
+    assert should_fit("true", "digits", []) and not should_fit("false", "folder", [])
+
+
+def test_budgets_and_the_steps_they_hold():
+    assert (budget_seconds("30m"), budget_seconds("2h"), budget_seconds("1h30m"), budget_seconds("90s")) == (
+        1800, 7200, 5400, 90)
+    for bad in ("30", "soon", "0m"):
+        with pytest.raises(ValueError):
+            budget_seconds(bad)
+    assert budget_steps(600, 100, 0.5, 23) == 1023  # 500 s left at 0.5 s a step
+    assert budget_steps(600, 700, 0.5, 23) == 24  # over budget already: one more step
+
+
+def test_image_sizes_are_read_from_the_files_of_a_folder(tmp_path):
+    from msn.data.sources.folder import ImageFolderDataset
+
+    _folder(tmp_path / "a", (40, 30), 5, "jpg")
+    _folder(tmp_path / "a", (64, 64), 3, "png", seed=1)  # the same names' png twins: 8 images
+    stats = measure_images(ImageFolderDataset(tmp_path / "a"))
+    assert (stats.count, stats.sampled, stats.median_width, stats.median_height, stats.short_side) == (8, 8, 40, 30,
+                                                                                                      30)
+    assert ImageStats.from_dict(stats.to_dict()) == stats
+
+
+# --- real runs ---------------------------------------------------------------------------------------------
+
+def _run(tmp_path: Path, root: Path, *overrides: str) -> dict:
+    run_dir = tmp_path / "run"
+    train(compose_config(["data=folder", f"data.root={root}", f"run_dir={run_dir}", "logger.progress=false",
+                          "data.num_workers=0", *overrides]))
+    return yaml.safe_load((run_dir / "config.yaml").read_text())
+
+
+def test_a_folder_of_32px_images_trains_with_the_fitted_recipe(tmp_path):
+    cfg = _run(tmp_path, _folder(tmp_path / "img", (32, 32), 40), "optim.max_steps=2")
+    assert (cfg["data"]["global_size"], cfg["data"]["focal_size"], cfg["model"]["patch_size"],
+            cfg["model"]["img_size"], cfg["model"]["arch"]) == (32, 16, 8, 32, "vit_pico")
+    assert cfg["data"]["batch_size"] == 4  # an eighth of 40 images
+    assert cfg["fitted"]["images"]["median_width"] == 32
+    assert cfg["fitted"]["values"]["data.global_size"]["reason"] == "the median image is 32 x 32 px"
+    assert "data.num_workers" not in cfg["fitted"]["values"]  # given on the command line
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["status"] == "finished" and status["step"] == 2
+
+
+def test_a_folder_of_96px_images_gets_96px_views_and_an_override_wins(tmp_path):
+    root = _folder(tmp_path / "img", (96, 96), 24, "jpg")
+    cfg = _run(tmp_path, root, "optim.max_steps=1", "data.batch_size=8")
+    assert (cfg["data"]["global_size"], cfg["model"]["patch_size"], cfg["data"]["focal_size"]) == (96, 16, 48)
+    assert cfg["data"]["batch_size"] == 8 and "data.batch_size" not in cfg["fitted"]["values"]
+    assert "global batch of 8" in cfg["fitted"]["values"]["optim.lr"]["reason"]  # fitted around the given batch
+    cfg = _run(tmp_path / "two", root, "optim.max_steps=1", "data.global_size=64", "model.arch=vit_tiny",
+               "model.depth=2")
+    assert cfg["data"]["global_size"] == 64 and cfg["model"]["arch"] == "vit_tiny" and cfg["model"]["depth"] == 2
+    assert 64 % cfg["model"]["patch_size"] == 0 and "model.arch" not in cfg["fitted"]["values"]
+
+
+def test_a_resume_reuses_the_recorded_plan_and_says_the_images_changed(tmp_path, caplog):
+    root = _folder(tmp_path / "img", (32, 32), 40)
+    first = _run(tmp_path, root, "optim.max_steps=2")
+    for path in root.iterdir():  # the same 40 files, now 64 px: the plan would change, the run's must not
+        Image.open(path).resize((64, 64)).save(path)
+    caplog.set_level("INFO")
+    second = _run(tmp_path, root, "optim.max_steps=4")
+    assert second["data"]["global_size"] == 32 == first["data"]["global_size"]
+    assert second["fitted"]["images"] == first["fitted"]["images"]
+    assert "resumed from" in caplog.text and "median size changed" in caplog.text
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["step"] == 4
+
+
+def test_a_time_budget_fixes_the_run_length_from_its_timed_steps(tmp_path):
+    cfg = _run(tmp_path, _folder(tmp_path / "img", (32, 32), 40), "optim.budget=6s", "checkpoint.last_every_steps=10")
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    total = cfg["fitted"]["length"]["steps"]
+    assert total == run["total_steps"] == cfg["optim"]["max_steps"] >= 26  # the 5 + 20 steps before it decides, and more
+    assert "optim.budget=6s at" in cfg["fitted"]["values"]["optim.max_steps"]["reason"]
+    warmup_steps = cfg["optim"]["warmup_epochs"] * run["steps_per_epoch"]
+    assert warmup_steps == pytest.approx(max(1, round(0.05 * total)), abs=1e-6)  # refitted for the decided length
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status == {**status, "status": "finished", "step": total}
+
+
+def test_presets_are_left_as_written_and_scale_lr_scales_them(tmp_path):
+    proc = local_process(compose_config(["device=cpu"]))
+    for overrides in (["experiment=fmnist_cpu"], [], ["experiment=msn_vits16", "data.root=."],
+                      ["experiment=cpu_smoke", "data=folder", "data.root=."]):
+        cfg = compose_config([*overrides, "run_dir=."])
+        before = OmegaConf.to_yaml(cfg)
+        assert fit_run(cfg, process=proc, images=[], resume_path=None) is None
+        assert OmegaConf.to_yaml(cfg) == before, overrides
+    cfg = compose_config(["experiment=fmnist_cpu", "optim.scale_lr=true", "run_dir=."])
+    fit_run(cfg, process=proc, images=[], resume_path=None)
+    assert cfg.optim.lr == pytest.approx(1e-3 * 64 / 1024) and cfg.optim.start_lr == pytest.approx(2e-4 * 64 / 1024)
+    assert "optim.scale_lr" in cfg.fitted["values"]["optim.lr"]["reason"]
+
+
+def test_plan_true_prints_the_plan_and_trains_nothing(tmp_path):
+    root = _folder(tmp_path / "img", (28, 28), 16)
+    result = subprocess.run(["msn-pretrain", "data=folder", f"data.root={root}", "plan=true"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout + result.stderr
+    assert "plan for 16 images, median 28 x 28 px" in out
+    assert "data.global_size" in out and "the median image is 28 x 28 px" in out
+    assert "would train vit_pico (patch 8, native 32 px)" in out
+    assert not any((tmp_path / "outputs").glob("*")) if (tmp_path / "outputs").exists() else True
