@@ -127,6 +127,12 @@ def sections(out: Path, smoke: bool, fmnist: Path | None) -> list[Section]:
                             "data.decode_on=cpu", "data.augment_on=cpu", *e2e_steps], timeout=420,
                 claim="end to end, photometric on CPU"),
     ]
+    # the recipe fitted to the benchmark JPEGs and this machine (fit=auto): its plan (the batch measured on the GPU)
+    # and the steps a 90-second budget holds; the smoke prints the plan only
+    fitted = ["plan=true", "device=cpu"] if smoke else ["optim.budget=90s", "monitor.every_steps=0"]
+    result.append(Section("fit_plan", ["msn-pretrain", "data=folder", root, *fitted, f"hydra.run.dir={out / 'fit'}",
+                                       "resume=null", "logger.progress=false"],
+                          in_process=False, timeout=300, claim="the fitted plan, and a run of a 90 s budget"))
     if fmnist is None:
         result.append(Section("fmnist", [], claim="Fashion-MNIST not found", extra={"skip": "no Fashion-MNIST idx "
                               "files: install dataset-fashion-mnist or set MSN_FASHION_MNIST=DIR"}))
@@ -178,6 +184,9 @@ def run_section(section: Section, log: Path, smoke: bool, deadline: float) -> di
         record["result"] = lines[-1] if lines else ""
         if code == 5 or "no tests ran" in record["result"]:
             record["status"] = "failed"  # the marker selects nothing: the check itself is broken
+    elif section.name == "fit_plan":  # the plan's lines, the budget's decision and the end
+        keep = ("plan for", "  ", "optim.budget=", "would train", "run complete", "run directory")
+        record["result"] = [line for line in lines if line.startswith(keep)][:40]
     elif "--output" in section.argv and code == 0:  # msn-eval: its report is the file it wrote
         record["result"] = json.loads(Path(section.argv[section.argv.index("--output") + 1]).read_text())
     else:

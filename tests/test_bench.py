@@ -6,9 +6,9 @@ import subprocess
 import pytest
 import torch
 
-from msn.train.memory import SyntheticStep
 from msn.cli.bench import compose_bench_config, main
 from msn.train.builder import local_process
+from msn.train.memory import SyntheticStep
 
 
 def _bench(*args: str) -> subprocess.CompletedProcess:

@@ -9,7 +9,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SECTIONS = ["tests", "step_vits16", "step_vits16_compile", "step_vitb16", "step_vitl7_checkpointing",
             "max_batch_vitl7", "max_batch_vitl7_checkpointing", "jpegs", "data_decode_device", "data_device",
-            "data_cpu", "e2e_decode_device", "e2e_device", "e2e_cpu", "fmnist", "fmnist_knn", "fmnist_lowshot"]
+            "data_cpu", "e2e_decode_device", "e2e_device", "e2e_cpu", "fit_plan", "fmnist", "fmnist_knn",
+            "fmnist_lowshot"]
 GPU_ONLY = {"max_batch_vitl7", "max_batch_vitl7_checkpointing"}  # recorded as skipped on the CPU
 
 
@@ -36,6 +37,8 @@ def test_the_smoke_check_runs_every_section_and_reports_it(tmp_path):
     assert {by_name[s]["result"]["augment_on"] for s in ("e2e_device", "e2e_cpu")} == {"device", "cpu"}
     assert [by_name[s]["result"]["decode_on"] for s in ("data_decode_device", "data_device")] == ["device", "cpu"]
     assert [by_name[s]["result"]["decode_on"] for s in ("e2e_decode_device", "e2e_device")] == ["device", "cpu"]
+    plan = "\n".join(by_name["fit_plan"]["result"])  # the JPEGs are 500 x 375: 96-px views on a CPU
+    assert "plan for 16 images, median 500 x 375 px" in plan and "would train vit_pico (patch 16, native 96 px)" in plan
     if not fmnist_missing:
         assert set(by_name["fmnist_lowshot"]["result"]["results"]) == {"1", "5", "10"}
     table = (out / "summary.md").read_text()

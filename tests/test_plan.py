@@ -116,6 +116,17 @@ def test_what_the_user_gives_is_left_alone_and_the_rest_fits_around_it():
     assert "yours, as given: data.batch_size=16, model.patch_size=4" in plan.lines()[-1]
     c = _choices(make_plan(_stats(32, 32, 400), CPU, {"data.global_size": 40}))
     assert 40 % c["model.patch_size"][0] == 0 and c["model.img_size"][0] == 40
+    c = _choices(make_plan(_stats(28, 28, 60_000), CPU, {"model.patch_size": 7}))  # the fmnist_cpu preset's views
+    assert (c["data.global_size"][0], c["data.focal_size"][0]) == (28, 14)
+    assert _choices(make_plan(_stats(500, 375, 999), CPU, {"model.patch_size": 7}))["data.global_size"][0] == 91
+
+
+def test_the_check_before_a_fitted_run_leaves_the_views_to_its_plan():
+    from msn.config import ConfigError, to_schema
+
+    to_schema(compose_config(["data=folder", "data.root=.", "model.patch_size=7"]))  # 224/96-px defaults: fitted
+    with pytest.raises(ConfigError, match="not divisible by model.patch_size=7"):  # a preset's are checked at once
+        to_schema(compose_config(["experiment=cpu_smoke", "data=folder", "data.root=.", "model.patch_size=7"]))
 
 
 def test_the_command_line_names_what_it_gives_and_whether_to_fit():
@@ -146,8 +157,9 @@ def test_image_sizes_are_read_from_the_files_of_a_folder(tmp_path):
 
     _folder(tmp_path / "a", (40, 30), 5, "jpg")
     _folder(tmp_path / "a", (64, 64), 3, "png", seed=1)  # the same names' png twins: 8 images
+    (tmp_path / "a" / "broken.png").write_bytes(b"not an image")  # left out of the sizes, counted in the set
     stats = measure_images(ImageFolderDataset(tmp_path / "a"))
-    assert (stats.count, stats.sampled, stats.median_width, stats.median_height, stats.short_side) == (8, 8, 40, 30,
+    assert (stats.count, stats.sampled, stats.median_width, stats.median_height, stats.short_side) == (9, 8, 40, 30,
                                                                                                       30)
     assert ImageStats.from_dict(stats.to_dict()) == stats
 
@@ -202,7 +214,7 @@ def test_a_time_budget_fixes_the_run_length_from_its_timed_steps(tmp_path):
     cfg = _run(tmp_path, _folder(tmp_path / "img", (32, 32), 40), "optim.budget=6s", "checkpoint.last_every_steps=10")
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     total = cfg["fitted"]["length"]["steps"]
-    assert total == run["total_steps"] == cfg["optim"]["max_steps"] >= 26  # the 5 + 20 steps before it decides, and more
+    assert total == run["total_steps"] == cfg["optim"]["max_steps"] >= 26  # the 5 + 20 steps timed, and more
     assert "optim.budget=6s at" in cfg["fitted"]["values"]["optim.max_steps"]["reason"]
     warmup_steps = cfg["optim"]["warmup_epochs"] * run["steps_per_epoch"]
     assert warmup_steps == pytest.approx(max(1, round(0.05 * total)), abs=1e-6)  # refitted for the decided length

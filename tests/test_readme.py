@@ -110,14 +110,26 @@ def test_the_pmsn_command_composes_as_documented(command, tmp_path):
     assert cfg.model.arch == "vit_small" and cfg.model.patch_size == 16
 
 
-def test_the_laptop_folder_command_composes_to_a_small_run(tmp_path):
-    """The first run on one's own images is fmnist_cpu's tiny ViT and 28-px views on a folder (the folder example
-    before it is a ViT-B at 224 px: hours on a CPU); the README's command composes and passes the schema."""
-    from msn.config import to_schema
+def test_the_own_images_command_fits_the_plan_the_readme_shows(tmp_path):
+    """The first command for one's own images is a folder and a budget; on 400 PNGs of 32 px (the README's example)
+    the plan printed holds every line the README shows, and the command's run would train it."""
+    from msn.train.builder import local_process
+    from msn.train.fitting import fit_composed
 
-    (command,) = [line.split("  #")[0].strip() for line in section("## Pretraining and configuration").splitlines()
-                  if line.startswith("msn-pretrain experiment=fmnist_cpu data=folder")]
-    overrides = [o for o in command.split()[1:] if not o.startswith(("data.root", "run_name"))]
-    cfg = to_schema(compose_config([*overrides, f"data.root={tmp_path}", f"run_dir={tmp_path / 'run'}"]))
-    assert (cfg.data.name, cfg.model.arch, cfg.data.global_size, cfg.data.focal_size) == ("folder", "vit_pico", 28, 14)
-    assert cfg.optim.max_steps == 2000 and cfg.data.num_workers == 2
+    section_text = section("### Your own images: the recipe fitted to them")
+    (command,) = [line for line in blocks(section_text)[0][1].splitlines() if line.startswith("msn-pretrain")]
+    assert command.split()[1:] == ["data=folder", "data.root=~/my_images", "optim.budget=30m"]
+    assert command in section("## Quick start and commands")
+    root = tmp_path / "cifar_like"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(400):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3)).astype(np.uint8)).save(root / f"{i}.png")
+    cfg = compose_config(["data=folder", f"data.root={root}", "optim.budget=30m", "device=cpu", f"run_dir={tmp_path}"])
+    plan = fit_composed(cfg, local_process(cfg))
+    printed = "\n".join(plan.lines())
+    shown = blocks(section_text)[1][1].splitlines()[1:]  # after the command line
+    for line in shown:
+        if line.strip() != "...":
+            assert line.split("(...)")[0].rstrip() in printed, line
+    assert (cfg.data.global_size, cfg.model.arch, cfg.optim.budget) == (32, "vit_pico", "30m")

@@ -12,6 +12,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from msn.config.arch import WEIGHT_INITS
+from msn.config.fitting import pending_keys
 from msn.config.schema import FIT_MODES, PRIORS, RANK_BY, MSNConfig, check_crop_pct, model_arch
 from msn.errors import ConfigError
 
@@ -198,15 +199,16 @@ def validate(cfg: DictConfig | MSNConfig) -> None:
           f"data.mean / data.std must hold 3 values each (RGB), std > 0; "
           f"got {list(cfg.data.mean)} / {list(cfg.data.std)}")
     patch = cfg.model.patch_size
+    pending = pending_keys(cfg)  # a fitted run's views and patch are set by its plan: checked after it
     for key in ("model.img_size", "data.global_size", "data.focal_size"):
         size = _get(cfg, key)
-        if key == "data.focal_size" and cfg.data.num_focal == 0:
+        if (key == "data.focal_size" and cfg.data.num_focal == 0) or {key, "model.patch_size"} & pending:
             continue
         check(size % patch == 0,
               f"{key}={size} is not divisible by model.patch_size={patch}; use a multiple of {patch}")
     check(cfg.data.samples_per_epoch is None or cfg.data.samples_per_epoch >= 1,
           f"data.samples_per_epoch={cfg.data.samples_per_epoch} must be >= 1 (or null: the whole dataset)")
-    if 0 < cfg.masking.ratio < 1:
+    if 0 < cfg.masking.ratio < 1 and not pending:
         for key, size in (("data.global_size", cfg.data.global_size), ("data.focal_size", cfg.data.focal_size)):
             n = (size // patch) ** 2
             if key == "data.focal_size" and not cfg.masking.mask_focal:

@@ -82,11 +82,18 @@ def image_size(dataset: Any, index: int) -> tuple[int, int]:
 
 
 def measure_images(dataset: Any, sample: int = SAMPLE) -> ImageStats:
-    """The size distribution of ``dataset``'s images, on the fixed sample :func:`sample_indices` draws."""
+    """The size distribution of ``dataset``'s images, on the fixed sample :func:`sample_indices` draws. Images that
+    cannot be read are left out (the loader replaces them in training); a ``ValueError`` when none can be."""
     indices = sample_indices(len(dataset), sample)
-    sizes = [image_size(dataset, i) for i in indices]
+    sizes = []
+    for i in indices:
+        try:
+            sizes.append(image_size(dataset, i))
+        except Exception:  # noqa: BLE001 (an undecodable file: the run's loader counts and replaces it)
+            continue
     if not sizes:
-        raise ValueError("the data set holds no image")
+        raise ValueError(f"none of the {len(indices)} images sampled to fit the recipe could be read; check the "
+                         "data set, or give the views (data.global_size, data.focal_size) with fit=false")
     short = sorted(min(w, h) for w, h in sizes)
     return ImageStats(count=len(dataset), sampled=len(sizes),
                       median_width=int(statistics.median_low(w for w, _ in sizes)),

@@ -8,45 +8,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from msn.config.fitting import FITTED_KEYS
 from msn.plan import rules
 from msn.plan.measure import ImageStats, Machine
 from msn.plan.rules import Choice
-
-BUNDLED = ("digits", "fashion_mnist", "synthetic")  # sources with their own hand-made views (fit=auto leaves them)
-# A group chosen on the command line gives these keys (model=vit_small: the user chose the model's shape; the
-# prototypes are still fitted to the data). The data group names the source: its values are the source's defaults.
-GROUP_KEYS = {"model": ("model.arch", "model.embed_dim", "model.depth", "model.num_heads", "model.mlp_ratio",
-                        "model.patch_size", "model.img_size", "model.head_hidden_dim", "model.head_output_dim")}
-# Every key a plan may fit, in the order it prints them.
-FITTED_KEYS = ("data.global_size", "model.patch_size", "model.img_size", "data.focal_size", "data.num_focal",
-               "data.global_scale", "data.focal_scale", "data.blur_p", "model.arch", "model.head_hidden_dim",
-               "model.head_output_dim", "data.batch_size", "model.num_prototypes", "optim.lr", "optim.start_lr",
-               "optim.epochs", "optim.max_steps", "optim.warmup_epochs", "optim.ema_momentum", "data.num_workers")
-
-
-def override_keys(overrides: list[str] | tuple[str, ...]) -> set[str]:
-    """The config keys a command line's overrides set: ``optim.lr=5e-4`` and ``+x=1`` set ``optim.lr`` and ``x``, a
-    group choice (``model=vit_small``) the keys of :data:`GROUP_KEYS`, ``~key`` deletes ``key``; Hydra's own
-    (``hydra.*``) are left out."""
-    keys: set[str] = set()
-    for override in overrides:
-        key = override.split("=", 1)[0].lstrip("+~").strip()
-        if not key or key.startswith("hydra"):
-            continue
-        keys.add(key)
-        keys.update(GROUP_KEYS.get(key, ()))
-    return keys
-
-
-def should_fit(mode: str, data_name: str, overrides: list[str] | tuple[str, ...]) -> bool:
-    """Whether a run fits its recipe: ``fit=true`` always, ``false`` never; ``auto`` for a source of the user's own
-    (not one of :data:`BUNDLED`) in a run that names no ``experiment=`` preset."""
-    mode = str(mode).lower()
-    if mode in ("true", "false"):
-        return mode == "true"
-    preset = any(k == "experiment" for k in override_keys(overrides)) and not any(
-        o.split("=", 1)[1].strip() in ("null", "") for o in overrides if o.lstrip("+").startswith("experiment="))
-    return data_name not in BUNDLED and not preset
 
 
 @dataclass
@@ -118,13 +83,11 @@ def make_plan(images: ImageStats, machine: Machine, given: dict[str, Any], *, bu
             plan.choices.append(choice)
         return plan.value(choice.key)
 
-    size = fit(rules.global_view_size(images, machine)) if "data.global_size" not in given else None
     if "model.patch_size" in given:
         patch = given["model.patch_size"]
-        if size is not None:  # the views are cut in whole patches of the user's size
-            reason = next(c.reason for c in plan.choices if c.key == "data.global_size")
-            plan.replace(rules.snap_to_patch(size, patch, "data.global_size", reason))
+        fit(rules.global_view_for_patch(images, machine, patch))
     else:
+        fit(rules.global_view_size(images, machine))
         patch = fit(rules.patch_size(plan.value("data.global_size"), machine))
         while plan.value("data.global_size") % patch and patch > 1:  # a global size of the user's
             patch //= 2
@@ -153,8 +116,9 @@ def make_plan(images: ImageStats, machine: Machine, given: dict[str, Any], *, bu
     total = n_epochs * per_epoch
     if given.get("optim.max_steps") is not None:
         total = min(total, given["optim.max_steps"])
-    fit(rules.warmup(total, per_epoch))
-    fit(rules.ema_momentum(total))
+    for choice in (rules.warmup(total, per_epoch), rules.ema_momentum(total)):
+        later = " (for now: refitted once optim.budget fixes the run's length)" if budget is not None else ""
+        fit(Choice(choice.key, choice.value, choice.reason + later))
     fit(rules.loader_workers(machine))
     return plan
 

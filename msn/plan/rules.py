@@ -70,10 +70,14 @@ def focal_view_size(global_size: int, patch: int) -> Choice:
                   f"the paper's 96/224 of the global view, {patches} x {patches} patches")
 
 
-def snap_to_patch(size: int, patch: int, key: str, reason: str) -> Choice:
-    """A view size rounded to a whole number of patches (at least one), the patch being given."""
-    snapped = max(patch, patch * round(size / patch))
-    return Choice(key, snapped, reason + (f"; a multiple of model.patch_size={patch}" if snapped != size else ""))
+def global_view_for_patch(stats: ImageStats, machine: Machine, patch: int) -> Choice:
+    """The global views' side when the user gave the patch: the images' median short side in whole patches (at least
+    4 x 4 of them), at most the device's cap (:func:`global_view_size`)."""
+    cap = PAPER_GLOBAL if machine.on_gpu else CPU_MAX_VIEW
+    n = max(1, round(min(max(stats.short_side, 4 * patch), cap) / patch))
+    size = patch * (n if patch * n <= cap else max(1, cap // patch))
+    return Choice("data.global_size", size, f"the median image is {stats.median_width} x {stats.median_height} px, "
+                  f"in whole patches of model.patch_size={patch}")
 
 
 def crop_scales(stats: ImageStats) -> list[Choice]:

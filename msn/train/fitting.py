@@ -20,6 +20,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from msn.config import validate
+from msn.errors import DataError
 from msn.plan import (
     FITTED_KEYS,
     Choice,
@@ -131,7 +132,11 @@ def _new_plan(cfg: DictConfig, process: Process, images: Any, given: dict[str, A
                 trial = OmegaConf.create(OmegaConf.to_container(cfg))
                 apply_values(trial, values, {})
                 return largest_batch(trial, process, start=16, cap=cap)
-        plan = make_plan(measure_images(images), machine_of(process), given, budget=cfg.optim.budget,
+        try:
+            stats = measure_images(images)
+        except ValueError as e:
+            raise DataError(str(e)) from None
+        plan = make_plan(stats, machine_of(process), given, budget=cfg.optim.budget,
                          largest_batch=largest, epoch_images=cfg.data.samples_per_epoch,
                          lr_base_size=cfg.optim.lr_base_size)
         record = plan.to_record()

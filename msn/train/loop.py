@@ -138,7 +138,8 @@ def _train(cfg: DictConfig, command: str | None, proc: Process, run_dir: Path, s
     sampler = RunSampler(order, cfg.data.batch_size, cfg.data.drop_last, start_step)
     loader = build_loader(cfg.data, data.dataset, sampler, pin_memory=proc.device.type == "cuda")
     columns = metrics_columns(parts.loss_fn.term_names, parts.loss_fn.diagnostic_names)
-    logger = (_open_run(cfg, run_dir, proc, data, columns=columns, start_step=start_step, wandb_run_id=wandb_run_id)
+    logger = (_open_run(cfg, run_dir, proc, data, columns=columns, start_step=start_step, wandb_run_id=wandb_run_id,
+                        decides_at=budget.decides_at if budget is not None else None)
               if proc.is_main else None)
     short_warmup = _warmup_note(cfg, data) if budget is None else None
     if short_warmup and proc.is_main:
@@ -315,7 +316,7 @@ def _resume_path(cfg: DictConfig, run_dir: Path, is_main: bool) -> Path | None:
 
 
 def _open_run(cfg: DictConfig, run_dir: Path, proc: Process, data: TrainingData, *, columns: list[str],
-              start_step: int, wandb_run_id: str | None) -> MetricsLogger:
+              start_step: int, wandb_run_id: str | None, decides_at: int | None = None) -> MetricsLogger:
     """Rank 0: write the run's config, layout and status, open its metrics log and say where it runs."""
     global_batch = cfg.data.batch_size * proc.world
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -325,8 +326,10 @@ def _open_run(cfg: DictConfig, run_dir: Path, proc: Process, data: TrainingData,
               "batch_size_per_process": cfg.data.batch_size, "global_batch_size": global_batch}
     (run_dir / "run.json").write_text(json.dumps(layout, indent=2) + "\n")
     logger = MetricsLogger(run_dir, cfg, columns, start_step, wandb_run_id)
-    log.info(f"run directory {run_dir.resolve()}: {data.total_steps} steps ({data.steps_per_epoch} an epoch), global "
-          f"batch {global_batch} = {cfg.data.batch_size} per process x {proc.world} "
+    length = (f"{data.total_steps} steps" if decides_at is None else
+              f"as many steps as optim.budget={cfg.optim.budget} holds (timed by step {decides_at})")
+    log.info(f"run directory {run_dir.resolve()}: {length} ({data.steps_per_epoch} an epoch), global batch "
+             f"{global_batch} = {cfg.data.batch_size} per process x {proc.world} "
              f"process{'es' if proc.world > 1 else ''} on {proc.device}")
     log.info(_what_trains(cfg, data))
     if logger.wandb_run_id:
