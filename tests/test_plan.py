@@ -140,6 +140,17 @@ def test_the_command_line_names_what_it_gives_and_whether_to_fit():
     assert should_fit("auto", "folder", ["experiment=null"])
     assert not should_fit("auto", "digits", []) and not should_fit("auto", "fashion_mnist", [])
     assert should_fit("true", "digits", []) and not should_fit("false", "folder", [])
+    assert not should_fit("auto", "folder", None)  # a config built in code (no command line): its values are kept
+
+
+def test_a_budget_and_a_given_length_are_refused_and_init_from_fixes_the_model():
+    from msn.config import ConfigError, to_schema
+    from msn.train.fitting import given_values
+
+    with pytest.raises(ConfigError, match="optim.budget=30m sets the run's length, and so does optim.epochs"):
+        to_schema(compose_config(["data=folder", "data.root=.", "optim.budget=30m", "optim.epochs=5"]))
+    cfg = compose_config(["data=folder", "data.root=.", "init_from=weights.pt"])
+    assert {"model.arch", "model.patch_size", "model.num_prototypes"} <= set(given_values(cfg))
 
 
 def test_budgets_and_the_steps_they_hold():
@@ -210,6 +221,17 @@ def test_a_resume_reuses_the_recorded_plan_and_says_the_images_changed(tmp_path,
     assert json.loads((tmp_path / "run" / "status.json").read_text())["step"] == 4
 
 
+def test_a_run_started_without_a_plan_keeps_its_values_when_resumed(tmp_path, caplog):
+    root = _folder(tmp_path / "img", (32, 32), 24)
+    mine = ["data.global_size=32", "data.focal_size=16", "data.num_focal=2", "data.batch_size=4", "model.img_size=32"]
+    first = _run(tmp_path, root, "fit=false", "optim.max_steps=2", *mine)
+    caplog.set_level("INFO")
+    second = _run(tmp_path, root, "optim.max_steps=3", *mine)  # fit=auto now: the run must not change its recipe
+    assert first.get("fitted") is None and second.get("fitted") is None
+    assert second["optim"] == {**first["optim"], "max_steps": 3}
+    assert "no fitted plan recorded" in caplog.text
+
+
 def test_a_time_budget_fixes_the_run_length_from_its_timed_steps(tmp_path):
     cfg = _run(tmp_path, _folder(tmp_path / "img", (32, 32), 40), "optim.budget=6s", "checkpoint.last_every_steps=10")
     run = json.loads((tmp_path / "run" / "run.json").read_text())
@@ -246,3 +268,24 @@ def test_plan_true_prints_the_plan_and_trains_nothing(tmp_path):
     assert "data.global_size" in out and "the median image is 28 x 28 px" in out
     assert "would train vit_pico (patch 8, native 32 px)" in out
     assert not any((tmp_path / "outputs").glob("*")) if (tmp_path / "outputs").exists() else True
+
+
+def _fitted_worker(rank: int, world: int, run_dir: str, root: str) -> int:
+    train(compose_config(["data=folder", f"data.root={root}", f"run_dir={run_dir}", "logger.progress=false",
+                          "data.num_workers=0", "optim.budget=5s"]))
+    return rank
+
+
+@pytest.mark.slow
+def test_two_processes_train_one_plan_and_one_budget_decision(tmp_path):
+    """Rank 0 measures, plans and times; both ranks apply its plan and stop after the same step (a rank that fitted
+    or decided on its own would fail a collective or wait for ever). Two real gloo processes."""
+    from tests.dist_utils import run_distributed
+
+    root = _folder(tmp_path / "img", (48, 48), 64)
+    run_distributed(_fitted_worker, world_size=2, args=(str(tmp_path / "run"), str(root)))
+    cfg = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    state_step = json.loads((tmp_path / "run" / "status.json").read_text())["step"]
+    assert run["world_size"] == 2 and cfg["data"]["batch_size"] == 4  # an eighth of 64 images over 2 processes
+    assert cfg["data"]["global_size"] == 48 and state_step == run["total_steps"] == cfg["fitted"]["length"]["steps"]

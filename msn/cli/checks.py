@@ -42,7 +42,7 @@ class CheckBeforeRun(Callback):
         HydraConfig.instance().set_config(config)  # what Hydra does first thing in run_job: ${hydra:...} resolves
         try:
             check_overrides_once(config.hydra.overrides.task)
-            cfg = to_schema(task_config(config))
+            cfg = to_schema({**task_config(config), "given": list(config.hydra.overrides.task)})
             run_dir = Path(str(OmegaConf.select(config, "hydra.run.dir")))
             check_before_run(cfg, run_dir)
             status = finished_run(run_dir, cfg) if resumes_the_run(cfg.resume, run_dir) else None
@@ -87,7 +87,7 @@ class CheckBeforeRun(Callback):
         for number, job in enumerate(jobs):
             try:
                 cfg = compose("config", overrides=[*job, "run_dir=."])
-                check_before_run(to_schema(task_config(cfg)), None)
+                check_before_run(to_schema({**task_config(cfg), "given": list(job)}), None)
             except Exception as e:  # one line, never Hydra's warning and a sweep that runs anyway
                 line = any_error_line(e, "its check failed")
                 sys.exit(fail("msn-pretrain", f"{what.format(number=number)} ({' '.join(job)}): {line}; "

@@ -12,7 +12,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from msn.config.arch import WEIGHT_INITS
-from msn.config.fitting import pending_keys
+from msn.config.fitting import override_keys, pending_keys
 from msn.config.schema import FIT_MODES, PRIORS, RANK_BY, MSNConfig, check_crop_pct, model_arch
 from msn.errors import ConfigError
 
@@ -139,6 +139,9 @@ def validate(cfg: DictConfig | MSNConfig) -> None:
             budget_seconds(cfg.optim.budget)
     except ValueError as e:
         errors.append(str(e))
+    length = sorted(override_keys(list(cfg.given or [])) & {"optim.epochs", "optim.max_steps"})
+    check(cfg.optim.budget is None or not length, f"optim.budget={cfg.optim.budget} sets the run's length, and so does "
+          f"{' and '.join(length)}: give one of them")
     check(cfg.monitor.rankme_images >= 2, f"monitor.rankme_images={cfg.monitor.rankme_images} must be at least 2 "
           "(RankMe cannot exceed the sample's size; 1024 by default)")
     check(cfg.collapse.window_steps is None or cfg.collapse.window_steps > 0,

@@ -31,13 +31,15 @@ def override_keys(overrides: list[str] | tuple[str, ...]) -> set[str]:
     return keys
 
 
-def should_fit(mode: Any, data_name: str, overrides: list[str] | tuple[str, ...]) -> bool:
+def should_fit(mode: Any, data_name: str, overrides: list[str] | tuple[str, ...] | None) -> bool:
     """Whether a run fits its recipe: ``fit=true`` always, ``false`` never; ``auto`` for a source of the user's own
     (not one of :data:`BUNDLED`) in a run that names no ``experiment=`` preset (the shipped presets also set
-    ``fit: false``)."""
+    ``fit: false``), composed from overrides (``overrides`` None: a config built in code, whose values are kept)."""
     mode = str(mode).lower()
     if mode in ("true", "false"):
         return mode == "true"
+    if overrides is None:
+        return False
     preset = any(o.lstrip("+").split("=", 1)[0] == "experiment" and o.split("=", 1)[1].strip() not in ("null", "")
                  for o in overrides if "=" in o)
     return str(data_name) not in BUNDLED and not preset
@@ -46,6 +48,8 @@ def should_fit(mode: Any, data_name: str, overrides: list[str] | tuple[str, ...]
 def pending_keys(cfg: Any) -> set[str]:
     """The keys a plan is still going to set in ``cfg`` (a composed config that has not fitted yet): every fitted
     key the command line did not give; none when the run is not fitted or has fitted already."""
-    if cfg.get("fitted") or not should_fit(cfg.get("fit", "auto"), cfg.data.name, list(cfg.get("given") or [])):
+    given = cfg.get("given")
+    given = None if given is None else list(given)
+    if cfg.get("fitted") or not should_fit(cfg.get("fit", "auto"), cfg.data.name, given):
         return set()
-    return set(FITTED_KEYS) - override_keys(list(cfg.get("given") or []))
+    return set(FITTED_KEYS) - override_keys(given or [])

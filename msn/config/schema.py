@@ -249,8 +249,9 @@ class MSNConfig:
     # hf, webdataset, custom) without experiment=; true: any run (the bundled sets too); false: as configured
     fit: str = "auto"
     plan: bool = False  # true: print the plan (what the run would train, each fitted value and why) and exit
-    given: list[str] = field(default_factory=list)  # the command line's overrides (filled by msn-pretrain): the plan
-    # leaves what they set alone
+    # the command line's overrides (filled by msn-pretrain and compose_config): the plan leaves what they set alone;
+    # null (a config built in code): fit=auto fits nothing, the values are yours (fit=true fits all it may)
+    given: list[str] | None = None
     fitted: Any = None  # written by the run: the measured images and each fitted value with its reason; a resume
     # reuses it (msn.plan.Plan.to_record)
 

@@ -71,8 +71,8 @@ def image_size(dataset: Any, index: int) -> tuple[int, int]:
     image = dataset[index]
     if isinstance(image, tuple | list):  # (image, label) datasets
         image = image[0]
-    if hasattr(image, "size") and not callable(image.size):
-        return tuple(image.size)  # type: ignore[return-value]
+    if isinstance(image, Image.Image):
+        return image.size
     shape = tuple(getattr(image, "shape", ()))
     if len(shape) == 3:  # channels first when the first axis is the smallest
         return (shape[2], shape[1]) if shape[0] <= 4 else (shape[1], shape[0])

@@ -89,10 +89,12 @@ def make_plan(images: ImageStats, machine: Machine, given: dict[str, Any], *, bu
     else:
         fit(rules.global_view_size(images, machine))
         patch = fit(rules.patch_size(plan.value("data.global_size"), machine))
-        while plan.value("data.global_size") % patch and patch > 1:  # a global size of the user's
-            patch //= 2
-            plan.replace(Choice("model.patch_size", patch, f"the largest that divides data.global_size="
-                                f"{plan.value('data.global_size')}"))
+        sizes = {k: given[k] for k in ("data.global_size", "data.focal_size", "model.img_size") if k in given}
+        if any(size % patch for size in sizes.values()):  # view sizes of the user's: a patch that divides them
+            while patch > 1 and any(size % patch for size in sizes.values()):
+                patch //= 2
+            shown = ", ".join(f"{k}={v}" for k, v in sizes.items())
+            plan.replace(Choice("model.patch_size", patch, f"the largest of 16, 8, 4, 2, 1 that divides {shown}"))
     global_size = plan.value("data.global_size")
     fit(Choice("model.img_size", global_size, "the global views' size: the position grid needs no resizing"))
     fit(rules.focal_view_size(global_size, patch))
@@ -102,6 +104,10 @@ def make_plan(images: ImageStats, machine: Machine, given: dict[str, Any], *, bu
     if "model.arch" not in given:
         for choice in rules.model_size(images, machine):
             fit(choice)
+    elif given["model.arch"] in rules.MODEL_HEADS:  # model.arch=vit_small alone: its projection head with it
+        hidden, output = rules.MODEL_HEADS[given["model.arch"]]
+        fit(Choice("model.head_hidden_dim", hidden, f"{given['model.arch']}'s projection head"))
+        fit(Choice("model.head_output_dim", output, f"{given['model.arch']}'s projection head"))
     sized = None if largest_batch is None else (lambda cap: largest_batch(cap, {**plan.values(), **given}))
     batch = fit(rules.batch_size(images.count, machine, sized))
     global_batch = batch * machine.world
@@ -109,7 +115,7 @@ def make_plan(images: ImageStats, machine: Machine, given: dict[str, Any], *, bu
     for choice in rules.learning_rate(global_batch, lr_base_size):
         fit(choice)
     per_epoch = max(1, (epoch_images or images.count) // global_batch)
-    n_epochs = fit(rules.epochs(images.count, global_batch, machine))
+    n_epochs = fit(rules.epochs(epoch_images or images.count, global_batch, machine))
     if budget is not None and "optim.epochs" not in given:
         plan.replace(Choice("optim.epochs", n_epochs, f"until the run has timed its first steps; then optim.budget="
                             f"{budget} fixes the number of steps"))

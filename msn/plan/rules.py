@@ -19,6 +19,7 @@ from msn.plan.measure import ImageStats, Machine
 PAPER_GLOBAL, PAPER_FOCAL = 224, 96  # the paper's view sizes: a focal view is 3/7 of a global one
 PAPER_LR, PAPER_START_LR, PAPER_BATCH = 1e-3, 2e-4, 1024  # lr and warm-up start for a global batch of 1024
 CPU_MAX_VIEW = 96  # a CPU trains ViT-pico on 96-px views (6 x 6 tokens) at ~25 images/s on 2 cores; 224 px: ~1
+MAX_LR_SCALE = 4.0  # linear scaling stops at 4x the paper's lr (a global batch of 4,096)
 CPU_STEPS, GPU_STEPS = 5_000, 20_000  # the fewest steps a run of a small set is given, without a budget
 SMALL, MEDIUM = 64, 160  # images' short sides below which the crops are milder
 
@@ -65,9 +66,10 @@ def patch_size(global_size: int, machine: Machine) -> Choice:
 
 def focal_view_size(global_size: int, patch: int) -> Choice:
     """The focal views: the paper's 96/224 of a global view, in whole patches (at least 2 x 2)."""
-    patches = max(2, round(global_size * PAPER_FOCAL / PAPER_GLOBAL / patch))
-    return Choice("data.focal_size", patches * patch,
-                  f"the paper's 96/224 of the global view, {patches} x {patches} patches")
+    ratio = round(global_size * PAPER_FOCAL / PAPER_GLOBAL / patch)
+    patches = max(2, ratio)
+    why = "the paper's 96/224 of the global view" if patches == ratio else "at least 2 x 2 patches"
+    return Choice("data.focal_size", patches * patch, f"{why}, {patches} x {patches} patches")
 
 
 def global_view_for_patch(stats: ImageStats, machine: Machine, patch: int) -> Choice:
@@ -138,14 +140,19 @@ def batch_size(count: int, machine: Machine, largest: Callable[[int], int] | Non
     cap = _pow2_at_most(count / (8 * machine.world))
     if machine.on_gpu and largest is not None:
         fits = largest(min(256, cap))
-        batch, reason = min(fits, cap, 256), f"the largest batch whose step fits the GPU's memory is {fits}"
+        batch = min(fits, cap, 256)
+        reason = (f"the largest batch whose step fits the GPU's memory is {fits}" if batch == fits else
+                  f"{fits} fits the GPU's memory")
     elif machine.on_gpu:
         batch, reason = min(128, cap), "a GPU's default (its memory was not measured)"
     else:
         batch, reason = min(64, cap), "a CPU's (the Fashion-MNIST preset)"
-    if batch == cap and cap < 64:
-        reason = f"an eighth of {count:,} images" + (f" over {machine.world} processes" if machine.world > 1 else "")
-    return Choice("data.batch_size", max(2, batch), reason)
+    if batch == cap and batch < (256 if machine.on_gpu else 64):
+        share = f"an eighth of {count:,} images" + (f" over {machine.world} processes" if machine.world > 1 else "")
+        reason = share if "fits" not in reason else f"{share} ({reason})"
+    if batch < 2:
+        batch, reason = 2, f"the head's BatchNorm needs 2 images a step ({count:,} images)"
+    return Choice("data.batch_size", batch, reason)
 
 
 def learning_rate(global_batch: int, base_size: int = PAPER_BATCH) -> list[Choice]:
@@ -153,8 +160,11 @@ def learning_rate(global_batch: int, base_size: int = PAPER_BATCH) -> list[Choic
     global batches. Smaller batches keep them: scaled down linearly they learn far less in a short run (digits,
     batch 64, 3 minutes on 2 cores: k-NN 47.2 % at the linear 6.25e-5, 57.2 % at the square-root rule's 2.5e-4,
     75.4 % at 1e-3; docs/studies.md), as the hand-made presets found (1e-3 at 64 and 128)."""
-    scale = max(1.0, global_batch / base_size)
-    if scale > 1:
+    scale = min(MAX_LR_SCALE, max(1.0, global_batch / base_size))
+    if scale == MAX_LR_SCALE and global_batch / base_size > MAX_LR_SCALE:
+        why = (f"the paper's {{}} x {MAX_LR_SCALE:g}: linear scaling with the global batch ({global_batch}), held at "
+               f"{MAX_LR_SCALE:g}x (AdamW diverges past it)")
+    elif scale > 1:
         why = f"the paper's {{}} x {global_batch}/{base_size} (linear scaling with the global batch)"
     else:
         why = (f"the paper's {{}}, kept for a global batch of {global_batch} (scaled down linearly, a short run "
@@ -164,8 +174,9 @@ def learning_rate(global_batch: int, base_size: int = PAPER_BATCH) -> list[Choic
 
 
 def epochs(count: int, global_batch: int, machine: Machine) -> Choice:
-    """The run's length from the data set's size: 100 epochs (most of the paper's accuracy at a fraction of its
-    300-600) when that makes enough steps, else as many epochs as make 20,000 steps on a GPU, 5,000 on a CPU."""
+    """The run's length from the data set's size (``count``: the images an epoch takes): 100 epochs (most of the
+    paper's accuracy at a fraction of its 300-600) when that makes enough steps, else as many epochs as make 20,000
+    steps on a GPU, 5,000 on a CPU."""
     per_epoch = max(1, count // global_batch)
     least = GPU_STEPS if machine.on_gpu else CPU_STEPS
     if machine.on_gpu and per_epoch * 100 >= least:
@@ -197,6 +208,8 @@ def loader_workers(machine: Machine) -> Choice:
     preset's worker makes the next views while the step runs; the step needs the rest)."""
     if machine.on_gpu:
         n = max(1, min(16, machine.cores - 1))
-        return Choice("data.num_workers", n, f"{machine.cores} cores for this process: all but the trainer's")
+        why = "all but the trainer's" if machine.cores > 1 else "one worker beside the trainer"
+        return Choice("data.num_workers", n, f"{machine.cores} core{'s' if machine.cores > 1 else ''} for this "
+                      f"process: {why}")
     n = max(1, machine.cores // 4)
     return Choice("data.num_workers", n, f"{machine.cores} cores: the step uses the others")

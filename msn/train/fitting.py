@@ -41,9 +41,16 @@ from msn.weights.checkpoint import load_checkpoint
 log = logging.getLogger(__name__)
 
 
+MODEL_KEYS = ("model.arch", "model.patch_size", "model.img_size", "model.head_hidden_dim", "model.head_output_dim",
+              "model.num_prototypes")  # what init_from's weights fix
+
+
 def given_values(cfg: DictConfig) -> dict[str, Any]:
-    """The fitted keys the command line set (``cfg.given``), with the config's values: the plan leaves them alone."""
-    keys = override_keys(list(cfg.given))
+    """The fitted keys the command line set (``cfg.given``), with the config's values: the plan leaves them alone.
+    With ``init_from`` the model's keys count as given: the weights it loads fix the model's shape."""
+    keys = override_keys(list(cfg.given or []))
+    if cfg.init_from is not None:
+        keys.update(MODEL_KEYS)
     return {key: _plain(OmegaConf.select(cfg, key)) for key in FITTED_KEYS if key in keys}
 
 
@@ -53,10 +60,24 @@ def _plain(value: Any) -> Any:
 
 def machine_of(process: Process) -> Machine:
     """The machine a plan is fitted to: the process's device, its share of the node's cores, the processes."""
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
-    cores = max(1, cores_available() // max(1, local))
+    affinity = cores_available()
+    # a job manager that binds each process to its own cores (SLURM's --cpus-per-task) already shares them out;
+    # else the node's processes share what each of them sees
+    shared = affinity >= (os.cpu_count() or affinity)
+    local = _processes_on_this_node() if process.world > 1 else 1
+    cores = max(1, affinity // local) if shared else affinity
     gpu = torch.cuda.get_device_name(process.device) if process.device.type == "cuda" else None
     return Machine(process.device.type, cores, process.world, gpu)
+
+
+def _processes_on_this_node() -> int:
+    """The run's processes on this node: torchrun's LOCAL_WORLD_SIZE, SLURM's tasks per node, submitit's tasks."""
+    for name in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE", "SUBMITIT_LOCAL_NTASKS"):
+        value = os.environ.get(name, "")
+        digits = value.split("(")[0].split(",")[0]  # SLURM writes "8(x2)" for 8 tasks on each of 2 nodes
+        if digits.isdigit() and int(digits) > 0:
+            return int(digits)
+    return 1
 
 
 def recorded_fit(resume_path: Path | None) -> dict[str, Any] | None:
@@ -64,8 +85,9 @@ def recorded_fit(resume_path: Path | None) -> dict[str, Any] | None:
     else from the checkpoint itself; None for a fresh start or a run that fitted nothing."""
     if resume_path is None:
         return None
-    config_file = resume_path.parent.parent / "config.yaml"
-    text = config_file.read_text() if config_file.is_file() else load_checkpoint(resume_path).get("config", "")
+    config_file = resume_path.parent.parent / "config.yaml"  # RUN_DIR/checkpoints/X.pt: RUN_DIR/config.yaml
+    beside = resume_path.parent.name == "checkpoints" and config_file.is_file()
+    text = config_file.read_text() if beside else load_checkpoint(resume_path).get("config", "")
     record = (yaml.safe_load(text) or {}).get("fitted") if text else None
     return record or None
 
@@ -77,33 +99,44 @@ def apply_values(cfg: DictConfig, values: dict[str, Any], given: dict[str, Any])
             OmegaConf.update(cfg, key, value, merge=False)
 
 
-def fit_run(cfg: DictConfig, *, process: Process, images: Any, resume_path: Path | None) -> Plan | None:
+def fit_run(cfg: DictConfig, *, process: Process, images: Any, resume_path: Path | None,
+            measure_gpu: bool = True) -> Plan | None:
     """Fit ``cfg`` in place for this run and return the plan (None when the recipe is not fitted).
 
     A fresh run with ``fit`` active measures ``images`` (rank 0, on a fixed sample), sizes the batch on a GPU and
     makes the plan (:func:`msn.plan.make_plan`), which every rank applies; ``optim.scale_lr`` scales a preset's
     lr with the global batch. A resume applies the record of the session that started the run
-    (``resume_path``'s config), so nothing is measured and chosen again. ``cfg.fitted`` records the result.
+    (``resume_path``'s config), so nothing is measured and chosen again; a run started without a plan keeps its
+    values. ``cfg.fitted`` records the result. ``measure_gpu=False``: no memory search (a tool that draws views).
     """
     given = given_values(cfg)
     record = recorded_fit(resume_path)
-    fitted = should_fit(cfg.fit, cfg.data.name, list(cfg.given))
-    plan = None
+    fitted = should_fit(cfg.fit, cfg.data.name, None if cfg.given is None else list(cfg.given))
+    plan: Plan | None = None
     if record is not None:
-        apply_values(cfg, {k: v["value"] for k, v in (record.get("values") or {}).items()}, given)
+        values = record.get("values") or {}
+        apply_values(cfg, {k: v["value"] for k, v in values.items()}, given)
+        if record.get("scaled_lr"):  # derived from the user's own lr: recorded, whether given or not
+            apply_values(cfg, {k: values[k]["value"] for k in ("optim.lr", "optim.start_lr") if k in values}, {})
         if record.get("images") is not None:
             plan = Plan.from_record(record)
             plan.given = given
             if process.is_main:
                 _say_if_resized(plan, images)
+    elif fitted and resume_path is not None:  # a run started before fitting existed: it keeps what it trained with
+        if process.is_main:
+            log.info(f"{resume_path} was trained with the values as configured (no fitted plan recorded): the run "
+                     "continues with them")
+        fitted = False
     elif fitted:
-        plan = _new_plan(cfg, process, images, given)
+        plan = _new_plan(cfg, process, images, given, measure_gpu=measure_gpu)
         apply_values(cfg, plan.values(), given)
         record = plan.to_record()
-    if cfg.optim.scale_lr and not fitted and "optim.lr" not in ((record or {}).get("values") or {}):
+    if cfg.optim.scale_lr and not fitted and not (record or {}).get("scaled_lr"):
         record = record or {}
         record.setdefault("values", {}).update(_scaled_lr(cfg, process.world))
-        apply_values(cfg, {k: v["value"] for k, v in record["values"].items() if k.startswith("optim.")}, {})
+        record["scaled_lr"] = True
+        apply_values(cfg, {k: record["values"][k]["value"] for k in ("optim.lr", "optim.start_lr")}, {})
     if record is not None:
         cfg.fitted = record
     validate(cfg)
@@ -113,37 +146,48 @@ def fit_run(cfg: DictConfig, *, process: Process, images: Any, resume_path: Path
 def fit_composed(cfg: DictConfig, process: Process) -> Plan | None:
     """A tool's composed config (``msn-viz views OVERRIDES``) fitted as a fresh run of it would be, in place: the
     source's images are read only when the recipe is fitted."""
-    if not should_fit(cfg.fit, cfg.data.name, list(cfg.given)) and not cfg.optim.scale_lr:
+    given = None if cfg.given is None else list(cfg.given)
+    if not should_fit(cfg.fit, cfg.data.name, given) and not cfg.optim.scale_lr:
         return None
     from msn.data.registry import build_dataset
 
-    return fit_run(cfg, process=process, images=build_dataset(cfg.data), resume_path=None)
+    return fit_run(cfg, process=process, images=build_dataset(cfg.data), resume_path=None, measure_gpu=False)
 
 
-def _new_plan(cfg: DictConfig, process: Process, images: Any, given: dict[str, Any]) -> Plan:
-    """Rank 0 measures and plans; every rank gets its record (the same plan everywhere)."""
-    record = None
+def _new_plan(cfg: DictConfig, process: Process, images: Any, given: dict[str, Any], *, measure_gpu: bool) -> Plan:
+    """Rank 0 measures and plans; every rank gets its record (the same plan everywhere), or its error."""
+    record: dict[str, Any] | None = None
     if process.is_main:
-        largest = None
-        if process.device.type == "cuda":
-            def largest(cap: int, values: dict[str, Any]) -> int:
-                from msn.train.memory import largest_batch
-
-                trial = OmegaConf.create(OmegaConf.to_container(cfg))
-                apply_values(trial, values, {})
-                return largest_batch(trial, process, start=16, cap=cap)
         try:
-            stats = measure_images(images)
-        except ValueError as e:
-            raise DataError(str(e)) from None
-        plan = make_plan(stats, machine_of(process), given, budget=cfg.optim.budget,
-                         largest_batch=largest, epoch_images=cfg.data.samples_per_epoch,
-                         lr_base_size=cfg.optim.lr_base_size)
-        record = plan.to_record()
+            record = _make_plan(cfg, process, images, given, measure_gpu=measure_gpu).to_record()
+        except (DataError, ValueError) as e:
+            record = {"error": str(e)}
     record = distributed.broadcast_object(record)
+    if "error" in record:  # every rank stops with rank 0's line, none waits for the others
+        raise DataError(record["error"])
     plan = Plan.from_record(record)
     plan.given = given
     return plan
+
+
+def _make_plan(cfg: DictConfig, process: Process, images: Any, given: dict[str, Any], *, measure_gpu: bool) -> Plan:
+    """The plan for this run's images and machine (rank 0): sizes measured, the GPU's largest batch searched."""
+    largest = None
+    if measure_gpu and process.device.type == "cuda":
+        def largest(cap: int, values: dict[str, Any]) -> int:
+            from msn.train.memory import largest_batch
+
+            trial = OmegaConf.create(OmegaConf.to_container(cfg))
+            apply_values(trial, {**values, "model.num_prototypes": 1024}, {})  # the most prototypes a plan picks
+            return largest_batch(trial, process, start=16, cap=cap)
+    stats = measure_images(images)
+    world = process.world
+    if stats.count < 2 * world:
+        raise DataError(f"{stats.count} image{'s' if stats.count != 1 else ''} for {world} process"
+                        f"{'es' if world > 1 else ''}: a step needs at least 2 images in each (the head's BatchNorm); "
+                        "add images or use fewer processes")
+    return make_plan(stats, machine_of(process), given, budget=cfg.optim.budget, largest_batch=largest,
+                     epoch_images=cfg.data.samples_per_epoch, lr_base_size=cfg.optim.lr_base_size)
 
 
 def _scaled_lr(cfg: DictConfig, world: int) -> dict[str, dict[str, Any]]:
@@ -180,7 +224,7 @@ class BudgetClock:
 
     def __init__(self, budget: str, budget_s: float, start_step: int, started: float, *, workers: int = 0) -> None:
         self.budget, self.budget_s, self.start_step, self.started = budget, budget_s, start_step, started
-        self.skipped = self.skip(workers)
+        self.skipped = distributed.broadcast_object(self.skip(workers))  # rank 0's: every rank decides at one step
         self.timed_from: float | None = None
 
     @staticmethod

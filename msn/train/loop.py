@@ -231,6 +231,9 @@ def _fix_length(cfg: DictConfig, decision: tuple[int, float], budget: BudgetCloc
         write_status(run_dir, "running", budget.decides_at, total)
         report.write(f"optim.budget={budget.budget}: {pace:.3g} s a step (steps {budget.decides_at - budget.TIMED}-"
                      f"{budget.decides_at}), so the run makes {total:,} steps; its schedules span them from here")
+        short_warmup = _warmup_note(cfg, data)  # a preset's warm-up in epochs may outlast the steps the budget holds
+        if short_warmup:
+            report.write(f"warning: {short_warmup}")
 
 
 def _stop_collapsed(reason: str, step: int, checkpoints: CheckpointPolicy, run_dir: Path, total_steps: int,

@@ -8,6 +8,7 @@ from omegaconf import DictConfig
 
 from msn.train.builder import Process, build_parts
 from msn.train.step import train_step
+from msn.utils import distributed
 
 
 def random_views(cfg: DictConfig, batch: int, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
@@ -38,19 +39,29 @@ class SyntheticStep:
 
 
 def largest_batch(cfg: DictConfig, process: Process, *, start: int, cap: int | None = None) -> int:
-    """The largest batch, doubling from ``start`` (up to ``cap``), whose training step runs on ``process``'s GPU
-    without running out of memory; 0 when not even ``start`` fits."""
-    fits, batch = 0, start
-    while cap is None or batch <= cap:
-        step = None
-        try:
-            step = SyntheticStep(cfg, batch, process)
-            step(0)
-            torch.cuda.synchronize(process.device)
-        except torch.cuda.OutOfMemoryError:
-            return fits
-        finally:
-            del step  # free the model before the next size
-            torch.cuda.empty_cache()
-        fits, batch = batch, batch * 2
+    """The largest batch, doubling from ``start`` (up to ``cap``; from ``cap`` when smaller), whose training step runs
+    on ``process``'s GPU without running out of memory; 0 when not even the first fits. The step runs in this process
+    alone (:func:`msn.utils.distributed.local_only`): the other ranks need not take part."""
+    fits, batch = 0, start if cap is None else min(start, cap)
+    with distributed.local_only():
+        while cap is None or batch <= cap:
+            size_fits = _fits(cfg, process, batch)
+            if not size_fits:
+                return fits
+            fits, batch = batch, batch * 2
     return fits
+
+
+def _fits(cfg: DictConfig, process: Process, batch: int) -> bool:
+    """Whether one training step of ``batch`` images runs on the GPU without running out of memory."""
+    step = None
+    try:
+        step = SyntheticStep(cfg, batch, process)
+        step(0)
+        torch.cuda.synchronize(process.device)
+        return True
+    except torch.cuda.OutOfMemoryError:
+        return False
+    finally:
+        del step  # free the model before the next size
+        torch.cuda.empty_cache()

@@ -6,8 +6,10 @@ submitit's local executor).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -15,10 +17,23 @@ import torch.distributed as dist
 
 from msn.utils.launcher import process_info
 
+_LOCAL_ONLY = [False]  # set by local_only(): this process computes alone, its collectives are off
+
 
 def is_dist() -> bool:
-    """True when a process group with more than one process is running."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    """True when a process group with more than one process is running (and :func:`local_only` is not in effect)."""
+    return not _LOCAL_ONLY[0] and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@contextlib.contextmanager
+def local_only() -> Iterator[None]:
+    """Within it this process acts as if alone: the model's synchronised BatchNorm and the loss's all-reduces stay
+    local, so one rank can run a training step (a fitted plan's memory search) while the others wait."""
+    _LOCAL_ONLY[0] = True
+    try:
+        yield
+    finally:
+        _LOCAL_ONLY[0] = False
 
 
 def world_size() -> int:
