@@ -128,11 +128,11 @@ def sections(out: Path, smoke: bool, fmnist: Path | None) -> list[Section]:
                 claim="end to end, photometric on CPU"),
     ]
     # the recipe fitted to the benchmark JPEGs and this machine (fit=auto): its plan (the batch measured on the GPU)
-    # and the steps a 90-second budget holds; the smoke prints the plan only
-    fitted = ["plan=true", "device=cpu"] if smoke else ["optim.budget=90s", "monitor.every_steps=0"]
+    # and the steps a 60-second budget holds; the smoke prints the plan only
+    fitted = ["plan=true", "device=cpu"] if smoke else ["optim.budget=60s", "monitor.every_steps=0"]
     result.append(Section("fit_plan", ["msn-pretrain", "data=folder", root, *fitted, f"hydra.run.dir={out / 'fit'}",
                                        "resume=null", "logger.progress=false"],
-                          in_process=False, timeout=300, claim="the fitted plan, and a run of a 90 s budget"))
+                          in_process=False, timeout=300, claim="the fitted plan, and a run of a 60 s budget"))
     if fmnist is None:
         result.append(Section("fmnist", [], claim="Fashion-MNIST not found", extra={"skip": "no Fashion-MNIST idx "
                               "files: install dataset-fashion-mnist or set MSN_FASHION_MNIST=DIR"}))

@@ -73,8 +73,8 @@ def make_plan(images: ImageStats, machine: Machine, given: dict[str, Any], *, bu
     """Fit every key of :data:`FITTED_KEYS` that ``given`` (the user's values, by key) does not hold.
 
     ``budget``: the run's length is fixed later, once it has timed its steps (:func:`budget_steps`); the epochs
-    fitted here are provisional. ``largest_batch(cap)``: the largest batch up to ``cap`` whose step fits the GPU.
-    ``epoch_images``: images an epoch takes (``data.samples_per_epoch``), by default all of them.
+    fitted here are provisional. ``largest_batch(cap, values)``: the largest batch up to ``cap`` whose step fits the
+    GPU for the model and views of ``values`` (the plan so far, and the user's). ``epoch_images``: images an epoch takes (``data.samples_per_epoch``), by default all of them.
     """
     plan = Plan(images, machine, [], dict(given))
 
