@@ -289,3 +289,23 @@ def test_two_processes_train_one_plan_and_one_budget_decision(tmp_path):
     state_step = json.loads((tmp_path / "run" / "status.json").read_text())["step"]
     assert run["world_size"] == 2 and cfg["data"]["batch_size"] == 4  # an eighth of 64 images over 2 processes
     assert cfg["data"]["global_size"] == 48 and state_step == run["total_steps"] == cfg["fitted"]["length"]["steps"]
+
+
+def test_the_budget_clock_times_a_twentieth_of_the_budget_before_it_decides(monkeypatch):
+    """At 0.1 s a step, 20 timed steps are 2 s of a 200-s budget: the clock times on until 10 s (5 %), then gives the
+    steps 95 % of the budget holds. A fake clock: each step takes 0.1 s, the start-up 3 s."""
+    import msn.train.fitting as fitting
+
+    now = [3.0]
+    monkeypatch.setattr(fitting.time, "perf_counter", lambda: now[0])
+    clock = fitting.BudgetClock("200s", 200.0, start_step=0, started=0.0, workers=1)  # 5 + 2 skipped steps
+    decisions = {}
+    for step in range(1, 400):
+        now[0] += 0.1
+        decision = clock.after_step(step)
+        if decision is not None:
+            decisions[step] = decision
+            break
+    (step, (total, pace)), = decisions.items()
+    assert clock.timed_start == 7 and step == 7 + 100 and pace == pytest.approx(0.1)
+    assert total == step + int((0.95 * 200 - now[0]) / 0.1)  # 190 s less the 13.7 s spent, at 0.1 s a step

@@ -74,7 +74,8 @@ def make_plan(images: ImageStats, machine: Machine, given: dict[str, Any], *, bu
 
     ``budget``: the run's length is fixed later, once it has timed its steps (:func:`budget_steps`); the epochs
     fitted here are provisional. ``largest_batch(cap, values)``: the largest batch up to ``cap`` whose step fits the
-    GPU for the model and views of ``values`` (the plan so far, and the user's). ``epoch_images``: images an epoch takes (``data.samples_per_epoch``), by default all of them.
+    GPU for the model and views of ``values`` (the plan so far, and the user's). ``epoch_images``: images an epoch
+    takes (``data.samples_per_epoch``), by default all of them.
     """
     plan = Plan(images, machine, [], dict(given))
 

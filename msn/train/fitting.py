@@ -10,6 +10,7 @@ more, to say so when they changed).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -215,44 +216,49 @@ def _say_if_resized(plan: Plan, images: Any) -> None:
 
 class BudgetClock:
     """Fixes a run's length for ``optim.budget``: after :meth:`skip` steps (start-up, a compilation, and the
-    batches the loader workers made ahead, which come faster than the steady pace) it times :attr:`TIMED` steps,
-    loader included, and sets the number of steps that :attr:`SHARE` of the budget holds at that pace, counted from
-    the session's start (``started``, a :func:`time.perf_counter` reading). The rest is left for checkpoints,
-    logging and the pace's drift."""
+    batches the loader workers made ahead, which come faster than the steady pace) it times the steps, loader
+    included: at least :attr:`TIMED` of them and :attr:`TIMED_SHARE` of the budget (at most :attr:`TIMED_MAX_S`
+    seconds; a pace timed over a few seconds drifted by 10-15 % on a shared 2-core machine). It then sets the number
+    of steps that :attr:`SHARE` of the budget holds at that pace, counted from the session's start (``started``, a
+    :func:`time.perf_counter` reading); the rest is left for checkpoints and logging. Rank 0's clock decides, and
+    every rank learns when and what (two small broadcasts)."""
 
-    TIMED, SHARE = 20, 0.95
+    TIMED, TIMED_SHARE, TIMED_MAX_S, SHARE = 20, 0.05, 60.0, 0.95
 
     def __init__(self, budget: str, budget_s: float, start_step: int, started: float, *, workers: int = 0) -> None:
         self.budget, self.budget_s, self.start_step, self.started = budget, budget_s, start_step, started
-        self.skipped = distributed.broadcast_object(self.skip(workers))  # rank 0's: every rank decides at one step
+        self.timed_start = start_step + distributed.broadcast_object(self.skip(workers))  # rank 0's, on every rank
+        self.decides_at = self.timed_start + self.TIMED  # pushed back once the first TIMED steps give the pace
         self.timed_from: float | None = None
+        self.extended = False
 
     @staticmethod
     def skip(workers: int) -> int:
         """Steps left out of the timing: 5, and the two batches each loader worker prepares ahead."""
         return 5 + 2 * workers
 
-    @property
-    def decides_at(self) -> int:
-        return self.start_step + self.skipped + self.TIMED
-
     def after_step(self, step: int) -> tuple[int, float] | None:
         """``step`` steps are done: (the run's steps, seconds a step) once it decides (the same on every rank),
         else None."""
-        if step == self.start_step + self.skipped:
+        if step == self.timed_start:
             self.timed_from = time.perf_counter()
         if step != self.decides_at or self.timed_from is None:
             return None
         now = time.perf_counter()
-        pace = (now - self.timed_from) / self.TIMED
+        pace = (now - self.timed_from) / (step - self.timed_start)
+        if not self.extended:  # time long enough for a steady pace: TIMED_SHARE of the budget
+            self.extended = True
+            want = min(self.TIMED_MAX_S, self.TIMED_SHARE * self.budget_s) - (now - self.timed_from)
+            self.decides_at += distributed.broadcast_object(max(0, math.ceil(want / max(pace, 1e-9) - 1e-6)))
+            if step != self.decides_at:
+                return None
         decision = (budget_steps(self.SHARE * self.budget_s, now - self.started, pace, step), pace)
-        return distributed.broadcast_object(decision)  # rank 0's clock decides for all
+        return distributed.broadcast_object(decision)
 
     def choices(self, total: int, pace: float, per_epoch: int, cfg: DictConfig) -> list[Choice]:
         """The fitted values the decision sets (the length, and a fitted recipe's warm-up and EMA for it)."""
-        timed = f"{self.decides_at - self.TIMED}-{self.decides_at}"
         return length_choices(total, per_epoch, budget=self.budget, given=given_values(cfg),
-                              pace=f"{pace:.3g} s a step (timed over steps {timed})",
+                              pace=f"{pace:.3g} s a step (timed over steps {self.timed_start}-{self.decides_at})",
                               fitted=bool(cfg.fitted and cfg.fitted.get("images") is not None))
 
 

@@ -121,7 +121,7 @@ def _train(cfg: DictConfig, command: str | None, proc: Process, run_dir: Path, s
     if cfg.optim.budget is not None and not budget_decided(cfg):  # the length is fixed once the steps are timed
         budget = BudgetClock(cfg.optim.budget, budget_seconds(cfg.optim.budget), start_step, started,
                              workers=loader_workers(cfg.data.num_workers))
-        data.total_steps = max(data.total_steps, budget.decides_at + 1)
+        data.total_steps = max(data.total_steps, budget.decides_at + 1)  # the length is open until decided
     if start_step >= data.total_steps:  # a finished run: say so and leave it as it is
         if proc.is_main:
             log.info(complete_message(run_dir, start_step, data.total_steps, resume_path))
@@ -139,7 +139,7 @@ def _train(cfg: DictConfig, command: str | None, proc: Process, run_dir: Path, s
     loader = build_loader(cfg.data, data.dataset, sampler, pin_memory=proc.device.type == "cuda")
     columns = metrics_columns(parts.loss_fn.term_names, parts.loss_fn.diagnostic_names)
     logger = (_open_run(cfg, run_dir, proc, data, columns=columns, start_step=start_step, wandb_run_id=wandb_run_id,
-                        decides_at=budget.decides_at if budget is not None else None)
+                        timed_from=budget.timed_start if budget is not None else None)
               if proc.is_main else None)
     short_warmup = _warmup_note(cfg, data) if budget is None else None
     if short_warmup and proc.is_main:
@@ -188,6 +188,8 @@ def _train(cfg: DictConfig, command: str | None, proc: Process, run_dir: Path, s
                 _fix_length(cfg, decision, budget, data=data, parts=parts, report=report, run_dir=run_dir,
                             is_main=proc.is_main)
                 budget = None
+            elif budget is not None:  # the timing may have been extended: the run goes on at least until it decides
+                data.total_steps = max(data.total_steps, budget.decides_at + 1)
             metrics = report.after_step(result, step, epoch, nonfinite) or metrics
             if checkpoints.after_step(step, stop, data.skipped):  # preempted: saved, now exit cleanly
                 stopped_early = True
@@ -229,7 +231,7 @@ def _fix_length(cfg: DictConfig, decision: tuple[int, float], budget: BudgetCloc
         layout = json.loads((run_dir / "run.json").read_text())
         (run_dir / "run.json").write_text(json.dumps({**layout, "total_steps": total}, indent=2) + "\n")
         write_status(run_dir, "running", budget.decides_at, total)
-        report.write(f"optim.budget={budget.budget}: {pace:.3g} s a step (steps {budget.decides_at - budget.TIMED}-"
+        report.write(f"optim.budget={budget.budget}: {pace:.3g} s a step (steps {budget.timed_start}-"
                      f"{budget.decides_at}), so the run makes {total:,} steps; its schedules span them from here")
         short_warmup = _warmup_note(cfg, data)  # a preset's warm-up in epochs may outlast the steps the budget holds
         if short_warmup:
@@ -276,8 +278,9 @@ def show_plan(cfg: DictConfig, proc: Process, run_dir: Path) -> None:
     per_epoch = max(1, len(images) // (d.batch_size * proc.world))
     length = f"{o.epochs} epochs of {per_epoch:,} steps" + (f", at most {o.max_steps:,}" if o.max_steps else "")
     if o.budget is not None and not budget_decided(cfg):
-        timed = BudgetClock.skip(loader_workers(d.num_workers)) + BudgetClock.TIMED
-        length = f"as many steps as optim.budget={o.budget} holds (fixed after its first {timed} steps)"
+        timed = BudgetClock.skip(loader_workers(d.num_workers))
+        length = (f"as many steps as optim.budget={o.budget} holds (timed from step {timed}, for at least "
+                  f"{BudgetClock.TIMED} steps and {BudgetClock.TIMED_SHARE:.0%} of the budget)")
     log.info(f"would train {m.arch or 'a ViT'} (patch {m.patch_size}, native {m.img_size} px) on 2 x {d.global_size} "
              f"px + {d.num_focal} x {d.focal_size} px views of {len(images):,} images, {d.batch_size} a step per "
              f"process, lr {o.lr:.3g}: {length}; run it without plan=true")
@@ -319,7 +322,7 @@ def _resume_path(cfg: DictConfig, run_dir: Path, is_main: bool) -> Path | None:
 
 
 def _open_run(cfg: DictConfig, run_dir: Path, proc: Process, data: TrainingData, *, columns: list[str],
-              start_step: int, wandb_run_id: str | None, decides_at: int | None = None) -> MetricsLogger:
+              start_step: int, wandb_run_id: str | None, timed_from: int | None = None) -> MetricsLogger:
     """Rank 0: write the run's config, layout and status, open its metrics log and say where it runs."""
     global_batch = cfg.data.batch_size * proc.world
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -329,8 +332,8 @@ def _open_run(cfg: DictConfig, run_dir: Path, proc: Process, data: TrainingData,
               "batch_size_per_process": cfg.data.batch_size, "global_batch_size": global_batch}
     (run_dir / "run.json").write_text(json.dumps(layout, indent=2) + "\n")
     logger = MetricsLogger(run_dir, cfg, columns, start_step, wandb_run_id)
-    length = (f"{data.total_steps} steps" if decides_at is None else
-              f"as many steps as optim.budget={cfg.optim.budget} holds (timed by step {decides_at})")
+    length = (f"{data.total_steps} steps" if timed_from is None else
+              f"as many steps as optim.budget={cfg.optim.budget} holds (timed from step {timed_from})")
     log.info(f"run directory {run_dir.resolve()}: {length} ({data.steps_per_epoch} an epoch), global batch "
              f"{global_batch} = {cfg.data.batch_size} per process x {proc.world} "
              f"process{'es' if proc.world > 1 else ''} on {proc.device}")
