@@ -202,10 +202,14 @@ def test_a_folder_of_96px_images_gets_96px_views_and_an_override_wins(tmp_path):
     assert (cfg["data"]["global_size"], cfg["model"]["patch_size"], cfg["data"]["focal_size"]) == (96, 16, 48)
     assert cfg["data"]["batch_size"] == 8 and "data.batch_size" not in cfg["fitted"]["values"]
     assert "global batch of 8" in cfg["fitted"]["values"]["optim.lr"]["reason"]  # fitted around the given batch
-    cfg = _run(tmp_path / "two", root, "optim.max_steps=1", "data.global_size=64", "model.arch=vit_tiny",
-               "model.depth=2")
-    assert cfg["data"]["global_size"] == 64 and cfg["model"]["arch"] == "vit_tiny" and cfg["model"]["depth"] == 2
-    assert 64 % cfg["model"]["patch_size"] == 0 and "model.arch" not in cfg["fitted"]["values"]
+    from msn.train.fitting import fit_composed
+
+    cfg = compose_config(["data=folder", f"data.root={root}", "device=cpu", "run_dir=.", "data.global_size=64",
+                          "model.arch=vit_tiny", "model.depth=2"])  # fitted as the run would, without training
+    fit_composed(cfg, local_process(cfg))
+    assert (cfg.data.global_size, cfg.model.arch, cfg.model.depth) == (64, "vit_tiny", 2)
+    assert 64 % cfg.model.patch_size == 0 and "model.arch" not in cfg.fitted["values"]
+    assert cfg.model.head_hidden_dim == 2048  # vit_tiny's head, not the vit_pico default's
 
 
 def test_a_resume_reuses_the_recorded_plan_and_says_the_images_changed(tmp_path, caplog):
@@ -222,13 +226,18 @@ def test_a_resume_reuses_the_recorded_plan_and_says_the_images_changed(tmp_path,
 
 
 def test_a_run_started_without_a_plan_keeps_its_values_when_resumed(tmp_path, caplog):
+    """A run folder whose config.yaml records no plan (a run from before fitting, or fit=false) is continued with its
+    values: fit=auto on the rerun chooses nothing."""
     root = _folder(tmp_path / "img", (32, 32), 24)
-    mine = ["data.global_size=32", "data.focal_size=16", "data.num_focal=2", "data.batch_size=4", "model.img_size=32"]
-    first = _run(tmp_path, root, "fit=false", "optim.max_steps=2", *mine)
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "config.yaml").write_text("data:\n  global_size: 224\n")  # the earlier session's: no fitted
+    cfg = compose_config(["data=folder", f"data.root={root}", "device=cpu", f"run_dir={tmp_path / 'run'}"])
     caplog.set_level("INFO")
-    second = _run(tmp_path, root, "optim.max_steps=3", *mine)  # fit=auto now: the run must not change its recipe
-    assert first.get("fitted") is None and second.get("fitted") is None
-    assert second["optim"] == {**first["optim"], "max_steps": 3}
+    from msn.data.sources.folder import ImageFolderDataset
+
+    plan = fit_run(cfg, process=local_process(cfg), images=ImageFolderDataset(root),
+                   resume_path=tmp_path / "run" / "checkpoints" / "last.pt")
+    assert plan is None and cfg.fitted is None and cfg.data.global_size == 224  # the folder default, as trained
     assert "no fitted plan recorded" in caplog.text
 
 
