@@ -224,7 +224,9 @@ def test_one_ctrl_c_during_start_up_says_nothing_was_trained(tmp_path):
     out = tmp_path / "out.txt"
     run = tmp_path / "outputs" / "cpu_smoke"
     with open(out, "w") as sink:
-        proc = subprocess.Popen(["msn-pretrain", *SMOKE], cwd=tmp_path, stdout=sink, stderr=subprocess.STDOUT)
+        # SIGINT as a terminal gives it: default in the child, whatever an earlier test left in this process
+        proc = subprocess.Popen(["msn-pretrain", *SMOKE], cwd=tmp_path, stdout=sink, stderr=subprocess.STDOUT,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.time() + 60
         while not (run / ".hydra" / "config.yaml").exists() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.02)
