@@ -25,13 +25,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from msn.config import DEFAULT_CROP_PCT
 from msn.errors import DataError
 from msn.utils.device import autocast
+from msn.utils.sampling import sample_indices
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +51,6 @@ def effective_rank(z: torch.Tensor, eps: float = RANKME_EPS) -> float:
         return 1.0 if total == 0 else math.nan
     p = sigma / total + eps
     return float(torch.exp(-(p * p.log()).sum()))
-
-
-def sample_indices(available: int, images: int, seed: int = SAMPLE_SEED) -> np.ndarray:
-    """``min(images, available)`` distinct image indices in ``range(available)``, drawn with ``seed``, sorted."""
-    count = min(int(images), int(available))
-    return np.sort(np.random.default_rng(seed).choice(available, size=count, replace=False))
 
 
 def load_sample(dataset: Any, images: int, image_size: int, crop_pct: float = DEFAULT_CROP_PCT,

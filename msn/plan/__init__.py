@@ -3,9 +3,9 @@ function and one reason each (:mod:`.rules`), and the plan they make (:mod:`.pla
 headers and does arithmetic; the run (:mod:`msn.train.fitting`) applies the plan to its config."""
 
 from msn.config.fitting import BUNDLED, FITTED_KEYS, override_keys, should_fit
-from msn.plan.measure import ImageStats, Machine, cores_available, measure_images, sample_indices
+from msn.plan.measure import ImageStats, Machine, cores_available, measure_images
 from msn.plan.plan import Plan, budget_steps, length_choices, make_plan
 from msn.plan.rules import Choice
 
 __all__ = ["BUNDLED", "FITTED_KEYS", "Choice", "ImageStats", "Machine", "Plan", "budget_steps", "cores_available",
-           "length_choices", "make_plan", "measure_images", "override_keys", "sample_indices", "should_fit"]
+           "length_choices", "make_plan", "measure_images", "override_keys", "should_fit"]

@@ -8,8 +8,9 @@ import statistics
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import numpy as np
 from PIL import Image
+
+from msn.utils.sampling import sample_indices
 
 SAMPLE = 256  # images whose size is read: the median is then within a few per cent of the whole set's
 
@@ -54,13 +55,6 @@ class Machine:
         return f"{where}, {self.cores} CPU core{'s' if self.cores != 1 else ''} per process"
 
 
-def sample_indices(count: int, sample: int = SAMPLE, seed: int = 0) -> list[int]:
-    """``min(count, sample)`` distinct indices of ``range(count)``, the same for the same arguments, sorted."""
-    if count <= sample:
-        return list(range(count))
-    return sorted(np.random.default_rng(seed).choice(count, size=sample, replace=False).tolist())
-
-
 def image_size(dataset: Any, index: int) -> tuple[int, int]:
     """(width, height) of one image: from the file's header when the dataset hands out its bytes (nothing is
     decoded), else from the decoded image (a PIL image, or a C x H x W / H x W x C array)."""
@@ -84,7 +78,7 @@ def image_size(dataset: Any, index: int) -> tuple[int, int]:
 def measure_images(dataset: Any, sample: int = SAMPLE) -> ImageStats:
     """The size distribution of ``dataset``'s images, on the fixed sample :func:`sample_indices` draws. Images that
     cannot be read are left out (the loader replaces them in training); a ``ValueError`` when none can be."""
-    indices = sample_indices(len(dataset), sample)
+    indices = sample_indices(len(dataset), sample).tolist()
     sizes = []
     for i in indices:
         try:
