@@ -3,83 +3,54 @@
     python scripts/fit_study.py DIR
 
 writes DIR/digits (scikit-learn's 1,797 digits as 8 x 8 grey PNGs, a flat folder), DIR/fashion (Fashion-MNIST's
-60,000 training images as 28 x 28 grey PNGs, flat; needs Debian's dataset-fashion-mnist) and DIR/shapes (a colour
-set drawn here: 10 shapes in random colours, sizes, positions and rotations on noisy two-colour backgrounds, 64 x 64
-px; train/ of 5,000 and val/ of 1,000 images in class folders, so msn-eval reads its labels). Then, for example:
+60,000 training images as 28 x 28 grey PNGs, flat; needs Debian's dataset-fashion-mnist) and DIR/clothes (a colour
+set at 64 px made from Fashion-MNIST: each garment scaled to 36-56 px at a random place, in a random dark colour, on a
+random light two-colour gradient; train/ of 10,000 and val/ of 2,000 images in class folders, so msn-eval reads its
+labels). Then, for example:
 
-    msn-pretrain data=folder data.root=DIR/shapes/train optim.budget=10m run_name=shapes_10m
-    python scripts/proof_of_learning.py outputs/shapes_10m --dataset DIR/shapes --shots 5
+    msn-pretrain data=folder data.root=DIR/clothes/train optim.budget=10m run_name=clothes_10m
+    python scripts/proof_of_learning.py outputs/clothes_10m --dataset DIR/clothes --shots 5
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image
 
-SHAPES = ("circle", "square", "triangle", "star", "cross", "ring", "ellipse", "diamond", "hexagon", "bar")
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+CLASSES = ("tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
 
-
-def polygon(sides: int, cx: float, cy: float, r: float, turn: float, star: bool = False) -> list[tuple[float, float]]:
-    points = []
-    count = sides * (2 if star else 1)
-    for i in range(count):
-        radius = r * (0.45 if star and i % 2 else 1.0)
-        angle = turn + 2 * math.pi * i / count
-        points.append((cx + radius * math.cos(angle), cy + radius * math.sin(angle)))
-    return points
-
-
-def draw_shape(kind: str, rng: np.random.Generator, size: int = 64) -> Image.Image:
-    """One 64-px image of ``kind``: random colours, size, position and rotation, on a noisy gradient."""
-    a, b = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+def recolour(garment: np.ndarray, rng: np.random.Generator, size: int = 64) -> Image.Image:
+    """One ``size``-px colour image of a 28-px Fashion-MNIST garment: scaled to 36-56 px at a random place, in a
+    random dark colour (its grey levels kept as shading) over a random light two-colour gradient with noise."""
+    side = int(rng.integers(36, 57))
+    alpha = np.asarray(Image.fromarray(garment, "L").resize((side, side), Image.BICUBIC), np.float32) / 255
+    x, y = rng.integers(0, size - side + 1, 2)
+    mask = np.zeros((size, size, 1), np.float32)
+    mask[y:y + side, x:x + side, 0] = alpha
+    a, b = rng.uniform(140, 255, 3), rng.uniform(140, 255, 3)
     t = np.linspace(0, 1, size)[None, :, None] if rng.random() < 0.5 else np.linspace(0, 1, size)[:, None, None]
-    background = (a * (1 - t) + b * t) + rng.normal(0, 12, (size, size, 3))
-    image = Image.fromarray(np.clip(background, 0, 255).astype(np.uint8), "RGB")
-    draw = ImageDraw.Draw(image)
-    colour = tuple(int(c) for c in rng.integers(0, 256, 3))
-    r = rng.uniform(0.22, 0.38) * size
-    cx, cy = rng.uniform(r, size - r, 2)
-    turn = rng.uniform(0, 2 * math.pi)
-    if kind == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
-    elif kind == "ring":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=colour, width=max(3, int(r / 3)))
-    elif kind == "ellipse":
-        box = Image.new("L", (size, size))
-        ImageDraw.Draw(box).ellipse([cx - r, cy - r / 2.2, cx + r, cy + r / 2.2], fill=255)
-        image.paste(Image.new("RGB", (size, size), colour), mask=box.rotate(math.degrees(turn), center=(cx, cy)))
-    elif kind in ("square", "triangle", "hexagon", "diamond"):
-        sides = {"square": 4, "triangle": 3, "hexagon": 6, "diamond": 4}[kind]
-        pts = polygon(sides, cx, cy, r, turn)
-        if kind == "diamond":
-            pts = [(cx + (x - cx) * (0.55 if i % 2 else 1.0), cy + (y - cy) * (0.55 if i % 2 else 1.0))
-                   for i, (x, y) in enumerate(pts)]
-        draw.polygon(pts, fill=colour)
-    elif kind == "star":
-        draw.polygon(polygon(5, cx, cy, r, turn, star=True), fill=colour)
-    elif kind in ("cross", "bar"):
-        w = r / 3
-        arms = [turn] + ([turn + math.pi / 2] if kind == "cross" else [])
-        for arm in arms:
-            dx, dy = math.cos(arm), math.sin(arm)
-            draw.polygon([(cx - r * dx - w * dy, cy - r * dy + w * dx), (cx + r * dx - w * dy, cy + r * dy + w * dx),
-                          (cx + r * dx + w * dy, cy + r * dy - w * dx), (cx - r * dx + w * dy, cy - r * dy - w * dx)],
-                         fill=colour)
-    return image.filter(ImageFilter.GaussianBlur(0.6))
+    background = a * (1 - t) + b * t + rng.normal(0, 6, (size, size, 3))
+    colour = rng.uniform(0, 150, 3)
+    image = background * (1 - mask) + colour * mask  # grey levels as opacity: the garment's seams and prints show
+    return Image.fromarray(np.clip(image, 0, 255).astype(np.uint8), "RGB")
 
 
-def write_shapes(root: Path, train: int = 500, val: int = 100) -> None:
+def write_clothes(root: Path, train: int = 10_000, val: int = 2_000) -> None:
+    """Fashion-MNIST's first ``train`` training and ``val`` test garments, recoloured at 64 px, in class folders."""
+    from msn.data.sources.fashion_mnist import read_idx
+
     rng = np.random.default_rng(0)
-    for split, count in (("train", train), ("val", val)):
-        for kind in SHAPES:
-            folder = root / split / kind
+    for split, prefix, count in (("train", "train", train), ("val", "t10k", val)):
+        images = read_idx(_fashion_file(f"{prefix}-images*"))[:count]
+        labels = read_idx(_fashion_file(f"{prefix}-labels*"))[:count]
+        for i, (garment, label) in enumerate(zip(images, labels, strict=True)):
+            folder = root / split / CLASSES[int(label)]
             folder.mkdir(parents=True, exist_ok=True)
-            for i in range(count):
-                draw_shape(kind, rng).save(folder / f"{kind}_{i:04d}.png")
+            recolour(garment, rng).save(folder / f"{i:05d}.png")
 
 
 def write_digits(root: Path) -> None:
@@ -90,15 +61,18 @@ def write_digits(root: Path) -> None:
         Image.fromarray((pixels * 255 / 16).round().astype(np.uint8), "L").save(root / f"{i:04d}.png")
 
 
+def _fashion_file(pattern: str) -> Path:
+    found = sorted(FASHION.glob(pattern))
+    if not found:
+        raise SystemExit(f"no Fashion-MNIST in {FASHION}: apt-get install dataset-fashion-mnist")
+    return found[0]
+
+
 def write_fashion(root: Path) -> None:
     from msn.data.sources.fashion_mnist import read_idx
 
-    source = Path("/usr/share/datasets/fashion-mnist")
-    found = sorted(source.glob("train-images*"))
-    if not found:
-        raise SystemExit(f"no Fashion-MNIST in {source}: apt-get install dataset-fashion-mnist")
     root.mkdir(parents=True, exist_ok=True)
-    for i, pixels in enumerate(read_idx(found[0])):
+    for i, pixels in enumerate(read_idx(_fashion_file("train-images*"))):
         Image.fromarray(pixels, "L").save(root / f"{i:05d}.png")
 
 
@@ -107,7 +81,7 @@ def main() -> None:
     parser.add_argument("dir", type=Path)
     args = parser.parse_args()
     write_digits(args.dir / "digits")
-    write_shapes(args.dir / "shapes")
+    write_clothes(args.dir / "clothes")
     write_fashion(args.dir / "fashion")
 
 

@@ -55,8 +55,9 @@ def test_small_images_on_a_cpu_get_small_views_a_small_model_and_mild_crops():
     assert c["data.global_size"] == (32, "the median image is 32 x 32 px")
     assert c["model.patch_size"][0] == 8 and "4 x 4 tokens" in c["model.patch_size"][1]
     assert c["model.img_size"][0] == 32 and c["data.focal_size"][0] == 16
-    assert c["model.arch"][0] == "vit_pico" and c["data.num_focal"][0] == 6
-    assert c["data.global_scale"][0] == [0.5, 1.0] and c["data.blur_p"][0] == 0.0  # milder than the paper's
+    assert c["model.arch"][0] == "vit_pico" and c["data.num_focal"][0] == 2  # the fmnist_cpu preset's
+    assert c["masking.ratio"][0] == 0.3  # the fmnist_cpu preset's: a cheaper step at the same accuracy
+    assert c["data.global_scale"][0] == [0.25, 1.0] and c["data.blur_p"][0] == 0.0  # the fmnist_cpu preset's
     assert c["data.batch_size"] == (32, "an eighth of 400 images")
     assert c["model.num_prototypes"][0] == 64
     assert c["optim.lr"][0] == 1e-3 and "kept for a global batch of 32" in c["optim.lr"][1]  # not scaled down
@@ -67,6 +68,10 @@ def test_28px_images_get_32px_views_and_fashion_mnist_sized_prototypes():
     c = _choices(make_plan(_stats(28, 28, 60_000), CPU, {}))
     assert c["data.global_size"] == (32, "the median image is 28 x 28 px")
     assert c["data.batch_size"][0] == 64 and c["model.num_prototypes"][0] == 128  # the fmnist_cpu preset's
+    assert c["data.focal_scale"][0] == [0.1, 0.4] and "Fashion-MNIST preset" in c["data.focal_scale"][1]
+    digits = _choices(make_plan(_stats(8, 8, 1_797), CPU, {}))  # 8-px digits: the digits preset's crops
+    assert (digits["data.global_scale"][0], digits["data.focal_scale"][0]) == ([0.6, 1.0], [0.3, 0.7])
+    assert _choices(make_plan(_stats(64, 64, 10_000), CPU, {}))["data.focal_scale"][0] == [0.15, 0.4]
     assert c["optim.epochs"][0] * (60_000 // 64) >= 5_000  # at least 5,000 steps on a CPU
 
 
@@ -80,6 +85,7 @@ def test_photos_get_the_paper_views_on_a_gpu_and_96px_on_a_cpu():
     gpu = _choices(make_plan(_stats(500, 375, 1_281_167), GPU, {}, largest_batch=largest))
     assert (gpu["data.global_size"][0], gpu["model.patch_size"][0], gpu["data.focal_size"][0]) == (224, 16, 96)
     assert gpu["model.arch"][0] == "vit_small" and gpu["data.num_focal"][0] == 10
+    assert gpu["masking.ratio"][0] == 0.15 and 0.9999 < gpu["optim.final_ema_momentum"][0] < 1.0  # ~the paper's
     assert gpu["data.global_scale"][0] == [0.3, 1.0] and gpu["data.focal_scale"][0] == [0.05, 0.3]
     assert gpu["data.batch_size"][0] == 128 and "fits the GPU's memory" in gpu["data.batch_size"][1]
     assert seen["model.arch"] == "vit_small" and seen["data.global_size"] == 224 and seen["cap"] == 256
@@ -104,8 +110,12 @@ def test_the_run_length_warmup_and_ema_follow_the_number_of_steps():
     short = _choices(make_plan(_stats(32, 32, 1_797), CPU, {"optim.epochs": 20}))  # 20 x 28 = 560 steps
     assert short["optim.warmup_epochs"][0] == pytest.approx(28 / 28)  # 5 % of 560 steps = 28 steps = 1 epoch
     assert short["optim.ema_momentum"][0] == 0.99  # the digits preset's for a run this short
-    long = _choices(make_plan(_stats(32, 32, 1_797), CPU, {"optim.epochs": 2000}))
+    assert short["optim.final_ema_momentum"][0] == 0.99  # 1.0 would freeze the target within the run
+    fmnist = _choices(make_plan(_stats(28, 28, 60_000), CPU, {"optim.max_steps": 7_500}))
+    assert 0.995 <= fmnist["optim.final_ema_momentum"][0] < 0.998  # the fmnist_cpu preset's 0.995 at 7,500 steps
+    long = _choices(make_plan(_stats(32, 32, 1_797), CPU, {"optim.epochs": 2000}))  # 56,000 steps
     assert long["optim.ema_momentum"][0] == 0.996
+    assert 0.9995 < long["optim.final_ema_momentum"][0] < 1.0  # towards the paper's 1.0 as the run grows
 
 
 def test_what_the_user_gives_is_left_alone_and_the_rest_fits_around_it():

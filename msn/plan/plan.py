@@ -100,6 +100,7 @@ def make_plan(images: ImageStats, machine: Machine, given: dict[str, Any], *, bu
     fit(Choice("model.img_size", global_size, "the global views' size: the position grid needs no resizing"))
     fit(rules.focal_view_size(global_size, patch))
     fit(rules.focal_views(machine))
+    fit(rules.mask_ratio(machine))
     for choice in rules.crop_scales(images):
         fit(choice)
     if "model.arch" not in given:
@@ -123,7 +124,7 @@ def make_plan(images: ImageStats, machine: Machine, given: dict[str, Any], *, bu
     total = n_epochs * per_epoch
     if given.get("optim.max_steps") is not None:
         total = min(total, given["optim.max_steps"])
-    for choice in (rules.warmup(total, per_epoch), rules.ema_momentum(total)):
+    for choice in (rules.warmup(total, per_epoch), *rules.ema_momentum(total)):
         later = " (for now: refitted once optim.budget fixes the run's length)" if budget is not None else ""
         fit(Choice(choice.key, choice.value, choice.reason + later))
     fit(rules.loader_workers(machine))
@@ -144,7 +145,7 @@ def length_choices(total: int, per_epoch: int, *, budget: str, pace: str, given:
     choices = [Choice("optim.max_steps", total, f"optim.budget={budget} at {pace}"),
                Choice("optim.epochs", math.ceil(total / max(1, per_epoch)), f"the epochs holding {total:,} steps")]
     if fitted:
-        for choice in (rules.warmup(total, per_epoch), rules.ema_momentum(total)):
+        for choice in (rules.warmup(total, per_epoch), *rules.ema_momentum(total)):
             if choice.key not in given:
                 choices.append(choice)
     return choices

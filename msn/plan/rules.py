@@ -21,7 +21,7 @@ PAPER_LR, PAPER_START_LR, PAPER_BATCH = 1e-3, 2e-4, 1024  # lr and warm-up start
 CPU_MAX_VIEW = 96  # a CPU trains ViT-pico on 96-px views (6 x 6 tokens) at ~25 images/s on 2 cores; 224 px: ~1
 MAX_LR_SCALE = 4.0  # linear scaling stops at 4x the paper's lr (a global batch of 4,096)
 CPU_STEPS, GPU_STEPS = 5_000, 20_000  # the fewest steps a run of a small set is given, without a budget
-SMALL, MEDIUM = 64, 160  # images' short sides below which the crops are milder
+TINY, SMALL, MEDIUM = 16, 64, 160  # images' short sides below which the crops are milder
 
 
 @dataclass(frozen=True)
@@ -83,27 +83,42 @@ def global_view_for_patch(stats: ImageStats, machine: Machine, patch: int) -> Ch
 
 
 def crop_scales(stats: ImageStats) -> list[Choice]:
-    """Crop areas and blur by the images' size. Small images have little to spare: with the paper's scales (global
-    0.3-1, focal 0.05-0.3) and blur, the digits preset's tiny model could not predict a view's target and the loss
-    stayed at log K; the milder scales it found (0.6-1, 0.3-0.7, no blur) trained."""
+    """Crop areas and blur by the images' size, in the hand-made presets' tiers. With the paper's scales (global
+    0.3-1, focal 0.05-0.3) and blur, the digits preset's tiny model could not predict a view's target on 8-px
+    digits and the loss stayed at log K; the milder scales it found (0.6-1, 0.3-0.7, no blur) trained. On 28-px
+    Fashion-MNIST the Fashion-MNIST preset found wider crops (0.25-1, 0.1-0.4) slightly ahead, and no blur."""
     s = stats.short_side
-    if s < SMALL:
-        scales, why, blur = ([0.5, 1.0], [0.25, 0.6]), f"images of {s} px have little to spare (the digits preset)", 0.0
+    if s < TINY:
+        scales, why, blur = ([0.6, 1.0], [0.3, 0.7]), f"images of {s} px have little to spare (the digits preset)", 0.0
+    elif s < SMALL:
+        scales, why, blur = ([0.25, 1.0], [0.1, 0.4]), f"images of {s} px: the Fashion-MNIST preset's (28 px)", 0.0
     elif s < MEDIUM:
-        scales, why, blur = ([0.4, 1.0], [0.15, 0.4]), f"images of {s} px: between the digits preset and the paper", 0.5
+        scales, why, blur = ([0.4, 1.0], [0.15, 0.4]), f"images of {s} px: between the small-image presets and the " \
+            "paper", 0.5
     else:
         scales, why, blur = ([0.3, 1.0], [0.05, 0.3]), f"images of {s} px: the paper's ImageNet scales", 0.5
-    blur_why = ("no blur: it erases a small image's detail (the digits preset)" if blur == 0.0 else
-                "the paper's blur")
+    blur_why = ("no blur: it erases a small image's detail (the digits and Fashion-MNIST presets)" if blur == 0.0
+                else "the paper's blur")
     return [Choice("data.global_scale", scales[0], why), Choice("data.focal_scale", scales[1], why),
             Choice("data.blur_p", blur, blur_why)]
 
 
 def focal_views(machine: Machine) -> Choice:
-    """The paper's 10 focal views on a GPU; 6 on a CPU (the digits preset: each view costs a CPU its share)."""
+    """The paper's 10 focal views on a GPU. On a CPU 2, as the Fashion-MNIST preset: each focal view costs a CPU its
+    share of the step (2 instead of 6 made its step 1.8x cheaper), and at equal steps the accuracy was the same, so
+    a time budget buys more steps (docs/studies.md)."""
     if machine.on_gpu:
         return Choice("data.num_focal", 10, "the paper's")
-    return Choice("data.num_focal", 6, "on a CPU each focal view costs time (the digits preset's 6)")
+    return Choice("data.num_focal", 2, "on a CPU each focal view costs time (the Fashion-MNIST preset's 2)")
+
+
+def mask_ratio(machine: Machine) -> Choice:
+    """The share of the anchor's patches dropped: the paper's 0.15 for ViT-S/16 on a GPU; on a CPU 0.3, as the
+    Fashion-MNIST preset (its 4 x 4 tokens: the same accuracy at equal steps as 0.15, the step 11 % cheaper)."""
+    if machine.on_gpu:
+        return Choice("masking.ratio", 0.15, "the paper's for ViT-S/16")
+    return Choice("masking.ratio", 0.3, "on a CPU fewer anchor patches make a cheaper step (the Fashion-MNIST "
+                  "preset's 0.3)")
 
 
 MODEL_HEADS = {"vit_pico": (512, 128), "vit_tiny": (2048, 256), "vit_small": (2048, 256)}  # head hidden, output
@@ -194,12 +209,19 @@ def warmup(total_steps: int, steps_per_epoch: int) -> Choice:
     return Choice("optim.warmup_epochs", steps / max(1, steps_per_epoch), f"5 % of the run: {steps:,} steps")
 
 
-def ema_momentum(total_steps: int) -> Choice:
-    """The target's EMA momentum m: it averages the last ~1/(1-m) steps, which should stay a small part of the
-    run: 2 % of it, between 0.99 (the digits preset's: 0.996 lagged half its 560 steps) and the paper's 0.996."""
-    m = min(0.996, max(0.99, 1 - 1 / (0.02 * max(total_steps, 1))))
-    return Choice("optim.ema_momentum", round(m, 5), f"the target averages ~{1 / (1 - m):.0f} steps, "
-                  f"{100 / ((1 - m) * max(total_steps, 1)):.1f} % of the run's {total_steps:,}")
+def ema_momentum(total_steps: int) -> list[Choice]:
+    """The target's EMA momentum, from m at the start to m_final at the end (the paper: 0.996 -> 1.0 over ~375,000
+    steps). The target averages the last ~1/(1-m) steps: 2 % of the run at the start, between 0.99 (the digits
+    preset's: 0.996 lagged half its 560 steps) and the paper's 0.996; 4 % at the end, so that the target keeps
+    following the encoder (the Fashion-MNIST preset's 0.995 after 7,500 steps, where 1.0 froze it), and the
+    paper's 1.0 only in the limit of a paper-length run."""
+    n = max(total_steps, 1)
+    m = min(0.996, max(0.99, 1 - 1 / (0.02 * n)))
+    final = min(1.0, max(m, 1 - 1 / (0.04 * n)))
+    return [Choice("optim.ema_momentum", round(m, 5), f"the target averages ~{1 / (1 - m):.0f} steps, "
+                   f"{100 / ((1 - m) * n):.1f} % of the run's {total_steps:,}"),
+            Choice("optim.final_ema_momentum", round(final, 5), f"at the end ~{1 / (1 - final):.0f} steps, "
+                   f"{100 / ((1 - final) * n):.1f} % of the run (1.0 would freeze the target)")]
 
 
 def loader_workers(machine: Machine) -> Choice:
