@@ -28,8 +28,8 @@ CPU = Machine("cpu", cores=2)
 GPU = Machine("cuda", cores=16, world=1, gpu="a GPU")
 
 
-def _stats(width: int, height: int, count: int) -> ImageStats:
-    return ImageStats(count, min(count, 256), width, height, min(width, height), min(width, height))
+def _stats(width: int, height: int, count: int, colour: float = 0.0) -> ImageStats:
+    return ImageStats(count, min(count, 256), width, height, min(width, height), min(width, height), colour)
 
 
 def _choices(plan: Plan) -> dict[str, tuple[object, str]]:
@@ -182,7 +182,25 @@ def test_image_sizes_are_read_from_the_files_of_a_folder(tmp_path):
     stats = measure_images(ImageFolderDataset(tmp_path / "a"))
     assert (stats.count, stats.sampled, stats.median_width, stats.median_height, stats.short_side) == (9, 8, 40, 30,
                                                                                                       30)
-    assert ImageStats.from_dict(stats.to_dict()) == stats
+    assert ImageStats.from_dict(stats.to_dict()) == stats and stats.colour_share == 1.0  # RGB files
+    old_record = {k: v for k, v in stats.to_dict().items() if k != "colour_share"}  # a plan made before colour
+    assert ImageStats.from_dict(old_record).colour_share == 0.0
+    (tmp_path / "grey").mkdir()
+    for i in range(4):  # grey-level files (mode L): not colour
+        Image.fromarray(np.full((20, 24), 40 * i, np.uint8), "L").save(tmp_path / "grey" / f"{i}.png")
+    grey = measure_images(ImageFolderDataset(tmp_path / "grey"))
+    assert (grey.median_width, grey.median_height, grey.colour_share) == (24, 20, 0.0)
+
+
+def test_small_colour_images_get_a_stronger_colour_distortion_than_grey_ones_or_photos():
+    colour = _choices(make_plan(_stats(64, 64, 10_000, colour=1.0), CPU, {}))
+    assert (colour["data.color_jitter"][0], colour["data.grayscale_p"][0]) == (1.0, 0.5)
+    assert "colour must not tell the views apart" in colour["data.color_jitter"][1]
+    grey = _choices(make_plan(_stats(64, 64, 10_000, colour=0.0), CPU, {}))
+    photos = _choices(make_plan(_stats(500, 375, 10_000, colour=1.0), GPU, {}))
+    for c in (grey, photos):  # the paper's
+        assert (c["data.color_jitter"][0], c["data.grayscale_p"][0]) == (0.5, 0.2)
+    assert grey["data.color_jitter"][1] == "the paper's (grey images)"
 
 
 # --- real runs ---------------------------------------------------------------------------------------------

@@ -25,13 +25,16 @@ class ImageStats:
     median_height: int
     short_side: int  # the median of min(width, height): what a square view is cut from
     short_side_p10: int  # 10 % of the images have a shorter side than this
+    colour_share: float = 0.0  # the share stored in colour (RGB, palette, CMYK...) rather than grey levels
 
-    def to_dict(self) -> dict[str, int]:
+    def to_dict(self) -> dict[str, int | float]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, record: dict[str, Any]) -> ImageStats:
-        return cls(**{k: int(record[k]) for k in cls.__dataclass_fields__})
+        """From a plan's record; one made before colour was measured reads as grey (its recipe had no colour rule)."""
+        sizes = {k: int(record[k]) for k in cls.__dataclass_fields__ if k != "colour_share"}
+        return cls(**sizes, colour_share=float(record.get("colour_share", 0.0)))
 
     def describe(self) -> str:
         return f"{self.count:,} images, median {self.median_width} x {self.median_height} px"
@@ -55,28 +58,34 @@ class Machine:
         return f"{where}, {self.cores} CPU core{'s' if self.cores != 1 else ''} per process"
 
 
-def image_size(dataset: Any, index: int) -> tuple[int, int]:
-    """(width, height) of one image: from the file's header when the dataset hands out its bytes (nothing is
-    decoded), else from the decoded image (a PIL image, or a C x H x W / H x W x C array)."""
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")  # PIL's modes that hold grey levels only
+
+
+def image_size(dataset: Any, index: int) -> tuple[int, int, bool]:
+    """(width, height, in colour) of one image: from the file's header when the dataset hands out its bytes (nothing
+    is decoded; "in colour" is the file's mode, so an RGB file of grey content counts as colour), else from the
+    decoded image (a PIL image, or a C x H x W / H x W x C array: colour when it has 3 or 4 channels)."""
     read_bytes = getattr(dataset, "read_bytes", None)
     if read_bytes is not None:
         with Image.open(io.BytesIO(read_bytes(index))) as image:
-            return image.size
+            return (*image.size, image.mode not in GREY_MODES)
     image = dataset[index]
     if isinstance(image, tuple | list):  # (image, label) datasets
         image = image[0]
     if isinstance(image, Image.Image):
-        return image.size
+        return (*image.size, image.mode not in GREY_MODES)
     shape = tuple(getattr(image, "shape", ()))
     if len(shape) == 3:  # channels first when the first axis is the smallest
-        return (shape[2], shape[1]) if shape[0] <= 4 else (shape[1], shape[0])
+        channels_first = shape[0] <= 4
+        w, h = (shape[2], shape[1]) if channels_first else (shape[1], shape[0])
+        return w, h, (shape[0] if channels_first else shape[2]) >= 3
     if len(shape) == 2:
-        return shape[1], shape[0]
+        return shape[1], shape[0], False
     raise TypeError(f"cannot tell the size of a {type(image).__name__} (item {index} of the data set)")
 
 
 def measure_images(dataset: Any, sample: int = SAMPLE) -> ImageStats:
-    """The size distribution of ``dataset``'s images, on the fixed sample :func:`sample_indices` draws. Images that
+    """The size distribution of ``dataset``'s images and the share in colour, on the fixed sample :func:`sample_indices` draws. Images that
     cannot be read are left out (the loader replaces them in training); a ``ValueError`` when none can be."""
     indices = sample_indices(len(dataset), sample).tolist()
     sizes = []
@@ -88,12 +97,13 @@ def measure_images(dataset: Any, sample: int = SAMPLE) -> ImageStats:
     if not sizes:
         raise ValueError(f"none of the {len(indices)} images sampled to fit the recipe could be read; check the "
                          "data set, or give the views (data.global_size, data.focal_size) with fit=false")
-    short = sorted(min(w, h) for w, h in sizes)
+    short = sorted(min(w, h) for w, h, _ in sizes)
     return ImageStats(count=len(dataset), sampled=len(sizes),
-                      median_width=int(statistics.median_low(w for w, _ in sizes)),
-                      median_height=int(statistics.median_low(h for _, h in sizes)),
+                      median_width=int(statistics.median_low(w for w, _, _ in sizes)),
+                      median_height=int(statistics.median_low(h for _, h, _ in sizes)),
                       short_side=int(statistics.median_low(short)),
-                      short_side_p10=int(short[len(short) // 10]))
+                      short_side_p10=int(short[len(short) // 10]),
+                      colour_share=round(sum(colour for _, _, colour in sizes) / len(sizes), 3))
 
 
 def cores_available() -> int:
