@@ -85,8 +85,9 @@ def image_size(dataset: Any, index: int) -> tuple[int, int, bool]:
 
 
 def measure_images(dataset: Any, sample: int = SAMPLE) -> ImageStats:
-    """The size distribution of ``dataset``'s images and the share in colour, on the fixed sample :func:`sample_indices` draws. Images that
-    cannot be read are left out (the loader replaces them in training); a ``ValueError`` when none can be."""
+    """The size distribution of ``dataset``'s images and the share of them in colour, on the fixed sample
+    :func:`sample_indices` draws. Images that cannot be read are left out (the loader replaces them in training); a
+    ``ValueError`` when none can be."""
     indices = sample_indices(len(dataset), sample).tolist()
     sizes = []
     for i in indices:

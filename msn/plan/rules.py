@@ -93,8 +93,8 @@ def crop_scales(stats: ImageStats) -> list[Choice]:
     elif s < SMALL:
         scales, why, blur = ([0.25, 1.0], [0.1, 0.4]), f"images of {s} px: the Fashion-MNIST preset's (28 px)", 0.0
     elif s < MEDIUM:
-        scales, why, blur = ([0.4, 1.0], [0.15, 0.4]), f"images of {s} px: between the small-image presets and the " \
-            "paper", 0.5
+        why = f"images of {s} px: between the small-image presets and the paper"
+        scales, blur = ([0.4, 1.0], [0.15, 0.4]), 0.5
     else:
         scales, why, blur = ([0.3, 1.0], [0.05, 0.3]), f"images of {s} px: the paper's ImageNet scales", 0.5
     blur_why = ("no blur: it erases a small image's detail (the digits and Fashion-MNIST presets)" if blur == 0.0
