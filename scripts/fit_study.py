@@ -23,6 +23,7 @@ from PIL import Image
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = ("tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
 
+
 def recolour(garment: np.ndarray, rng: np.random.Generator, size: int = 64) -> Image.Image:
     """One ``size``-px colour image of a 28-px Fashion-MNIST garment: scaled to 36-56 px at a random place, in a
     random dark colour (its grey levels kept as shading) over a random light two-colour gradient with noise."""
