@@ -61,7 +61,7 @@ class Machine:
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")  # PIL's modes that hold grey levels only
 
 
-def image_size(dataset: Any, index: int) -> tuple[int, int, bool]:
+def image_size_and_colour(dataset: Any, index: int) -> tuple[int, int, bool]:
     """(width, height, in colour) of one image: from the file's header when the dataset hands out its bytes (nothing
     is decoded; "in colour" is the file's mode, so an RGB file of grey content counts as colour), else from the
     decoded image (a PIL image, or a C x H x W / H x W x C array: colour when it has 3 or 4 channels)."""
@@ -92,19 +92,20 @@ def measure_images(dataset: Any, sample: int = SAMPLE) -> ImageStats:
     sizes = []
     for i in indices:
         try:
-            sizes.append(image_size(dataset, i))
+            sizes.append(image_size_and_colour(dataset, i))
         except Exception:  # noqa: BLE001 (an undecodable file: the run's loader counts and replaces it)
             continue
     if not sizes:
         raise ValueError(f"none of the {len(indices)} images sampled to fit the recipe could be read; check the "
                          "data set, or give the views (data.global_size, data.focal_size) with fit=false")
-    short = sorted(min(w, h) for w, h, _ in sizes)
+    widths, heights, colour = zip(*sizes, strict=True)
+    short = sorted(map(min, widths, heights))
     return ImageStats(count=len(dataset), sampled=len(sizes),
-                      median_width=int(statistics.median_low(w for w, _, _ in sizes)),
-                      median_height=int(statistics.median_low(h for _, h, _ in sizes)),
+                      median_width=int(statistics.median_low(widths)),
+                      median_height=int(statistics.median_low(heights)),
                       short_side=int(statistics.median_low(short)),
                       short_side_p10=int(short[len(short) // 10]),
-                      colour_share=round(sum(colour for _, _, colour in sizes) / len(sizes), 3))
+                      colour_share=round(sum(colour) / len(sizes), 3))
 
 
 def cores_available() -> int:

@@ -110,10 +110,11 @@ def colour_distortion(stats: ImageStats) -> list[Choice]:
     recognisable. Small colour images (under 160 px) get SimCLR's strength 1.0 and grayscale 0.5: on the 64-px
     clothes set of docs/studies.md k-NN went from 16.1 % (under random initialisation's 18.6) to 21.9 % in 4
     minutes. Grey images and photos of the paper's size keep the paper's."""
-    if stats.colour_share >= 0.5 and stats.short_side < MEDIUM:
+    colour = stats.colour_share >= 0.5  # most of the sample is stored in colour
+    if colour and stats.short_side < MEDIUM:
         why = f"colour images of {stats.short_side} px: colour must not tell the views apart (SimCLR's)"
         return [Choice("data.color_jitter", 1.0, why), Choice("data.grayscale_p", 0.5, why)]
-    why = "the paper's" + (" (grey images)" if stats.colour_share < 0.5 else "")
+    why = "the paper's" + ("" if colour else " (grey images)")
     return [Choice("data.color_jitter", 0.5, why), Choice("data.grayscale_p", 0.2, why)]
 
 
