@@ -230,9 +230,40 @@ def test_one_ctrl_c_during_start_up_says_nothing_was_trained(tmp_path):
         deadline = time.time() + 60
         while not (run / ".hydra" / "config.yaml").exists() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.02)
+        when = "while it ran" if proc.poll() is None else "after it had ended"  # (a failure then is the test's)
         proc.send_signal(signal.SIGINT)
         code = proc.wait(timeout=60)
     said = out.read_text()
-    assert code == 130, said
+    assert code == 130, f"Ctrl-C sent {when}:\n{said}"
     assert "stopped by Ctrl-C before training started: nothing was trained" in said and "second" not in said
     assert "Traceback" not in said and not run.exists()
+
+
+def test_a_ctrl_c_that_a_library_swallows_during_start_up_still_stops_the_run(tmp_path, monkeypatch, capsys):
+    """A KeyboardInterrupt raised inside a ``__del__`` or a bare ``except:`` while torch imports is lost to Python;
+    the run must still stop before its first step, as for any Ctrl-C during start-up."""
+    import types
+
+    import msn.train.signals as real
+
+    class Swallows(types.ModuleType):
+        """msn.train.signals, whose import is where a Ctrl-C lands and is swallowed."""
+
+        def __getattr__(self, name: str):
+            return getattr(real, name)
+
+        @property
+        def StopRequest(self):
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.5)  # the handler runs here
+            except BaseException:  # what the interpreter does with an exception raised in __del__
+                pass
+            return real.StopRequest
+
+    monkeypatch.setitem(sys.modules, "msn.train.signals", Swallows("msn.train.signals"))
+    code, out, err = pretrain(SMOKE, tmp_path, monkeypatch, capsys)
+    assert code == 130, out + err
+    assert "stopped by Ctrl-C before training started: nothing was trained" in err, err
+    assert not (tmp_path / "outputs" / "cpu_smoke").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # as this process had it

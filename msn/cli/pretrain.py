@@ -11,7 +11,9 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import signal
 import sys
+import threading
 import traceback
 from datetime import datetime
 from pathlib import Path
@@ -39,9 +41,18 @@ from msn.utils.runname import START_TIME_ENV
 register_configs()
 
 
-# whether Hydra handed over to the task (what fails before it is Hydra's or the check's), and whether the task's
-# signal handlers are installed (a Ctrl-C before them stops a run that has trained nothing)
-_TASK = {"started": False, "handlers": False}
+# whether Hydra handed over to the task (what fails before it is Hydra's or the check's), whether the task's
+# signal handlers are installed (a Ctrl-C before them stops a run that has trained nothing), and whether a Ctrl-C
+# came during start-up
+_TASK = {"started": False, "handlers": False, "ctrl_c": False}
+
+
+def _start_up_ctrl_c(number: int, frame: object) -> None:
+    """SIGINT before the run's own handlers: Python's KeyboardInterrupt, and remembered. A KeyboardInterrupt
+    raised while the interpreter runs a ``__del__``, a weakref callback or a library's bare ``except:`` (importing
+    torch runs all of these) is swallowed; the flag is not, and the task honours it once its imports are done."""
+    _TASK["ctrl_c"] = True
+    raise KeyboardInterrupt
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
@@ -68,6 +79,9 @@ def _hydra_main(cfg: DictConfig) -> None:
     console_logging()  # the library's log lines, printed as msn-pretrain always printed them
     # the command owns the process's signals (train() as a library leaves them alone) and says why a job ends
     stop = StopRequest(report=lambda line: fail("msn-pretrain", line))
+    if _TASK["ctrl_c"]:  # a start-up Ctrl-C that something swallowed: nothing was trained, and nothing will be
+        stop.restore()
+        raise KeyboardInterrupt
     _TASK["handlers"] = True  # from here a first Ctrl-C is ours: a stop at the next step, with a checkpoint
     forget_failure(run_dir)
     try:
@@ -157,8 +171,13 @@ def main() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     typed = sys.argv[1:]
     sys.argv[1:] = quote_brace_ranges(typed)  # Hydra reads sys.argv
-    _TASK["started"] = _TASK["handlers"] = False
+    _TASK["started"] = _TASK["handlers"] = _TASK["ctrl_c"] = False
     LOCKED_RUN_DIRS.clear()
+    users_handler = signal.getsignal(signal.SIGINT)
+    # a Ctrl-C before the task's handlers is remembered (a shell's background job, which ignores it, keeps ignoring it)
+    ours = users_handler is signal.default_int_handler and threading.current_thread() is threading.main_thread()
+    if ours:
+        signal.signal(signal.SIGINT, _start_up_ctrl_c)
     try:
         _hydra_main()
     except (HydraException, OmegaConfBaseException, yaml.YAMLError) as e:
@@ -183,6 +202,8 @@ def main() -> None:
         sys.exit(fail("msn-pretrain", "stopped by Ctrl-C; the last checkpoint written is kept, and resume=auto "
                       "continues from it"))
     finally:  # as the user had it (a second call in one process, a test, must not see ours)
+        if ours:
+            signal.signal(signal.SIGINT, users_handler)
         sys.argv[1:] = typed
         if users_setting is None:
             os.environ.pop("HYDRA_FULL_ERROR", None)
