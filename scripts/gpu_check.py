@@ -287,6 +287,10 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="the same sections on the CPU at tiny sizes")
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds after which no section starts (default: 450, or 110 with --smoke)")
+    parser.add_argument("--only", default=None, metavar="NAME[,NAME...]",
+                        help="run these sections only (a rerun of one that failed); a section that reads another's "
+                             "output (data_* and e2e_* read jpegs', fmnist_knn and fmnist_lowshot fmnist's) needs it "
+                             "named too")
     args = parser.parse_args()
     if args.budget is not None and not args.budget >= 0:
         print(f"gpu_check: --budget {args.budget:g} must be >= 0 (seconds)", file=sys.stderr)
@@ -296,6 +300,15 @@ def main() -> int:
         print(f"gpu_check: missing: {', '.join(missing)}; see the header of scripts/gpu_check.sh", file=sys.stderr)
         return EXIT_MISSING
     out = args.out.expanduser().absolute()  # the caller's folder, before the sections move to the repository
+    chosen = sections(out, args.smoke, find_fashion_mnist())
+    if args.only is not None:
+        names = [name.strip() for name in args.only.split(",") if name.strip()]
+        unknown = [name for name in names if name not in {section.name for section in chosen}]
+        if unknown or not names:
+            print(f"gpu_check: --only {args.only}: no section is called {', '.join(unknown) or 'that'}; the sections "
+                  f"are {', '.join(section.name for section in chosen)}", file=sys.stderr)
+            return EXIT_MISSING
+        chosen = [section for section in chosen if section.name in names]
     try:
         out.mkdir(parents=True, exist_ok=True)
         results, log = out / "results.jsonl", out / "log.txt"
@@ -308,7 +321,7 @@ def main() -> int:
     print(f"gpu_check: writing to {out}", flush=True)
     records = []
     deadline = time.monotonic() + (args.budget if args.budget is not None else (110.0 if args.smoke else 450.0))
-    for section in sections(out, args.smoke, find_fashion_mnist()):
+    for section in chosen:
         record = run_section(section, log, args.smoke, deadline)
         records.append(record)
         with results.open("a") as f:

@@ -8,6 +8,7 @@
 #   bash scripts/gpu_check.sh OUT_DIR            # on a CUDA machine: OUT_DIR/results.jsonl, summary.md, log.txt
 #   bash scripts/gpu_check.sh --smoke OUT_DIR    # the same sections on the CPU at tiny sizes (< 2 minutes)
 #   bash scripts/gpu_check.sh OUT_DIR --budget S # start no section after S seconds (default 450; 110 with --smoke)
+#   bash scripts/gpu_check.sh OUT_DIR --only step_vits16,fit_plan  # these sections only (a rerun of one that failed)
 #
 # OUT_DIR is taken from the folder you run it in, and the last line says where it wrote and how many sections were
 # ok, failed and skipped. Exit code: 0 all ran (sections that cannot run on this machine, such as --max-batch on the
@@ -28,7 +29,7 @@ set -uo pipefail
 # no cd: OUT_DIR is relative to the caller's folder (gpu_check.py resolves it, then works from the repository)
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 if [ "$#" -lt 1 ] || [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
-    sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'
     exit 0
 fi
 command -v python > /dev/null || { echo "gpu_check: python is not on PATH" >&2; exit 2; }

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 SECTIONS = ["tests", "step_vits16", "step_vits16_compile", "step_vitb16", "step_vitl7_checkpointing",
             "max_batch_vitl7", "max_batch_vitl7_checkpointing", "jpegs", "data_decode_device", "data_device",
@@ -14,6 +16,7 @@ SECTIONS = ["tests", "step_vits16", "step_vits16_compile", "step_vitb16", "step_
 GPU_ONLY = {"max_batch_vitl7", "max_batch_vitl7_checkpointing"}  # recorded as skipped on the CPU
 
 
+@pytest.mark.slow
 def test_the_smoke_check_runs_every_section_and_reports_it(tmp_path):
     out = tmp_path / "check"
     # a budget past the usual 110 s: on a CPU shared with other work the sections take longer, and cut ones exit 3
@@ -46,6 +49,31 @@ def test_the_smoke_check_runs_every_section_and_reports_it(tmp_path):
     assert result.stdout.splitlines()[-1].startswith(
         f"gpu_check: {len(names) - 2 - fmnist_missing} ok, 0 failed, {2 + fmnist_missing} skipped (not for this "
         f"machine), 0 skipped (time budget); wrote {out / 'results.jsonl'}")
+
+
+# the default suite's variant of the smoke check (about 35 of its 100 s): the pytest section, a step, the loader on
+# the generated JPEGs (which needs the jpegs section) and the fitted plan
+FAST = ["tests", "step_vits16", "jpegs", "data_device", "fit_plan"]
+
+
+def test_the_smoke_check_runs_the_sections_named_and_refuses_an_unknown_name(tmp_path):
+    out = tmp_path / "check"
+    result = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "--smoke", str(out), "--budget", "400",
+                             "--only", ",".join(FAST)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["section"] for r in records] == FAST and all(r["status"] == "ok" for r in records), records
+    by_name = {r["section"]: r for r in records}
+    assert by_name["step_vits16"]["result"]["reference_img_s"] > 0
+    assert by_name["data_device"]["result"]["augment_on"] == "device"
+    assert "would train vit_pico (patch 16, native 96 px)" in "\n".join(by_name["fit_plan"]["result"])
+    assert result.stdout.splitlines()[-1].startswith(f"gpu_check: {len(FAST)} ok, 0 failed")
+
+    refused = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "--smoke", "never", "--only",
+                              "step_vits16,step_vit_huge"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and not (tmp_path / "never").exists()
+    assert refused.stderr.startswith("gpu_check: --only step_vits16,step_vit_huge: no section is called "
+                                     "step_vit_huge; the sections are tests, step_vits16,"), refused.stderr
 
 
 def test_a_check_cut_by_its_budget_writes_where_asked_says_so_and_does_not_pass(tmp_path):
