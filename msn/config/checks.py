@@ -19,6 +19,7 @@ from msn.errors import ConfigError
 _CHOICES: dict[str, tuple[str, ...]] = {
     "device": ("auto", "cpu", "cuda"),
     "precision": ("fp32", "bf16", "fp16"),
+    "strategy": ("ddp", "fsdp"),
     "logger.name": ("csv", "wandb"),
     "logger.wandb.mode": ("offline", "online", "disabled"),
     "model.weight_init": WEIGHT_INITS,
@@ -119,6 +120,13 @@ def validate(cfg: DictConfig | MSNConfig) -> None:
     check(not (cfg.data.decode_on == "device" and cfg.data.augment_on == "cpu"),
           "data.decode_on=device cuts the views in the training process, so the photometric stage runs there too; "
           "set data.augment_on=device (or auto), or data.decode_on=cpu")
+    if cfg.strategy == "fsdp":  # what the sharded model does not run yet, named before anything starts
+        check(cfg.precision != "fp16", "strategy=fsdp runs precision=fp32 or bf16 (fp16's loss scaler does not take "
+              "sharded gradients); use precision=bf16")
+        check(not cfg.compile, "strategy=fsdp does not compile yet; set compile=false (or strategy=ddp)")
+        check(not cfg.monitor.every_steps, "strategy=fsdp does not run the monitor yet (it evaluates on one process, "
+              "and the sharded target needs them all); set monitor.every_steps=0 and evaluate the checkpoints with "
+              "msn-eval")
     check(str(cfg.logger.progress).lower() in PROGRESS_MODES,  # true / false arrive as "True" / "False"
           f"logger.progress={cfg.logger.progress!r} is not allowed; choose one of {', '.join(PROGRESS_MODES)}")
     try:

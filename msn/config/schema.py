@@ -237,6 +237,8 @@ class MSNConfig:
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; bf16/fp16 need a GPU)
     compile: bool = False  # torch.compile the online backbone and head and the target encoder
+    # ddp: every process holds the whole model; fsdp: FSDP2 shards the encoders, gradients and AdamW per block
+    strategy: str = "ddp"
     compile_mode: str | None = None  # null (default) | reduce-overhead (CUDA graphs) | max-autotune | ...
     compile_backend: str = "inductor"  # any torch.compile backend (aot_eager, cudagraphs, ... for debugging)
     tf32: bool = True  # fp32 matmuls and convolutions on GPUs may use TF32 tensor cores (as the original's PyTorch did)

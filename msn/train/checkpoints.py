@@ -11,6 +11,7 @@ from msn.data.loader import SkippedImages
 from msn.train.builder import Process, TrainingData, TrainingParts
 from msn.train.loggers import MetricsLogger
 from msn.train.resume import training_state
+from msn.train.sharding import whole_state
 from msn.train.signals import StopRequest
 from msn.train.step import NonFiniteGuard
 from msn.utils import distributed
@@ -58,7 +59,9 @@ class CheckpointPolicy:
             return
         world, p = self.proc.world, self.parts
         self.nonfinite.check()  # a step that made a NaN is never saved ...
-        self.nonfinite.check_weights(p.model, step, self.last_saved)  # ... nor weights that became one
+        # whole tensors: a sharded model's are gathered by every process (one collective), so each checks the same
+        model_state, optimizer_state = whole_state(p.model, p.optimizer)
+        self.nonfinite.check_weights(model_state, step, self.last_saved)  # ... nor weights that became one
         rng = rng_state()
         rng_ranks = distributed.all_gather_object(rng) if world > 1 else None
         skipped = self.data.skipped
@@ -70,7 +73,7 @@ class CheckpointPolicy:
         if lock is not None:  # the folder is still this run's (not removed, not taken over by a second launch)
             lock.verify()
         state = training_state(
-            model=p.model, optimizer=p.optimizer, scaler=p.scaler, cfg=self.cfg, step=step,
+            model_state=model_state, optimizer_state=optimizer_state, scaler=p.scaler, cfg=self.cfg, step=step,
             steps_per_epoch=self.data.steps_per_epoch, world=world, prototype_grad_scale=p.prototype_grad_scale,
             skips=skips, skipped_epoch=skipped.epoch, rng=rng, rng_ranks=rng_ranks,
             wandb_run_id=self.logger.wandb_run_id if self.logger else None,

@@ -37,6 +37,7 @@ from msn.train.fitting import BudgetClock, budget_decided, fit_run, record_lengt
 from msn.train.loggers import MetricsLogger
 from msn.train.report import RunReport
 from msn.train.resume import restore_training
+from msn.train.sharding import shard_training
 from msn.train.signals import StopRequest
 from msn.train.step import NonFiniteGuard, train_step
 from msn.utils import distributed
@@ -148,7 +149,9 @@ def _train(cfg: DictConfig, command: str | None, proc: Process, run_dir: Path, s
     checkpoints = CheckpointPolicy(cfg, run_dir=run_dir, process=proc, data=data, parts=parts, logger=logger,
                                    nonfinite=nonfinite)
     step_model: MSN | DistributedDataParallel = parts.model
-    if proc.world > 1:  # the target has no trainable parameters, so DDP syncs online + prototypes only
+    if proc.world > 1 and cfg.strategy == "fsdp":  # sharded once the weights are loaded: the step takes it as it is
+        shard_training(parts.model, parts.optimizer, amp_dtype=proc.amp_dtype)
+    elif proc.world > 1:  # the target has no trainable parameters, so DDP syncs online + prototypes only
         device_ids = [proc.device.index] if proc.device.type == "cuda" else None
         step_model = DistributedDataParallel(parts.model, device_ids=device_ids)
     report = RunReport(cfg, logger=logger, target=parts.model.target, schedules=parts.schedules,

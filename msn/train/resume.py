@@ -20,17 +20,19 @@ from msn.weights.convert import check_compatible
 log = logging.getLogger(__name__)
 
 
-def training_state(*, model: MSN, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+def training_state(*, model_state: dict[str, Any], optimizer_state: dict[str, Any],
+                   scaler: torch.amp.GradScaler | None,
                    cfg: DictConfig, step: int, steps_per_epoch: int, world: int, prototype_grad_scale: float,
                    skips: list[dict[str, Any]], skipped_epoch: int, rng: dict[str, Any],
                    rng_ranks: list[dict[str, Any]] | None, wandb_run_id: str | None,
                    data_identity: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Everything a run needs to continue exactly after ``step``, as rank 0 saves it: ``rng`` its own
+    """Everything a run needs to continue exactly after ``step``, as rank 0 saves it: the model's and the
+    optimiser's state dicts with whole tensors (:func:`msn.train.sharding.whole_state`), ``rng`` its own
     RNG states (:func:`msn.weights.checkpoint.rng_state`), ``rng_ranks`` every rank's (None for one process) and
     ``skips`` every rank's skip record (:meth:`SkippedImages.state_dict`); ``data_identity`` what the run trains
     on (:func:`msn.data.registry.data_identity`), which a resume checks."""
     state: dict[str, Any] = {
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+        "model": model_state, "optimizer": optimizer_state, "step": step,
         "epoch": step // steps_per_epoch, "rng": rng, "config": OmegaConf.to_yaml(cfg),
         "wandb_run_id": wandb_run_id, "world_size": world,
         "batch_size": cfg.data.batch_size, "global_batch_size": cfg.data.batch_size * world,

@@ -19,6 +19,7 @@ from msn.models.msn import MSN
 from msn.train.loss import LossOutput, MSNLoss
 from msn.train.optim import set_lr_wd
 from msn.train.schedules import StepHyperParams
+from msn.train.sharding import whole_tensor
 from msn.utils.device import autocast
 
 
@@ -45,11 +46,11 @@ class NonFiniteGuard:
         bad = ~(torch.isfinite(result.out.loss) & torch.isfinite(result.encoder_grad_norm))
         self.first = torch.where(bad & (self.first < 0), step, self.first)
 
-    def check_weights(self, model: torch.nn.Module, step: int, last_saved: int | None) -> None:
+    def check_weights(self, state: dict[str, torch.Tensor], step: int, last_saved: int | None) -> None:
         """Refuse to save weights holding NaN or infinity, whatever made them: an lr so large that the update
         overflows while the loss and gradient norm stay finite, bad data, too low a precision. One read back
-        from the device, at checkpoints only."""
-        tensors = {name: t for name, t in model.state_dict().items() if t.is_floating_point()}
+        from the device, at checkpoints only. ``state``: the model's state dict (whole tensors)."""
+        tensors = {name: t for name, t in state.items() if t.is_floating_point()}
         if bool(torch.stack([torch.isfinite(t).all() for t in tensors.values()]).all()):
             return
         bad = [name for name, t in tensors.items() if not bool(torch.isfinite(t).all())]
@@ -90,7 +91,8 @@ def train_step(
 
     Args:
         model: the MSN model, or it wrapped in DDP (gradients are then averaged over processes; the
-            prototypes and the EMA update are reached through ``model.module``).
+            prototypes and the EMA update are reached through ``model.module``), or sharded by
+            :func:`msn.train.sharding.shard_model` (the same, and each process updates its own shards).
         loss_fn: the MSN loss.
         optimizer: AdamW over :func:`msn.train.optim.param_groups`.
         views: ``[target, anchor, focal_1, ..., focal_n]``, each (B, C, S, S) on the training device.
@@ -123,7 +125,7 @@ def train_step(
         core.prototypes.grad.mul_(prototype_grad_scale)
     encoder_params = [p for p in core.online.parameters() if p.requires_grad]
     max_norm = clip_grad if clip_grad is not None else math.inf
-    encoder_grad_norm = torch.nn.utils.clip_grad_norm_(encoder_params, max_norm)
+    encoder_grad_norm = whole_tensor(torch.nn.utils.clip_grad_norm_(encoder_params, max_norm))  # fsdp: of all shards
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()

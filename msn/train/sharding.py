@@ -1,0 +1,140 @@
+"""``strategy=fsdp``: the online encoder and its EMA target sharded per transformer block with FSDP2.
+
+Under data parallelism (``strategy=ddp``) every process holds the whole online encoder, its AdamW moments and the
+target. FSDP2 (``torch.distributed.fsdp.fully_shard``) keeps 1/W of each parameter, gradient and AdamW moment per
+process (W processes) and gathers a block's parameters only while that block runs: the layout DINOv2/v3 train with.
+
+The layout, and why:
+
+* ``fully_shard`` on every transformer block, then on the backbone (patch embedding, tokens, final norm) and on the
+  head, for the online encoder and the target alike. :class:`msn.models.msn.MSN` calls the backbone and the head
+  itself (once per view size), so they are the units that gather, not the encoder around them.
+* Both sides get the same layout, so ``target = m * target + (1 - m) * online`` (:meth:`MSN.update_target`) runs on
+  each process's own shards: the EMA needs no communication.
+* The target has no backward, which is where FSDP frees a gathered root; it is freed right after its forward.
+* The prototypes (K x d, small) stay whole on every process, as under DDP: their gradient is averaged over the
+  processes when backward has accumulated it, so ``optim.prototype_grad`` (sum / mean) means what it means under
+  DDP.
+* ``precision=bf16``: FSDP's ``MixedPrecisionPolicy`` computes with bf16 parameters and reduces gradients in fp32;
+  the sharded parameters and AdamW stay fp32.
+
+Checkpoints hold whole tensors (gathered at a save), so a run saved by 2 processes resumes on 1 or 4, under either
+strategy, and ``msn-export`` / ``msn-eval`` read it as any other run.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from msn.errors import ConfigError
+from msn.models.msn import MSN
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch < 2.5: no DTensor, and so nothing sharded (fsdp_modules says why)
+    DTensor = None
+
+
+def fsdp_modules() -> Any:
+    """``torch.distributed.fsdp`` with FSDP2's ``fully_shard`` (public from torch 2.6), else a ConfigError."""
+    try:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # noqa: F401
+        from torch.distributed.tensor import DTensor, distribute_tensor  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"strategy=fsdp needs torch>=2.6 (FSDP2's fully_shard); this is torch {torch.__version__}: "
+                          "upgrade torch or use strategy=ddp") from None
+    import torch.distributed.fsdp as fsdp
+
+    return fsdp
+
+
+def shard_model(model: MSN, *, amp_dtype: torch.dtype | None) -> None:
+    """Shard ``model``'s online encoder and target in place (see the module's docstring); needs a process group.
+
+    ``amp_dtype``: bf16 computes with bf16 parameters and reduces gradients in fp32; None computes in the
+    parameters' own dtype (fp32, or float64 in the equality tests)."""
+    fsdp = fsdp_modules()
+    policy = (fsdp.MixedPrecisionPolicy(param_dtype=amp_dtype, reduce_dtype=torch.float32) if amp_dtype is not None
+              else fsdp.MixedPrecisionPolicy())
+    for encoder in (model.online, model.target):
+        for block in encoder.backbone.blocks:
+            fsdp.fully_shard(block, mp_policy=policy)
+        for part in (encoder.backbone, encoder.head):
+            fsdp.fully_shard(part, mp_policy=policy)
+    for part in (model.target.backbone, model.target.head):  # no backward to free the gathered root
+        part.register_forward_hook(_reshard_after_forward)
+    world = dist.get_world_size()
+
+    def average_over_processes(prototypes: torch.Tensor) -> None:  # as DDP's all-reduce of the gradient
+        dist.all_reduce(prototypes.grad)
+        prototypes.grad.div_(world)
+
+    model.prototypes.register_post_accumulate_grad_hook(average_over_processes)
+    # The backbone returns the CLS token, a view of its tokens; FSDP warns that an in-place op on such a view would
+    # skip its backward hook. The head only reads it (Linear, then BatchNorm on a new tensor), so this is safe.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(\w+\) returned a view tensor")
+
+
+def _reshard_after_forward(module: torch.nn.Module, args: Any, output: Any) -> None:
+    module.reshard()
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether ``model`` holds FSDP-sharded parameters (DTensors)."""
+    return any(_is_dtensor(p) for p in model.parameters())
+
+
+def _is_dtensor(t: Any) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def whole_tensor(t: Any) -> Any:
+    """A DTensor gathered into the whole tensor (a collective: every process calls it in the same order)."""
+    return t.full_tensor() if _is_dtensor(t) else t
+
+
+def shard_training(model: MSN, optimizer: torch.optim.Optimizer, *, amp_dtype: torch.dtype | None) -> None:
+    """Shard ``model`` (:func:`shard_model`) and point ``optimizer`` at the sharded parameters, its state (a resumed
+    run's AdamW moments: whole tensors) cut into this process's shards.
+
+    Sharding comes after the weights are loaded (resume, ``init_from``), so that every loader keeps reading whole
+    tensors; ``fully_shard`` replaces each parameter with a sharded one, which the optimiser's groups then hold."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    groups = [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
+    state = optimizer.state_dict()  # keyed by position in the groups: the same positions after the swap
+    shard_model(model, amp_dtype=amp_dtype)
+    params = dict(model.named_parameters())
+    for group, group_names in zip(optimizer.param_groups, groups, strict=True):
+        group["params"] = [params[name] for name in group_names]
+    by_position = [params[name] for group_names in groups for name in group_names]
+    state["state"] = {i: {k: _like(v, by_position[i]) for k, v in s.items()} for i, s in state["state"].items()}
+    optimizer.state.clear()
+    optimizer.load_state_dict(state)
+
+
+def _like(value: Any, param: torch.Tensor) -> Any:
+    """An optimiser state tensor of ``param``'s shape, sharded as ``param`` is (AdamW's ``step`` stays as it is)."""
+    if not _is_dtensor(param) or not isinstance(value, torch.Tensor) or value.shape != param.shape:
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
+
+
+def whole_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The model's and the optimiser's state dicts with whole tensors, in the layout of an unsharded run (so a
+    checkpoint of a sharded run resumes on any number of processes, under either strategy).
+
+    Sharded: a collective, every process calls it (each gets the whole tensors); else the state dicts themselves."""
+    model_state = model.state_dict()
+    optimizer_state = optimizer.state_dict()
+    if not is_sharded(model):
+        return model_state, optimizer_state
+    model_state = {name: whole_tensor(t).detach().clone() for name, t in model_state.items()}
+    optimizer_state["state"] = {i: {k: whole_tensor(v).clone() if isinstance(v, torch.Tensor) else v
+                                    for k, v in s.items()} for i, s in optimizer_state["state"].items()}
+    return model_state, optimizer_state

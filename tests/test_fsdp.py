@@ -1,0 +1,74 @@
+"""strategy=fsdp (issue 41): FSDP2 shards the encoders per block and trains exactly what DDP trains, with real gloo
+process groups on the CPU, in float64."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from msn.weights.checkpoint import load_checkpoint
+from tests.dist_utils import run_distributed
+from tests.test_distributed import _train_worker
+
+# Head BN with global statistics, masks on anchor and focal views, and a clip that acts at every step (the gradient
+# norm is ~1): every part of the step that a sharded model could get wrong.
+COMMON = ["experiment=cpu_smoke", "logger.progress=false", "model.head_batchnorm=true", "masking.ratio=0.3",
+          "masking.mask_focal=true", "optim.max_steps=5", "optim.clip_grad=0.05", "checkpoint.every_steps=3"]
+
+
+def _run(run_dir: Path, world: int, *extra: str) -> dict:
+    overrides = [*COMMON, f"data.batch_size={16 // world}", *extra]
+    run_distributed(_train_worker, world_size=world, args=(str(run_dir), overrides, "float64"))
+    state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert state["step"] == 5 and state["world_size"] == world and state["global_batch_size"] == 16
+    return state
+
+
+def _assert_same(a: dict, b: dict, atol: float, moments: bool = True) -> None:
+    assert a["model"].keys() == b["model"].keys()
+    for name, value in a["model"].items():
+        torch.testing.assert_close(b["model"][name], value, atol=atol, rtol=0, msg=name)
+    if not moments:
+        return
+    moments = [(i, key) for i, s in a["optimizer"]["state"].items() for key in s]
+    assert len(moments) > 100
+    for i, key in moments:
+        torch.testing.assert_close(b["optimizer"]["state"][i][key], a["optimizer"]["state"][i][key], atol=atol, rtol=0,
+                                   msg=f"optimizer state {i} {key}")
+
+
+def test_fsdp_trains_what_ddp_trains_and_its_checkpoints_resume_on_any_number_of_processes(tmp_path):
+    """2 processes x 3 steps of fsdp == ddp to 1e-9 in every parameter, target, prototype and AdamW moment; the
+    sharded run's step-3 checkpoint (whole tensors) continues under fsdp on 2 processes (AdamW's moments cut into
+    shards again) and on 1 process, as the uninterrupted run (to AdamW's eps there: one process rescales the
+    prototypes' moments to its summed gradient's scale, as tests/test_distributed.py shows for DDP)."""
+    ddp = _run(tmp_path / "ddp", 2)
+    fsdp = _run(tmp_path / "fsdp", 2, "strategy=fsdp")
+    _assert_same(ddp, fsdp, atol=1e-9)
+    assert not torch.equal(fsdp["model"]["online.head.fc1.weight"], fsdp["model"]["target.head.fc1.weight"])
+    step3 = tmp_path / "fsdp" / "checkpoints" / "step_0000003.pt"
+    assert load_checkpoint(step3)["model"]["online.backbone.blocks.0.attn.qkv.weight"].shape == (384, 128)  # whole
+    _assert_same(fsdp, _run(tmp_path / "fsdp_again", 2, "strategy=fsdp", f"resume={step3}"), atol=1e-9)
+    _assert_same(fsdp, _run(tmp_path / "one", 1, f"resume={step3}"), atol=1e-6, moments=False)
+
+
+@pytest.mark.parametrize("override, words", [
+    ("precision=fp16", "strategy=fsdp runs precision=fp32 or bf16"),
+    ("compile=true", "strategy=fsdp does not compile yet"),
+    ("monitor.every_steps=10", "strategy=fsdp does not run the monitor yet"),
+])
+def test_what_fsdp_does_not_run_is_refused_before_the_run(override, words):
+    from msn.config import validate
+    from msn.errors import ConfigError
+    from tests.conftest import compose_config
+
+    with pytest.raises(ConfigError, match=words):
+        validate(compose_config(["experiment=cpu_smoke", "strategy=fsdp", override]))
+
+
+@pytest.mark.slow
+def test_fsdp_with_activation_checkpointing_and_per_process_batchnorm_trains_what_ddp_trains(tmp_path):
+    for extra in ("model.grad_checkpointing=true", "model.sync_batchnorm=false"):
+        name = extra.split("=")[0]
+        ddp = _run(tmp_path / f"ddp_{name}", 2, extra)
+        _assert_same(ddp, _run(tmp_path / f"fsdp_{name}", 2, "strategy=fsdp", extra), atol=1e-9)
