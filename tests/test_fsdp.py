@@ -1,6 +1,7 @@
 """strategy=fsdp (issue 41): FSDP2 shards the encoders per block and trains exactly what DDP trains, with real gloo
 process groups on the CPU, in float64."""
 
+import math
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,38 @@ def test_fsdp_trains_what_ddp_trains_and_its_checkpoints_resume_on_any_number_of
     assert load_checkpoint(step3)["model"]["online.backbone.blocks.0.attn.qkv.weight"].shape == (384, 128)  # whole
     _assert_same(fsdp, _run(tmp_path / "fsdp_again", 2, "strategy=fsdp", f"resume={step3}"), atol=1e-9)
     _assert_same(fsdp, _run(tmp_path / "one", 1, f"resume={step3}"), atol=1e-6, moments=False)
+
+
+def _overflow_worker(rank: int, world: int, run_dir: str) -> str:
+    """A 2-process fsdp run whose step 3 (a checkpoint's) leaves an infinite weight in rank 1's shard alone: what each
+    process says."""
+    import msn.train.loop
+    from msn.errors import NonFiniteError
+    from tests.conftest import compose_config
+
+    real_step, calls = msn.train.loop.train_step, []
+
+    def overflowing(model, *args, **kwargs):
+        result = real_step(model, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3 and rank == 1:
+            with torch.no_grad():
+                model.online.head.fc1.weight.to_local()[0, 0] = math.inf
+        return result
+
+    msn.train.loop.train_step = overflowing
+    try:
+        msn.train.train(compose_config([f"run_dir={run_dir}", *COMMON, "data.batch_size=8", "strategy=fsdp"]))
+    except NonFiniteError as e:
+        return str(e)
+    return "trained on"
+
+
+def test_an_infinite_weight_in_one_process_shards_stops_every_process_and_nothing_is_saved(tmp_path):
+    said = run_distributed(_overflow_worker, world_size=2, args=(str(tmp_path / "run"),))
+    assert "weights hold NaN or infinity by step 3 (in another process's shards)" in said[0], said
+    assert "weights hold NaN or infinity by step 3 (1 of " in said[1] and "online.head.fc1.weight" in said[1], said
+    assert not list((tmp_path / "run" / "checkpoints").glob("*.pt"))
 
 
 @pytest.mark.parametrize("override, words", [

@@ -59,9 +59,9 @@ class CheckpointPolicy:
             return
         world, p = self.proc.world, self.parts
         self.nonfinite.check()  # a step that made a NaN is never saved ...
-        # whole tensors: a sharded model's are gathered by every process (one collective), so each checks the same
-        model_state, optimizer_state = whole_state(p.model, p.optimizer)
-        self.nonfinite.check_weights(model_state, step, self.last_saved)  # ... nor weights that became one
+        self.nonfinite.check_weights(p.model, step, self.last_saved)  # ... nor weights that became one
+        # whole tensors (a sharded model's gathered one at a time: every process takes part, rank 0 keeps them)
+        model_state, optimizer_state = whole_state(p.model, p.optimizer, keep=self.proc.is_main)
         rng = rng_state()
         rng_ranks = distributed.all_gather_object(rng) if world > 1 else None
         skipped = self.data.skipped

@@ -92,6 +92,11 @@ def _is_dtensor(t: Any) -> bool:
     return DTensor is not None and isinstance(t, DTensor)
 
 
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of ``t``: its local shard for a DTensor, else ``t`` itself."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
 def whole_tensor(t: Any) -> Any:
     """A DTensor gathered into the whole tensor (a collective: every process calls it in the same order)."""
     return t.full_tensor() if _is_dtensor(t) else t
@@ -125,16 +130,25 @@ def _like(value: Any, param: torch.Tensor) -> Any:
     return distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
 
 
-def whole_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
+def whole_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, keep: bool = True
+                ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The model's and the optimiser's state dicts with whole tensors, in the layout of an unsharded run (so a
     checkpoint of a sharded run resumes on any number of processes, under either strategy).
 
-    Sharded: a collective, every process calls it (each gets the whole tensors); else the state dicts themselves."""
+    Unsharded: the state dicts themselves. Sharded: a collective that every process calls; the tensors are gathered
+    one at a time and copied to the CPU, so a device holds one whole tensor at most; a process with ``keep=False``
+    drops them and gets empty dicts."""
     model_state = model.state_dict()
     optimizer_state = optimizer.state_dict()
     if not is_sharded(model):
         return model_state, optimizer_state
-    model_state = {name: whole_tensor(t).detach().clone() for name, t in model_state.items()}
-    optimizer_state["state"] = {i: {k: whole_tensor(v).clone() if isinstance(v, torch.Tensor) else v
-                                    for k, v in s.items()} for i, s in optimizer_state["state"].items()}
-    return model_state, optimizer_state
+
+    def gathered(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor):
+            return t
+        whole = whole_tensor(t).detach()
+        return whole.cpu() if keep else None
+
+    model_state = {name: gathered(t) for name, t in model_state.items()}
+    optimizer_state["state"] = {i: {k: gathered(v) for k, v in s.items()} for i, s in optimizer_state["state"].items()}
+    return (model_state, optimizer_state) if keep else ({}, {})

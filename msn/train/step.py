@@ -19,7 +19,8 @@ from msn.models.msn import MSN
 from msn.train.loss import LossOutput, MSNLoss
 from msn.train.optim import set_lr_wd
 from msn.train.schedules import StepHyperParams
-from msn.train.sharding import whole_tensor
+from msn.train.sharding import is_sharded, local_shard, whole_tensor
+from msn.utils import distributed
 from msn.utils.device import autocast
 
 
@@ -46,20 +47,24 @@ class NonFiniteGuard:
         bad = ~(torch.isfinite(result.out.loss) & torch.isfinite(result.encoder_grad_norm))
         self.first = torch.where(bad & (self.first < 0), step, self.first)
 
-    def check_weights(self, state: dict[str, torch.Tensor], step: int, last_saved: int | None) -> None:
+    def check_weights(self, model: torch.nn.Module, step: int, last_saved: int | None) -> None:
         """Refuse to save weights holding NaN or infinity, whatever made them: an lr so large that the update
         overflows while the loss and gradient norm stay finite, bad data, too low a precision. One read back
-        from the device, at checkpoints only. ``state``: the model's state dict (whole tensors)."""
-        tensors = {name: t for name, t in state.items() if t.is_floating_point()}
-        if bool(torch.stack([torch.isfinite(t).all() for t in tensors.values()]).all()):
+        from the device, at checkpoints only. A sharded model (``strategy=fsdp``): each process checks its own
+        shards, and all decide alike (one all-reduce)."""
+        tensors = {name: local_shard(t) for name, t in model.state_dict().items() if t.is_floating_point()}
+        finite = bool(torch.stack([torch.isfinite(t).all() for t in tensors.values()]).all())
+        if is_sharded(model):
+            finite = not distributed.any_rank(not finite)[0]
+        if finite:
             return
         bad = [name for name, t in tensors.items() if not bool(torch.isfinite(t).all())]
+        which = f"{len(bad)} of {len(tensors)} tensors, e.g. {bad[0]}" if bad else "in another process's shards"
         kept = (f"checkpoints/last.pt stays at step {last_saved}" if last_saved is not None else
                 "no checkpoint was written")
         raise NonFiniteError(
-            f"the model's weights hold NaN or infinity by step {step} ({len(bad)} of {len(tensors)} tensors, e.g. "
-            f"{bad[0]}) while the loss stayed finite; nothing was saved ({kept}); lower optim.lr or use "
-            "precision=fp32")
+            f"the model's weights hold NaN or infinity by step {step} ({which}) while the loss stayed finite; nothing "
+            f"was saved ({kept}); lower optim.lr or use precision=fp32")
 
     def check(self) -> None:
         first = int(self.first.item())
