@@ -106,6 +106,7 @@ def sections(out: Path, smoke: bool, fmnist: Path | None) -> list[Section]:
                                                       "--max-batch"], timeout=300,
                     claim="largest msn_vitl7 batch with activation checkpointing"),
         ]
+    result += strategy_sections(smoke, vitl_16=["experiment=msn_vitl16", "data.batch_size=32", *dev], steps=steps)
     result += [
         Section("jpegs", ["msn-bench", "jpegs", str(count), str(jpegs)], claim="benchmark images written"),
         Section("data_decode_device", ["msn-bench", "data", "--root", str(jpegs), "--workers", workers, "--seconds",
@@ -152,6 +153,29 @@ def sections(out: Path, smoke: bool, fmnist: Path | None) -> list[Section]:
                                        "--fraction", "0", "--overwrite", "--output", str(out / "fmnist_lowshot.json")],
                     claim="1/5/10-shot accuracy (%), 3 draws"),
         ]
+    return result
+
+
+def strategy_sections(smoke: bool, *, vitl_16: list[str], steps: list[str]) -> list[Section]:
+    """ViT-L/16's step under strategy=ddp and =fsdp, one process per GPU: each process's share of weights, gradients
+    and AdamW state, its peak memory and step time. One GPU cannot shard: both sections are then skipped. The smoke
+    runs them on 2 CPU processes with gloo."""
+    if smoke:
+        processes, model = 2, ["model=vit_pico", "data.batch_size=4", "device=cpu", "precision=fp32"]
+    else:
+        import torch
+
+        processes, model = torch.cuda.device_count(), vitl_16
+    result = []
+    for strategy in ("ddp", "fsdp"):
+        name, claim = f"strategy_vitl16_{strategy}", f"ViT-L/16 per-process state and peak memory under {strategy}"
+        if processes < 2:
+            result.append(Section(name, [], claim=claim, extra={"skip": "a strategy's sharding needs 2 GPUs or more; "
+                                                                      f"this machine has {processes}"}))
+            continue
+        result.append(Section(name, ["torchrun", f"--nproc_per_node={processes}", "--no-python", "msn-bench", "step",
+                                     *model, f"strategy={strategy}", *steps], in_process=False, timeout=300,
+                              claim=claim))
     return result
 
 
@@ -266,6 +290,7 @@ def _figure(record: dict[str, Any]) -> str:
         return str(r or record.get("error") or record.get("reason") or "")[:80]
     keys = [("img_s", "{:.0f} img/s"), ("mfu", "MFU {:.1%}"), ("ratio", "ratio {:.2f}"), ("max_batch", "batch {}"),
             ("peak_mem_gib", "peak {:.2f} GiB"), ("peak_mem_gib_without_checkpointing", "without {:.2f} GiB"),
+            ("state_gib_per_process", "state {:.2f} GiB per process"),
             ("ours_images_per_s", "{:.0f} img/s"), ("e2e_images_per_s", "{:.0f} img/s")]
     parts = [fmt.format(r[k]) for k, fmt in keys if isinstance(r.get(k), (int, float))]
     if "results" in r:

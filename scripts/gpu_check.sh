@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared command that proves and measures the GPU paths (issue 27): every CUDA test, the step of ViT-S/16
 # against the original (compile off and on), ViT-B/16's MFU, msn_vitl7's largest batch with and without activation
-# checkpointing, the loader and the trainer end to end on generated JPEGs, and a shortened fmnist_gpu with its
+# checkpointing, ViT-L/16 under strategy=ddp and fsdp (2 GPUs or more), the loader and the trainer end to end on
+# generated JPEGs, and a shortened fmnist_gpu with its
 # k-NN / low-shot figures; the loader and e2e sections run with data.decode_on=device and =cpu side by side. About
 # 9 minutes on one H200 with 16 cores.
 #
@@ -29,7 +30,7 @@ set -uo pipefail
 # no cd: OUT_DIR is relative to the caller's folder (gpu_check.py resolves it, then works from the repository)
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 if [ "$#" -lt 1 ] || [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
-    sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'
     exit 0
 fi
 command -v python > /dev/null || { echo "gpu_check: python is not on PATH" >&2; exit 2; }

@@ -85,6 +85,29 @@ def test_an_infinite_weight_in_one_process_shards_stops_every_process_and_nothin
     assert not list((tmp_path / "run" / "checkpoints").glob("*.pt"))
 
 
+def _bench_worker(rank: int, world: int, strategy: str) -> dict:
+    from msn.benchmarks.step import bench_step
+    from msn.cli.bench import compose_bench_config
+
+    overrides = ["experiment=cpu_smoke", f"strategy={strategy}"]
+    report = bench_step(compose_bench_config(overrides), overrides=overrides, steps=1, warmup=1)
+    return {key: report[key] for key in ("processes", "strategy", "state_gib_per_process",
+                                         "state_gib_per_process_computed")}
+
+
+def test_msn_bench_step_measures_each_process_s_share_of_the_training_state():
+    """What a process holds of weights, gradients and AdamW state, measured on its tensors after a step and computed
+    from the parameter counts: fsdp halves DDP's on 2 processes, except the prototypes, which stay whole."""
+    ddp = run_distributed(_bench_worker, world_size=2, args=("ddp",))[0]
+    fsdp = run_distributed(_bench_worker, world_size=2, args=("fsdp",))[0]
+    assert (ddp["processes"], ddp["strategy"], fsdp["strategy"]) == (2, "ddp", "fsdp")
+    for report in (ddp, fsdp):
+        assert report["state_gib_per_process"] == pytest.approx(report["state_gib_per_process_computed"], rel=0.01)
+    prototypes = 16 * 32 * 64 / 2**30  # cpu_smoke's K x d, with gradient and two moments, whole on each process
+    assert fsdp["state_gib_per_process"] - prototypes == pytest.approx(
+        (ddp["state_gib_per_process"] - prototypes) / 2, rel=0.01)
+
+
 @pytest.mark.parametrize("override, words", [
     ("precision=fp16", "strategy=fsdp runs precision=fp32 or bf16"),
     ("compile=true", "strategy=fsdp does not compile yet"),

@@ -10,9 +10,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SECTIONS = ["tests", "step_vits16", "step_vits16_compile", "step_vitb16", "step_vitl7_checkpointing",
-            "max_batch_vitl7", "max_batch_vitl7_checkpointing", "jpegs", "data_decode_device", "data_device",
-            "data_cpu", "e2e_decode_device", "e2e_device", "e2e_cpu", "fit_plan", "fmnist", "fmnist_knn",
-            "fmnist_lowshot"]
+            "max_batch_vitl7", "max_batch_vitl7_checkpointing", "strategy_vitl16_ddp", "strategy_vitl16_fsdp", "jpegs",
+            "data_decode_device", "data_device", "data_cpu", "e2e_decode_device", "e2e_device", "e2e_cpu", "fit_plan",
+            "fmnist", "fmnist_knn", "fmnist_lowshot"]
 GPU_ONLY = {"max_batch_vitl7", "max_batch_vitl7_checkpointing"}  # recorded as skipped on the CPU
 
 
@@ -31,6 +31,9 @@ def test_the_smoke_check_runs_every_section_and_reports_it(tmp_path):
         skipped_here = r["section"] in GPU_ONLY or (r["section"] == "fmnist" and fmnist_missing)
         assert r["status"] == ("skipped" if skipped_here else "ok"), r
     by_name = {r["section"]: r for r in records}
+    ddp, fsdp = (by_name[f"strategy_vitl16_{s}"]["result"] for s in ("ddp", "fsdp"))  # 2 gloo processes
+    assert (ddp["processes"], ddp["strategy"], fsdp["strategy"]) == (2, "ddp", "fsdp")
+    assert fsdp["state_gib_per_process"] < 0.6 * ddp["state_gib_per_process"]
     assert "5 skipped" in by_name["tests"]["result"] or "skipped" in by_name["tests"]["result"]
     assert by_name["step_vits16"]["result"]["reference_img_s"] > 0
     assert by_name["step_vits16_compile"]["result"]["compile"] is True

@@ -31,8 +31,9 @@ from omegaconf import DictConfig
 
 from msn.benchmarks.reference import ReferenceMSN
 from msn.config import ConfigError, model_arch
-from msn.train.builder import build_schedules, local_process
-from msn.train.memory import SyntheticStep, largest_batch, random_views
+from msn.train.builder import build_schedules, joined_process, local_process
+from msn.train.memory import SyntheticStep, computed_state_bytes, largest_batch, random_views, state_bytes
+from msn.train.sharding import is_sharded
 
 
 def _cpu_name() -> str:
@@ -95,7 +96,9 @@ def bench_step(cfg: DictConfig, *, overrides: list[str], steps: int = 10, warmup
                reference: bool = False) -> dict[str, Any]:
     """Time the training step of ``cfg`` (composed from ``overrides``, which the report repeats); see the
     module docstring for what is reported. TF32 is the caller's choice (``msn-bench`` sets ``cfg.tf32``)."""
-    process = local_process(cfg)
+    process = joined_process(cfg)  # under torchrun: every process runs the step, as the trainer's do
+    if reference and process.world > 1:
+        raise ConfigError("--reference times one process: run msn-bench step --reference without torchrun")
     device, amp_dtype = process.device, process.amp_dtype
     batch = int(cfg.data.batch_size)
 
@@ -107,6 +110,7 @@ def bench_step(cfg: DictConfig, *, overrides: list[str], steps: int = 10, warmup
     _reset_peak(device)
     seconds = _seconds_per_call(ours, steps, warmup, device)
     peak = _peak_gib(device)
+    sharded = is_sharded(ours.model)
     peak_flops = matmul_flops(device, amp_dtype or torch.float32)
     report: dict[str, Any] = {
         "device": device.type,
@@ -115,6 +119,10 @@ def bench_step(cfg: DictConfig, *, overrides: list[str], steps: int = 10, warmup
         "overrides": overrides, "batch": batch, "step_s": seconds, "img_s": batch / seconds, "peak_mem_gib": peak,
         "flops_per_image": flops / batch, "matmul_tflops": peak_flops / 1e12,
         "mfu": flops / seconds / peak_flops, "grad_checkpointing": bool(cfg.model.grad_checkpointing),
+        "processes": process.world, "strategy": cfg.strategy if process.world > 1 else "one process",
+        "state_gib_per_process": state_bytes(ours.model, ours.parts.optimizer) / 2**30,
+        "state_gib_per_process_computed": computed_state_bytes(ours.model, world=process.world,
+                                                               sharded=sharded) / 2**30,
     }
     del ours
     if cfg.model.grad_checkpointing:  # the same step keeping every activation, for the memory it saves

@@ -55,6 +55,10 @@ def _print_step(r: dict[str, Any]) -> None:
     speed = r["matmul_tflops"]  # a CPU's is a fraction of a TFLOP/s: shown in GFLOP/s, not as 0.0
     speed_text = f"{speed:.1f} TFLOP/s" if speed >= 1 else f"{speed * 1e3:.1f} GFLOP/s"
     print(f"  {r['flops_per_image'] / 1e9:.2f} GFLOP per image; matmul {speed_text} -> MFU {100 * r['mfu']:.1f} %")
+    if "state_gib_per_process" in r:
+        processes = f"{r['processes']} processes, strategy={r['strategy']}" if r["processes"] > 1 else "one process"
+        print(f"  {processes}: weights, gradients and AdamW state {r['state_gib_per_process']:.3f} GiB per process "
+              f"(computed {r['state_gib_per_process_computed']:.3f})")
     if "ratio" in r:
         print(f"  original step: {r['reference_img_s']:.1f} img/s, peak {r['reference_peak_mem_gib']:.2f} GiB, "
               f"{r['reference_flops_per_image'] / 1e9:.2f} GFLOP per image -> ours is {r['ratio']:.2f}x")
@@ -152,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         result = _run(args)
     except (MSNError, HydraException, OmegaConfBaseException) as e:  # bad input, or an override Hydra cannot compose
         return fail("msn-bench", e)
-    print(json.dumps(result))
+    if result is not None:
+        print(json.dumps(result))
     return 0
 
 
@@ -170,8 +175,9 @@ def _set_matmul(cfg: DictConfig) -> None:
     configure_matmul(resolve_device(cfg.device), cfg.tf32)
 
 
-def _run(args: argparse.Namespace) -> dict[str, Any]:
-    """The chosen benchmark, its report printed; returns its JSON record. (Imports deferred: --help stays fast.)"""
+def _run(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The chosen benchmark, its report printed; returns its JSON record (None on a process other than rank 0).
+    (Imports deferred: --help stays fast.)"""
     if args.command == "step":
         from msn.benchmarks.step import bench_step, max_batch
 
@@ -183,6 +189,10 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
             return result
         result = bench_step(cfg, overrides=args.overrides, steps=args.steps, warmup=args.warmup,
                             reference=args.reference)
+        from msn.utils.distributed import is_main_process
+
+        if not is_main_process():  # under torchrun every process measured; rank 0 reports
+            return None
         _print_step(result)
         return result
     if args.command == "data":

@@ -34,6 +34,7 @@ from msn.models.msn import MSN
 from msn.train.loss import MSNLoss
 from msn.train.optim import build_optimizer
 from msn.train.schedules import Schedules
+from msn.utils import distributed
 from msn.utils.device import autocast_dtype, resolve_device
 from msn.utils.seeding import seeded_global_rng
 
@@ -84,6 +85,17 @@ def local_process(cfg: DictConfig) -> Process:
     """One process (no process group): ``cfg.device`` and ``cfg.precision`` resolved on this machine."""
     device = resolve_device(cfg.device)
     return Process(device, autocast_dtype(cfg.precision, device))
+
+
+def joined_process(cfg: DictConfig) -> Process:
+    """Join the process group when launched by torchrun / SLURM (else one process) and pick this process's device
+    (``cuda:LOCAL_RANK``) and precision."""
+    device = resolve_device(cfg.device)
+    local_rank = distributed.init_from_env()
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    return Process(device, autocast_dtype(cfg.precision, device), distributed.rank(), distributed.world_size())
 
 
 def build_data(cfg: DictConfig, *, device: torch.device, world: int, base: ImageDataset | None = None

@@ -12,7 +12,6 @@ import logging
 import time
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
@@ -30,6 +29,7 @@ from msn.train.builder import (
     build_order,
     build_parts,
     build_schedules,
+    joined_process,
 )
 from msn.train.checkpoints import CheckpointPolicy
 from msn.train.failures import collective_failure, lost_peer_message, stop_workers, watchdog_for
@@ -40,9 +40,7 @@ from msn.train.resume import restore_training
 from msn.train.sharding import shard_training
 from msn.train.signals import StopRequest
 from msn.train.step import NonFiniteGuard, train_step
-from msn.utils import distributed
 from msn.utils.compose import compose_config
-from msn.utils.device import autocast_dtype, resolve_device
 from msn.utils.rundir import (
     complete_message,
     has_checkpoints,
@@ -81,7 +79,7 @@ def train(cfg: DictConfig | MSNConfig | list[str] | tuple[str, ...], command: st
     cfg = to_schema(cfg if isinstance(cfg, DictConfig) else OmegaConf.structured(cfg))
     OmegaConf.resolve(cfg)
     run_dir = Path(cfg.run_dir)
-    proc = _start_process(cfg)
+    proc = joined_process(cfg)
     if cfg.plan:
         show_plan(cfg, proc, run_dir)
         return {}
@@ -287,16 +285,6 @@ def show_plan(cfg: DictConfig, proc: Process, run_dir: Path) -> None:
     log.info(f"would train {m.arch or 'a ViT'} (patch {m.patch_size}, native {m.img_size} px) on 2 x {d.global_size} "
              f"px + {d.num_focal} x {d.focal_size} px views of {len(images):,} images, {d.batch_size} a step per "
              f"process, lr {o.lr:.3g}: {length}; run it without plan=true")
-
-
-def _start_process(cfg: DictConfig) -> Process:
-    """Join the process group when launched by torchrun / SLURM and pick this process's device and precision."""
-    device = resolve_device(cfg.device)
-    local_rank = distributed.init_from_env()
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    return Process(device, autocast_dtype(cfg.precision, device), distributed.rank(), distributed.world_size())
 
 
 def _resume_path(cfg: DictConfig, run_dir: Path, is_main: bool) -> Path | None:

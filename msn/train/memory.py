@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import torch
 from omegaconf import DictConfig
+from torch.nn.parallel import DistributedDataParallel
 
 from msn.train.builder import Process, build_parts
+from msn.train.sharding import local_shard, shard_training
 from msn.train.step import train_step
 from msn.utils import distributed
 
@@ -21,21 +23,49 @@ def random_views(cfg: DictConfig, batch: int, device: torch.device, dtype: torch
 class SyntheticStep:
     """The trainer's step (:func:`msn.train.step.train_step`) with the parts the trainer builds
     (:func:`msn.train.builder.build_parts`: model, AdamW, fp16's scaler, loss, masks, schedules over a
-    nominal 1000-step run), on fixed random views; ``step(i)`` runs step ``i``."""
+    nominal 1000-step run), on fixed random views; ``step(i)`` runs step ``i``. Several processes (``process.world``)
+    take it as the trainer does: wrapped in DDP, or sharded (``strategy=fsdp``)."""
 
     def __init__(self, cfg: DictConfig, batch: int, process: Process) -> None:
         self.cfg, self.process = cfg, process
         self.parts = build_parts(cfg, process=process, total_steps=1000, steps_in_epoch=100)
         self.model = self.parts.model.train()
+        self.step_model: torch.nn.Module = self.model
+        if process.world > 1 and cfg.strategy == "fsdp":
+            shard_training(self.model, self.parts.optimizer, amp_dtype=process.amp_dtype)
+        elif process.world > 1:
+            device_ids = [process.device.index] if process.device.type == "cuda" else None
+            self.step_model = DistributedDataParallel(self.model, device_ids=device_ids)
         self.views = random_views(cfg, batch, process.device, torch.float32)
 
     def __call__(self, i: int) -> None:
         d, p = self.cfg.data, self.parts
         masks = p.make_masks(i, len(self.views[0]), anchor_size=d.global_size, focal_size=d.focal_size,
                              num_focal=d.num_focal, device=self.process.device)
-        train_step(self.model, p.loss_fn, p.optimizer, self.views, masks, hp=p.schedules.at(i),
+        train_step(self.step_model, p.loss_fn, p.optimizer, self.views, masks, hp=p.schedules.at(i),
                    clip_grad=self.cfg.optim.clip_grad, scaler=p.scaler, amp_dtype=self.process.amp_dtype,
                    prototype_grad_scale=p.prototype_grad_scale)
+
+
+def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Bytes this process holds of the training state: parameters (the target's included), their gradients and the
+    optimiser's state; for a sharded model its own shards. (DDP's gradient buckets and the activations are not
+    counted: this is the part a strategy divides.)"""
+    tensors = [*model.parameters(), *(p.grad for p in model.parameters() if p.grad is not None),
+               *(v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor))]
+    return sum(local_shard(t).nbytes for t in tensors)
+
+
+def computed_state_bytes(model: torch.nn.Module, *, world: int, sharded: bool) -> int:
+    """What :func:`state_bytes` should be, from the parameter counts: in fp32 4 bytes per weight, 4 per gradient and
+    8 for AdamW's two moments of each trainable parameter, 4 per frozen (target) weight; divided by the processes
+    when sharded, except the prototypes (K x d), which every process holds whole."""
+    size = model.prototypes.element_size()  # 4: fp32 (8 in the float64 tests)
+    prototypes = model.prototypes.numel()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) - prototypes
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    shared = size * (4 * trainable + frozen)
+    return (shared // world if sharded else shared) + 4 * size * prototypes
 
 
 def largest_batch(cfg: DictConfig, process: Process, *, start: int, cap: int | None = None) -> int:
