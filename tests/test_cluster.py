@@ -275,6 +275,22 @@ def test_torchrun_restarts_a_group_whose_worker_was_killed_and_it_ends_bit_ident
     assert [int(r["step"]) for r in metrics_rows(run_dir)] == list(range(1, 9))  # each step once
 
 
+@pytest.mark.slow  # the default suite resumes an fsdp checkpoint on 2 and on 1 process (tests/test_fsdp.py)
+def test_torchrun_restarts_an_fsdp_group_whose_worker_was_killed_and_it_ends_bit_identical(tmp_path):
+    """strategy=fsdp, 2 processes under ``torchrun --max-restarts=1``, rank 1 killed (-9) at the start of step 4: the
+    restarted group shards the newest checkpoint's whole tensors again and ends with the weights of an fsdp run that
+    was never interrupted, bit for bit."""
+    reference = tmp_path / "reference"
+    run_distributed(_train_worker, world_size=2, args=(str(reference), [*EVERY_STEP, "strategy=fsdp"]))
+    run_dir = tmp_path / "run"
+    job = _launch(_torchrun(*EVERY_STEP, "strategy=fsdp", "data.num_workers=2", f"hydra.run.dir={run_dir}",
+                            restarts=1), tmp_path, "job", fault="1:4:KILL")
+    assert job.wait(timeout=400) == 0, (tmp_path / "job.err").read_text()[-4000:]
+    assert "resumed from" in (tmp_path / "job.out").read_text()
+    _assert_identical(_weights(reference), _weights(run_dir), "fsdp restarted by torchrun")
+    assert [int(r["step"]) for r in metrics_rows(run_dir)] == list(range(1, 9))
+
+
 def test_two_torchrun_agents_with_nnodes_2_train_one_run(tmp_path, uninterrupted):
     """Two agents on this machine, ``--nnodes=2 --nproc_per_node=1`` with a c10d rendezvous, as two nodes would
     start them: one run folder, written once, and the weights of the one-agent, two-process run. (torchrun sets

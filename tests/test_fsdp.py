@@ -52,6 +52,16 @@ def test_fsdp_trains_what_ddp_trains_and_its_checkpoints_resume_on_any_number_of
     _assert_same(fsdp, _run(tmp_path / "fsdp_again", 2, "strategy=fsdp", f"resume={step3}"), atol=1e-9)
     _assert_same(fsdp, _run(tmp_path / "one", 1, f"resume={step3}"), atol=1e-6, moments=False)
 
+    # the run folder is read as any other: its backbone, and its Hugging Face export
+    import msn
+    from msn.cli.export import main as export
+
+    backbone, _ = msn.load_backbone(tmp_path / "fsdp")
+    weight = fsdp["model"]["target.backbone.blocks.1.mlp.fc2.weight"]
+    torch.testing.assert_close(backbone.blocks[1].mlp.fc2.weight, weight.to(backbone.blocks[1].mlp.fc2.weight.dtype))
+    assert export([str(tmp_path / "fsdp"), str(tmp_path / "hf")]) in (0, None)
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
+
 
 def _overflow_worker(rank: int, world: int, run_dir: str) -> str:
     """A 2-process fsdp run whose step 3 (a checkpoint's) leaves an infinite weight in rank 1's shard alone: what each
