@@ -17,9 +17,19 @@ COMMON = ["experiment=cpu_smoke", "logger.progress=false", "model.head_batchnorm
           "masking.mask_focal=true", "optim.max_steps=5", "optim.clip_grad=0.05", "checkpoint.every_steps=3"]
 
 
-def _run(run_dir: Path, world: int, *extra: str) -> dict:
+def _graphs_worker(rank: int, world: int, run_dir: str, overrides: list[str]) -> int:
+    """A float64 run (tests/test_distributed.py's worker); the number of graphs torch.compile made in this process."""
+    from torch._dynamo.utils import counters
+
+    _train_worker(rank, world, run_dir, overrides, "float64")
+    return counters["stats"]["unique_graphs"]
+
+
+def _run(run_dir: Path, world: int, *extra: str, compiled: bool | None = None) -> dict:
+    """A float64 run of COMMON on ``world`` processes; ``compiled``: whether each process must have compiled graphs."""
     overrides = [*COMMON, f"data.batch_size={16 // world}", *extra]
-    run_distributed(_train_worker, world_size=world, args=(str(run_dir), overrides, "float64"))
+    graphs = run_distributed(_graphs_worker, world_size=world, args=(str(run_dir), overrides))
+    assert compiled is None or [n > 0 for n in graphs] == [compiled] * world, graphs
     state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert state["step"] == 5 and state["world_size"] == world and state["global_batch_size"] == 16
     return state
@@ -39,12 +49,14 @@ def _assert_same(a: dict, b: dict, atol: float, moments: bool = True) -> None:
 
 
 def test_fsdp_trains_what_ddp_trains_and_its_checkpoints_resume_on_any_number_of_processes(tmp_path):
-    """2 processes x 3 steps of fsdp == ddp to 1e-9 in every parameter, target, prototype and AdamW moment; the
+    """2 processes x 5 steps of fsdp (compiled per block) == ddp to 1e-9 in every parameter, target, prototype and
+    AdamW moment; the
     sharded run's step-3 checkpoint (whole tensors) continues under fsdp on 2 processes (AdamW's moments cut into
     shards again) and on 1 process, as the uninterrupted run (to AdamW's eps there: one process rescales the
     prototypes' moments to its summed gradient's scale, as tests/test_distributed.py shows for DDP)."""
-    ddp = _run(tmp_path / "ddp", 2)
-    fsdp = _run(tmp_path / "fsdp", 2, "strategy=fsdp")
+    ddp = _run(tmp_path / "ddp", 2, compiled=False)
+    # compiled per block (aot_eager: torch.compile's graphs, without inductor's C++ build)
+    fsdp = _run(tmp_path / "fsdp", 2, "strategy=fsdp", "compile=true", "compile_backend=aot_eager", compiled=True)
     _assert_same(ddp, fsdp, atol=1e-9)
     assert not torch.equal(fsdp["model"]["online.head.fc1.weight"], fsdp["model"]["target.head.fc1.weight"])
     step3 = tmp_path / "fsdp" / "checkpoints" / "step_0000003.pt"
@@ -120,7 +132,6 @@ def test_msn_bench_step_measures_each_process_s_share_of_the_training_state():
 
 @pytest.mark.parametrize("override, words", [
     ("precision=fp16", "strategy=fsdp runs precision=fp32 or bf16"),
-    ("compile=true", "strategy=fsdp does not compile yet"),
     ("monitor.every_steps=10", "strategy=fsdp does not run the monitor yet"),
 ])
 def test_what_fsdp_does_not_run_is_refused_before_the_run(override, words):

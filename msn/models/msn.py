@@ -81,8 +81,10 @@ class MSN(nn.Module):
             anchors = self.online.head(torch.cat(features))
         return anchors, targets
 
-    def compile_encoders(self, backend: str = "inductor", mode: str | None = None) -> None:
-        """``torch.compile`` what :meth:`forward` calls: the online backbone and head, and the target encoder.
+    def compile_encoders(self, backend: str = "inductor", mode: str | None = None, per_block: bool = False) -> None:
+        """``torch.compile`` what :meth:`forward` calls: the online backbone and head, and the target encoder; with
+        ``per_block`` each transformer block of both encoders instead (``strategy=fsdp``: FSDP gathers and frees a
+        block's weights around it, so a block is the unit a graph can hold, as DINOv3 compiles).
 
         In place (``nn.Module.compile``), so parameter names and checkpoints stay as they are. Shapes are
         static: each view size (masked anchor, focal) gets its own graph rather than a dynamic one.
@@ -91,7 +93,9 @@ class MSN(nn.Module):
         if backend not in torch._dynamo.list_backends(exclude_tags=()):
             raise ConfigError(f"compile_backend={backend!r} is not a torch.compile backend; choose one of "
                               + ", ".join(torch._dynamo.list_backends()))
-        for module in (self.online.backbone, self.online.head, self.target):
+        modules = ([*self.online.backbone.blocks, *self.target.backbone.blocks] if per_block else
+                   [self.online.backbone, self.online.head, self.target])
+        for module in modules:
             module.compile(backend=backend, mode=mode, dynamic=False)
 
     @torch.no_grad()

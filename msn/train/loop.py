@@ -129,8 +129,9 @@ def _train(cfg: DictConfig, command: str | None, proc: Process, run_dir: Path, s
         kind = init_model_from(parts.model, cfg.init_from)
         if proc.is_main:
             log.info(f"initialised the {'backbones' if kind == 'backbone' else 'model'} from {cfg.init_from}")
+    sharded = proc.world > 1 and cfg.strategy == "fsdp"
     if cfg.compile:
-        parts.model.compile_encoders(cfg.compile_backend, cfg.compile_mode)
+        parts.model.compile_encoders(cfg.compile_backend, cfg.compile_mode, per_block=sharded)
 
     order = build_order(cfg, data, rank=proc.rank, world=proc.world)
     # one loader iterator for the whole run: no drain and restart of the workers at epoch boundaries
@@ -147,7 +148,7 @@ def _train(cfg: DictConfig, command: str | None, proc: Process, run_dir: Path, s
     checkpoints = CheckpointPolicy(cfg, run_dir=run_dir, process=proc, data=data, parts=parts, logger=logger,
                                    nonfinite=nonfinite)
     step_model: MSN | DistributedDataParallel = parts.model
-    if proc.world > 1 and cfg.strategy == "fsdp":  # sharded once the weights are loaded: the step takes it as it is
+    if sharded:  # sharded once the weights are loaded: the step takes it as it is
         shard_training(parts.model, parts.optimizer, amp_dtype=proc.amp_dtype)
     elif proc.world > 1:  # the target has no trainable parameters, so DDP syncs online + prototypes only
         device_ids = [proc.device.index] if proc.device.type == "cuda" else None
