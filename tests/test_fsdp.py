@@ -1,6 +1,7 @@
 """strategy=fsdp (issue 41): FSDP2 shards the encoders per block and trains exactly what DDP trains, with real gloo
 process groups on the CPU, in float64."""
 
+import json
 import math
 from pathlib import Path
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from msn.weights.checkpoint import load_checkpoint
+from tests.conftest import metrics_rows
 from tests.dist_utils import run_distributed
 from tests.test_distributed import _train_worker
 
@@ -55,9 +57,12 @@ def test_fsdp_trains_what_ddp_trains_and_its_checkpoints_resume_on_any_number_of
     shards again) and on 1 process, as the uninterrupted run (to AdamW's eps there: one process rescales the
     prototypes' moments to its summed gradient's scale, as tests/test_distributed.py shows for DDP)."""
     ddp = _run(tmp_path / "ddp", 2, compiled=False)
-    # compiled per block (aot_eager: torch.compile's graphs, without inductor's C++ build)
-    fsdp = _run(tmp_path / "fsdp", 2, "strategy=fsdp", "compile=true", "compile_backend=aot_eager", compiled=True)
+    # compiled per block (aot_eager: torch.compile's graphs, without inductor's C++ build); the target's k-NN accuracy
+    # on digits at the last step, evaluated by rank 0 on a whole copy that every process gathers
+    fsdp = _run(tmp_path / "fsdp", 2, "strategy=fsdp", "compile=true", "compile_backend=aot_eager",
+                "monitor.every_steps=5", compiled=True)
     _assert_same(ddp, fsdp, atol=1e-9)
+    monitored = [float(r["monitor"]) for r in metrics_rows(tmp_path / "fsdp") if r["monitor"] not in ("", "nan")]
     assert not torch.equal(fsdp["model"]["online.head.fc1.weight"], fsdp["model"]["target.head.fc1.weight"])
     step3 = tmp_path / "fsdp" / "checkpoints" / "step_0000003.pt"
     assert load_checkpoint(step3)["model"]["online.backbone.blocks.0.attn.qkv.weight"].shape == (384, 128)  # whole
@@ -73,6 +78,12 @@ def test_fsdp_trains_what_ddp_trains_and_its_checkpoints_resume_on_any_number_of
     torch.testing.assert_close(backbone.blocks[1].mlp.fc2.weight, weight.to(backbone.blocks[1].mlp.fc2.weight.dtype))
     assert export([str(tmp_path / "fsdp"), str(tmp_path / "hf")]) in (0, None)
     assert (tmp_path / "hf" / "model.safetensors").is_file()
+    # ... and the monitor measured what msn-eval measures on the saved target
+    from msn.cli.evaluate import main as evaluate
+
+    assert evaluate(["knn", str(tmp_path / "fsdp"), "--dataset", "digits", "--output", str(tmp_path / "knn.json")]) == 0
+    evaluated = json.loads((tmp_path / "knn.json").read_text())["results"]["100%"]["mean"]
+    assert monitored == [pytest.approx(evaluated, abs=1e-9)] and evaluated > 10, (monitored, evaluated)
 
 
 def _overflow_worker(rank: int, world: int, run_dir: str) -> str:
@@ -132,7 +143,6 @@ def test_msn_bench_step_measures_each_process_s_share_of_the_training_state():
 
 @pytest.mark.parametrize("override, words", [
     ("precision=fp16", "strategy=fsdp runs precision=fp32 or bf16"),
-    ("monitor.every_steps=10", "strategy=fsdp does not run the monitor yet"),
 ])
 def test_what_fsdp_does_not_run_is_refused_before_the_run(override, words):
     from msn.config import validate

@@ -123,9 +123,6 @@ def validate(cfg: DictConfig | MSNConfig) -> None:
     if cfg.strategy == "fsdp":  # what the sharded model does not run yet, named before anything starts
         check(cfg.precision != "fp16", "strategy=fsdp runs precision=fp32 or bf16 (fp16's loss scaler does not take "
               "sharded gradients); use precision=bf16")
-        check(not cfg.monitor.every_steps, "strategy=fsdp does not run the monitor yet (it evaluates on one process, "
-              "and the sharded target needs them all); set monitor.every_steps=0 and evaluate the checkpoints with "
-              "msn-eval")
     check(str(cfg.logger.progress).lower() in PROGRESS_MODES,  # true / false arrive as "True" / "False"
           f"logger.progress={cfg.logger.progress!r} is not allowed; choose one of {', '.join(PROGRESS_MODES)}")
     try:

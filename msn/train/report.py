@@ -19,8 +19,10 @@ from msn.models.msn import MSNEncoder
 from msn.train.collapse import CollapseWatch, default_window
 from msn.train.loggers import MetricsLogger
 from msn.train.schedules import Schedules
+from msn.train.sharding import gather_into, is_sharded, local_shard
 from msn.train.step import NonFiniteGuard, StepResult
 from msn.utils import distributed
+from msn.utils.seeding import seeded_global_rng
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,7 @@ class RunReport:
         self.total_steps, self.images_per_step, self.world = total_steps, cfg.data.batch_size * world, world
         is_main = logger is not None
         self.monitor, self.rankme = None, None
+        self.whole_target: MSNEncoder | None = None  # strategy=fsdp: rank 0's whole copy of the target, monitored
         labelled, rankme = monitor_protocols(cfg.monitor.protocol)
         if is_main and cfg.monitor.every_steps and labelled is not None:
             from msn.eval.monitor import Monitor  # deferred: evaluation pulls in scikit-learn
@@ -77,6 +80,17 @@ class RunReport:
         self.first_step_done: float | None = None  # the pace and ETA count from here: start-up left out
         self.cpu_decoded: list[int] = [0, 0, 0]  # data.decode_on=device: [epoch, images decoded on the CPU, seen]
         self.cpu_decoded_said = False
+
+    def _monitored_target(self) -> MSNEncoder:
+        """The target the monitors evaluate on rank 0. A sharded one (``strategy=fsdp``) is gathered into a whole copy
+        there (every rank takes part), since rank 0 alone cannot run a model whose weights all ranks hold."""
+        if not is_sharded(self.target):
+            return self.target
+        if self.logger is not None and self.whole_target is None:  # built once, not drawing from the run's RNG
+            with seeded_global_rng(0):
+                self.whole_target = MSNEncoder(self.cfg.model).to(local_shard(next(self.target.parameters())).device)
+        gather_into(self.target, self.whole_target)
+        return self.whole_target if self.whole_target is not None else self.target
 
     def set_length(self, total_steps: int, schedules: Schedules, *, warmup_steps: int) -> None:
         """The run's length was fixed while it ran (``optim.budget``): its new steps and schedules, for the bar, the
@@ -136,10 +150,11 @@ class RunReport:
         now = time.perf_counter()
         images_per_s = self.images_per_step * (step - self.last_logged) / max(now - self.tic, 1e-9)
         metrics["images_per_s"] = images_per_s
+        target = self._monitored_target() if monitor_due else self.target
         if self.monitor is not None and monitor_due:
-            metrics["monitor"] = self.monitor(self.target.backbone)
+            metrics["monitor"] = self.monitor(target.backbone)
         if self.rankme is not None and monitor_due:
-            metrics.update(self.rankme(self.target))
+            metrics.update(self.rankme(target))
         if self.collapse is not None:
             self.watch_collapse(metrics, step)
         if self.prototype_use is not None and (monitor_due or (not monitor_every and step == total)):

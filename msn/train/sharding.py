@@ -130,6 +130,15 @@ def _like(value: Any, param: torch.Tensor) -> Any:
     return distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
 
 
+def gather_into(sharded: torch.nn.Module, whole: torch.nn.Module | None) -> None:
+    """Copy ``sharded``'s weights and buffers, gathered tensor by tensor, into ``whole`` (the same module unsharded,
+    on the process that evaluates it); a process with ``whole=None`` takes part in the gathers only. A collective:
+    every process calls it."""
+    state = {name: whole_tensor(t).detach() for name, t in sharded.state_dict().items()}
+    if whole is not None:
+        whole.load_state_dict(state)
+
+
 def whole_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, keep: bool = True
                 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The model's and the optimiser's state dicts with whole tensors, in the layout of an unsharded run (so a
