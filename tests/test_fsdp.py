@@ -3,12 +3,13 @@ process groups on the CPU, in float64."""
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from msn.weights.checkpoint import load_checkpoint
+from msn.weights.checkpoint import load_checkpoint, newest_checkpoint
 from tests.conftest import metrics_rows
 from tests.dist_utils import run_distributed
 from tests.test_distributed import _train_worker
@@ -64,9 +65,28 @@ def test_fsdp_trains_what_ddp_trains_and_its_checkpoints_resume_on_any_number_of
     _assert_same(ddp, fsdp, atol=1e-9)
     monitored = [float(r["monitor"]) for r in metrics_rows(tmp_path / "fsdp") if r["monitor"] not in ("", "nan")]
     assert not torch.equal(fsdp["model"]["online.head.fc1.weight"], fsdp["model"]["target.head.fc1.weight"])
-    step3 = tmp_path / "fsdp" / "checkpoints" / "step_0000003.pt"
+    # each process wrote its own shards; the checkpoint files are small and name them; a reader gets whole tensors
+    folder = tmp_path / "fsdp" / "checkpoints"
+    assert sorted(p.name for p in (folder / "shards").iterdir()) == ["step_0000003", "step_0000005"]
+    for name in ("step_0000003", "step_0000005"):
+        assert {".metadata", "__0_0.distcp", "__1_0.distcp"} <= {p.name for p in (folder / "shards" / name).iterdir()}
+    shard_bytes = sum(p.stat().st_size for p in (folder / "shards" / "step_0000005").iterdir())
+    assert (folder / "last.pt").stat().st_size < shard_bytes / 10
+    step3 = folder / "step_0000003.pt"
     assert load_checkpoint(step3)["model"]["online.backbone.blocks.0.attn.qkv.weight"].shape == (384, 128)  # whole
-    _assert_same(fsdp, _run(tmp_path / "fsdp_again", 2, "strategy=fsdp", f"resume={step3}"), atol=1e-9)
+
+    # killed while step 5's shards were written: its folder lacks DCP's .metadata, a temporary one is left; the same
+    # command (resume=auto) passes over last.pt, removes the temporary folder and continues from step 3, as the
+    # uninterrupted run did
+    killed = tmp_path / "killed"
+    shutil.copytree(tmp_path / "fsdp", killed)
+    (killed / "checkpoints" / "shards" / "step_0000005" / ".metadata").unlink()
+    (killed / "checkpoints" / "shards" / ".step_0000006.tmp").mkdir()
+    path, step, passed_over = newest_checkpoint(killed / "checkpoints")
+    assert (path.name, step) == ("step_0000003.pt", 3) and "are missing or incomplete" in passed_over[0], passed_over
+    (killed / "metrics.csv").write_text("\n".join((killed / "metrics.csv").read_text().splitlines()[:4]) + "\n")
+    _assert_same(fsdp, _run(killed, 2, "strategy=fsdp", "monitor.every_steps=5"), atol=1e-9)
+    assert not (killed / "checkpoints" / "shards" / ".step_0000006.tmp").exists()
     _assert_same(fsdp, _run(tmp_path / "one", 1, f"resume={step3}"), atol=1e-6, moments=False)
 
     # the run folder is read as any other: its backbone, and its Hugging Face export

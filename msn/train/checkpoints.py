@@ -11,13 +11,14 @@ from msn.data.loader import SkippedImages
 from msn.train.builder import Process, TrainingData, TrainingParts
 from msn.train.loggers import MetricsLogger
 from msn.train.resume import training_state
-from msn.train.sharding import whole_state
+from msn.train.sharding import is_sharded
 from msn.train.signals import StopRequest
 from msn.train.step import NonFiniteGuard
 from msn.utils import distributed
 from msn.utils.rundir import write_status
 from msn.utils.runlock import current_run_lock
-from msn.weights.checkpoint import periodic_name, prune_periodic, rng_state, save_checkpoint
+from msn.weights.checkpoint import periodic_name, prune_periodic, rng_state, save_checkpoint, shards_referenced
+from msn.weights.sharded import prune_shards, save_shards
 
 
 class CheckpointPolicy:
@@ -60,8 +61,11 @@ class CheckpointPolicy:
         world, p = self.proc.world, self.parts
         self.nonfinite.check()  # a step that made a NaN is never saved ...
         self.nonfinite.check_weights(p.model, step, self.last_saved)  # ... nor weights that became one
-        # whole tensors (a sharded model's gathered one at a time: every process takes part, rank 0 keeps them)
-        model_state, optimizer_state = whole_state(p.model, p.optimizer, keep=self.proc.is_main)
+        folder = self.run_dir / "checkpoints"
+        model_state, optimizer_state, shards = p.model.state_dict(), p.optimizer.state_dict(), None
+        if is_sharded(p.model):  # each process writes its own shards; the checkpoint files name their folder
+            shards = save_shards(folder, step, model_state, optimizer_state["state"], is_main=self.proc.is_main)
+            model_state, optimizer_state = {}, {**optimizer_state, "state": {}}
         rng = rng_state()
         rng_ranks = distributed.all_gather_object(rng) if world > 1 else None
         skipped = self.data.skipped
@@ -77,13 +81,14 @@ class CheckpointPolicy:
             steps_per_epoch=self.data.steps_per_epoch, world=world, prototype_grad_scale=p.prototype_grad_scale,
             skips=skips, skipped_epoch=skipped.epoch, rng=rng, rng_ranks=rng_ranks,
             wandb_run_id=self.logger.wandb_run_id if self.logger else None,
-            data_identity=self.data.identity)
-        folder = self.run_dir / "checkpoints"
+            data_identity=self.data.identity, shards=shards)
         for name in names:
             save_checkpoint(folder / name, state)
         self.last_saved = step
         if self.cfg.checkpoint.keep and periodic_name(step) in names:  # only once the new one is safely written
             prune_periodic(folder, step, self.cfg.checkpoint.keep)
+        if shards is not None:  # the shards no checkpoint names any more (an older last.pt's, pruned periodic ones)
+            prune_shards(folder, shards_referenced(folder))
         if "last.pt" in names:
             total = self.data.total_steps
             write_status(self.run_dir, "finished" if step >= total else "running", step, total)

@@ -25,12 +25,13 @@ def training_state(*, model_state: dict[str, Any], optimizer_state: dict[str, An
                    cfg: DictConfig, step: int, steps_per_epoch: int, world: int, prototype_grad_scale: float,
                    skips: list[dict[str, Any]], skipped_epoch: int, rng: dict[str, Any],
                    rng_ranks: list[dict[str, Any]] | None, wandb_run_id: str | None,
-                   data_identity: dict[str, Any] | None = None) -> dict[str, Any]:
+                   data_identity: dict[str, Any] | None = None, shards: str | None = None) -> dict[str, Any]:
     """Everything a run needs to continue exactly after ``step``, as rank 0 saves it: the model's and the
-    optimiser's state dicts with whole tensors (:func:`msn.train.sharding.whole_state`), ``rng`` its own
+    optimiser's state dicts, ``rng`` its own
     RNG states (:func:`msn.weights.checkpoint.rng_state`), ``rng_ranks`` every rank's (None for one process) and
     ``skips`` every rank's skip record (:meth:`SkippedImages.state_dict`); ``data_identity`` what the run trains
-    on (:func:`msn.data.registry.data_identity`), which a resume checks."""
+    on (:func:`msn.data.registry.data_identity`), which a resume checks; ``shards`` the folder of a sharded save's
+    tensors (:mod:`msn.weights.sharded`; ``model_state`` and the optimiser's state are then empty here)."""
     state: dict[str, Any] = {
         "model": model_state, "optimizer": optimizer_state, "step": step,
         "epoch": step // steps_per_epoch, "rng": rng, "config": OmegaConf.to_yaml(cfg),
@@ -44,6 +45,8 @@ def training_state(*, model_state: dict[str, Any], optimizer_state: dict[str, An
         state["rng_ranks"] = rng_ranks
     if data_identity is not None:
         state["data"] = data_identity
+    if shards is not None:
+        state["shards"] = shards
     if scaler is not None:
         state["scaler"] = scaler.state_dict()
     return state

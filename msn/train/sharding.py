@@ -18,8 +18,8 @@ The layout, and why:
 * ``precision=bf16``: FSDP's ``MixedPrecisionPolicy`` computes with bf16 parameters and reduces gradients in fp32;
   the sharded parameters and AdamW stay fp32.
 
-Checkpoints hold whole tensors (gathered at a save), so a run saved by 2 processes resumes on 1 or 4, under either
-strategy, and ``msn-export`` / ``msn-eval`` read it as any other run.
+Each process saves its own shards (:mod:`msn.weights.sharded`); a reader gets whole tensors, so a run saved by 2
+processes resumes on 1 or 4, under either strategy, and ``msn-export`` / ``msn-eval`` read it as any other run.
 """
 
 from __future__ import annotations
@@ -137,27 +137,3 @@ def gather_into(sharded: torch.nn.Module, whole: torch.nn.Module | None) -> None
     state = {name: whole_tensor(t).detach() for name, t in sharded.state_dict().items()}
     if whole is not None:
         whole.load_state_dict(state)
-
-
-def whole_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, keep: bool = True
-                ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The model's and the optimiser's state dicts with whole tensors, in the layout of an unsharded run (so a
-    checkpoint of a sharded run resumes on any number of processes, under either strategy).
-
-    Unsharded: the state dicts themselves. Sharded: a collective that every process calls; the tensors are gathered
-    one at a time and copied to the CPU, so a device holds one whole tensor at most; a process with ``keep=False``
-    drops them and gets empty dicts."""
-    model_state = model.state_dict()
-    optimizer_state = optimizer.state_dict()
-    if not is_sharded(model):
-        return model_state, optimizer_state
-
-    def gathered(t: Any) -> Any:
-        if not isinstance(t, torch.Tensor):
-            return t
-        whole = whole_tensor(t).detach()
-        return whole.cpu() if keep else None
-
-    model_state = {name: gathered(t) for name, t in model_state.items()}
-    optimizer_state["state"] = {i: {k: gathered(v) for k, v in s.items()} for i, s in optimizer_state["state"].items()}
-    return (model_state, optimizer_state) if keep else ({}, {})

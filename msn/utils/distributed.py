@@ -117,6 +117,12 @@ def any_rank(*flags: bool) -> list[bool]:
     return [bool(v > 0) for v in t.tolist()]
 
 
+def barrier() -> None:
+    """Wait until every rank got here (one small all-reduce, on the device the group's collectives use); nothing in a
+    single process."""
+    any_rank(False)
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Rank ``src``'s ``obj`` on every rank (pickled; small values only)."""
     if not is_dist():

@@ -41,13 +41,30 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:
     """Delete the temporary files an interrupted :func:`save_checkpoint` left in ``folder`` (a kill -9
-    mid-write); only files named like ours (``.NAME.XXXX.tmp``). Returns what was removed."""
+    mid-write); only files named like ours (``.NAME.XXXX.tmp``), and a sharded save's temporary folders
+    (:func:`msn.weights.sharded.remove_stale_shards`). Returns what was removed."""
+    from msn.weights.sharded import remove_stale_shards
+
     removed = []
     if folder.is_dir():
         for tmp in folder.glob(f".*.pt.*{TMP_SUFFIX}"):
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
+        removed += remove_stale_shards(folder)
     return removed
+
+
+def shards_referenced(folder: Path) -> set[str]:
+    """The shard folders (``shards/step_XXXXXXX``) that the checkpoints of ``folder`` name."""
+    names = set()
+    for path in [folder / "last.pt", *folder.glob("step_*.pt")]:
+        try:
+            shards = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("shards")
+        except Exception:  # missing, or unreadable: names nothing that must stay
+            continue
+        if shards:
+            names.add(shards)
+    return names
 
 
 def periodic_name(step: int) -> str:
@@ -128,8 +145,19 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     state = safe_load(path)
     if not is_training_checkpoint(state):
         raise CheckpointError(f"{path} is not an msn training checkpoint (expected format {FORMAT!r})")
+    state = with_shards(state, path)
     check_training_checkpoint(state, path)
     return state
+
+
+def with_shards(state: dict[str, Any], path: Path) -> dict[str, Any]:
+    """A training checkpoint read from ``path`` with its tensors: a sharded save's (``strategy=fsdp``) are read from
+    the folder it names (:mod:`msn.weights.sharded`); any other holds them already."""
+    if "shards" not in state:
+        return state
+    from msn.weights.sharded import read_shards
+
+    return read_shards(path, state)
 
 
 def newest_checkpoint(folder: Path) -> tuple[Path, int, list[str]] | None:
@@ -145,9 +173,13 @@ def newest_checkpoint(folder: Path) -> tuple[Path, int, list[str]] | None:
         if not path.is_file():
             continue
         try:
-            step = int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"])
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            step = int(state["step"])
         except Exception as e:  # a truncated or foreign file: the next newest one is used
             passed_over.append(f"{path.name} ({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''})")
+            continue
+        if "shards" in state and not (folder / state["shards"] / ".metadata").is_file():  # killed while it wrote
+            passed_over.append(f"{path.name} (its shards, {state['shards']}, are missing or incomplete)")
             continue
         candidates.append((step, 1 if path.name == "last.pt" else 0, path))
     if not candidates:

@@ -22,7 +22,7 @@ from msn.config import ModelConfig, model_arch
 from msn.config.arch import ARCHITECTURES, ViTArch
 from msn.errors import CheckpointError, ConversionError
 from msn.utils.rundir import TIMM_CONFIG, is_hf_export, last_checkpoint, source_file
-from msn.weights.checkpoint import check_training_checkpoint, is_training_checkpoint, safe_load
+from msn.weights.checkpoint import check_training_checkpoint, is_training_checkpoint, safe_load, with_shards
 from msn.weights.convert import StateDict, check_compatible, from_original_msn, hf_to_backbone, split_encoder
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -100,6 +100,7 @@ def read_source(path: str | Path) -> WeightSource:
     path = source_file(path)
     raw = safe_load(path)
     if is_training_checkpoint(raw):
+        raw = with_shards(raw, path)
         check_training_checkpoint(raw, path)
         config = OmegaConf.create(raw["config"])
         model_cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), config.model)  # fields added since: defaults
