@@ -11,7 +11,7 @@ from msn.data.loader import SkippedImages
 from msn.train.builder import Process, TrainingData, TrainingParts
 from msn.train.loggers import MetricsLogger
 from msn.train.resume import training_state
-from msn.train.sharding import is_sharded
+from msn.train.sharding import is_sharded, share_rank0_buffers
 from msn.train.signals import StopRequest
 from msn.train.step import NonFiniteGuard
 from msn.utils import distributed
@@ -64,6 +64,7 @@ class CheckpointPolicy:
         folder = self.run_dir / "checkpoints"
         model_state, optimizer_state, shards = p.model.state_dict(), p.optimizer.state_dict(), None
         if is_sharded(p.model):  # each process writes its own shards; the checkpoint files name their folder
+            share_rank0_buffers(p.model)
             shards = save_shards(folder, step, model_state, optimizer_state["state"], is_main=self.proc.is_main)
             model_state, optimizer_state = {}, {**optimizer_state, "state": {}}
         rng = rng_state()

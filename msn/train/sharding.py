@@ -83,6 +83,14 @@ def _reshard_after_forward(module: torch.nn.Module, args: Any, output: Any) -> N
     module.reshard()
 
 
+def share_rank0_buffers(model: torch.nn.Module) -> None:
+    """Rank 0's buffers (the head's BatchNorm running statistics) on every process, as DDP keeps them (it broadcasts
+    them before each forward): with ``model.sync_batchnorm=false`` each process's differ, and a save must hold one
+    copy, rank 0's. A collective. (Training never reads them: BatchNorm normalises a batch by its own statistics.)"""
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
+
+
 def is_sharded(model: torch.nn.Module) -> bool:
     """Whether ``model`` holds FSDP-sharded parameters (DTensors)."""
     return any(_is_dtensor(p) for p in model.parameters())
