@@ -54,8 +54,11 @@ def save_shards(folder: Path, step: int, model_state: dict[str, Any], optimizer_
     distributed.barrier()  # the empty folder exists before anyone writes into it
     try:
         dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp))
-    except OSError as e:
-        raise CheckpointError(f"could not write the shards of step {step} in {tmp.parent}: {e.strerror or e}") from None
+    except Exception as e:  # a full disk, an unwritable folder: DCP raises it on every process (it gathers results)
+        free = shutil.disk_usage(tmp.parent).free / 2**20
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise CheckpointError(f"could not write the shards of step {step} in {tmp.parent} ({free:.0f} MiB free): "
+                              f"{type(e).__name__}: {first}; the previous checkpoint is intact") from None
     if is_main:  # every process has written (DCP's save ends when rank 0 has all their results)
         if final.exists():
             shutil.rmtree(final)
