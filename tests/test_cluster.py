@@ -290,6 +290,17 @@ def test_torchrun_restarts_an_fsdp_group_whose_worker_was_killed_and_it_ends_bit
     _assert_identical(_weights(reference), _weights(run_dir), "fsdp restarted by torchrun")
     assert [int(r["step"]) for r in metrics_rows(run_dir)] == list(range(1, 9))
 
+    # killed while writing its shards of step 4's checkpoint (rank 0 may have written its own): the restarted group
+    # removes the temporary folder, continues from step 3's complete checkpoint and ends bit for bit the same
+    run_dir = tmp_path / "killed_in_save"
+    job = _launch(_torchrun(*EVERY_STEP, "strategy=fsdp", f"hydra.run.dir={run_dir}", restarts=1), tmp_path, "save",
+                  fault="1:save-4:KILL")
+    assert job.wait(timeout=400) == 0, (tmp_path / "save.err").read_text()[-4000:]
+    said = (tmp_path / "save.out").read_text() + (tmp_path / "save.err").read_text()
+    assert "removed .step_0000004.tmp" in said and "at step 3" in said, said[-3000:]
+    _assert_identical(_weights(reference), _weights(run_dir), "fsdp killed in a save, restarted by torchrun")
+    assert sorted(p.name for p in (run_dir / "checkpoints" / "shards").iterdir()) == ["step_0000008"]
+
 
 def test_two_torchrun_agents_with_nnodes_2_train_one_run(tmp_path, uninterrupted):
     """Two agents on this machine, ``--nnodes=2 --nproc_per_node=1`` with a c10d rendezvous, as two nodes would

@@ -179,3 +179,14 @@ def test_fsdp_with_activation_checkpointing_and_per_process_batchnorm_trains_wha
         name = extra.split("=")[0]
         ddp = _run(tmp_path / f"ddp_{name}", 2, extra)
         _assert_same(ddp, _run(tmp_path / f"fsdp_{name}", 2, "strategy=fsdp", extra), atol=1e-9)
+
+
+@pytest.mark.slow
+def test_a_two_process_fsdp_checkpoint_continues_on_four(tmp_path):
+    """The same global batch on 4 processes (4 images each): the 2-process run's step-3 shards are read whole and
+    sharded 4 ways, and it ends as the uninterrupted 2-process run (to AdamW's eps: the summed prototype gradient's
+    scale changes with the number of processes, and Adam's moments are rescaled to it)."""
+    two = _run(tmp_path / "two", 2, "strategy=fsdp")
+    step3 = tmp_path / "two" / "checkpoints" / "step_0000003.pt"
+    four = _run(tmp_path / "four", 4, "strategy=fsdp", f"resume={step3}")
+    _assert_same(two, four, atol=1e-6, moments=False)
