@@ -138,6 +138,46 @@ def test_an_infinite_weight_in_one_process_shards_stops_every_process_and_nothin
     assert not list((tmp_path / "run" / "checkpoints").glob("*.pt"))
 
 
+def _bf16_worker(rank: int, world: int) -> dict[str, list[float]]:
+    """3 steps of cpu_smoke under bf16 autocast (on the CPU: what a GPU run computes, slowly), under DDP and under
+    fsdp's bf16 parameters with fp32 gradient reduction; each strategy's losses on this process."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from msn.models.masking import ViewMasks
+    from msn.train.builder import build_loss, build_model
+    from msn.train.optim import build_optimizer
+    from msn.train.schedules import StepHyperParams
+    from msn.train.sharding import shard_training
+    from msn.train.step import train_step
+    from tests.conftest import compose_config
+
+    cfg = compose_config(["experiment=cpu_smoke", "model.head_batchnorm=true", "run_dir=."])
+    hp = StepHyperParams(lr=1e-3, weight_decay=0.04, momentum=0.99, sharpen_T=0.25)
+    losses: dict[str, list[float]] = {}
+    for strategy in ("ddp", "fsdp"):
+        model = build_model(cfg, device=torch.device("cpu"))
+        optimizer = build_optimizer(model, cfg.optim)
+        if strategy == "fsdp":
+            shard_training(model, optimizer, amp_dtype=torch.bfloat16)
+        step_model = model if strategy == "fsdp" else DistributedDataParallel(model)
+        for step in range(3):
+            g = torch.Generator().manual_seed(100 * step + rank)
+            views = [torch.randn(4, 3, size, size, generator=g) for size in (16, 16, 8, 8)]
+            result = train_step(step_model, build_loss(cfg.loss), optimizer, views, ViewMasks(), hp=hp, clip_grad=3.0,
+                                amp_dtype=torch.bfloat16)
+            losses.setdefault(strategy, []).append(float(result.out.loss.detach()))
+    return losses
+
+
+def test_bf16_trains_under_both_strategies_with_the_heads_global_batchnorm():
+    """bf16 autocast on 2 processes with the head's global BatchNorm: its statistics are kept in fp32 (the bf16 batch
+    mean made the fp32 running mean's update fail, under DDP too), and fsdp's bf16 weights with fp32 reduction train
+    as DDP's autocast does, to bf16's rounding."""
+    for losses in run_distributed(_bf16_worker, world_size=2):
+        assert losses["fsdp"] == pytest.approx(losses["ddp"], abs=0.05), losses
+        assert all(math.isfinite(v) for v in losses["ddp"])
+
+
 def _bench_worker(rank: int, world: int, strategy: str) -> dict:
     from msn.benchmarks.step import bench_step
     from msn.cli.bench import compose_bench_config

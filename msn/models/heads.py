@@ -67,6 +67,9 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
         """(B, C) -> (B, C)."""
         if not (self.training and distributed.is_dist()):
             return super().forward(x)
+        given = x.dtype  # bf16 under autocast (and bf16 weights under strategy=fsdp): the statistics are kept in fp32
+        wide = torch.promote_types(given, torch.float32)
+        x = x.to(wide)
         count = x.new_tensor([float(x.shape[0])])
         totals = distributed.all_reduce_sum(torch.cat([x.sum(dim=0), count]))  # (C + 1,)
         n = totals[-1].detach()
@@ -76,10 +79,11 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 m = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-                self.running_mean.lerp_(mean.detach(), m)
-                self.running_var.lerp_(var.detach() * n / (n - 1).clamp(min=1.0), m)
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), m)
+                self.running_var.lerp_((var.detach() * n / (n - 1).clamp(min=1.0)).to(self.running_var.dtype), m)
         y = (x - mean) * torch.rsqrt(var + self.eps)
-        return y * self.weight + self.bias if self.affine else y
+        y = y * self.weight.to(wide) + self.bias.to(wide) if self.affine else y
+        return y.to(given)
 
 
 def init_prototypes(num_prototypes: int, dim: int) -> nn.Parameter:
