@@ -222,6 +222,14 @@ def test_fsdp_with_activation_checkpointing_and_per_process_batchnorm_trains_wha
 
 
 @pytest.mark.slow
+def test_fsdp_compiled_by_inductor_trains_what_ddp_trains(tmp_path):
+    """compile=true with torch.compile's default backend, inductor (C++ on a CPU: about a minute to build), each
+    block compiled under fsdp."""
+    ddp = _run(tmp_path / "ddp", 2, compiled=False)
+    _assert_same(ddp, _run(tmp_path / "fsdp", 2, "strategy=fsdp", "compile=true", compiled=True), atol=1e-9)
+
+
+@pytest.mark.slow
 def test_a_two_process_fsdp_checkpoint_continues_on_four(tmp_path):
     """The same global batch on 4 processes (4 images each): the 2-process run's step-3 shards are read whole and
     sharded 4 ways, and it ends as the uninterrupted 2-process run (to AdamW's eps: the summed prototype gradient's
