@@ -13,14 +13,12 @@ import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
-from torch.nn.parallel import DistributedDataParallel
 
 from msn.config import MSNConfig, budget_seconds, to_schema
 from msn.data.loader import RunSampler, build_loader, loader_workers
 from msn.data.multicrop import device_views
 from msn.data.registry import build_dataset
 from msn.errors import ConfigError, DataError, JobError, RunCollapsed
-from msn.models.msn import MSN
 from msn.train.builder import (
     Process,
     TrainingData,
@@ -37,7 +35,7 @@ from msn.train.fitting import BudgetClock, budget_decided, fit_run, record_lengt
 from msn.train.loggers import MetricsLogger
 from msn.train.report import RunReport
 from msn.train.resume import restore_training
-from msn.train.sharding import shard_training
+from msn.train.sharding import for_processes
 from msn.train.signals import StopRequest
 from msn.train.step import NonFiniteGuard, train_step
 from msn.utils.compose import compose_config
@@ -147,12 +145,8 @@ def _train(cfg: DictConfig, command: str | None, proc: Process, run_dir: Path, s
     nonfinite = NonFiniteGuard(proc.device)
     checkpoints = CheckpointPolicy(cfg, run_dir=run_dir, process=proc, data=data, parts=parts, logger=logger,
                                    nonfinite=nonfinite)
-    step_model: MSN | DistributedDataParallel = parts.model
-    if sharded:  # sharded once the weights are loaded: the step takes it as it is
-        shard_training(parts.model, parts.optimizer, amp_dtype=proc.amp_dtype)
-    elif proc.world > 1:  # the target has no trainable parameters, so DDP syncs online + prototypes only
-        device_ids = [proc.device.index] if proc.device.type == "cuda" else None
-        step_model = DistributedDataParallel(parts.model, device_ids=device_ids)
+    step_model = for_processes(parts.model, parts.optimizer, strategy=cfg.strategy, world=proc.world,
+                               device=proc.device, amp_dtype=proc.amp_dtype)
     report = RunReport(cfg, logger=logger, target=parts.model.target, schedules=parts.schedules,
                        skipped=data.skipped, total_steps=data.total_steps, start_step=start_step, world=proc.world,
                        device=proc.device, amp_dtype=proc.amp_dtype, images=data.base,

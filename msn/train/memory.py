@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import torch
 from omegaconf import DictConfig
-from torch.nn.parallel import DistributedDataParallel
 
 from msn.train.builder import Process, build_parts
-from msn.train.sharding import local_shard, shard_training
+from msn.train.sharding import for_processes, local_shard
 from msn.train.step import train_step
 from msn.utils import distributed
 
@@ -30,12 +29,8 @@ class SyntheticStep:
         self.cfg, self.process = cfg, process
         self.parts = build_parts(cfg, process=process, total_steps=1000, steps_in_epoch=100)
         self.model = self.parts.model.train()
-        self.step_model: torch.nn.Module = self.model
-        if process.world > 1 and cfg.strategy == "fsdp":
-            shard_training(self.model, self.parts.optimizer, amp_dtype=process.amp_dtype)
-        elif process.world > 1:
-            device_ids = [process.device.index] if process.device.type == "cuda" else None
-            self.step_model = DistributedDataParallel(self.model, device_ids=device_ids)
+        self.step_model = for_processes(self.model, self.parts.optimizer, strategy=cfg.strategy, world=process.world,
+                                        device=process.device, amp_dtype=process.amp_dtype)
         self.views = random_views(cfg, batch, process.device, torch.float32)
 
     def __call__(self, i: int) -> None:

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from msn.errors import ConfigError
 from msn.models.msn import MSN
@@ -108,6 +109,19 @@ def local_shard(t: torch.Tensor) -> torch.Tensor:
 def whole_tensor(t: Any) -> Any:
     """A DTensor gathered into the whole tensor (a collective: every process calls it in the same order)."""
     return t.full_tensor() if _is_dtensor(t) else t
+
+
+def for_processes(model: MSN, optimizer: torch.optim.Optimizer, *, strategy: str, world: int, device: torch.device,
+                  amp_dtype: torch.dtype | None) -> MSN | DistributedDataParallel:
+    """What the step trains on ``world`` processes: ``model`` itself on one; wrapped in DDP (``strategy=ddp``; the
+    target has no trainable parameters, so DDP syncs the online encoder and the prototypes only); or sharded in place,
+    ``optimizer`` following it (``strategy=fsdp``, :func:`shard_training`). Call it once the weights are loaded."""
+    if world == 1:
+        return model
+    if strategy == "fsdp":
+        shard_training(model, optimizer, amp_dtype=amp_dtype)
+        return model
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def shard_training(model: MSN, optimizer: torch.optim.Optimizer, *, amp_dtype: torch.dtype | None) -> None:

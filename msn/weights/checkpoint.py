@@ -14,6 +14,7 @@ import torch
 
 from msn.errors import CheckpointError
 from msn.utils.files import TMP_SUFFIX, atomic_write
+from msn.weights.sharded import is_complete, read_shards, remove_stale_shards
 
 FORMAT = "msn-train-v1"
 
@@ -43,8 +44,6 @@ def remove_stale_temporaries(folder: Path) -> list[Path]:
     """Delete the temporary files an interrupted :func:`save_checkpoint` left in ``folder`` (a kill -9
     mid-write); only files named like ours (``.NAME.XXXX.tmp``), and a sharded save's temporary folders
     (:func:`msn.weights.sharded.remove_stale_shards`). Returns what was removed."""
-    from msn.weights.sharded import remove_stale_shards
-
     removed = []
     if folder.is_dir():
         for tmp in folder.glob(f".*.pt.*{TMP_SUFFIX}"):
@@ -153,11 +152,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 def with_shards(state: dict[str, Any], path: Path) -> dict[str, Any]:
     """A training checkpoint read from ``path`` with its tensors: a sharded save's (``strategy=fsdp``) are read from
     the folder it names (:mod:`msn.weights.sharded`); any other holds them already."""
-    if "shards" not in state:
-        return state
-    from msn.weights.sharded import read_shards
-
-    return read_shards(path, state)
+    return read_shards(path, state) if "shards" in state else state
 
 
 def newest_checkpoint(folder: Path) -> tuple[Path, int, list[str]] | None:
@@ -178,7 +173,7 @@ def newest_checkpoint(folder: Path) -> tuple[Path, int, list[str]] | None:
         except Exception as e:  # a truncated or foreign file: the next newest one is used
             passed_over.append(f"{path.name} ({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''})")
             continue
-        if "shards" in state and not (folder / state["shards"] / ".metadata").is_file():  # killed while it wrote
+        if "shards" in state and not is_complete(folder / state["shards"]):  # killed while it wrote
             passed_over.append(f"{path.name} (its shards, {state['shards']}, are missing or incomplete)")
             continue
         candidates.append((step, 1 if path.name == "last.pt" else 0, path))
