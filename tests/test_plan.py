@@ -201,6 +201,12 @@ def test_small_colour_images_get_a_stronger_colour_distortion_than_grey_ones_or_
     for c in (grey, photos):  # the paper's
         assert (c["data.color_jitter"][0], c["data.grayscale_p"][0]) == (0.5, 0.2)
     assert grey["data.color_jitter"][1] == "the paper's (grey images)"
+    # with that distortion, the digits preset's milder crops and no blur (docs/studies.md); grey ones keep theirs
+    assert (colour["data.global_scale"][0], colour["data.focal_scale"][0], colour["data.blur_p"][0]) == (
+        [0.6, 1.0], [0.3, 0.7], 0.0)
+    assert "colour distortion" in colour["data.global_scale"][1] and "colour distortion" in colour["data.blur_p"][1]
+    assert (grey["data.global_scale"][0], grey["data.blur_p"][0]) == ([0.4, 1.0], 0.5)
+    assert photos["data.global_scale"][0] == [0.3, 1.0] and photos["data.blur_p"][0] == 0.5
 
 
 # --- real runs ---------------------------------------------------------------------------------------------
