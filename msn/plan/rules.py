@@ -93,14 +93,15 @@ def crop_scales(stats: ImageStats) -> list[Choice]:
     Fashion-MNIST the Fashion-MNIST preset found wider crops (0.25-1, 0.1-0.4) slightly ahead, and no blur. Colour
     images under 160 px get the digits preset's crops too: their stronger colour distortion
     (:func:`colour_distortion`) already makes two views hard to match, and on the 64-px colour sets of
-    docs/studies.md the milder crops were ahead by 3 points of k-NN in 800 steps and by 3.9 at a 12-minute budget."""
+    docs/studies.md the milder crops were ahead by 3 points of k-NN in 800 steps and by 3.9 at a 12-minute budget
+    (measured at 64 px only; smaller colour images get them by the same reasoning)."""
     s = stats.short_side
     blur_why = "no blur: it erases a small image's detail (the digits and Fashion-MNIST presets)"
     if s < TINY:
         scales, why, blur = ([0.6, 1.0], [0.3, 0.7]), f"images of {s} px have little to spare (the digits preset)", 0.0
     elif s < MEDIUM and _colour(stats):
-        why = f"colour images of {s} px: the colour distortion makes views hard enough (the digits preset's crops)"
-        scales, blur, blur_why = ([0.6, 1.0], [0.3, 0.7]), 0.0, "no blur: the colour distortion makes views hard enough"
+        why = f"colour images of {s} px: milder crops beside the stronger colour distortion (the digits preset's)"
+        scales, blur, blur_why = ([0.6, 1.0], [0.3, 0.7]), 0.0, "no blur beside the stronger colour distortion"
     elif s < SMALL:
         scales, why, blur = ([0.25, 1.0], [0.1, 0.4]), f"images of {s} px: the Fashion-MNIST preset's (28 px)", 0.0
     elif s < MEDIUM:
