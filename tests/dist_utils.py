@@ -6,6 +6,7 @@ import os
 import socket
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -29,6 +30,7 @@ def free_port() -> int:
 
 
 RENDEZVOUS_TIMEOUT = timedelta(seconds=60)  # a group of 2-4 local processes forms in well under a second
+JOIN_WITHIN_S = 90.0  # past torch's own rendezvous timeout: a child still not joined then never will
 JOINED = "joined-{rank}"  # marker a child leaves once its group formed, before the function under test runs
 
 
@@ -46,30 +48,54 @@ def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, out_dir:
         dist.destroy_process_group()
 
 
-def run_distributed(fn: Callable[..., Any], world_size: int, args: tuple = ()) -> list[Any]:
+def _launch(fn: Callable, world_size: int, args: tuple, out_dir: str, join_within: float) -> bool:
+    """One launch: True when every child ran ``fn`` and exited; False when the group never formed (a child that did
+    not join within ``join_within`` seconds, or exited before joining), its children killed. Anything that fails
+    after every child joined is the test's failure and is raised as it is."""
+    context = mp.start_processes(_entry, args=(world_size, free_port(), fn, args, out_dir), nprocs=world_size,
+                                 join=False, start_method="fork")
+    deadline = time.monotonic() + join_within
+
+    def all_joined() -> bool:
+        return all(os.path.exists(os.path.join(out_dir, JOINED.format(rank=r))) for r in range(world_size))
+
+    try:
+        while not context.join(timeout=0.2):
+            if time.monotonic() > deadline and not all_joined():
+                break
+        else:
+            return True
+    except ProcessException:
+        if all_joined():
+            raise
+    late = [r for r in range(world_size) if not os.path.exists(os.path.join(out_dir, JOINED.format(rank=r)))]
+    for process in context.processes:
+        if process.is_alive():
+            process.kill()
+        process.join()
+    print(f"run_distributed: ranks {late} never joined the group", file=sys.stderr)
+    return False
+
+
+def run_distributed(fn: Callable[..., Any], world_size: int, args: tuple = (), *,
+                    join_within: float = JOIN_WITHIN_S) -> list[Any]:
     """Fork ``world_size`` processes running ``fn(rank, world_size, *args)`` in a gloo group.
 
     Forked, not spawned: a spawned child imports torch, timm and msn again (about 10 s on a 2-core CI
     machine, per call); a forked one starts with them. Each child runs one intra-op thread (as
     DataLoader workers do), which keeps OpenMP safe after the fork.
 
-    A group that never forms (a child that did not reach the rendezvous within RENDEZVOUS_TIMEOUT: seen once
-    in CI, where the default 30-minute timeout then held the whole suite) is launched once more on a fresh
-    port. Anything that fails after every child joined is the test's failure and is raised as it is.
+    A group that never forms is killed and launched once more on a fresh port: a child that exits before joining
+    (seen once in CI), or one that does not join within ``join_within`` seconds, which no timeout of torch's
+    catches: a child forked while another thread of this process held one of glibc's locks (the resolver's,
+    taken to name a socket's address) waits for it forever (seen in test_cluster, rank 0 stuck in getnameinfo).
     """
     import torch
 
     for attempt in (1, 2):
         with tempfile.TemporaryDirectory() as out_dir:
-            try:
-                mp.start_processes(_entry, args=(world_size, free_port(), fn, args, out_dir), nprocs=world_size,
-                                   join=True, start_method="fork")
-            except ProcessException:
-                joined = [os.path.exists(os.path.join(out_dir, JOINED.format(rank=r))) for r in range(world_size)]
-                if all(joined) or attempt == 2:
-                    raise
-                print(f"run_distributed: ranks {[r for r, j in enumerate(joined) if not j]} never joined the group; "
-                      "launching it again", file=sys.stderr)
-                continue
-            return [torch.load(os.path.join(out_dir, f"{r}.pt"), weights_only=True) for r in range(world_size)]
-    raise AssertionError("unreachable")
+            if _launch(fn, world_size, args, out_dir, join_within):
+                return [torch.load(os.path.join(out_dir, f"{r}.pt"), weights_only=True) for r in range(world_size)]
+        if attempt == 1:
+            print("run_distributed: launching the group again on a fresh port", file=sys.stderr)
+    raise RuntimeError(f"a group of {world_size} processes did not form twice (within {join_within:g} s each)")

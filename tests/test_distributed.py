@@ -227,3 +227,50 @@ def test_two_processes_read_disjoint_shares_of_shards_and_datasets(tmp_path, sou
     two = _final_model(tmp_path / "two", 2, 8, *extra)
     for name, value in one.items():
         torch.testing.assert_close(two[name], value, atol=1e-8, rtol=0, msg=name)
+
+
+# ------------------------------------------------------------------------------------ the tests' own launcher
+def _sum_of_ranks(rank: int, world: int) -> int:
+    import torch.distributed as dist
+
+    total = torch.tensor([rank])
+    dist.all_reduce(total)
+    return int(total)
+
+
+def test_a_group_whose_children_never_join_is_killed_and_launched_again(tmp_path, monkeypatch, capfd):
+    """run_distributed's guard against a hung rendezvous: both children of the first launch block before joining,
+    as in CI, where rank 0 had been forked while another thread held glibc's resolver lock and waited for it
+    forever, and rank 1 for rank 0's store (no timeout of torch's ends either wait). The launcher kills that group
+    after ``join_within`` seconds and the second launch forms and runs. Without the guard this test would hang: an
+    alarm fails it instead, and its children are killed."""
+    import multiprocessing
+    import signal
+    import time
+
+    import torch.distributed as dist
+
+    real_init = dist.init_process_group
+
+    def init_blocking_once(*args, rank: int, **kwargs):  # runs in the forked children
+        first = tmp_path / f"rank{rank}-blocked"
+        if not first.exists():
+            first.touch()
+            time.sleep(3600)
+        return real_init(*args, rank=rank, **kwargs)
+
+    def too_long(*_):
+        raise TimeoutError("run_distributed waited for a group that never formed")
+
+    monkeypatch.setattr(dist, "init_process_group", init_blocking_once)
+    previous = signal.signal(signal.SIGALRM, too_long)
+    signal.alarm(60)
+    try:
+        assert run_distributed(_sum_of_ranks, world_size=2, join_within=3) == [1, 1]
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+        for child in multiprocessing.active_children():
+            child.kill()
+    assert (tmp_path / "rank0-blocked").exists() and (tmp_path / "rank1-blocked").exists()
+    assert "run_distributed: ranks [0, 1] never joined the group" in capfd.readouterr().err
