@@ -190,6 +190,36 @@ def test_image_sizes_are_read_from_the_files_of_a_folder(tmp_path):
         Image.fromarray(np.full((20, 24), 40 * i, np.uint8), "L").save(tmp_path / "grey" / f"{i}.png")
     grey = measure_images(ImageFolderDataset(tmp_path / "grey"))
     assert (grey.median_width, grey.median_height, grey.colour_share) == (24, 20, 0.0)
+    levels = np.array([0, 40, 80, 120]) / 255  # one level an image: the pixels' spread is the levels'
+    assert grey.mean == pytest.approx((levels.mean(),) * 3, abs=1e-3)
+    assert grey.std == pytest.approx((levels.std(),) * 3, abs=1e-3)
+    assert ImageStats.from_dict(grey.to_dict()) == grey
+    before_pixels = {k: v for k, v in grey.to_dict().items() if k not in ("mean", "std")}  # a plan made before them
+    assert ImageStats.from_dict(before_pixels).mean is None
+    (tmp_path / "photos").mkdir()  # photos are read at a fraction of their size: the same mean
+    for i, colour in enumerate([(200, 40, 0), (0, 120, 240)]):
+        Image.fromarray(np.full((480, 640, 3), colour, np.uint8)).save(tmp_path / "photos" / f"{i}.jpg", quality=95)
+    photos = measure_images(ImageFolderDataset(tmp_path / "photos"))
+    assert photos.mean == pytest.approx((100 / 255, 80 / 255, 120 / 255), abs=0.01)
+    assert photos.std == pytest.approx((100 / 255, 40 / 255, 120 / 255), abs=0.01)
+
+
+def test_grey_images_are_normalised_with_their_own_statistics_colour_ones_with_imagenets():
+    fashion = ImageStats(60_000, 256, 28, 28, 28, 28, 0.0, mean=(0.286,) * 3, std=(0.353,) * 3)
+    c = _choices(make_plan(fashion, CPU, {}))
+    assert (c["data.mean"][0], c["data.std"][0]) == ([0.286] * 3, [0.353] * 3)
+    assert "grey images: the 256 sampled images' pixels" in c["data.mean"][1]
+    assert c["data.color_jitter_p"] == (0.5, "grey images: the digits and Fashion-MNIST presets' (brightness and "
+                                        "contrast are all the jitter changes)")
+    imagenet = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    for side, machine in ((500, GPU), (64, CPU)):  # colour photos and small colour images: the paper's
+        colour = ImageStats(10_000, 256, side, side, side, side, 1.0, mean=(0.5, 0.4, 0.3), std=(0.3,) * 3)
+        c = _choices(make_plan(colour, machine, {}))
+        assert (c["data.mean"][0], c["data.std"][0]) == imagenet and c["data.color_jitter_p"][0] == 0.8
+    c = _choices(make_plan(_stats(28, 28, 60_000), CPU, {}))  # a plan recorded before the pixels were measured
+    assert c["data.mean"] == (imagenet[0], "ImageNet's (the paper's)")
+    given = _choices(make_plan(fashion, CPU, {"data.mean": [0.5] * 3, "data.std": [0.5] * 3}))
+    assert "data.mean" not in given and "data.std" not in given
 
 
 def test_small_colour_images_get_a_stronger_colour_distortion_than_grey_ones_or_photos():
@@ -226,8 +256,22 @@ def test_a_folder_of_32px_images_trains_with_the_fitted_recipe(tmp_path):
     assert cfg["fitted"]["images"]["median_width"] == 32
     assert cfg["fitted"]["values"]["data.global_size"]["reason"] == "the median image is 32 x 32 px"
     assert "data.num_workers" not in cfg["fitted"]["values"]  # given on the command line
+    assert (cfg["data"]["mean"], cfg["data"]["std"]) == ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])  # colour
     status = json.loads((tmp_path / "run" / "status.json").read_text())
     assert status["status"] == "finished" and status["step"] == 2
+
+
+def test_a_folder_of_grey_images_trains_normalised_with_its_own_pixels(tmp_path):
+    rng = np.random.default_rng(3)
+    (tmp_path / "grey").mkdir()
+    for i in range(24):  # 28-px garments' stand-ins: dark blobs on black, mode L
+        blob = np.kron(rng.integers(0, 160, (7, 7)), np.ones((4, 4))) * (rng.random((28, 28)) < 0.6)
+        Image.fromarray(blob.astype(np.uint8), "L").save(tmp_path / "grey" / f"{i:02d}.png")
+    cfg = _run(tmp_path, tmp_path / "grey", "optim.max_steps=1")
+    pixels = np.stack([np.asarray(Image.open(p), np.float64) / 255 for p in sorted((tmp_path / "grey").iterdir())])
+    assert cfg["data"]["mean"] == pytest.approx([pixels.mean()] * 3, abs=1e-3)  # all 24 are sampled
+    assert cfg["data"]["std"] == pytest.approx([pixels.std()] * 3, abs=1e-3)
+    assert cfg["data"]["color_jitter_p"] == 0.5 and cfg["fitted"]["images"]["mean"] == cfg["data"]["mean"]
 
 
 def test_a_folder_of_96px_images_gets_96px_views_and_an_override_wins(tmp_path):

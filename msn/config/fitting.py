@@ -13,9 +13,10 @@ GROUP_KEYS = {"model": ("model.arch", "model.embed_dim", "model.depth", "model.n
 # Every key a plan may fit, in the order it prints them.
 FITTED_KEYS = ("data.global_size", "model.patch_size", "model.img_size", "data.focal_size", "data.num_focal",
                "masking.ratio", "data.global_scale", "data.focal_scale", "data.blur_p", "data.color_jitter",
-               "data.grayscale_p", "model.arch", "model.head_hidden_dim", "model.head_output_dim", "data.batch_size",
-               "model.num_prototypes", "optim.lr", "optim.start_lr", "optim.epochs", "optim.max_steps",
-               "optim.warmup_epochs", "optim.ema_momentum", "optim.final_ema_momentum", "data.num_workers")
+               "data.grayscale_p", "data.color_jitter_p", "data.mean", "data.std", "model.arch",
+               "model.head_hidden_dim", "model.head_output_dim", "data.batch_size", "model.num_prototypes", "optim.lr",
+               "optim.start_lr", "optim.epochs", "optim.max_steps", "optim.warmup_epochs", "optim.ema_momentum",
+               "optim.final_ema_momentum", "data.num_workers")
 
 
 def override_keys(overrides: list[str] | tuple[str, ...]) -> set[str]:

@@ -8,11 +8,13 @@ import statistics
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from msn.utils.sampling import sample_indices
 
 SAMPLE = 256  # images whose size is read: the median is then within a few per cent of the whole set's
+PIXELS_SIDE = 128  # larger images are read at about this side for their pixels' mean and std (a JPEG's draft mode)
 
 
 @dataclass(frozen=True)
@@ -26,15 +28,23 @@ class ImageStats:
     short_side: int  # the median of min(width, height): what a square view is cut from
     short_side_p10: int  # 10 % of the images have a shorter side than this
     colour_share: float = 0.0  # the share stored in colour (RGB, palette, CMYK...) rather than grey levels
+    mean: tuple[float, float, float] | None = None  # the sample's pixels in [0, 1], per RGB channel (grey: 3 equal)
+    std: tuple[float, float, float] | None = None
 
-    def to_dict(self) -> dict[str, int | float]:
-        return asdict(self)
+    def to_dict(self) -> dict[str, Any]:
+        record = asdict(self)
+        for key in ("mean", "std"):
+            record[key] = None if record[key] is None else list(record[key])
+        return record
 
     @classmethod
     def from_dict(cls, record: dict[str, Any]) -> ImageStats:
-        """From a plan's record; one made before colour was measured reads as grey (its recipe had no colour rule)."""
-        sizes = {k: int(record[k]) for k in cls.__dataclass_fields__ if k != "colour_share"}
-        return cls(**sizes, colour_share=float(record.get("colour_share", 0.0)))
+        """From a plan's record; one made before colour was measured reads as grey (its recipe had no colour rule),
+        one made before the pixels were measured has no mean and std (its recipe kept ImageNet's)."""
+        optional = ("colour_share", "mean", "std")
+        sizes = {k: int(record[k]) for k in cls.__dataclass_fields__ if k not in optional}
+        pixels = {k: tuple(float(x) for x in record[k]) for k in ("mean", "std") if record.get(k) is not None}
+        return cls(**sizes, colour_share=float(record.get("colour_share", 0.0)), **pixels)
 
     def describe(self) -> str:
         return f"{self.count:,} images, median {self.median_width} x {self.median_height} px"
@@ -84,28 +94,61 @@ def image_size_and_colour(dataset: Any, index: int) -> tuple[int, int, bool]:
     raise TypeError(f"cannot tell the size of a {type(image).__name__} (item {index} of the data set)")
 
 
+def pixel_moments(dataset: Any, index: int) -> np.ndarray:
+    """(2, 3) float64: one image's mean and mean square per RGB channel, pixels in [0, 1] (grey levels count for the
+    three channels). An image larger than :data:`PIXELS_SIDE` is read at about that side (a JPEG is decoded at a
+    fraction of its size): the mean is kept, and the spread nearly so."""
+    read_bytes = getattr(dataset, "read_bytes", None)
+    image = Image.open(io.BytesIO(read_bytes(index))) if read_bytes is not None else dataset[index]
+    if isinstance(image, tuple | list):  # (image, label) datasets
+        image = image[0]
+    if isinstance(image, Image.Image):
+        if image.mode == "RGB" and image.format == "JPEG":
+            image.draft("RGB", (PIXELS_SIDE, PIXELS_SIDE))
+        if min(image.size) > PIXELS_SIDE:
+            image = image.copy()
+            image.thumbnail((PIXELS_SIDE * 2, PIXELS_SIDE * 2))
+        pixels = np.asarray(image.convert("RGB"), np.float64) / 255
+    else:  # an array or tensor: uint8 levels or floats in [0, 1], channels first or last
+        pixels = np.asarray(image, np.float64)
+        if np.issubdtype(np.asarray(image).dtype, np.integer):
+            pixels = pixels / 255
+        if pixels.ndim == 2:
+            pixels = pixels[..., None]
+        elif pixels.shape[0] <= 4 < pixels.shape[-1]:
+            pixels = np.moveaxis(pixels, 0, -1)
+        pixels = pixels[..., :3] if pixels.shape[-1] >= 3 else np.repeat(pixels[..., :1], 3, axis=-1)
+    flat = pixels.reshape(-1, 3)
+    return np.stack([flat.mean(0), (flat ** 2).mean(0)])
+
+
 def measure_images(dataset: Any, sample: int = SAMPLE) -> ImageStats:
-    """The size distribution of ``dataset``'s images and the share of them in colour, on the fixed sample
-    :func:`sample_indices` draws. Images that cannot be read are left out (the loader replaces them in training); a
-    ``ValueError`` when none can be."""
+    """The size distribution of ``dataset``'s images, the share of them in colour and their pixels' mean and std per
+    channel (each image weighing the same), on the fixed sample :func:`sample_indices` draws. Images that cannot be
+    read are left out (the loader replaces them in training); a ``ValueError`` when none can be."""
     indices = sample_indices(len(dataset), sample).tolist()
-    sizes = []
+    sizes, moments = [], []
     for i in indices:
         try:
-            sizes.append(image_size_and_colour(dataset, i))
+            size, moment = image_size_and_colour(dataset, i), pixel_moments(dataset, i)
         except Exception:  # noqa: BLE001 (an undecodable file: the run's loader counts and replaces it)
             continue
+        sizes.append(size)
+        moments.append(moment)
     if not sizes:
         raise ValueError(f"none of the {len(indices)} images sampled to fit the recipe could be read; check the "
                          "data set, or give the views (data.global_size, data.focal_size) with fit=false")
     widths, heights, colour = zip(*sizes, strict=True)
     short = sorted(map(min, widths, heights))
+    mean, square = np.mean(moments, axis=0)
+    pixels = {"mean": tuple(round(float(m), 3) for m in mean),
+              "std": tuple(round(max(float(s), 0.01), 3) for s in np.sqrt(np.maximum(square - mean ** 2, 0.0)))}
     return ImageStats(count=len(dataset), sampled=len(sizes),
                       median_width=int(statistics.median_low(widths)),
                       median_height=int(statistics.median_low(heights)),
                       short_side=int(statistics.median_low(short)),
                       short_side_p10=int(short[len(short) // 10]),
-                      colour_share=round(sum(colour) / len(sizes), 3))
+                      colour_share=round(sum(colour) / len(sizes), 3), **pixels)
 
 
 def cores_available() -> int:

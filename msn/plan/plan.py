@@ -101,7 +101,7 @@ def make_plan(images: ImageStats, machine: Machine, given: dict[str, Any], *, bu
     fit(rules.focal_view_size(global_size, patch))
     fit(rules.focal_views(machine))
     fit(rules.mask_ratio(machine))
-    for choice in (*rules.crop_scales(images), *rules.colour_distortion(images)):
+    for choice in (*rules.crop_scales(images), *rules.colour_distortion(images), *rules.normalisation(images)):
         fit(choice)
     if "model.arch" not in given:
         for choice in rules.model_size(images, machine):
