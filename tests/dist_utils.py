@@ -56,24 +56,23 @@ def _launch(fn: Callable, world_size: int, args: tuple, out_dir: str, join_withi
                                  join=False, start_method="fork")
     deadline = time.monotonic() + join_within
 
-    def all_joined() -> bool:
-        return all(os.path.exists(os.path.join(out_dir, JOINED.format(rank=r))) for r in range(world_size))
+    def late() -> list[int]:
+        return [r for r in range(world_size) if not os.path.exists(os.path.join(out_dir, JOINED.format(rank=r)))]
 
     try:
         while not context.join(timeout=0.2):
-            if time.monotonic() > deadline and not all_joined():
+            if time.monotonic() > deadline and late():
                 break
         else:
             return True
     except ProcessException:
-        if all_joined():
+        if not late():
             raise
-    late = [r for r in range(world_size) if not os.path.exists(os.path.join(out_dir, JOINED.format(rank=r)))]
     for process in context.processes:
         if process.is_alive():
             process.kill()
         process.join()
-    print(f"run_distributed: ranks {late} never joined the group", file=sys.stderr)
+    print(f"run_distributed: ranks {late()} never joined the group", file=sys.stderr)
     return False
 
 

@@ -140,8 +140,7 @@ COLLAPSING = ["experiment=cpu_smoke", "logger.progress=false", "loss.sinkhorn=fa
 def sweep(tmp_path_factory):
     """Two jobs: without ME-MAX (job 0) the target sends every image to one prototype from step 8 or 9 (the
     CPU's rounding decides: 8 where this test was written, 9 on a later machine with AVX-512) and the run stops 4
-    steps later; with it (job 1) the run
-    finishes. RankMe is monitored every 4 steps."""
+    steps later; with it (job 1) the run finishes. RankMe is monitored every 4 steps."""
     root = tmp_path_factory.mktemp("rankme")
     out = root / "sweep"
     cmd = ["msn-pretrain", "-m", "loss.me_max_weight=0,1", *COLLAPSING, f"hydra.sweep.dir={out}"]

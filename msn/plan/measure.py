@@ -71,37 +71,40 @@ class Machine:
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")  # PIL's modes that hold grey levels only
 
 
-def image_size_and_colour(dataset: Any, index: int) -> tuple[int, int, bool]:
-    """(width, height, in colour) of one image: from the file's header when the dataset hands out its bytes (nothing
-    is decoded; "in colour" is the file's mode, so an RGB file of grey content counts as colour), else from the
-    decoded image (a PIL image, or a C x H x W / H x W x C array: colour when it has 3 or 4 channels)."""
+def sampled_image(dataset: Any, index: int) -> Any:
+    """One image of the sample, read once: opened from the file's bytes when the dataset hands them out (PIL reads
+    the header now and decodes only when the pixels are asked for), else the dataset's item (its image, for
+    (image, label) items): a PIL image or a C x H x W / H x W x C array."""
     read_bytes = getattr(dataset, "read_bytes", None)
     if read_bytes is not None:
-        with Image.open(io.BytesIO(read_bytes(index))) as image:
-            return (*image.size, image.mode not in GREY_MODES)
-    image = dataset[index]
-    if isinstance(image, tuple | list):  # (image, label) datasets
-        image = image[0]
+        return Image.open(io.BytesIO(read_bytes(index)))
+    item = dataset[index]
+    return item[0] if isinstance(item, tuple | list) else item
+
+
+def _channels_first(shape: tuple[int, ...]) -> bool:
+    return shape[0] <= 4  # an array's channels come first when its first axis is the smallest
+
+
+def image_size_and_colour(image: Any) -> tuple[int, int, bool]:
+    """(width, height, in colour) of one :func:`sampled_image`: a file's from its header ("in colour" is the file's
+    mode, so an RGB file of grey content counts as colour), an array's from its shape (colour with 3 or 4 channels)."""
     if isinstance(image, Image.Image):
         return (*image.size, image.mode not in GREY_MODES)
     shape = tuple(getattr(image, "shape", ()))
-    if len(shape) == 3:  # channels first when the first axis is the smallest
-        channels_first = shape[0] <= 4
-        w, h = (shape[2], shape[1]) if channels_first else (shape[1], shape[0])
-        return w, h, (shape[0] if channels_first else shape[2]) >= 3
+    if len(shape) == 3:
+        w, h = (shape[2], shape[1]) if _channels_first(shape) else (shape[1], shape[0])
+        return w, h, (shape[0] if _channels_first(shape) else shape[2]) >= 3
     if len(shape) == 2:
         return shape[1], shape[0], False
-    raise TypeError(f"cannot tell the size of a {type(image).__name__} (item {index} of the data set)")
+    raise TypeError(f"cannot tell the size of a {type(image).__name__}")
 
 
-def pixel_moments(dataset: Any, index: int) -> np.ndarray:
-    """(2, 3) float64: one image's mean and mean square per RGB channel, pixels in [0, 1] (grey levels count for the
-    three channels). An image larger than :data:`PIXELS_SIDE` is read at about that side (a JPEG is decoded at a
-    fraction of its size): the mean is kept, and the spread nearly so."""
-    read_bytes = getattr(dataset, "read_bytes", None)
-    image = Image.open(io.BytesIO(read_bytes(index))) if read_bytes is not None else dataset[index]
-    if isinstance(image, tuple | list):  # (image, label) datasets
-        image = image[0]
+def pixel_moments(image: Any) -> np.ndarray:
+    """(2, 3) float64: the mean and mean square per RGB channel of one :func:`sampled_image`, pixels in [0, 1] (grey
+    levels count for the three channels). A file larger than :data:`PIXELS_SIDE` is read at about that side (a JPEG
+    is decoded at a fraction of its size): the mean is kept, and the spread nearly so. Call it after
+    :func:`image_size_and_colour`: a JPEG's draft mode changes the size PIL reports."""
     if isinstance(image, Image.Image):
         if image.mode == "RGB" and image.format == "JPEG":
             image.draft("RGB", (PIXELS_SIDE, PIXELS_SIDE))
@@ -109,13 +112,13 @@ def pixel_moments(dataset: Any, index: int) -> np.ndarray:
             image = image.copy()
             image.thumbnail((PIXELS_SIDE * 2, PIXELS_SIDE * 2))
         pixels = np.asarray(image.convert("RGB"), np.float64) / 255
-    else:  # an array or tensor: uint8 levels or floats in [0, 1], channels first or last
+    else:  # an array or tensor: uint8 levels or floats in [0, 1]
         pixels = np.asarray(image, np.float64)
         if np.issubdtype(np.asarray(image).dtype, np.integer):
             pixels = pixels / 255
         if pixels.ndim == 2:
             pixels = pixels[..., None]
-        elif pixels.shape[0] <= 4 < pixels.shape[-1]:
+        elif _channels_first(pixels.shape):
             pixels = np.moveaxis(pixels, 0, -1)
         pixels = pixels[..., :3] if pixels.shape[-1] >= 3 else np.repeat(pixels[..., :1], 3, axis=-1)
     flat = pixels.reshape(-1, 3)
@@ -124,13 +127,14 @@ def pixel_moments(dataset: Any, index: int) -> np.ndarray:
 
 def measure_images(dataset: Any, sample: int = SAMPLE) -> ImageStats:
     """The size distribution of ``dataset``'s images, the share of them in colour and their pixels' mean and std per
-    channel (each image weighing the same), on the fixed sample :func:`sample_indices` draws. Images that cannot be
-    read are left out (the loader replaces them in training); a ``ValueError`` when none can be."""
+    channel (each image weighing the same), on the fixed sample :func:`sample_indices` draws, each read once. Images
+    that cannot be read are left out (the loader replaces them in training); a ``ValueError`` when none can be."""
     indices = sample_indices(len(dataset), sample).tolist()
     sizes, moments = [], []
     for i in indices:
         try:
-            size, moment = image_size_and_colour(dataset, i), pixel_moments(dataset, i)
+            image = sampled_image(dataset, i)
+            size, moment = image_size_and_colour(image), pixel_moments(image)
         except Exception:  # noqa: BLE001 (an undecodable file: the run's loader counts and replaces it)
             continue
         sizes.append(size)
