@@ -116,6 +116,16 @@ def test_the_run_length_warmup_and_ema_follow_the_number_of_steps():
     long = _choices(make_plan(_stats(32, 32, 1_797), CPU, {"optim.epochs": 2000}))  # 56,000 steps
     assert long["optim.ema_momentum"][0] == 0.996
     assert 0.9995 < long["optim.final_ema_momentum"][0] < 1.0  # towards the paper's 1.0 as the run grows
+    assert "(the paper's 0.996 at most)" in long["optim.ema_momentum"][1]
+
+
+def test_the_reasons_of_a_run_of_a_few_steps_read_as_sentences():
+    tiny = _choices(make_plan(_stats(32, 32, 400), CPU, {"optim.max_steps": 3}))
+    assert tiny["optim.warmup_epochs"][1] == "5 % of the run: 1 step"
+    assert tiny["optim.ema_momentum"][1] == ("the target averages ~100 steps, more than the run's 3 steps "
+                                             "(0.99 at least, the digits preset's)")
+    assert "more than the run's 3 steps" in tiny["optim.final_ema_momentum"][1]
+    assert "%" not in tiny["optim.ema_momentum"][1] + tiny["optim.final_ema_momentum"][1]
 
 
 def test_what_the_user_gives_is_left_alone_and_the_rest_fits_around_it():

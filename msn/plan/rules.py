@@ -259,7 +259,8 @@ def epochs(count: int, global_batch: int, machine: Machine) -> Choice:
 def warmup(total_steps: int, steps_per_epoch: int) -> Choice:
     """The lr warm-up: 5 % of the run (the paper's 15 of 300 epochs), at least one step."""
     steps = max(1, round(0.05 * total_steps))
-    return Choice("optim.warmup_epochs", steps / max(1, steps_per_epoch), f"5 % of the run: {steps:,} steps")
+    return Choice("optim.warmup_epochs", steps / max(1, steps_per_epoch),
+                  f"5 % of the run: {steps:,} step{'s' if steps > 1 else ''}")
 
 
 def ema_momentum(total_steps: int) -> list[Choice]:
@@ -271,10 +272,22 @@ def ema_momentum(total_steps: int) -> list[Choice]:
     n = max(total_steps, 1)
     m = min(0.996, max(0.99, 1 - 1 / (0.02 * n)))
     final = min(1.0, max(m, 1 - 1 / (0.04 * n)))
-    return [Choice("optim.ema_momentum", round(m, 5), f"the target averages ~{1 / (1 - m):.0f} steps, "
-                   f"{100 / ((1 - m) * n):.1f} % of the run's {total_steps:,}"),
-            Choice("optim.final_ema_momentum", round(final, 5), f"at the end ~{1 / (1 - final):.0f} steps, "
-                   f"{100 / ((1 - final) * n):.1f} % of the run (1.0 would freeze the target)")]
+    start_why = f"the target averages ~{1 / (1 - m):,.0f} steps, {_share_of_run(1 / (1 - m), n)}"
+    window, wanted = round(1 / (1 - m)), round(0.02 * n)
+    if window > wanted:  # the floor: 2 % of a run this short would be a few steps
+        start_why += " (0.99 at least, the digits preset's)"
+    elif window < wanted:
+        start_why += " (the paper's 0.996 at most)"
+    return [Choice("optim.ema_momentum", round(m, 5), start_why),
+            Choice("optim.final_ema_momentum", round(final, 5), f"at the end ~{1 / (1 - final):,.0f} steps, "
+                   f"{_share_of_run(1 / (1 - final), n)} (1.0 would freeze the target)")]
+
+
+def _share_of_run(window: float, total_steps: int) -> str:
+    """How a window of steps compares with the run: "4.0 % of the run's 5,000", or "more than the run's 3 steps"."""
+    if window > total_steps:
+        return f"more than the run's {total_steps:,} step{'s' if total_steps > 1 else ''}"
+    return f"{100 * window / total_steps:.1f} % of the run's {total_steps:,}"
 
 
 def loader_workers(machine: Machine) -> Choice:
