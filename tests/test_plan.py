@@ -214,6 +214,34 @@ def test_image_sizes_are_read_from_the_files_of_a_folder(tmp_path):
     assert photos.std == pytest.approx((100 / 255, 40 / 255, 120 / 255), abs=0.01)
 
 
+def test_what_shows_grey_counts_as_grey_and_16_bit_images_are_measured_as_training_decodes_them(tmp_path):
+    from msn.data.sources.custom import CustomImages
+    from msn.data.sources.folder import ImageFolderDataset
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "x16").mkdir()  # 16-bit grey PNGs (microscopy, X-rays): clipped at 255 they would all read white
+    levels = [rng.integers(0, 65536, (30, 30)).astype(np.uint16) for _ in range(3)]
+    for i, values in enumerate(levels):
+        Image.fromarray(values).save(tmp_path / "x16" / f"{i}.png")
+    x16 = measure_images(ImageFolderDataset(tmp_path / "x16"))
+    as_trained = np.stack([np.rint(v * (255 / 65535)) / 255 for v in levels])  # msn.data.images.to_8bit's levels
+    assert x16.mean == pytest.approx((as_trained.mean(),) * 3, abs=1e-3) and x16.colour_share == 0.0
+    (tmp_path / "scans").mkdir()  # grey content saved as RGB JPEGs and as a grey palette: grey
+    for i in range(3):
+        grey = Image.fromarray(rng.integers(0, 256, (48, 48)).astype(np.uint8), "L")
+        grey.convert("RGB").save(tmp_path / "scans" / f"{i}.jpg", quality=90)
+        grey.convert("P").save(tmp_path / "scans" / f"{i}.png")
+    assert measure_images(ImageFolderDataset(tmp_path / "scans")).colour_share == 0.0
+    coloured = _folder(tmp_path / "colour", (48, 48), 3, "jpg")  # colour blobs: colour
+    assert measure_images(ImageFolderDataset(coloured)).colour_share == 1.0
+    # a dataset class of the user's (data=custom) is handed out as RGB copies: what they show decides
+    garments = [Image.fromarray(rng.integers(0, 256, (28, 28)).astype(np.uint8), "L") for _ in range(4)]
+    custom = measure_images(CustomImages(garments, "mypkg.Garments"))
+    assert custom.colour_share == 0.0 and custom.median_width == 28
+    painted = [Image.open(path) for path in sorted(coloured.iterdir())]
+    assert measure_images(CustomImages(painted, "mypkg.Paintings")).colour_share == 1.0
+
+
 def test_grey_images_are_normalised_with_their_own_statistics_colour_ones_with_imagenets():
     fashion = ImageStats(60_000, 256, 28, 28, 28, 28, 0.0, mean=(0.286,) * 3, std=(0.353,) * 3)
     c = _choices(make_plan(fashion, CPU, {}))

@@ -11,10 +11,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from msn.data.images import to_8bit
 from msn.utils.sampling import sample_indices
 
 SAMPLE = 256  # images whose size is read: the median is then within a few per cent of the whole set's
 PIXELS_SIDE = 128  # larger images are read at about this side for their pixels' mean and std (a JPEG's draft mode)
+GREY_SPREAD = 0.02  # an RGB image whose channels differ by less than this on average (5 levels of 255) shows grey
 
 
 @dataclass(frozen=True)
@@ -27,7 +29,7 @@ class ImageStats:
     median_height: int
     short_side: int  # the median of min(width, height): what a square view is cut from
     short_side_p10: int  # 10 % of the images have a shorter side than this
-    colour_share: float = 0.0  # the share stored in colour (RGB, palette, CMYK...) rather than grey levels
+    colour_share: float = 0.0  # the share in colour: stored in colour (RGB, palette, CMYK...) and not grey content
     mean: tuple[float, float, float] | None = None  # the sample's pixels in [0, 1], per RGB channel (grey: 3 equal)
     std: tuple[float, float, float] | None = None
 
@@ -87,8 +89,8 @@ def _channels_first(shape: tuple[int, ...]) -> bool:
 
 
 def image_size_and_colour(image: Any) -> tuple[int, int, bool]:
-    """(width, height, in colour) of one :func:`sampled_image`: a file's from its header ("in colour" is the file's
-    mode, so an RGB file of grey content counts as colour), an array's from its shape (colour with 3 or 4 channels)."""
+    """(width, height, stored in colour) of one :func:`sampled_image`: a file's from its header (its mode), an
+    array's from its shape (3 or 4 channels). Whether it shows colour is :func:`pixel_moments`' to say."""
     if isinstance(image, Image.Image):
         return (*image.size, image.mode not in GREY_MODES)
     shape = tuple(getattr(image, "shape", ()))
@@ -100,14 +102,18 @@ def image_size_and_colour(image: Any) -> tuple[int, int, bool]:
     raise TypeError(f"cannot tell the size of a {type(image).__name__}")
 
 
-def pixel_moments(image: Any) -> np.ndarray:
-    """(2, 3) float64: the mean and mean square per RGB channel of one :func:`sampled_image`, pixels in [0, 1] (grey
-    levels count for the three channels). A file larger than :data:`PIXELS_SIDE` is read at about that side (a JPEG
-    is decoded at a fraction of its size): the mean is kept, and the spread nearly so. Call it after
+def pixel_moments(image: Any) -> tuple[np.ndarray, bool]:
+    """The pixels of one :func:`sampled_image` as training sees them (16-bit and float images scaled to 8 bits by
+    the training decoder's :func:`~msn.data.images.to_8bit`, not clipped): (2, 3) float64, the mean and mean square
+    per RGB channel in [0, 1] (grey levels count for the three channels), and whether the image shows grey only
+    (its channels differ by less than :data:`GREY_SPREAD` on average: a grey scan or garment saved as RGB, a data
+    set class that hands out RGB copies). A JPEG larger than :data:`PIXELS_SIDE` is decoded at a fraction of its
+    size, another file shrunk to about twice that side: the mean is kept, and the spread nearly so. Call it after
     :func:`image_size_and_colour`: a JPEG's draft mode changes the size PIL reports."""
     if isinstance(image, Image.Image):
         if image.mode == "RGB" and image.format == "JPEG":
             image.draft("RGB", (PIXELS_SIDE, PIXELS_SIDE))
+        image = to_8bit(image)
         if min(image.size) > PIXELS_SIDE:
             image = image.copy()
             image.thumbnail((PIXELS_SIDE * 2, PIXELS_SIDE * 2))
@@ -122,22 +128,25 @@ def pixel_moments(image: Any) -> np.ndarray:
             pixels = np.moveaxis(pixels, 0, -1)
         pixels = pixels[..., :3] if pixels.shape[-1] >= 3 else np.repeat(pixels[..., :1], 3, axis=-1)
     flat = pixels.reshape(-1, 3)
-    return np.stack([flat.mean(0), (flat ** 2).mean(0)])
+    grey = float(np.mean(flat.max(1) - flat.min(1))) < GREY_SPREAD
+    return np.stack([flat.mean(0), (flat ** 2).mean(0)]), grey
 
 
 def measure_images(dataset: Any, sample: int = SAMPLE) -> ImageStats:
-    """The size distribution of ``dataset``'s images, the share of them in colour and their pixels' mean and std per
-    channel (each image weighing the same), on the fixed sample :func:`sample_indices` draws, each read once. Images
-    that cannot be read are left out (the loader replaces them in training); a ``ValueError`` when none can be."""
+    """The size distribution of ``dataset``'s images, the share of them in colour (stored in colour and showing it)
+    and their pixels' mean and std per channel (each image weighing the same), on the fixed sample
+    :func:`sample_indices` draws, each read once. Images that cannot be read are left out (the loader replaces them
+    in training); a ``ValueError`` when none can be."""
     indices = sample_indices(len(dataset), sample).tolist()
     sizes, moments = [], []
     for i in indices:
         try:
             image = sampled_image(dataset, i)
-            size, moment = image_size_and_colour(image), pixel_moments(image)
+            width, height, stored_in_colour = image_size_and_colour(image)
+            moment, grey = pixel_moments(image)
         except Exception:  # noqa: BLE001 (an undecodable file: the run's loader counts and replaces it)
             continue
-        sizes.append(size)
+        sizes.append((width, height, stored_in_colour and not grey))
         moments.append(moment)
     if not sizes:
         raise ValueError(f"none of the {len(indices)} images sampled to fit the recipe could be read; check the "
