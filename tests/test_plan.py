@@ -128,6 +128,19 @@ def test_the_reasons_of_a_run_of_a_few_steps_read_as_sentences():
     assert "%" not in tiny["optim.ema_momentum"][1] + tiny["optim.final_ema_momentum"][1]
 
 
+def test_the_warm_up_a_plan_states_is_the_one_the_schedules_take():
+    from msn.train.builder import build_schedules
+
+    cfg = compose_config(["data=folder"])
+    for total, per_epoch in [(20, 49), (400, 49), (1_644, 937), (5_012, 28), (3, 12), *((t, 57) for t in range(1, 300))]:
+        plan = _choices(make_plan(_stats(32, 32, per_epoch * 64), CPU, {"optim.max_steps": total}))
+        stated = int(plan["optim.warmup_epochs"][1].split(": ")[1].split()[0].replace(",", ""))
+        cfg.optim.warmup_epochs = plan["optim.warmup_epochs"][0]
+        # the value is stored in config.yaml and read back on resume: the same steps after the round trip
+        cfg = OmegaConf.create(OmegaConf.to_yaml(cfg))
+        assert build_schedules(cfg, total, per_epoch).warmup_steps == stated == max(1, round(0.05 * total))
+
+
 def test_what_the_user_gives_is_left_alone_and_the_rest_fits_around_it():
     plan = make_plan(_stats(32, 32, 400), CPU, {"model.patch_size": 4, "data.batch_size": 16})
     c = _choices(plan)
@@ -363,8 +376,8 @@ def test_a_time_budget_fixes_the_run_length_from_its_timed_steps(tmp_path):
     total = cfg["fitted"]["length"]["steps"]
     assert total == run["total_steps"] == cfg["optim"]["max_steps"] >= 26  # the 5 + 20 steps timed, and more
     assert "optim.budget=6s at" in cfg["fitted"]["values"]["optim.max_steps"]["reason"]
-    warmup_steps = cfg["optim"]["warmup_epochs"] * run["steps_per_epoch"]
-    assert warmup_steps == pytest.approx(max(1, round(0.05 * total)), abs=1e-6)  # refitted for the decided length
+    warmup_steps = int(cfg["optim"]["warmup_epochs"] * run["steps_per_epoch"])  # as the schedules take it
+    assert warmup_steps == max(1, round(0.05 * total))  # 5 % of the run: refitted for the decided length
     status = json.loads((tmp_path / "run" / "status.json").read_text())
     assert status == {**status, "status": "finished", "step": total}
 

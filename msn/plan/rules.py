@@ -258,9 +258,11 @@ def epochs(count: int, global_batch: int, machine: Machine) -> Choice:
 
 def warmup(total_steps: int, steps_per_epoch: int) -> Choice:
     """The lr warm-up: 5 % of the run (the paper's 15 of 300 epochs), at least one step."""
-    steps = max(1, round(0.05 * total_steps))
-    return Choice("optim.warmup_epochs", steps / max(1, steps_per_epoch),
-                  f"5 % of the run: {steps:,} step{'s' if steps > 1 else ''}")
+    steps, per_epoch = max(1, round(0.05 * total_steps)), max(1, steps_per_epoch)
+    epochs = steps / per_epoch
+    while int(epochs * per_epoch) < steps:  # the run takes int(epochs x steps an epoch): 1/49 x 49 is 0.999...
+        epochs = math.nextafter(epochs, math.inf)
+    return Choice("optim.warmup_epochs", epochs, f"5 % of the run: {steps:,} step{'s' if steps > 1 else ''}")
 
 
 def ema_momentum(total_steps: int) -> list[Choice]:
