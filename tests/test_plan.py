@@ -98,6 +98,36 @@ def test_photos_get_the_paper_views_on_a_gpu_and_96px_on_a_cpu():
     assert (cpu["model.patch_size"][0], cpu["data.focal_size"][0]) == (16, 48)
 
 
+def test_the_gpu_batch_search_goes_down_when_16_do_not_fit_and_is_skipped_when_the_batch_is_given():
+    from msn.train.memory import largest_batch
+
+    def search(limit):  # the memory search with a stand-in for the trial step (no GPU here): batches up to limit fit
+        tried = []
+
+        def fits(cfg, process, batch):
+            tried.append(batch)
+            return batch <= limit
+        return (lambda start, cap: largest_batch(None, None, start=start, cap=cap, fits=fits)), tried
+
+    for limit, cap, found, tried_sizes in [(100, 256, 64, [16, 32, 64, 128]), (1_000, 256, 256, [16, 32, 64, 128, 256]),
+                                          (5, 256, 4, [16, 8, 4]), (1, 256, 0, [16, 8, 4, 2]), (100, 8, 8, [8])]:
+        run, tried = search(limit)
+        assert run(16, cap) == found and tried == tried_sizes
+    with pytest.raises(ValueError, match="not even a batch of 2 images fits"):
+        make_plan(_stats(96, 96, 50_000), GPU, {}, largest_batch=lambda cap, values: search(1)[0](16, cap))
+    big = _choices(make_plan(_stats(96, 96, 50_000), GPU, {}, largest_batch=lambda cap, values: search(5)[0](16, cap)))
+    assert big["data.batch_size"] == (4, "the largest batch whose step fits the GPU's memory")
+
+    def no_search(cap, values):
+        raise AssertionError("searched the GPU's memory for a batch the user gave")
+    given = make_plan(_stats(96, 96, 50_000), GPU, {"data.batch_size": 32}, largest_batch=no_search)
+    assert "data.batch_size" not in _choices(given) and _choices(given)["model.num_prototypes"][0] == 64
+    few = _choices(make_plan(_stats(96, 96, 12), GPU, {}, largest_batch=no_search))  # 12 images: nothing to search
+    assert few["data.batch_size"][0] == 2 and "BatchNorm needs 2 images" in few["data.batch_size"][1]
+    epoch = _choices(make_plan(_stats(28, 28, 60_000), CPU, {}, epoch_images=256))  # data.samples_per_epoch=256
+    assert epoch["data.batch_size"] == (32, "an eighth of 256 images")
+
+
 def test_model_and_prototypes_follow_the_data_set_size():
     assert _choices(make_plan(_stats(96, 96, 5_000), GPU, {}))["model.arch"][0] == "vit_tiny"
     assert _choices(make_plan(_stats(96, 96, 50_000), GPU, {}))["model.arch"][0] == "vit_small"

@@ -154,7 +154,8 @@ def bench_step(cfg: DictConfig, *, overrides: list[str], steps: int = 10, warmup
 
 
 def max_batch(cfg: DictConfig) -> int:
-    """The largest ``data.batch_size`` (doubling from ``cfg``'s) whose training step fits in GPU memory."""
+    """The largest ``data.batch_size`` (doubling from ``cfg``'s, halving when it does not fit) whose training step
+    fits in GPU memory."""
     process = local_process(cfg)
     if process.device.type != "cuda":
         raise ConfigError("--max-batch needs a GPU (device=cuda or auto on a machine with one)")

@@ -110,8 +110,11 @@ def make_plan(images: ImageStats, machine: Machine, given: dict[str, Any], *, bu
         hidden, output = rules.MODEL_HEADS[given["model.arch"]]
         fit(Choice("model.head_hidden_dim", hidden, f"{given['model.arch']}'s projection head"))
         fit(Choice("model.head_output_dim", output, f"{given['model.arch']}'s projection head"))
-    sized = None if largest_batch is None else (lambda cap: largest_batch(cap, {**plan.values(), **given}))
-    batch = fit(rules.batch_size(images.count, machine, sized))
+    if "data.batch_size" in given:  # given: no memory search on a GPU for a value that would be thrown away
+        batch = given["data.batch_size"]
+    else:
+        sized = None if largest_batch is None else (lambda cap: largest_batch(cap, {**plan.values(), **given}))
+        batch = fit(rules.batch_size(epoch_images or images.count, machine, sized))
     global_batch = batch * machine.world
     fit(rules.prototypes(images.count, global_batch))
     for choice in rules.learning_rate(global_batch, lr_base_size):

@@ -204,13 +204,18 @@ def prototypes(count: int, global_batch: int) -> Choice:
 def batch_size(count: int, machine: Machine, largest: Callable[[int], int] | None = None) -> Choice:
     """Images per process: 64 on a CPU (the Fashion-MNIST preset: more steps of 64 beat fewer of 128); on a GPU the
     largest power of 2 up to 256 whose step fits in its memory (``largest(cap)``, measured as msn-bench step
-    --max-batch does). At most an eighth of the data set per step, so an epoch has steps to shuffle."""
+    --max-batch does; 0 when not even 2 images fit). At most an eighth of the images an epoch takes (``count``) per
+    step, so an epoch has steps to shuffle."""
     cap = _pow2_at_most(count / (8 * machine.world))
-    if machine.on_gpu and largest is not None:
+    if machine.on_gpu and largest is not None and cap >= 2:  # below 2 there is nothing to search: the floor is 2
         fits = largest(min(256, cap))
+        if fits < 2:
+            raise ValueError(f"not even a batch of 2 images fits the GPU's memory with {machine.gpu or 'this GPU'}; "
+                             "give a smaller model (model.arch=vit_tiny) or smaller views (data.global_size)")
         batch = min(fits, cap, 256)
-        reason = (f"the largest batch whose step fits the GPU's memory is {fits}" if batch == fits else
-                  f"{fits} fits the GPU's memory")
+        reason = ("the largest batch whose step fits the GPU's memory" if fits < min(256, cap) else
+                  "its step fits the GPU's memory" if batch < 256 else
+                  "the most the rules try, and its step fits the GPU's memory")
     elif machine.on_gpu:
         batch, reason = min(128, cap), "a GPU's default (its memory was not measured)"
     else:

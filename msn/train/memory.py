@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from omegaconf import DictConfig
 
@@ -63,18 +65,26 @@ def computed_state_bytes(model: torch.nn.Module, *, world: int, sharded: bool) -
     return (shared // world if sharded else shared) + 4 * size * prototypes
 
 
-def largest_batch(cfg: DictConfig, process: Process, *, start: int, cap: int | None = None) -> int:
+def largest_batch(cfg: DictConfig, process: Process, *, start: int, cap: int | None = None,
+                  fits: Callable[[DictConfig, Process, int], bool] | None = None) -> int:
     """The largest batch, doubling from ``start`` (up to ``cap``; from ``cap`` when smaller), whose training step runs
-    on ``process``'s GPU without running out of memory; 0 when not even the first fits. The step runs in this process
-    alone (:func:`msn.utils.distributed.local_only`): the other ranks need not take part."""
-    fits, batch = 0, start if cap is None else min(start, cap)
+    on ``process``'s GPU without running out of memory; when ``start`` does not fit, halving from it down to 2 (a
+    large model on a small GPU); 0 when not even 2 images fit. The step runs in this process alone
+    (:func:`msn.utils.distributed.local_only`): the other ranks need not take part. ``fits(cfg, process, batch)``:
+    the trial (one real step, :func:`_fits`; another for the tests, which have no GPU)."""
+    fits = fits or _fits
+    batch = start if cap is None else min(start, cap)
     with distributed.local_only():
-        while cap is None or batch <= cap:
-            size_fits = _fits(cfg, process, batch)
-            if not size_fits:
-                return fits
-            fits, batch = batch, batch * 2
-    return fits
+        if not fits(cfg, process, batch):
+            batch //= 2
+            while batch >= 2 and not fits(cfg, process, batch):
+                batch //= 2
+            return batch if batch >= 2 else 0
+        while cap is None or batch * 2 <= cap:
+            if not fits(cfg, process, batch * 2):
+                break
+            batch *= 2
+    return batch
 
 
 def _fits(cfg: DictConfig, process: Process, batch: int) -> bool:
