@@ -400,7 +400,7 @@ def test_a_run_started_without_a_plan_keeps_its_values_when_resumed(tmp_path, ca
     assert "no fitted plan recorded" in caplog.text
 
 
-def test_a_time_budget_fixes_the_run_length_from_its_timed_steps(tmp_path):
+def test_a_time_budget_fixes_the_run_length_from_its_timed_steps(tmp_path, caplog):
     cfg = _run(tmp_path, _folder(tmp_path / "img", (32, 32), 40), "optim.budget=6s", "checkpoint.last_every_steps=10")
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     total = cfg["fitted"]["length"]["steps"]
@@ -410,6 +410,12 @@ def test_a_time_budget_fixes_the_run_length_from_its_timed_steps(tmp_path):
     assert warmup_steps == max(1, round(0.05 * total))  # 5 % of the run: refitted for the decided length
     status = json.loads((tmp_path / "run" / "status.json").read_text())
     assert status == {**status, "status": "finished", "step": total}
+    assert cfg["fitted"]["length"]["budget"] == "6s"
+    _run(tmp_path, tmp_path / "img", "optim.budget=0m6s")  # the same budget, written otherwise: nothing to say
+    assert "is not this run's" not in caplog.text
+    again = _run(tmp_path, tmp_path / "img", "optim.budget=1m")  # another budget on resume: kept, and said
+    assert ("optim.budget=1m is not this run's: optim.budget=6s fixed its length at "
+            f"{total:,} steps") in caplog.text and again["optim"]["max_steps"] == total
 
 
 def test_presets_are_left_as_written_and_scale_lr_scales_them(tmp_path):

@@ -20,7 +20,7 @@ import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from msn.config import validate
+from msn.config import budget_seconds, validate
 from msn.errors import DataError
 from msn.plan import (
     FITTED_KEYS,
@@ -268,7 +268,7 @@ def record_length(cfg: DictConfig, choices: list[Choice], total: int, pace: floa
     record = _plain(cfg.fitted) or {}
     record.setdefault("values", {}).update({c.key: {"value": c.value, "reason": c.reason} for c in choices
                                             if c.key not in given})
-    record["length"] = {"steps": total, "seconds_per_step": round(pace, 6)}
+    record["length"] = {"steps": total, "seconds_per_step": round(pace, 6), "budget": cfg.optim.budget}
     apply_values(cfg, {c.key: c.value for c in choices}, given)
     cfg.fitted = record
 
@@ -278,5 +278,17 @@ def budget_decided(cfg: DictConfig) -> bool:
     return bool(cfg.fitted and cfg.fitted.get("length"))
 
 
-__all__ = ["BudgetClock", "apply_values", "budget_decided", "fit_composed", "fit_run", "given_values", "machine_of",
-           "record_length", "recorded_fit"]
+def changed_budget_note(cfg: DictConfig) -> str | None:
+    """One line when a resume names another ``optim.budget`` than the one that fixed the run's length: the length
+    stays (the schedules were spanned over it), and the line says how to train on. None otherwise."""
+    length = (cfg.fitted or {}).get("length") or {}
+    then, now = length.get("budget"), cfg.optim.budget
+    if then is None or now is None or budget_seconds(str(then)) == budget_seconds(str(now)):
+        return None
+    return (f"optim.budget={now} is not this run's: optim.budget={then} fixed its length at {length['steps']:,} steps "
+            "when it timed them, and a resume keeps that length; to train longer, resume without optim.budget and "
+            "with optim.max_steps=N, or start a new run (run_name=NEW_NAME)")
+
+
+__all__ = ["BudgetClock", "apply_values", "budget_decided", "changed_budget_note", "fit_composed", "fit_run",
+           "given_values", "machine_of", "record_length", "recorded_fit"]

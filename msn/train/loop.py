@@ -31,7 +31,7 @@ from msn.train.builder import (
 )
 from msn.train.checkpoints import CheckpointPolicy
 from msn.train.failures import collective_failure, lost_peer_message, stop_workers, watchdog_for
-from msn.train.fitting import BudgetClock, budget_decided, fit_run, record_length
+from msn.train.fitting import BudgetClock, budget_decided, changed_budget_note, fit_run, record_length
 from msn.train.loggers import MetricsLogger
 from msn.train.report import RunReport
 from msn.train.resume import restore_training
@@ -115,6 +115,8 @@ def _train(cfg: DictConfig, command: str | None, proc: Process, run_dir: Path, s
     if resume_path is not None and cfg.collapse.stop:
         _refuse_collapsed(run_dir)
     budget = None
+    if proc.is_main and (note := changed_budget_note(cfg)) is not None:
+        log.warning(note)
     if cfg.optim.budget is not None and not budget_decided(cfg):  # the length is fixed once the steps are timed
         budget = BudgetClock(cfg.optim.budget, budget_seconds(cfg.optim.budget), start_step, started,
                              workers=loader_workers(cfg.data.num_workers))
