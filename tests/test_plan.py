@@ -194,8 +194,8 @@ def test_the_check_before_a_fitted_run_leaves_the_views_to_its_plan():
 
 def test_the_command_line_names_what_it_gives_and_whether_to_fit():
     assert override_keys(["optim.lr=1e-3", "+x.y=1", "~z", "hydra.run.dir=o"]) == {"optim.lr", "x.y", "z"}
-    assert {"model.arch", "model.patch_size", "model.img_size"} <= override_keys(["model=vit_small"])
-    assert "model.num_prototypes" not in override_keys(["model=vit_small"])
+    assert {"model.arch", "model.patch_size", "model.head_output_dim"} <= override_keys(["model=vit_small"])
+    assert not {"model.num_prototypes", "model.img_size"} & override_keys(["model=vit_small"])  # fitted around it
     assert not {k for k in override_keys(["data=folder"]) if k.startswith("data.")}  # the source, not its values
     assert should_fit("auto", "folder", ["data=folder", "data.root=x"])
     assert should_fit("auto", "hf", []) and should_fit("auto", "mypkg.Source", [])
@@ -369,6 +369,9 @@ def test_a_folder_of_96px_images_gets_96px_views_and_an_override_wins(tmp_path):
     assert (cfg.data.global_size, cfg.model.arch, cfg.model.depth) == (64, "vit_tiny", 2)
     assert 64 % cfg.model.patch_size == 0 and "model.arch" not in cfg.fitted["values"]
     assert cfg.model.head_hidden_dim == 2048  # vit_tiny's head, not the vit_pico default's
+    cfg = compose_config(["data=folder", f"data.root={root}", "device=cpu", "run_dir=.", "model=vit_small"])
+    fit_composed(cfg, local_process(cfg))  # ViT-S/16 chosen by its group: its position grid sized to the views
+    assert (cfg.model.arch, cfg.model.patch_size, cfg.data.global_size, cfg.model.img_size) == ("vit_small", 16, 96, 96)
 
 
 def test_a_resume_reuses_the_recorded_plan_and_says_the_images_changed(tmp_path, caplog):

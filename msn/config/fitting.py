@@ -6,10 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 BUNDLED = ("digits", "fashion_mnist", "synthetic")  # sources with their own hand-made views (fit=auto leaves them)
-# A group chosen on the command line gives these keys (model=vit_small: the user chose the model's shape; the
-# prototypes are still fitted to the data). The data group names the source: its values are the source's defaults.
+# A group chosen on the command line gives these keys (model=vit_small: the user chose the model's shape; its
+# position grid (model.img_size) is still fitted to the views, and its prototypes to the data). The data group
+# names the source: its values are the source's defaults.
 GROUP_KEYS = {"model": ("model.arch", "model.embed_dim", "model.depth", "model.num_heads", "model.mlp_ratio",
-                        "model.patch_size", "model.img_size", "model.head_hidden_dim", "model.head_output_dim")}
+                        "model.patch_size", "model.head_hidden_dim", "model.head_output_dim")}
 # Every key a plan may fit, in the order it prints them.
 FITTED_KEYS = ("data.global_size", "model.patch_size", "model.img_size", "data.focal_size", "data.num_focal",
                "masking.ratio", "data.global_scale", "data.focal_scale", "data.blur_p", "data.color_jitter",
