@@ -433,6 +433,14 @@ def test_presets_are_left_as_written_and_scale_lr_scales_them(tmp_path):
     fit_run(cfg, process=proc, images=[], resume_path=None)
     assert cfg.optim.lr == pytest.approx(1e-3 * 64 / 1024) and cfg.optim.start_lr == pytest.approx(2e-4 * 64 / 1024)
     assert "optim.scale_lr" in cfg.fitted["values"]["optim.lr"]["reason"]
+    from msn.data.sources.folder import ImageFolderDataset
+
+    root = _folder(tmp_path / "img", (32, 32), 64)  # a fitted run: the lr the user gives is scaled, its own is not
+    cfg = compose_config(["data=folder", f"data.root={root}", "optim.scale_lr=true", "optim.lr=2e-3", "run_dir=."])
+    fit_run(cfg, process=proc, images=ImageFolderDataset(root), resume_path=None)
+    assert cfg.data.batch_size == 8 and cfg.optim.lr == pytest.approx(2e-3 * 8 / 1024)
+    assert cfg.optim.start_lr == pytest.approx(2e-4)  # the plan's, for a global batch of 8: kept below 1024
+    assert cfg.fitted["scaled_lr"] and "optim.scale_lr" in cfg.fitted["values"]["optim.lr"]["reason"]
 
 
 def test_plan_true_prints_the_plan_and_trains_nothing(tmp_path):

@@ -133,11 +133,15 @@ def fit_run(cfg: DictConfig, *, process: Process, images: Any, resume_path: Path
         plan = _new_plan(cfg, process, images, given, measure_gpu=measure_gpu)
         apply_values(cfg, plan.values(), given)
         record = plan.to_record()
-    if cfg.optim.scale_lr and not fitted and not (record or {}).get("scaled_lr"):
+    # optim.scale_lr: a preset's lr (or one fitted=false) scaled by the global batch; a fitted recipe scales its own
+    # by its rule, so there it scales the lr values the user gave
+    scaled = [k for k in ("optim.lr", "optim.start_lr") if not fitted or k in given]
+    if cfg.optim.scale_lr and scaled and not (record or {}).get("scaled_lr"):
         record = record or {}
-        record.setdefault("values", {}).update(_scaled_lr(cfg, process.world))
+        record.setdefault("values", {}).update({k: v for k, v in _scaled_lr(cfg, process.world).items()
+                                                if k in scaled})
         record["scaled_lr"] = True
-        apply_values(cfg, {k: record["values"][k]["value"] for k in ("optim.lr", "optim.start_lr")}, {})
+        apply_values(cfg, {k: record["values"][k]["value"] for k in scaled}, {})
     if record is not None:
         cfg.fitted = record
     validate(cfg)
