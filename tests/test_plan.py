@@ -156,6 +156,11 @@ def test_the_reasons_of_a_run_of_a_few_steps_read_as_sentences():
                                              "(0.99 at least, the digits preset's)")
     assert "more than the run's 3 steps" in tiny["optim.final_ema_momentum"][1]
     assert "%" not in tiny["optim.ema_momentum"][1] + tiny["optim.final_ema_momentum"][1]
+    three = _choices(make_plan(_stats(32, 32, 3), Machine("cpu", cores=1), {}))  # batch 2: one step an epoch
+    assert three["optim.epochs"][1].startswith("1 step an epoch: 5,000 steps")
+    assert three["data.num_workers"] == (1, "1 core: one worker, sharing it with the step")
+    wide = _choices(make_plan(_stats(32, 32, 50_000), Machine("cuda", cores=64), {}))
+    assert wide["data.num_workers"] == (16, "64 cores for this process: 16 at most (a ViT-S step needs about 13)")
 
 
 def test_the_warm_up_a_plan_states_is_the_one_the_schedules_take():

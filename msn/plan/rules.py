@@ -253,11 +253,11 @@ def epochs(count: int, global_batch: int, machine: Machine) -> Choice:
     per_epoch = max(1, count // global_batch)
     least = GPU_STEPS if machine.on_gpu else CPU_STEPS
     if machine.on_gpu and per_epoch * 100 >= least:
-        return Choice("optim.epochs", 100, f"{per_epoch:,} steps an epoch: 100 epochs")
+        return Choice("optim.epochs", 100, f"{_steps(per_epoch)} an epoch: 100 epochs")
     n = max(1, math.ceil(least / per_epoch))
     if machine.on_gpu:
         n = max(n, 100)
-    return Choice("optim.epochs", n, f"{per_epoch:,} steps an epoch: {n * per_epoch:,} steps (at least {least:,} "
+    return Choice("optim.epochs", n, f"{_steps(per_epoch)} an epoch: {n * per_epoch:,} steps (at least {least:,} "
                   f"on a {'GPU' if machine.on_gpu else 'CPU'}; optim.budget=30m fits the run to a time instead)")
 
 
@@ -267,7 +267,7 @@ def warmup(total_steps: int, steps_per_epoch: int) -> Choice:
     epochs = steps / per_epoch
     while int(epochs * per_epoch) < steps:  # the run takes int(epochs x steps an epoch): 1/49 x 49 is 0.999...
         epochs = math.nextafter(epochs, math.inf)
-    return Choice("optim.warmup_epochs", epochs, f"5 % of the run: {steps:,} step{'s' if steps > 1 else ''}")
+    return Choice("optim.warmup_epochs", epochs, f"5 % of the run: {_steps(steps)}")
 
 
 def ema_momentum(total_steps: int) -> list[Choice]:
@@ -286,14 +286,14 @@ def ema_momentum(total_steps: int) -> list[Choice]:
     elif window < wanted:
         start_why += " (the paper's 0.996 at most)"
     return [Choice("optim.ema_momentum", round(m, 5), start_why),
-            Choice("optim.final_ema_momentum", round(final, 5), f"at the end ~{1 / (1 - final):,.0f} steps, "
+            Choice("optim.final_ema_momentum", round(final, 8), f"at the end ~{1 / (1 - final):,.0f} steps, "
                    f"{_share_of_run(1 / (1 - final), n)} (1.0 would freeze the target)")]
 
 
 def _share_of_run(window: float, total_steps: int) -> str:
     """How a window of steps compares with the run: "4.0 % of the run's 5,000", or "more than the run's 3 steps"."""
     if window > total_steps:
-        return f"more than the run's {total_steps:,} step{'s' if total_steps > 1 else ''}"
+        return f"more than the run's {_steps(total_steps)}"
     return f"{100 * window / total_steps:.1f} % of the run's {total_steps:,}"
 
 
@@ -301,10 +301,16 @@ def loader_workers(machine: Machine) -> Choice:
     """Loader workers: on a GPU every core but the trainer's (at most 16: a ViT-S step at 1,500 images/s needs
     about 13 cores of decoding and augmentation); on a CPU a quarter of the cores (at least one: the Fashion-MNIST
     preset's worker makes the next views while the step runs; the step needs the rest)."""
+    cores = f"{machine.cores} core{'s' if machine.cores > 1 else ''}"
     if machine.on_gpu:
         n = max(1, min(16, machine.cores - 1))
-        why = "all but the trainer's" if machine.cores > 1 else "one worker beside the trainer"
-        return Choice("data.num_workers", n, f"{machine.cores} core{'s' if machine.cores > 1 else ''} for this "
-                      f"process: {why}")
+        why = ("one worker beside the trainer" if machine.cores == 1 else "all but the trainer's" if machine.cores <= 17 else
+               "16 at most (a ViT-S step needs about 13)")
+        return Choice("data.num_workers", n, f"{cores} for this process: {why}")
     n = max(1, machine.cores // 4)
-    return Choice("data.num_workers", n, f"{machine.cores} cores: the step uses the others")
+    why = "one worker, sharing it with the step" if machine.cores == 1 else "the step uses the others"
+    return Choice("data.num_workers", n, f"{cores}: {why}")
+
+
+def _steps(n: int) -> str:
+    return f"{n:,} step{'s' if n != 1 else ''}"
