@@ -128,6 +128,16 @@ def test_the_gpu_batch_search_goes_down_when_16_do_not_fit_and_is_skipped_when_t
     assert epoch["data.batch_size"] == (32, "an eighth of 256 images")
 
 
+def test_every_global_view_size_gets_the_tokens_its_device_is_given():
+    for machine, least, most in ((CPU, 4, 6), (GPU, 8, 14)):  # 4 x 4 to 6 x 6 on a CPU; 8 x 8 to 14 x 14 on a GPU
+        for side in range(8, 600, 4):
+            c = _choices(make_plan(_stats(side, side, 10_000), machine, {}))
+            grid = c["data.global_size"][0] // c["model.patch_size"][0]
+            assert least <= grid <= most, (machine.device, side, c["data.global_size"][0], c["model.patch_size"][0])
+            device = "GPU" if machine.on_gpu else "CPU"
+            assert c["model.patch_size"][1] == f"{grid} x {grid} tokens a global view on a {device}"
+
+
 def test_model_and_prototypes_follow_the_data_set_size():
     assert _choices(make_plan(_stats(96, 96, 5_000), GPU, {}))["model.arch"][0] == "vit_tiny"
     assert _choices(make_plan(_stats(96, 96, 50_000), GPU, {}))["model.arch"][0] == "vit_small"

@@ -56,9 +56,9 @@ def patch_size(global_size: int, machine: Machine) -> Choice:
     smaller views; on a CPU 4 x 4 to 6 x 6 tokens (the digits and Fashion-MNIST presets: 16 tokens train well and
     cost a quarter of 64)."""
     if machine.on_gpu:
-        patch = 4 if global_size <= 32 else 8 if global_size <= 112 else 16
+        patch = 4 if global_size <= 48 else 8 if global_size <= 112 else 16
     else:
-        patch = 8 if global_size <= 40 else 16
+        patch = 8 if global_size <= 48 else 16
     grid = global_size // patch
     where = "on a GPU" if machine.on_gpu else "on a CPU"
     return Choice("model.patch_size", patch, f"{grid} x {grid} tokens a global view {where}")
