@@ -389,12 +389,18 @@ def test_a_folder_of_96px_images_gets_96px_views_and_an_override_wins(tmp_path):
     assert (cfg.model.arch, cfg.model.patch_size, cfg.data.global_size, cfg.model.img_size) == ("vit_small", 16, 96, 96)
 
 
-def test_a_resume_reuses_the_recorded_plan_and_says_the_images_changed(tmp_path, caplog):
+def test_a_resume_reuses_the_recorded_plan_and_says_the_images_changed(tmp_path, caplog, monkeypatch):
+    from msn.plan import measure
+
     root = _folder(tmp_path / "img", (32, 32), 40)
     first = _run(tmp_path, root, "optim.max_steps=2")
     for path in root.iterdir():  # the same 40 files, now 64 px: the plan would change, the run's must not
         Image.open(path).resize((64, 64)).save(path)
     caplog.set_level("INFO")
+
+    def no_pixels(image):
+        raise AssertionError("a resume decoded the sample's pixels: it measures nothing again but the sizes")
+    monkeypatch.setattr(measure, "pixel_moments", no_pixels)
     second = _run(tmp_path, root, "optim.max_steps=4")
     assert second["data"]["global_size"] == 32 == first["data"]["global_size"]
     assert second["fitted"]["images"] == first["fitted"]["images"]

@@ -110,11 +110,16 @@ def test_the_pmsn_command_composes_as_documented(command, tmp_path):
     assert cfg.model.arch == "vit_small" and cfg.model.patch_size == 16
 
 
-def test_the_own_images_command_fits_the_plan_the_readme_shows(tmp_path):
+def test_the_own_images_command_fits_the_plan_the_readme_shows(tmp_path, monkeypatch):
     """The first command for one's own images is a folder and a budget; on 400 PNGs of 32 px (the README's example)
-    the plan printed holds every line the README shows, and the command's run would train it."""
+    the plan printed holds every line the README shows, and the command's run would train it. The README shows a
+    machine of 2 cores: the plan is fitted to one, whatever this machine has."""
+    from msn.train import fitting
     from msn.train.builder import local_process
     from msn.train.fitting import fit_composed
+
+    monkeypatch.setattr(fitting, "cores_available", lambda: 2)
+    monkeypatch.setattr(fitting.os, "cpu_count", lambda: 2)
 
     section_text = section("### Your own images: the recipe fitted to them")
     (command,) = [line for line in blocks(section_text)[0][1].splitlines() if line.startswith("msn-pretrain")]

@@ -164,6 +164,21 @@ def measure_images(dataset: Any, sample: int = SAMPLE) -> ImageStats:
                       colour_share=round(sum(colour) / len(sizes), 3), **pixels)
 
 
+def median_size(dataset: Any, sample: int = SAMPLE) -> tuple[int, int] | None:
+    """The median (width, height) of :func:`measure_images`' sample, from the files' headers only (no pixels
+    decoded): what a resume compares with its plan's. None when no image can be read."""
+    sizes = []
+    for i in sample_indices(len(dataset), sample).tolist():
+        try:
+            sizes.append(image_size_and_colour(sampled_image(dataset, i))[:2])
+        except Exception:  # noqa: BLE001 (as in measure_images: an unreadable file is left out)
+            continue
+    if not sizes:
+        return None
+    widths, heights = zip(*sizes, strict=True)
+    return int(statistics.median_low(widths)), int(statistics.median_low(heights))
+
+
 def cores_available() -> int:
     """The CPU cores this process may run on (its affinity: a SLURM or container limit), at least 1."""
     try:

@@ -3,8 +3,8 @@
 
 The rules themselves are :mod:`msn.plan`'s, torch-free and explicit; here they meet the run: its images, its
 processes, its GPU's memory and the record of an earlier session. A resume applies the recorded values and
-measures nothing again, so a continued run trains exactly what it started (only the images' sizes are read once
-more, to say so when they changed).
+measures nothing again, so a continued run trains exactly what it started (only the sample's image headers are read
+once more, to say so when the sizes changed).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from msn.plan import (
     length_choices,
     make_plan,
     measure_images,
+    median_size,
     override_keys,
     should_fit,
 )
@@ -205,15 +206,16 @@ def _scaled_lr(cfg: DictConfig, world: int) -> dict[str, dict[str, Any]]:
 
 
 def _say_if_resized(plan: Plan, images: Any) -> None:
-    """One line when the images' sizes changed since the plan was made (the run keeps its recorded views)."""
+    """One line when the images' sizes changed since the plan was made (the run keeps its recorded views): read
+    from the sample's headers, no pixels decoded."""
     try:
-        now = measure_images(images)
+        now = median_size(images)
     except Exception:  # noqa: BLE001 (a source that cannot say: nothing to compare)
         return
     then = plan.images
-    if (now.median_width, now.median_height) != (then.median_width, then.median_height):
+    if now is not None and now != (then.median_width, then.median_height):
         log.warning(f"the images' median size changed since this run fitted its plan ({then.median_width} x "
-                    f"{then.median_height} px then, {now.median_width} x {now.median_height} px now): the run "
+                    f"{then.median_height} px then, {now[0]} x {now[1]} px now): the run "
                     "continues with the views it was fitted with; start a new run (run_name=NEW_NAME) to fit a "
                     "plan to the new images")
 
