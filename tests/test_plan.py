@@ -177,7 +177,8 @@ def test_the_warm_up_a_plan_states_is_the_one_the_schedules_take():
     from msn.train.builder import build_schedules
 
     cfg = compose_config(["data=folder"])
-    for total, per_epoch in [(20, 49), (400, 49), (1_644, 937), (5_012, 28), (3, 12), *((t, 57) for t in range(1, 300))]:
+    cases = [(20, 49), (400, 49), (1_644, 937), (5_012, 28), (3, 12), *((t, 57) for t in range(1, 300))]
+    for total, per_epoch in cases:
         plan = _choices(make_plan(_stats(32, 32, per_epoch * 64), CPU, {"optim.max_steps": total}))
         stated = int(plan["optim.warmup_epochs"][1].split(": ")[1].split()[0].replace(",", ""))
         cfg.optim.warmup_epochs = plan["optim.warmup_epochs"][0]

@@ -304,8 +304,8 @@ def loader_workers(machine: Machine) -> Choice:
     cores = f"{machine.cores} core{'s' if machine.cores > 1 else ''}"
     if machine.on_gpu:
         n = max(1, min(16, machine.cores - 1))
-        why = ("one worker beside the trainer" if machine.cores == 1 else "all but the trainer's" if machine.cores <= 17 else
-               "16 at most (a ViT-S step needs about 13)")
+        why = ("one worker beside the trainer" if machine.cores == 1 else
+               "all but the trainer's" if machine.cores <= 17 else "16 at most (a ViT-S step needs about 13)")
         return Choice("data.num_workers", n, f"{cores} for this process: {why}")
     n = max(1, machine.cores // 4)
     why = "one worker, sharing it with the step" if machine.cores == 1 else "the step uses the others"
