@@ -109,10 +109,12 @@ def test_the_gpu_batch_search_goes_down_when_16_do_not_fit_and_is_skipped_when_t
             return batch <= limit
         return (lambda start, cap: largest_batch(None, None, start=start, cap=cap, fits=fits)), tried
 
-    for limit, cap, found, tried_sizes in [(100, 256, 64, [16, 32, 64, 128]), (1_000, 256, 256, [16, 32, 64, 128, 256]),
-                                          (5, 256, 4, [16, 8, 4]), (1, 256, 0, [16, 8, 4, 2]), (100, 8, 8, [8])]:
+    for start, limit, cap, found, tried_sizes in [
+            (16, 100, 256, 64, [16, 32, 64, 128]), (16, 1_000, 256, 256, [16, 32, 64, 128, 256]),
+            (16, 5, 256, 4, [16, 8, 4]), (16, 1, 256, 0, [16, 8, 4, 2]), (16, 100, 8, 8, [8]),
+            (24, 2, None, 2, [24, 12, 6, 3, 2]), (1, 3, None, 2, [2, 4])]:  # msn-bench's start: data.batch_size
         run, tried = search(limit)
-        assert run(16, cap) == found and tried == tried_sizes
+        assert run(start, cap) == found and tried == tried_sizes
     with pytest.raises(ValueError, match="not even a batch of 2 images fits"):
         make_plan(_stats(96, 96, 50_000), GPU, {}, largest_batch=lambda cap, values: search(1)[0](16, cap))
     big = _choices(make_plan(_stats(96, 96, 50_000), GPU, {}, largest_batch=lambda cap, values: search(5)[0](16, cap)))
@@ -134,8 +136,9 @@ def test_every_global_view_size_gets_the_tokens_its_device_is_given():
             c = _choices(make_plan(_stats(side, side, 10_000), machine, {}))
             grid = c["data.global_size"][0] // c["model.patch_size"][0]
             assert least <= grid <= most, (machine.device, side, c["data.global_size"][0], c["model.patch_size"][0])
-            device = "GPU" if machine.on_gpu else "CPU"
-            assert c["model.patch_size"][1] == f"{grid} x {grid} tokens a global view on a {device}"
+            assert c["data.global_size"][0] % c["model.patch_size"][0] == 0
+    c = _choices(make_plan(_stats(48, 48, 10_000), CPU, {}))
+    assert (c["data.global_size"][0], c["model.patch_size"]) == (48, (8, "6 x 6 tokens a global view on a CPU"))
 
 
 def test_model_and_prototypes_follow_the_data_set_size():
@@ -244,6 +247,7 @@ def test_budgets_and_the_steps_they_hold():
 
 def test_image_sizes_are_read_from_the_files_of_a_folder(tmp_path):
     from msn.data.sources.folder import ImageFolderDataset
+    from msn.plan import median_size
 
     _folder(tmp_path / "a", (40, 30), 5, "jpg")
     _folder(tmp_path / "a", (64, 64), 3, "png", seed=1)  # the same names' png twins: 8 images
@@ -271,6 +275,15 @@ def test_image_sizes_are_read_from_the_files_of_a_folder(tmp_path):
     photos = measure_images(ImageFolderDataset(tmp_path / "photos"))
     assert photos.mean == pytest.approx((100 / 255, 80 / 255, 120 / 255), abs=0.01)
     assert photos.std == pytest.approx((100 / 255, 40 / 255, 120 / 255), abs=0.01)
+    (tmp_path / "cut").mkdir()  # JPEGs cut short: their headers give sizes, their pixels do not decode
+    _folder(tmp_path / "cut", (40, 30), 3, "png")
+    for i in range(4):
+        whole = tmp_path / "cut" / f"{i}.jpg"
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (64, 64, 3)).astype(np.uint8)).save(whole)
+        whole.write_bytes(whole.read_bytes()[:1_000])  # of about 3,000
+    cut = measure_images(ImageFolderDataset(tmp_path / "cut"))  # the sizes a resume reads again are the same ones
+    assert (cut.median_width, cut.median_height, cut.sampled) == (*median_size(ImageFolderDataset(tmp_path / "cut")),
+                                                                  7)
 
 
 def test_what_shows_grey_counts_as_grey_and_16_bit_images_are_measured_as_training_decodes_them(tmp_path):
@@ -293,6 +306,16 @@ def test_what_shows_grey_counts_as_grey_and_16_bit_images_are_measured_as_traini
     assert measure_images(ImageFolderDataset(tmp_path / "scans")).colour_share == 0.0
     coloured = _folder(tmp_path / "colour", (48, 48), 3, "jpg")  # colour blobs: colour
     assert measure_images(ImageFolderDataset(coloured)).colour_share == 1.0
+    (tmp_path / "dark").mkdir()  # small coloured things on black (fluorescence, night skies): colour
+    for i, colour in enumerate([(255, 40, 40), (40, 200, 90), (60, 90, 255)]):
+        pixels = np.zeros((128, 128, 3), np.uint8)
+        pixels[50:68, 60:78] = colour  # 2 % of the image
+        Image.fromarray(pixels).save(tmp_path / "dark" / f"{i}.png")
+        marked = np.repeat(rng.integers(0, 256, (128, 128, 1)), 3, axis=2).astype(np.uint8)
+        marked[120:124, 4:40] = (255, 0, 0)  # a grey scan with a red scale bar (0.9 %): grey
+        Image.fromarray(marked).save(tmp_path / "scans" / f"bar{i}.png")
+    assert measure_images(ImageFolderDataset(tmp_path / "dark")).colour_share == 1.0
+    assert measure_images(ImageFolderDataset(tmp_path / "scans")).colour_share == 0.0
     # a dataset class of the user's (data=custom) is handed out as RGB copies: what they show decides
     garments = [Image.fromarray(rng.integers(0, 256, (28, 28)).astype(np.uint8), "L") for _ in range(4)]
     custom = measure_images(CustomImages(garments, "mypkg.Garments"))
@@ -394,7 +417,7 @@ def test_a_resume_reuses_the_recorded_plan_and_says_the_images_changed(tmp_path,
     from msn.plan import measure
 
     root = _folder(tmp_path / "img", (32, 32), 40)
-    first = _run(tmp_path, root, "optim.max_steps=2")
+    first = _run(tmp_path, root, "optim.max_steps=2", "optim.lr=2e-3")
     for path in root.iterdir():  # the same 40 files, now 64 px: the plan would change, the run's must not
         Image.open(path).resize((64, 64)).save(path)
     caplog.set_level("INFO")
@@ -402,8 +425,9 @@ def test_a_resume_reuses_the_recorded_plan_and_says_the_images_changed(tmp_path,
     def no_pixels(image):
         raise AssertionError("a resume decoded the sample's pixels: it measures nothing again but the sizes")
     monkeypatch.setattr(measure, "pixel_moments", no_pixels)
-    second = _run(tmp_path, root, "optim.max_steps=4")
+    second = _run(tmp_path, root, "optim.max_steps=4", "optim.lr=2e-3", "optim.scale_lr=true")
     assert second["data"]["global_size"] == 32 == first["data"]["global_size"]
+    assert second["optim"]["lr"] == 2e-3 and "this run started without it, and a resume keeps its lr" in caplog.text
     assert second["fitted"]["images"] == first["fitted"]["images"]
     assert "resumed from" in caplog.text and "median size changed" in caplog.text
     assert json.loads((tmp_path / "run" / "status.json").read_text())["step"] == 4

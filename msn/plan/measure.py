@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import statistics
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -16,7 +17,10 @@ from msn.utils.sampling import sample_indices
 
 SAMPLE = 256  # images whose size is read: the median is then within a few per cent of the whole set's
 PIXELS_SIDE = 128  # larger images are read at about this side for their pixels' mean and std (a JPEG's draft mode)
-GREY_SPREAD = 0.02  # an RGB image whose channels differ by less than this on average (5 levels of 255) shows grey
+# An RGB image shows colour when more than COLOURED_SHARE of its pixels have channels that differ by more than
+# COLOURED_PIXEL (10 levels of 255; a grey image saved as RGB or as a JPEG differs by a level or two): a small
+# coloured object on black counts, a grey scan with a coloured scale bar does not.
+COLOURED_PIXEL, COLOURED_SHARE = 0.04, 0.01
 
 
 @dataclass(frozen=True)
@@ -106,9 +110,9 @@ def pixel_moments(image: Any) -> tuple[np.ndarray, bool]:
     """The pixels of one :func:`sampled_image` as training sees them (16-bit and float images scaled to 8 bits by
     the training decoder's :func:`~msn.data.images.to_8bit`, not clipped): (2, 3) float64, the mean and mean square
     per RGB channel in [0, 1] (grey levels count for the three channels), and whether the image shows grey only
-    (its channels differ by less than :data:`GREY_SPREAD` on average: a grey scan or garment saved as RGB, a data
-    set class that hands out RGB copies). A JPEG larger than :data:`PIXELS_SIDE` is decoded at a fraction of its
-    size, another file shrunk to about twice that side: the mean is kept, and the spread nearly so. Call it after
+    (at most :data:`COLOURED_SHARE` of its pixels coloured: a grey scan or garment saved as RGB, a data set class
+    that hands out RGB copies). An RGB JPEG larger than :data:`PIXELS_SIDE` is decoded at a fraction of its size,
+    another file shrunk to about twice that side: the mean is kept, and the spread nearly so. Call it after
     :func:`image_size_and_colour`: a JPEG's draft mode changes the size PIL reports."""
     if isinstance(image, Image.Image):
         if image.mode == "RGB" and image.format == "JPEG":
@@ -128,30 +132,29 @@ def pixel_moments(image: Any) -> tuple[np.ndarray, bool]:
             pixels = np.moveaxis(pixels, 0, -1)
         pixels = pixels[..., :3] if pixels.shape[-1] >= 3 else np.repeat(pixels[..., :1], 3, axis=-1)
     flat = pixels.reshape(-1, 3)
-    grey = float(np.mean(flat.max(1) - flat.min(1))) < GREY_SPREAD
+    grey = float(np.mean(flat.max(1) - flat.min(1) > COLOURED_PIXEL)) <= COLOURED_SHARE
     return np.stack([flat.mean(0), (flat ** 2).mean(0)]), grey
 
 
 def measure_images(dataset: Any, sample: int = SAMPLE) -> ImageStats:
-    """The size distribution of ``dataset``'s images, the share of them in colour (stored in colour and showing it)
-    and their pixels' mean and std per channel (each image weighing the same), on the fixed sample
+    """The size distribution of ``dataset``'s images (every sampled image whose size can be read: the same ones
+    :func:`median_size` reads), the share of them in colour (stored in colour and showing it) and their pixels' mean
+    and std per channel (each image weighing the same; the images that decode), on the fixed sample
     :func:`sample_indices` draws, each read once. Images that cannot be read are left out (the loader replaces them
-    in training); a ``ValueError`` when none can be."""
-    indices = sample_indices(len(dataset), sample).tolist()
-    sizes, moments = [], []
-    for i in indices:
+    in training); a ``ValueError`` when none decodes."""
+    sizes, moments, colour = [], [], []
+    for image, (width, height, stored_in_colour) in _readable_sample(dataset, sample):
+        sizes.append((width, height))
         try:
-            image = sampled_image(dataset, i)
-            width, height, stored_in_colour = image_size_and_colour(image)
             moment, grey = pixel_moments(image)
-        except Exception:  # noqa: BLE001 (an undecodable file: the run's loader counts and replaces it)
+        except Exception:  # noqa: BLE001 (a file cut short: the run's loader counts and replaces it)
             continue
-        sizes.append((width, height, stored_in_colour and not grey))
         moments.append(moment)
-    if not sizes:
-        raise ValueError(f"none of the {len(indices)} images sampled to fit the recipe could be read; check the "
-                         "data set, or give the views (data.global_size, data.focal_size) with fit=false")
-    widths, heights, colour = zip(*sizes, strict=True)
+        colour.append(stored_in_colour and not grey)
+    if not moments:
+        raise ValueError(f"none of the {min(len(dataset), sample)} images sampled to fit the recipe could be read; "
+                         "check the data set, or give the views (data.global_size, data.focal_size) with fit=false")
+    widths, heights = zip(*sizes, strict=True)
     short = sorted(map(min, widths, heights))
     mean, square = np.mean(moments, axis=0)
     pixels = {"mean": tuple(round(float(m), 3) for m in mean),
@@ -161,22 +164,30 @@ def measure_images(dataset: Any, sample: int = SAMPLE) -> ImageStats:
                       median_height=int(statistics.median_low(heights)),
                       short_side=int(statistics.median_low(short)),
                       short_side_p10=int(short[len(short) // 10]),
-                      colour_share=round(sum(colour) / len(sizes), 3), **pixels)
+                      colour_share=round(sum(colour) / len(colour), 3), **pixels)
 
 
 def median_size(dataset: Any, sample: int = SAMPLE) -> tuple[int, int] | None:
-    """The median (width, height) of :func:`measure_images`' sample, from the files' headers only (no pixels
-    decoded): what a resume compares with its plan's. None when no image can be read."""
-    sizes = []
-    for i in sample_indices(len(dataset), sample).tolist():
-        try:
-            sizes.append(image_size_and_colour(sampled_image(dataset, i))[:2])
-        except Exception:  # noqa: BLE001 (as in measure_images: an unreadable file is left out)
-            continue
+    """The median (width, height) of :func:`measure_images`' sample, read from the files' headers (no pixels
+    decoded; a source without its files' bytes, as ``data=custom``, hands out decoded images): what a resume compares
+    with its plan's. None when no image can be read."""
+    sizes = [(width, height) for _, (width, height, _) in _readable_sample(dataset, sample)]
     if not sizes:
         return None
     widths, heights = zip(*sizes, strict=True)
     return int(statistics.median_low(widths)), int(statistics.median_low(heights))
+
+
+def _readable_sample(dataset: Any, sample: int) -> Iterator[tuple[Any, tuple[int, int, bool]]]:
+    """Each image of the fixed sample whose size can be read, with (width, height, stored in colour); the others
+    are left out (the run's loader counts and replaces them)."""
+    for i in sample_indices(len(dataset), sample).tolist():
+        try:
+            image = sampled_image(dataset, i)
+            size = image_size_and_colour(image)
+        except Exception:  # noqa: BLE001 (not an image, or not one PIL can open)
+            continue
+        yield image, size
 
 
 def cores_available() -> int:

@@ -83,7 +83,7 @@ def global_view_for_patch(stats: ImageStats, machine: Machine, patch: int) -> Ch
 
 
 def _colour(stats: ImageStats) -> bool:
-    return stats.colour_share >= 0.5  # most of the sample is stored in colour
+    return stats.colour_share >= 0.5  # most of the sample is stored in colour and shows it
 
 
 def crop_scales(stats: ImageStats) -> list[Choice]:
@@ -210,8 +210,8 @@ def batch_size(count: int, machine: Machine, largest: Callable[[int], int] | Non
     if machine.on_gpu and largest is not None and cap >= 2:  # below 2 there is nothing to search: the floor is 2
         fits = largest(min(256, cap))
         if fits < 2:
-            raise ValueError(f"not even a batch of 2 images fits the GPU's memory with {machine.gpu or 'this GPU'}; "
-                             "give a smaller model (model.arch=vit_tiny) or smaller views (data.global_size)")
+            raise ValueError(f"not even a batch of 2 images fits the memory of {machine.gpu or 'this GPU'}; give a "
+                             "smaller model (model.arch) or smaller views (data.global_size)")
         batch = min(fits, cap, 256)
         reason = ("the largest batch whose step fits the GPU's memory" if fits < min(256, cap) else
                   "its step fits the GPU's memory" if batch < 256 else

@@ -73,13 +73,14 @@ def largest_batch(cfg: DictConfig, process: Process, *, start: int, cap: int | N
     (:func:`msn.utils.distributed.local_only`): the other ranks need not take part. ``fits(cfg, process, batch)``:
     the trial (one real step, :func:`_fits`; another for the tests, which have no GPU)."""
     fits = fits or _fits
-    batch = start if cap is None else min(start, cap)
+    batch = max(2, start if cap is None else min(start, cap))  # the head's BatchNorm needs 2 images
     with distributed.local_only():
         if not fits(cfg, process, batch):
-            batch //= 2
-            while batch >= 2 and not fits(cfg, process, batch):
-                batch //= 2
-            return batch if batch >= 2 else 0
+            while batch > 2:  # 24 -> 12 -> 6 -> 3 -> 2
+                batch = max(2, batch // 2)
+                if fits(cfg, process, batch):
+                    return batch
+            return 0
         while cap is None or batch * 2 <= cap:
             if not fits(cfg, process, batch * 2):
                 break
