@@ -265,7 +265,7 @@ def warmup(total_steps: int, steps_per_epoch: int) -> Choice:
     """The lr warm-up: 5 % of the run (the paper's 15 of 300 epochs), at least one step."""
     steps, per_epoch = max(1, round(0.05 * total_steps)), max(1, steps_per_epoch)
     epochs = steps / per_epoch
-    while int(epochs * per_epoch) < steps:  # the run takes int(epochs x steps an epoch): 1/49 x 49 is 0.999...
+    while int(epochs * per_epoch) < steps:  # the run truncates (msn.train.builder.warmup_steps): 1/49 x 49 is 0.99..
         epochs = math.nextafter(epochs, math.inf)
     return Choice("optim.warmup_epochs", epochs, f"5 % of the run: {_steps(steps)}")
 
@@ -279,15 +279,15 @@ def ema_momentum(total_steps: int) -> list[Choice]:
     n = max(total_steps, 1)
     m = min(0.996, max(0.99, 1 - 1 / (0.02 * n)))
     final = min(1.0, max(m, 1 - 1 / (0.04 * n)))
-    start_why = f"the target averages ~{1 / (1 - m):,.0f} steps, {_share_of_run(1 / (1 - m), n)}"
-    window, wanted = round(1 / (1 - m)), round(0.02 * n)
-    if window > wanted:  # the floor: 2 % of a run this short would be a few steps
+    window, end_window = 1 / (1 - m), 1 / (1 - final)  # the steps the target averages, at the start and the end
+    start_why = f"the target averages ~{window:,.0f} steps, {_share_of_run(window, n)}"
+    if round(window) > round(0.02 * n):  # the floor: 2 % of a run this short would be a few steps
         start_why += " (0.99 at least, the digits preset's)"
-    elif window < wanted:
+    elif round(window) < round(0.02 * n):
         start_why += " (the paper's 0.996 at most)"
     return [Choice("optim.ema_momentum", round(m, 5), start_why),
-            Choice("optim.final_ema_momentum", round(final, 8), f"at the end ~{1 / (1 - final):,.0f} steps, "
-                   f"{_share_of_run(1 / (1 - final), n)} (1.0 would freeze the target)")]
+            Choice("optim.final_ema_momentum", round(final, 8), f"at the end ~{end_window:,.0f} steps, "
+                   f"{_share_of_run(end_window, n)} (1.0 would freeze the target)")]
 
 
 def _share_of_run(window: float, total_steps: int) -> str:

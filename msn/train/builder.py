@@ -156,12 +156,18 @@ def build_parts(cfg: DictConfig, *, process: Process, total_steps: int, steps_in
     )
 
 
+def warmup_steps(warmup_epochs: float, steps_in_epoch: int) -> int:
+    """The lr warm-up's steps: ``int(warmup_epochs x steps an epoch)``, truncated as the original code does (a fitted
+    plan's ``optim.warmup_epochs`` is chosen so that this gives the steps it states: :func:`msn.plan.rules.warmup`)."""
+    return int(warmup_epochs * steps_in_epoch)
+
+
 def build_schedules(cfg: DictConfig, total_steps: int, steps_in_epoch: int) -> Schedules:
     """Schedules over the run's ``total_steps`` (epochs x steps per epoch, or the optim.max_steps cap)."""
     o, loss = cfg.optim, cfg.loss
     return Schedules(
         total_steps=total_steps,
-        warmup_steps=min(int(o.warmup_epochs * steps_in_epoch), total_steps),
+        warmup_steps=min(warmup_steps(o.warmup_epochs, steps_in_epoch), total_steps),
         lr=o.lr, start_lr=o.start_lr, final_lr=o.final_lr,
         weight_decay=o.weight_decay, final_weight_decay=o.final_weight_decay,
         momentum=o.ema_momentum, final_momentum=o.final_ema_momentum,

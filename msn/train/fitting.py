@@ -137,16 +137,17 @@ def fit_run(cfg: DictConfig, *, process: Process, images: Any, resume_path: Path
     # optim.scale_lr: a preset's lr (or one fitted=false) scaled by the global batch; a fitted recipe scales its own
     # by its rule, so there it scales the lr values the user gave
     scaled = [k for k in ("optim.lr", "optim.start_lr") if not fitted or k in given]
-    if cfg.optim.scale_lr and scaled and resume_path is not None and not (record or {}).get("scaled_lr"):
-        if process.is_main:  # scaled now, the lr would drop mid-run: a run's lr is decided when it starts
-            log.warning("optim.scale_lr=true: this run started without it, and a resume keeps its lr; start a new "
-                        "run (run_name=NEW_NAME) to train with the scaled lr")
-    elif cfg.optim.scale_lr and scaled and not (record or {}).get("scaled_lr"):
-        record = record or {}
-        record.setdefault("values", {}).update({k: v for k, v in _scaled_lr(cfg, process.world).items()
-                                                if k in scaled})
-        record["scaled_lr"] = True
-        apply_values(cfg, {k: record["values"][k]["value"] for k in scaled}, {})
+    if cfg.optim.scale_lr and scaled and not (record or {}).get("scaled_lr"):
+        if resume_path is not None:  # scaled now, the lr would drop mid-run: a run's lr is decided when it starts
+            if process.is_main:
+                log.warning("optim.scale_lr=true: this run started without it, and a resume keeps its lr; start a "
+                            "new run (run_name=NEW_NAME) to train with the scaled lr")
+        else:
+            record = record or {}
+            record.setdefault("values", {}).update({k: v for k, v in _scaled_lr(cfg, process.world).items()
+                                                    if k in scaled})
+            record["scaled_lr"] = True
+            apply_values(cfg, {k: record["values"][k]["value"] for k in scaled}, {})
     if record is not None:
         cfg.fitted = record
     validate(cfg)

@@ -28,6 +28,7 @@ from msn.train.builder import (
     build_parts,
     build_schedules,
     joined_process,
+    warmup_steps,
 )
 from msn.train.checkpoints import CheckpointPolicy
 from msn.train.failures import collective_failure, lost_peer_message, stop_workers, watchdog_for
@@ -152,7 +153,7 @@ def _train(cfg: DictConfig, command: str | None, proc: Process, run_dir: Path, s
     report = RunReport(cfg, logger=logger, target=parts.model.target, schedules=parts.schedules,
                        skipped=data.skipped, total_steps=data.total_steps, start_step=start_step, world=proc.world,
                        device=proc.device, amp_dtype=proc.amp_dtype, images=data.base,
-                       warmup_steps=int(cfg.optim.warmup_epochs * data.steps_per_epoch))
+                       warmup_steps=warmup_steps(cfg.optim.warmup_epochs, data.steps_per_epoch))
     watchdog = watchdog_for(cfg, proc, run_dir, checkpoints, stop, start_step)
 
     parts.model.train()
@@ -223,7 +224,7 @@ def _fix_length(cfg: DictConfig, decision: tuple[int, float], budget: BudgetCloc
     record_length(cfg, budget.choices(total, pace, data.steps_per_epoch, cfg), total, pace)
     data.total_steps = total
     parts.schedules = build_schedules(cfg, total_steps=total, steps_in_epoch=data.steps_per_epoch)
-    report.set_length(total, parts.schedules, warmup_steps=int(cfg.optim.warmup_epochs * data.steps_per_epoch))
+    report.set_length(total, parts.schedules, warmup_steps=warmup_steps(cfg.optim.warmup_epochs, data.steps_per_epoch))
     if is_main:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
         layout = json.loads((run_dir / "run.json").read_text())
@@ -350,7 +351,7 @@ def _warmup_note(cfg: DictConfig, data: TrainingData) -> str | None:
     """A line when the run ends inside the learning-rate warm-up it was configured with (``optim.max_steps``
     below ``optim.warmup_epochs``' steps): the warm-up is then squeezed into the run (msn.train.builder), so
     the lr reaches optim.lr only at the last step and never decays; else None."""
-    warmup = int(cfg.optim.warmup_epochs * data.steps_per_epoch)
+    warmup = warmup_steps(cfg.optim.warmup_epochs, data.steps_per_epoch)
     if cfg.optim.warmup_epochs <= 0 or warmup < data.total_steps:
         return None
     capped = cfg.optim.max_steps is not None
